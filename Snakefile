@@ -1,0 +1,61 @@
+# lenspipe: tuned lenses from cached activations. Wiring only; logic lives in pipeline/.
+from snakemake.utils import validate
+
+from pipeline import paths
+
+configfile: "config/config.yaml"
+validate(config, "config/schema.yaml")
+
+DATA = config["data_dir"]
+MODELS = list(config["models"])
+CORPORA = list(config["corpora"])
+SPLITS = ["train", "validation", "test"]
+
+wildcard_constraints:
+    model="[A-Za-z0-9._-]+",
+    corpus="[A-Za-z0-9._-]+",
+    split="train|validation|test",
+
+
+def P(pattern, **kw):
+    return paths.fill(pattern, data_dir=DATA, **kw)
+
+
+rule all:
+    input:
+        expand(P(paths.CORPUS_MANIFEST), model=MODELS, corpus=CORPORA),
+    default_target: True
+
+
+rule prepare_model:
+    output:
+        P(paths.MODEL_MARKER),
+    params:
+        model_dir=P(paths.MODEL_DIR),
+        cache_dir=P(paths.CACHE_DIR),
+    log:
+        P(paths.LOG, rule="prepare_model", name="{model}"),
+    threads: 2
+    resources:
+        mem_mb=4000,
+    script:
+        "stages/prepare_model.py"
+
+
+rule prepare_corpus:
+    input:
+        model=P(paths.MODEL_MARKER),
+    output:
+        splits=expand(P(paths.CORPUS_SPLIT, split="{split}"), split=SPLITS, allow_missing=True),
+        manifest=P(paths.CORPUS_MANIFEST),
+    params:
+        model_dir=P(paths.MODEL_DIR),
+        out_dir=P(paths.CORPUS_DIR),
+        cache_dir=P(paths.CACHE_DIR),
+    log:
+        P(paths.LOG, rule="prepare_corpus", name="{corpus}-{model}"),
+    threads: 1
+    resources:
+        mem_mb=4000,
+    script:
+        "stages/prepare_corpus.py"

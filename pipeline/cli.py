@@ -1,0 +1,69 @@
+"""``lenspipe``: run the pipeline's stages outside Snakemake.
+
+Each subcommand calls the same library function as the Snakemake rule of the same name,
+reading the same ``config/config.yaml``; outputs go to the same paths by default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import paths
+from .config import load_config
+from .logs import setup_logging, user_errors
+
+
+def _prepare_model(args) -> None:
+    from .model import prepare_model
+
+    cfg = load_config(args.config)
+    data = cfg.data_dir
+    out = args.out or paths.fill(paths.MODEL_DIR, data_dir=data, model=args.model)
+    info = prepare_model(cfg.model(args.model), Path(out), Path(paths.fill(paths.CACHE_DIR, data_dir=data)))
+    print(json.dumps({k: info[k] for k in ("name", "n_layers", "d_model", "vocab", "weights_sha256", "smoke_test")}, indent=2))
+
+
+def _prepare_corpus(args) -> None:
+    from .corpus import prepare_corpus
+
+    cfg = load_config(args.config)
+    data = cfg.data_dir
+    model_dir = paths.fill(paths.MODEL_DIR, data_dir=data, model=args.model)
+    out = args.out or paths.fill(paths.CORPUS_DIR, data_dir=data, corpus=args.corpus, model=args.model)
+    manifest = prepare_corpus(cfg.corpus(args.corpus), Path(model_dir), Path(out),
+                              Path(paths.fill(paths.CACHE_DIR, data_dir=data)))
+    print(json.dumps({s: {k: v[k] for k in ("n_seq", "n_tokens", "n_bytes")} for s, v in manifest["splits"].items()}, indent=2))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lenspipe", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("prepare-model", help="convert/copy a model into a local HF directory")
+    s.add_argument("--config", default="config/config.yaml")
+    s.add_argument("--model", required=True, help="model name from the config")
+    s.add_argument("--out", help="output directory (default: data/models/<model>)")
+    s.set_defaults(func=_prepare_model)
+
+    s = sub.add_parser("prepare-corpus", help="split, tokenize and pack a corpus")
+    s.add_argument("--config", default="config/config.yaml")
+    s.add_argument("--model", required=True, help="model name (its tokenizer is used)")
+    s.add_argument("--corpus", required=True, help="corpus name from the config")
+    s.add_argument("--out", help="output directory (default: data/corpora/<corpus>/<model>)")
+    s.set_defaults(func=_prepare_corpus)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    setup_logging(level=10 if args.verbose else 20)
+    with user_errors():
+        args.func(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(sys.argv[1:])

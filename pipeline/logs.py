@@ -1,0 +1,40 @@
+"""Logging and error handling shared by the CLI and the Snakemake stage scripts."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .errors import LenspipeError
+
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(log_file: str | Path | None = None, level: int = logging.INFO) -> None:
+    """Log to stderr and, when given, to a Snakemake rule's log file."""
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file, mode="w"))
+    logging.basicConfig(level=level, format=FORMAT, handlers=handlers, force=True)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn a :class:`LenspipeError` into one clear message and exit status 2."""
+    try:
+        yield
+    except LenspipeError as e:
+        logging.getLogger("lenspipe").error("%s", e)
+        print(f"lenspipe: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
+
+
+def run_stage(snakemake, fn: Callable[[], object]) -> None:
+    """Body of every ``stages/*.py`` script: log to the rule's log, report user errors."""
+    setup_logging(snakemake.log[0] if len(snakemake.log) else None)
+    with user_errors():
+        fn()

@@ -1,0 +1,21 @@
+"""Where each artifact lives under ``data_dir``; shared by the Snakefile and the CLI.
+
+``{model}`` and ``{corpus}`` are the names from the config; ``{split}`` is one of
+train / validation / test.
+"""
+
+MODEL_DIR = "{data_dir}/models/{model}"
+MODEL_MARKER = MODEL_DIR + "/lenspipe_model.json"
+CORPUS_DIR = "{data_dir}/corpora/{corpus}/{model}"
+CORPUS_SPLIT = CORPUS_DIR + "/{split}.npz"
+CORPUS_MANIFEST = CORPUS_DIR + "/manifest.json"
+CACHE_DIR = "{data_dir}/cache"
+LOG = "{data_dir}/logs/{rule}/{name}.log"
+
+
+def fill(pattern: str, **kw) -> str:
+    """Fill a path pattern; keeps unknown ``{wildcards}`` for Snakemake."""
+    import string
+
+    names = {f for _, f, _, _ in string.Formatter().parse(pattern) if f}
+    return pattern.format(**{n: kw.get(n, "{" + n + "}") for n in names})

@@ -1,0 +1,104 @@
+"""Checking an activation store end to end, and measuring its compression.
+
+:func:`verify` re-reads every shard and compares it with the checksums the writer recorded
+as it went, so a corrupt download or a damaged disk is caught before training on it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import StoreError
+from pipeline.provenance import sha256_json
+from pipeline.store import (BF16_BITS, COMPLETE_NAME, ActivationStore, open_store, record_name,
+                            shard_checksums)
+
+
+def verify(path_or_url: str | os.PathLike) -> dict:
+    """Shapes, completeness, per-shard checksums and finiteness of every value.
+
+    Returns a summary dict; raises StoreError naming the first bad shard (and layer) on a
+    missing completion marker, a checksum mismatch, an undecodable chunk or inf/nan.
+    """
+    store = open_store(path_or_url)  # raises StoreError unless complete
+    where = store.location.zarr_store
+    _check_shapes(store)
+    records = _load_all_records(store)
+    for i, record in enumerate(records):
+        _verify_shard(store, i, record)
+    return {"path": where, "complete": True, "n_shards": len(records),
+            "n_tokens": store.n_tokens, "n_layers": store.n_layers, "d_model": store.d_model,
+            "dtype": store.dtype, "checked_values": (store.n_layers + 1) * store.n_tokens * store.d_model}
+
+
+def _check_shapes(store: ActivationStore) -> None:
+    p = store.params
+    want = {"resid": (p.n_layers + 1, p.n_tokens, p.d_model), "tokens": (p.n_tokens,)}
+    got = {"resid": store._resid.shape, "tokens": store._tokens.shape}
+    if want != got:
+        raise StoreError(f"{store.location.zarr_store}: array shapes {got} do not match the "
+                         f"recorded parameters {want}")
+
+
+def _load_all_records(store: ActivationStore) -> list[dict]:
+    """Every shard's record, checked against the digest the completion marker holds."""
+    p, loc = store.params, store.location
+    records = loc.load_records(p)
+    if len(records) != p.n_shards:
+        raise StoreError(f"{loc.zarr_store}: shard {len(records)} has no valid progress record "
+                         f"({record_name(len(records))}); the store is damaged, re-extract it")
+    marker = loc.read_json(COMPLETE_NAME) or {}
+    if marker.get("records_sha256") != sha256_json(records):
+        raise StoreError(f"{loc.zarr_store}: the shard records do not match the digest in "
+                         f"{COMPLETE_NAME}; the progress files were altered")
+    return records
+
+
+def _verify_shard(store: ActivationStore, i: int, record: dict) -> None:
+    start, stop = record["start"], record["stop"]
+    what = f"{store.location.zarr_store}: shard {i} (tokens {start}..{stop})"
+    raw = _read_shard(store, start, stop, what)  # (L+1, n, d) storage dtype
+    tokens = store._tokens[start:stop]  # (n,) int32
+    sums = shard_checksums(raw, tokens)
+    for layer, (got, want) in enumerate(zip(sums["resid_sha256"], record["resid_sha256"])):
+        if got != want:
+            raise StoreError(f"{what}, layer {layer}: checksum mismatch (stored data differs "
+                             "from what was written); re-download or re-extract")
+    if sums["tokens_sha256"] != record["tokens_sha256"]:
+        raise StoreError(f"{what}: token ids checksum mismatch; re-download or re-extract")
+    for layer, values in enumerate(raw):
+        if not _all_finite(values, store._encoding):
+            raise StoreError(f"{what}, layer {layer}: holds inf/nan values")
+
+
+def _read_shard(store: ActivationStore, start: int, stop: int, what: str) -> np.ndarray:
+    """The whole shard in one read; on failure, re-read layer by layer to name the culprit."""
+    try:
+        return store._resid[:, start:stop, :]
+    except Exception as whole:  # any decode failure is data damage here
+        for layer in range(store.n_layers + 1):
+            try:
+                store._resid[layer, start:stop, :]
+            except Exception as e:
+                raise StoreError(f"{what}, layer {layer}: cannot be decoded ({e!r})") from e
+        raise StoreError(f"{what}: cannot be decoded ({whole!r})") from whole
+
+
+def _all_finite(values: np.ndarray, encoding: str | None) -> bool:
+    if encoding == BF16_BITS:
+        # A bf16 is inf/nan exactly when its 8 exponent bits are all ones.
+        return not np.any((values & 0x7F80) == 0x7F80)
+    return bool(np.isfinite(values).all())
+
+
+def measure_compression(path: str | os.PathLike) -> dict:
+    """Bytes stored on disk for ``resid`` vs its uncompressed size (local stores only)."""
+    store = open_store(path, allow_incomplete=True)
+    resid_dir = Path(store.location.root) / "resid"
+    stored = sum(f.stat().st_size for f in resid_dir.rglob("*") if f.is_file() and f.name != "zarr.json")
+    raw = int(np.prod(store._resid.shape)) * store._resid.dtype.itemsize
+    return {"stored_bytes": stored, "raw_bytes": raw, "ratio": raw / stored if stored else float("nan"),
+            "dtype": store.dtype, "compression": store.params.compression, "level": store.params.level}
