@@ -341,7 +341,7 @@ class StoreWriter:
         lock_fd = _acquire_lock(root)
         try:
             if (root / "zarr.json").exists():
-                group = zarr.open_group(str(root), mode="r+", use_consolidated=False)
+                group = zarr.open_group(str(root), mode="r+", zarr_format=3, use_consolidated=False)
                 _check_resumable(root, group.attrs.asdict(), params, provenance)
             else:
                 group = zarr.create_group(str(root), attributes=_initial_attrs(params, provenance, fingerprint))
@@ -364,6 +364,8 @@ class StoreWriter:
         self._check_writable()
         if self._pending is not None and self._pending.done():
             self._collect()  # surface a background failure now, not one shard later
+        if isinstance(resid, np.ndarray) and not resid.flags.writeable:
+            resid = resid.copy()  # torch warns on read-only numpy memory
         x = torch.as_tensor(resid).detach().to("cpu", torch.float32)  # (L+1, n, d)
         n = self._check_batch(x, tokens)
         stored = _encode(x, self.params.dtype, self._pos, self.params.seq_len)  # (L+1, n, d)
@@ -551,7 +553,7 @@ def open_store(path_or_url: str | os.PathLike, *, allow_incomplete: bool = False
         raise StoreError(f"no activation store at {where} (no such directory); run the extract stage")
     try:
         # use_consolidated=None: one metadata request when finalize consolidated it.
-        group = zarr.open_group(where, mode="r", use_consolidated=None)
+        group = zarr.open_group(where, mode="r", zarr_format=3, use_consolidated=None)
     except Exception as e:  # zarr's error types vary by store backend
         raise StoreError(f"{where} is not a lenspipe activation store (no zarr group: {e})") from e
     attrs = group.attrs.asdict()

@@ -79,12 +79,20 @@ def _read_shard(store: ActivationStore, start: int, stop: int, what: str) -> np.
     try:
         return store._resid[:, start:stop, :]
     except Exception as whole:  # any decode failure is data damage here
-        for layer in range(store.n_layers + 1):
-            try:
-                store._resid[layer, start:stop, :]
-            except Exception as e:
-                raise StoreError(f"{what}, layer {layer}: cannot be decoded ({e!r})") from e
-        raise StoreError(f"{what}: cannot be decoded ({whole!r})") from whole
+        failed = [layer for layer in range(store.n_layers + 1) if not _layer_decodes(store, layer, start, stop)]
+        if failed and len(failed) <= store.n_layers:
+            raise StoreError(f"{what}, layer {failed[0]}: cannot be decoded ({whole!r})") from whole
+        # Every layer failing points at what they share: the shard index at the file's end.
+        raise StoreError(f"{what}: cannot be decoded, in any layer (damaged shard index?) "
+                         f"({whole!r})") from whole
+
+
+def _layer_decodes(store: ActivationStore, layer: int, start: int, stop: int) -> bool:
+    try:
+        store._resid[layer, start:stop, :]
+    except Exception:
+        return False
+    return True
 
 
 def _all_finite(values: np.ndarray, encoding: str | None) -> bool:

@@ -30,7 +30,7 @@ LAYER_CONVENTION = (
 )
 
 #: Attribute names under which families store the norm applied after the last block.
-NORM_NAMES = ("norm", "final_layernorm", "final_layer_norm", "ln_f", "norm_f", "final_norm")
+NORM_NAMES = ("norm", "final_layernorm", "final_layer_norm", "ln_f", "norm_f", "final_norm", "layer_norm")
 #: Attribute names of a projection between the final norm and the unembedding (OPT).
 PROJECTION_NAMES = ("project_out",)
 #: Families that rescale logits after lm_head: model_type -> (config attribute, op).
@@ -294,11 +294,8 @@ def _read_module_state(module: nn.Module, name: str, parts: ModelParts, files: d
     """The state dict of one head module, read tensor by tensor from the checkpoint."""
     from safetensors import safe_open
 
-    wanted = [n for n, _ in module.named_parameters()] + [
-        n for n, _ in module.named_buffers() if n.rsplit(".", 1)[-1] not in module._non_persistent_buffers_set
-    ]
     state = {}
-    for local in wanted:
+    for local in module.state_dict(keep_vars=True):  # parameters and persistent buffers
         key = key_map.get(f"{name}.{local}")
         if key is None and module is parts.unembed and local == "weight" and parts.tied:
             # Tied embeddings: save_pretrained drops lm_head.weight, keeping the input embedding.
@@ -326,7 +323,7 @@ def load_unembed_head(model_dir: str | Path, dtype: torch.dtype = torch.float32)
         config = AutoConfig.from_pretrained(model_dir)
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config)
-    except (ValueError, KeyError) as exc:
+    except (ValueError, KeyError, OSError) as exc:
         raise UnsupportedModel(f"cannot build a causal-LM skeleton for {model_dir}: {exc}") from exc
     parts = find_parts(skeleton)
     modules = dict(skeleton.named_modules(remove_duplicate=False))
@@ -383,7 +380,8 @@ def residual_stream(model: nn.Module, input_ids: Tensor,
     # Built outside inference mode so the results are ordinary tensors: inference tensors
     # cannot be saved for backward, which would break training a lens on them directly.
     resid = torch.stack([c[0] for c in captured])  # (n_layers + 1, batch, pos, d_model)
-    return resid, out.logits.to(torch.float32, copy=True)  # (batch, pos, vocab)
+    logits = out.logits if hasattr(out, "logits") else out[0]  # return_dict=False gives a tuple
+    return resid, logits.to(torch.float32, copy=True)  # (batch, pos, vocab)
 
 
 def check_unembed(model: nn.Module, resid: Tensor, logits: Tensor, atol: float = 1e-3) -> float:

@@ -1,0 +1,311 @@
+"""The activation store: round trips, resume after a crash or SIGKILL, locking, verify."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from pipeline.errors import StoreError
+from pipeline.store import (SCHEMA_VERSION, StoreWriter, measure_compression, open_store,
+                            record_name, verify)
+
+# 2 layers (+ embeddings) x 8 features; 4 shards of 64 tokens, inner chunks of 32.
+N_LAYERS, D, SEQ, SHARD, CHUNK = 2, 8, 16, 64, 32
+PROV = {"model": "tiny-test", "model_sha256": "0" * 64, "corpus": "abc", "split": "train",
+        "layer_convention": "hidden_states"}
+
+
+def make_data(n_tokens: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(L+1, n, d) float32 activations with values that need rounding, and (n,) token ids."""
+    rng = np.random.default_rng(seed)
+    resid = (rng.standard_normal((N_LAYERS + 1, n_tokens, D)) * 10).astype(np.float32)
+    return resid, rng.integers(0, 50_000, n_tokens)
+
+
+def params(n_tokens: int = 4 * SHARD, **over) -> dict:
+    return {"n_layers": N_LAYERS, "d_model": D, "n_tokens": n_tokens, "seq_len": SEQ,
+            "shard_tokens": SHARD, "chunk_tokens": CHUNK, "provenance": PROV, **over}
+
+
+def write_store(path: Path, resid: np.ndarray, toks: np.ndarray, batch: int = 48,
+                start: int = 0, **over) -> None:
+    """Write [start, n) in batches that straddle shard boundaries, then finalize."""
+    with StoreWriter.open(path, **params(resid.shape[1], **over)) as w:
+        assert w.resume_token == start
+        for s in range(start, resid.shape[1], batch):
+            w.write(torch.from_numpy(resid[:, s:s + batch]), toks[s:s + batch])
+
+
+def all_values(path) -> tuple[torch.Tensor, torch.Tensor]:
+    store = open_store(path)
+    return store.layers(range(N_LAYERS + 1)), store.tokens()
+
+
+# ---------------------------------------------------------------- round trips
+
+@pytest.mark.parametrize("dtype,torch_dtype", [("bfloat16", torch.bfloat16), ("float16", torch.float16),
+                                               ("float32", torch.float32)])
+def test_round_trip_each_dtype(tmp_path, dtype, torch_dtype):
+    resid, toks = make_data(4 * SHARD)
+    write_store(tmp_path / "s", resid, toks, dtype=dtype)
+    store = open_store(tmp_path / "s")
+    assert store.is_complete and store.dtype == dtype and store.provenance == PROV
+    assert store.attrs["schema_version"] == SCHEMA_VERSION and store.attrs["complete"] is True
+    expected = torch.from_numpy(resid).to(torch_dtype).float()  # torch's own rounding
+    got = store.layers([0, 1, 2])
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
+    assert torch.equal(store.tokens(), torch.from_numpy(toks))
+    assert store.tokens().dtype == torch.int64
+
+
+@pytest.mark.parametrize("compression", ["blosc-zstd", "none"])
+def test_other_compressions_round_trip(tmp_path, compression):
+    resid, toks = make_data(2 * SHARD)
+    write_store(tmp_path / "s", resid, toks, compression=compression, level=5, dtype="float32")
+    assert torch.equal(all_values(tmp_path / "s")[0], torch.from_numpy(resid))
+    m = measure_compression(tmp_path / "s")
+    assert m["raw_bytes"] == resid.nbytes and m["stored_bytes"] > 0 and m["compression"] == compression
+
+
+def test_short_last_shard_and_partial_reads(tmp_path):
+    n = 3 * SHARD + 2 * SEQ  # last shard holds 32 of 64 tokens
+    resid, toks = make_data(n)
+    write_store(tmp_path / "s", resid, toks, batch=80)
+    store = open_store(tmp_path / "s")
+    full = store.layers([0, 1, 2])
+    assert full.shape == (N_LAYERS + 1, n, D)
+    assert torch.equal(full, torch.from_numpy(resid).bfloat16().float())
+    assert torch.equal(store.layers(1, 50, 210), full[1, 50:210])  # one layer = slice
+    assert torch.equal(store.layers([2, 0], 10, 20), full[[2, 0], 10:20])
+    assert torch.equal(store.layers(-1), full[2])
+    assert torch.equal(store.tokens(190, n), torch.from_numpy(toks[190:]))
+    view = store.dask()
+    assert view.shape == full.shape and view.chunks[1][0] == CHUNK
+    assert np.array_equal(view[:, 40:200].compute(), full[:, 40:200].numpy())
+    assert verify(tmp_path / "s")["n_shards"] == 4
+
+
+def test_file_url(tmp_path):
+    resid, toks = make_data(SHARD)
+    write_store(tmp_path / "s", resid, toks)
+    store = open_store((tmp_path / "s").as_uri())
+    assert torch.equal(store.layers(0), torch.from_numpy(resid[0]).bfloat16().float())
+    assert verify((tmp_path / "s").as_uri())["complete"]
+
+
+# ---------------------------------------------------------------- resume
+
+def test_resume_after_dropped_writer_matches_uninterrupted(tmp_path):
+    resid, toks = make_data(4 * SHARD)
+    write_store(tmp_path / "ref", resid, toks)
+    w = StoreWriter.open(tmp_path / "s", **params(), background=False)
+    for s in range(0, 2 * SHARD + 20, 20):  # 2 whole shards + part of a third
+        w.write(resid[:, s:s + 20], toks[s:s + 20])
+    del w  # a crash: no finalize, no abort
+    gc.collect()  # (reference cycles in zarr/fsspec tracebacks can keep it alive)
+    with pytest.raises(StoreError, match="incomplete"):
+        open_store(tmp_path / "s")
+    partial = open_store(tmp_path / "s", allow_incomplete=True)
+    assert not partial.is_complete and partial.written_tokens == 2 * SHARD
+    write_store(tmp_path / "s", resid, toks, start=2 * SHARD)
+    for a, b in zip(all_values(tmp_path / "s"), all_values(tmp_path / "ref")):
+        assert torch.equal(a, b)
+    verify(tmp_path / "s")
+
+
+def test_exception_in_context_keeps_written_shards(tmp_path):
+    resid, toks = make_data(4 * SHARD)
+    with pytest.raises(RuntimeError):
+        with StoreWriter.open(tmp_path / "s", **params()) as w:  # background writer
+            w.write(resid[:, :3 * SHARD], toks[:3 * SHARD])
+            raise RuntimeError("model crashed")
+    assert not (tmp_path / "s" / "COMPLETE").exists()
+    write_store(tmp_path / "s", resid, toks, start=3 * SHARD)
+    assert torch.equal(all_values(tmp_path / "s")[0], torch.from_numpy(resid).bfloat16().float())
+
+
+CHILD = """
+import sys, time, numpy as np
+from pipeline.store import StoreWriter
+rng = np.random.default_rng(0)
+resid = (rng.standard_normal((3, 256, 8)) * 10).astype(np.float32)
+toks = rng.integers(0, 50_000, 256)
+w = StoreWriter.open(sys.argv[1], n_layers=2, d_model=8, n_tokens=256, seq_len=16,
+                     shard_tokens=64, chunk_tokens=32, provenance={provenance!r})
+for s in range(0, 256, 32):
+    w.write(resid[:, s:s + 32], toks[s:s + 32])
+    time.sleep(0.4)
+w.finalize()
+"""
+
+
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
+    resid, toks = make_data(4 * SHARD)
+    assert (N_LAYERS, D, SHARD, CHUNK, SEQ) == (2, 8, 64, 32, 16)  # as in CHILD
+    write_store(tmp_path / "ref", resid, toks)
+    path = tmp_path / "s"
+    child = subprocess.Popen([sys.executable, "-c", CHILD.format(provenance=PROV), str(path)],
+                             cwd=Path(__file__).parents[1])
+    try:
+        deadline = time.monotonic() + 60
+        while not (path / record_name(0)).exists():
+            assert child.poll() is None, "writer subprocess exited early"
+            assert time.monotonic() < deadline, "no shard record within 60 s"
+            time.sleep(0.02)
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait()
+    assert child.returncode == -signal.SIGKILL
+    with StoreWriter.open(path, **params()) as w:  # the kernel dropped the dead child's lock
+        assert SHARD <= w.resume_token < 4 * SHARD and w.resume_token % SHARD == 0
+        for s in range(w.resume_token, 4 * SHARD, 48):
+            w.write(resid[:, s:s + 48], toks[s:s + 48])
+    for a, b in zip(all_values(path), all_values(tmp_path / "ref")):
+        assert torch.equal(a, b)
+    verify(path)
+    assert not list(path.rglob("*.partial"))
+
+
+def test_reopening_a_complete_store_has_nothing_to_do(tmp_path):
+    resid, toks = make_data(SHARD)
+    write_store(tmp_path / "s", resid, toks)
+    with StoreWriter.open(tmp_path / "s", **params(SHARD)) as w:
+        assert w.already_complete and w.resume_token == SHARD
+        with pytest.raises(StoreError, match="already complete"):
+            w.write(resid, toks)
+    verify(tmp_path / "s")
+
+
+def test_parameter_mismatch_on_resume_refused(tmp_path):
+    resid, toks = make_data(2 * SHARD)
+    w = StoreWriter.open(tmp_path / "s", **params(2 * SHARD))
+    w.write(resid[:, :SHARD], toks[:SHARD])
+    w.abort()
+    with pytest.raises(StoreError, match=r"dtype: 'bfloat16' -> 'float16'.*delete the store"):
+        StoreWriter.open(tmp_path / "s", **params(2 * SHARD, dtype="float16"))
+    with pytest.raises(StoreError, match="provenance.split"):
+        StoreWriter.open(tmp_path / "s", **params(2 * SHARD, provenance={**PROV, "split": "val"}))
+
+
+def test_finalize_before_all_tokens_refused(tmp_path):
+    resid, toks = make_data(2 * SHARD)
+    w = StoreWriter.open(tmp_path / "s", **params(2 * SHARD))
+    w.write(resid[:, :SHARD], toks[:SHARD])
+    with pytest.raises(StoreError, match=f"after {SHARD} of {2 * SHARD} tokens"):
+        w.finalize()
+    assert StoreWriter.open(tmp_path / "s", **params(2 * SHARD)).resume_token == SHARD
+
+
+# ---------------------------------------------------------------- refusals
+
+def test_second_writer_refused_while_first_holds_lock(tmp_path):
+    first = StoreWriter.open(tmp_path / "s", **params())
+    with pytest.raises(StoreError, match=f"another writer \\(pid {os.getpid()}\\)"):
+        StoreWriter.open(tmp_path / "s", **params())
+    first.abort()
+    StoreWriter.open(tmp_path / "s", **params()).abort()  # free again
+
+
+def test_reader_refuses_incomplete_store(tmp_path):
+    w = StoreWriter.open(tmp_path / "s", **params())
+    with pytest.raises(StoreError, match="incomplete.*allow_incomplete=True"):
+        open_store(tmp_path / "s")
+    with pytest.raises(StoreError, match="incomplete"):
+        verify(tmp_path / "s")
+    w.abort()
+
+
+def test_unknown_schema_version_refused(tmp_path):
+    resid, toks = make_data(SHARD)
+    write_store(tmp_path / "s", resid, toks)
+    zarr.open_group(tmp_path / "s", mode="r+").update_attributes({"schema_version": 2})
+    with pytest.raises(StoreError, match="store schema version 2, this lenspipe reads 1; upgrade"):
+        open_store(tmp_path / "s")
+
+
+def test_not_a_store_refused(tmp_path):
+    with pytest.raises(StoreError, match="no activation store"):
+        open_store(tmp_path / "missing")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(StoreError, match="not a lenspipe activation store"):
+        open_store(tmp_path / "plain")
+    zarr.create_group(str(tmp_path / "other"))
+    with pytest.raises(StoreError, match="not a lenspipe activation store"):
+        open_store(tmp_path / "other")
+    (tmp_path / "plain" / "notes.txt").write_text("mine")
+    with pytest.raises(StoreError, match="refusing to write"):
+        StoreWriter.open(tmp_path / "plain", **params())
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"shard_tokens": 48}, "shard_tokens=48 must be a multiple of chunk_tokens=32"),
+    ({"chunk_tokens": 24, "shard_tokens": 72}, "shard_tokens=72 must be a multiple of seq_len=16"),
+    ({"n_tokens": 100}, "n_tokens=100 must be a multiple of seq_len=16"),
+    ({"dtype": "int8"}, "dtype 'int8'"),
+    ({"compression": "lz4"}, "compression 'lz4'"),
+])
+def test_invalid_parameters_refused(tmp_path, bad, match):
+    with pytest.raises(StoreError, match=match):
+        StoreWriter.open(tmp_path / "s", **{**params(), **bad})
+
+
+def test_float16_overflow_names_layer_and_position(tmp_path):
+    resid, toks = make_data(2 * SHARD)
+    resid[1, SHARD + 2 * SEQ + 5, 3] = 1e5
+    w = StoreWriter.open(tmp_path / "s", **params(2 * SHARD, dtype="float16"))
+    w.write(resid[:, :SHARD], toks[:SHARD])
+    with pytest.raises(StoreError, match=r"100000 at layer 1, token index 101 \(sequence 6, "
+                                         r"position 5\).*'bfloat16' or 'float32'"):
+        w.write(resid[:, SHARD:], toks[SHARD:])
+    w.abort()
+
+
+def test_nan_input_refused(tmp_path):
+    resid, toks = make_data(SHARD)
+    resid[2, 17, 0] = np.nan
+    with StoreWriter.open(tmp_path / "s", **params(SHARD, dtype="float32")) as w:
+        with pytest.raises(StoreError, match=r"non-finite activation nan at layer 2, token index 17 "
+                                             r"\(sequence 1, position 1\)"):
+            w.write(resid, toks)
+        w.abort()
+
+
+# ---------------------------------------------------------------- verify
+
+@pytest.mark.parametrize("compression", ["zstd", "none"])
+def test_verify_detects_one_flipped_byte(tmp_path, compression):
+    resid, toks = make_data(4 * SHARD)
+    write_store(tmp_path / "s", resid, toks, compression=compression)
+    summary = verify(tmp_path / "s")
+    assert summary["n_shards"] == 4 and summary["n_tokens"] == 4 * SHARD
+    shard_file = tmp_path / "s" / "resid" / "c" / "0" / "2" / "0"
+    data = bytearray(shard_file.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    shard_file.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match=r"shard 2 \(tokens 128..192\)(, layer \d| .*shard index)"):
+        verify(tmp_path / "s")
+
+
+def test_verify_detects_missing_marker_and_altered_records(tmp_path):
+    resid, toks = make_data(2 * SHARD)
+    write_store(tmp_path / "s", resid, toks)
+    rec_path = tmp_path / "s" / record_name(1)
+    rec = json.loads(rec_path.read_text())
+    rec_path.write_text(json.dumps({**rec, "written": "yesterday"}))
+    with pytest.raises(StoreError, match="do not match the digest"):
+        verify(tmp_path / "s")
+    (tmp_path / "s" / "COMPLETE").unlink()
+    with pytest.raises(StoreError, match="incomplete"):
+        verify(tmp_path / "s")
