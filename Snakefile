@@ -23,7 +23,7 @@ def P(pattern, **kw):
 
 rule all:
     input:
-        expand(P(paths.CORPUS_MANIFEST), model=MODELS, corpus=CORPORA),
+        expand(P(paths.STORE_DONE), model=MODELS, corpus=CORPORA, split=SPLITS),
     default_target: True
 
 
@@ -59,3 +59,25 @@ rule prepare_corpus:
         mem_mb=4000,
     script:
         "stages/prepare_corpus.py"
+
+
+rule extract:
+    input:
+        model=P(paths.MODEL_MARKER),
+        split=P(paths.CORPUS_SPLIT),
+    output:
+        # A summary written after the store is complete. The store itself is not a declared
+        # output, so Snakemake never deletes it on failure: a re-run resumes it.
+        P(paths.STORE_DONE),
+    params:
+        model_dir=P(paths.MODEL_DIR),
+        store=P(paths.STORE),
+        extract=config.get("extract", {}),
+    log:
+        P(paths.LOG, rule="extract", name="{model}-{corpus}-{split}"),
+    threads: 2
+    resources:
+        mem_mb=6000,
+        gpu=0,
+    script:
+        "stages/extract.py"

@@ -38,6 +38,25 @@ def _prepare_corpus(args) -> None:
     print(json.dumps({s: {k: v[k] for k in ("n_seq", "n_tokens", "n_bytes")} for s, v in manifest["splits"].items()}, indent=2))
 
 
+def _extract(args) -> None:
+    from .extract import extract
+
+    cfg = load_config(args.config)
+    kw = dict(data_dir=cfg.data_dir, model=args.model, corpus=args.corpus, split=args.split)
+    store = args.out or paths.fill(paths.STORE, **kw)
+    summary = extract(Path(paths.fill(paths.MODEL_DIR, **kw)), Path(paths.fill(paths.CORPUS_SPLIT, **kw)),
+                      Path(store), cfg.extract, args.split)
+    print(json.dumps(summary, indent=2))
+
+
+def _verify(args) -> None:
+    from .store import verify
+
+    summary = verify(args.store)
+    print(json.dumps(summary, indent=2, default=str))
+    print(f"OK: {args.store} is complete and every checksum matches", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lenspipe", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true")
@@ -55,6 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--corpus", required=True, help="corpus name from the config")
     s.add_argument("--out", help="output directory (default: data/corpora/<corpus>/<model>)")
     s.set_defaults(func=_prepare_corpus)
+
+    s = sub.add_parser("extract", help="store every layer's residual stream of one split")
+    s.add_argument("--config", default="config/config.yaml")
+    s.add_argument("--model", required=True)
+    s.add_argument("--corpus", required=True)
+    s.add_argument("--split", required=True, choices=["train", "validation", "test"])
+    s.add_argument("--out", help="store path (default: data/stores/<model>/<corpus>/<split>.zarr)")
+    s.set_defaults(func=_extract)
+
+    s = sub.add_parser("verify", help="check a store end to end (shapes, completeness, checksums, finiteness)")
+    s.add_argument("store", help="store path or URL")
+    s.set_defaults(func=_verify)
     return p
 
 

@@ -29,7 +29,7 @@ def _from_dict(cls, name: str, raw: dict[str, Any] | None):
             f"{cls.__name__[:-6].lower()} {name!r}: unknown setting(s) {unknown}; "
             f"known settings are {sorted(known - {'name'})}"
         )
-    return cls(name=name, **raw)
+    return cls(name=name, **raw) if "name" in known else cls(**raw)
 
 
 @dataclass
@@ -117,6 +117,62 @@ class CorpusConfig:
             )
 
 
+STORE_DTYPES = ("bfloat16", "float16", "float32")
+COMPRESSIONS = ("zstd", "blosc-zstd", "none")
+
+
+@dataclass
+class ExtractConfig:
+    max_tokens: dict[str, int | None] = field(
+        default_factory=lambda: {"train": 32768, "validation": 8192, "test": 16384})
+    """Token budget per split (rounded down to whole sequences); ``null`` = the whole split.
+    Sequences are drawn at random (``seed``) across the split, then kept in corpus order."""
+    seed: int = 0
+    """Seed of the sequence selection under a token budget."""
+    batch_size: int = 8
+    """Sequences per forward pass."""
+    dtype: str = "bfloat16"
+    """Storage dtype: ``bfloat16`` (default: float32's range, so residual norms of ~1e4
+    and beyond cannot overflow), ``float16`` (more mantissa, max 65,504: overflow stops the
+    run with an error), or ``float32``."""
+    device: str = "auto"
+    """``auto`` (CUDA if available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+    compute_dtype: str = "auto"
+    """dtype of the forward pass: ``auto`` = float32 on CPU (bf16 matmuls are ~400x slower
+    on this CPU), bfloat16 on CUDA."""
+    shard_tokens: int = 4096
+    """Tokens per shard (one shard = all layers for these tokens, one file, one writer);
+    a multiple of ``chunk_tokens`` and of the corpus ``seq_len``."""
+    chunk_tokens: int = 512
+    """Tokens per inner chunk (one layer): the unit a one-layer read decompresses."""
+    compression: str = "zstd"
+    """``zstd``, ``blosc-zstd`` (with byte shuffle) or ``none``."""
+    level: int = 3
+    """Compression level."""
+
+    def __post_init__(self) -> None:
+        bad = sorted(set(self.max_tokens) - set(SPLITS))
+        if bad:
+            raise ConfigError(f"extract.max_tokens: unknown split(s) {bad}; splits are {list(SPLITS)}")
+        if any(v is not None and v < 1 for v in self.max_tokens.values()):
+            raise ConfigError("extract.max_tokens: budgets must be positive or null")
+        if self.batch_size < 1:
+            raise ConfigError("extract.batch_size must be >= 1")
+        if self.dtype not in STORE_DTYPES:
+            raise ConfigError(f"extract.dtype must be one of {STORE_DTYPES}, got {self.dtype!r}")
+        if self.compression not in COMPRESSIONS:
+            raise ConfigError(f"extract.compression must be one of {COMPRESSIONS}")
+        if self.chunk_tokens < 1 or self.shard_tokens % self.chunk_tokens:
+            raise ConfigError(
+                f"extract.shard_tokens ({self.shard_tokens}) must be a positive multiple of "
+                f"chunk_tokens ({self.chunk_tokens})")
+
+    def budget(self, split: str, seq_len: int) -> int | None:
+        """Number of sequences to extract for ``split`` (None = all)."""
+        tokens = self.max_tokens.get(split)
+        return None if tokens is None else max(1, tokens // seq_len)
+
+
 @dataclass
 class PipelineConfig:
     data_dir: Path = Path("data")
@@ -125,6 +181,8 @@ class PipelineConfig:
     """Models by name."""
     corpora: dict[str, CorpusConfig] = field(default_factory=dict)
     """Corpora by name; each is tokenized with each model's tokenizer."""
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    """How activations are extracted and stored."""
 
     def model(self, name: str) -> ModelConfig:
         try:
@@ -145,7 +203,9 @@ def parse_config(raw: dict[str, Any]) -> PipelineConfig:
     corpora = {n: _from_dict(CorpusConfig, n, c) for n, c in (raw.get("corpora") or {}).items()}
     if not models or not corpora:
         raise ConfigError("the config must define at least one model and one corpus")
-    return PipelineConfig(data_dir=Path(raw.get("data_dir", "data")), models=models, corpora=corpora)
+    extract = _from_dict(ExtractConfig, "extract", raw.get("extract"))
+    return PipelineConfig(data_dir=Path(raw.get("data_dir", "data")), models=models, corpora=corpora,
+                          extract=extract)
 
 
 def load_config(path: str | Path) -> PipelineConfig:

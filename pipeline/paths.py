@@ -19,3 +19,5 @@ def fill(pattern: str, **kw) -> str:
 
     names = {f for _, f, _, _ in string.Formatter().parse(pattern) if f}
     return pattern.format(**{n: kw.get(n, "{" + n + "}") for n in names})
+STORE = "{data_dir}/stores/{model}/{corpus}/{split}.zarr"
+STORE_DONE = "{data_dir}/stores/{model}/{corpus}/{split}.extract.json"

@@ -367,9 +367,10 @@ class StoreWriter:
         if isinstance(resid, np.ndarray) and not resid.flags.writeable:
             resid = resid.copy()  # torch warns on read-only numpy memory
         x = torch.as_tensor(resid).detach().to("cpu", torch.float32)  # (L+1, n, d)
+        tokens = torch.as_tensor(tokens).cpu().numpy()  # (n,)
         n = self._check_batch(x, tokens)
         stored = _encode(x, self.params.dtype, self._pos, self.params.seq_len)  # (L+1, n, d)
-        toks = np.asarray(tokens).astype(np.int32)  # (n,)
+        toks = tokens.astype(np.int32)  # (n,)
         done = 0
         while done < n:
             done += self._buffer_some(stored[:, done:], toks[done:])
@@ -380,13 +381,12 @@ class StoreWriter:
         if self._closed or self._broken:
             raise StoreError(f"this writer for {self.root} is closed or failed; reopen it to resume")
 
-    def _check_batch(self, x: torch.Tensor, tokens: Any) -> int:
+    def _check_batch(self, x: torch.Tensor, tok: np.ndarray) -> int:
         p = self.params
         if x.ndim != 3 or x.shape[0] != p.n_layers + 1 or x.shape[2] != p.d_model:
             raise StoreError(f"resid batch has shape {tuple(x.shape)}, expected "
                              f"({p.n_layers + 1}, n, {p.d_model})")
         n = x.shape[1]
-        tok = np.asarray(tokens)
         if tok.shape != (n,) or not np.issubdtype(tok.dtype, np.integer):
             raise StoreError(f"tokens batch must be ({n},) integers, got {tok.shape} {tok.dtype}")
         if n and (tok.min() < 0 or tok.max() > np.iinfo(np.int32).max):
@@ -458,14 +458,14 @@ class StoreWriter:
         """Delete leftovers of shards not recorded as done, so they are written from scratch.
 
         Zarr reads an existing shard back before overwriting it; a stale or torn one would
-        cost a read or fail to parse. Zarr's temp files (*.partial) from a killed write go too.
+        cost a read or fail to parse. Temp files of a killed write (zarr's *.partial, our .*.tmp) go too.
         """
         for shard in range(len(self._records), self.params.n_shards):
             for arr, coords in ((self._resid, (0, shard, 0)), (self._tokens, (shard,))):
                 (self.root / arr.basename / arr.metadata.encode_chunk_key(coords)).unlink(missing_ok=True)
             (self.root / record_name(shard)).unlink(missing_ok=True)
-        for sub in ("resid", "tokens"):
-            for leftover in (self.root / sub).rglob("*.partial"):
+        for sub, pattern in (("resid", "*.partial"), ("tokens", "*.partial"), (PROGRESS_DIR, ".*.tmp")):
+            for leftover in (self.root / sub).rglob(pattern):
                 leftover.unlink(missing_ok=True)
 
     def finalize(self) -> None:
@@ -491,7 +491,9 @@ class StoreWriter:
             raise StoreError(f"finalize called after {self._pos} of {p.n_tokens} tokens; the "
                              f"store at {self.root} stays incomplete (resumable)")
         self._collect()
-        assert [r["shard"] for r in self._records] == list(range(p.n_shards))
+        if [r["shard"] for r in self._records] != list(range(p.n_shards)):
+            raise StoreError(f"progress records under {self.root / PROGRESS_DIR} were changed "
+                             "while writing; delete the store and extract again")
         finished = now_utc()
         self._group.update_attributes({"complete": True, "finished": finished})
         _consolidate(self.root)

@@ -345,12 +345,14 @@ def _hidden_from(output) -> Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-def residual_stream(model: nn.Module, input_ids: Tensor,
-                    attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def residual_stream(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None,
+                    *, with_logits: bool = True) -> tuple[Tensor, Tensor | None]:
     """Run the model once; return (resid (n_layers+1, batch, pos, d_model) float32, logits).
 
     See LAYER_CONVENTION. Hooks rather than output_hidden_states, because HF's last hidden
-    state is taken after the final norm for most families.
+    state is taken after the final norm for most families. ``with_logits=False`` runs only
+    the base model (no unembedding: ~20% of SmolLM2's forward FLOPs) and returns None logits;
+    the logits stay reproducible from ``resid[n_layers]`` through the UnembedHead.
     """
     parts = find_parts(model)
     captured: list[list[Tensor]] = [[] for _ in range(parts.n_layers + 1)]
@@ -370,7 +372,8 @@ def residual_stream(model: nn.Module, input_ids: Tensor,
         device = parts.embed.weight.device  # where the first computation happens
         mask = attention_mask.to(device) if attention_mask is not None else None
         with torch.inference_mode():
-            out = model(input_ids=input_ids.to(device), attention_mask=mask, use_cache=False)
+            runner = model if with_logits else getattr(model, "base_model", model)
+            out = runner(input_ids=input_ids.to(device), attention_mask=mask, use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
@@ -380,6 +383,8 @@ def residual_stream(model: nn.Module, input_ids: Tensor,
     # Built outside inference mode so the results are ordinary tensors: inference tensors
     # cannot be saved for backward, which would break training a lens on them directly.
     resid = torch.stack([c[0] for c in captured])  # (n_layers + 1, batch, pos, d_model)
+    if not with_logits:
+        return resid, None
     logits = out.logits if hasattr(out, "logits") else out[0]  # return_dict=False gives a tuple
     return resid, logits.to(torch.float32, copy=True)  # (batch, pos, vocab)
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import gc
+import http.server
+import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -45,6 +50,12 @@ def write_store(path: Path, resid: np.ndarray, toks: np.ndarray, batch: int = 48
         assert w.resume_token == start
         for s in range(start, resid.shape[1], batch):
             w.write(torch.from_numpy(resid[:, s:s + batch]), toks[s:s + batch])
+
+
+def resume_token(path: Path, kw: dict) -> int:
+    w = StoreWriter.open(path, **kw)
+    w.abort()
+    return w.resume_token
 
 
 def all_values(path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,6 +113,56 @@ def test_file_url(tmp_path):
     store = open_store((tmp_path / "s").as_uri())
     assert torch.equal(store.layers(0), torch.from_numpy(resid[0]).bfloat16().float())
     assert verify((tmp_path / "s").as_uri())["complete"]
+
+
+class RangeHandler(http.server.SimpleHTTPRequestHandler):
+    """Static files with HTTP Range support (the stdlib handler ignores Range, which zarr's
+    sharded reads need), logging each request."""
+
+    requests: list[str] = []
+
+    def log_message(self, fmt, *args):
+        RangeHandler.requests.append(str(args[0]))
+
+    def send_head(self):
+        match = re.fullmatch(r"bytes=(\d*)-(\d*)", self.headers.get("Range", ""))
+        path = Path(self.translate_path(self.path))
+        if match is None or not path.is_file():
+            return super().send_head()
+        data = path.read_bytes()
+        first, last = match.groups()
+        start = len(data) - int(last) if not first else int(first)
+        stop = int(last) + 1 if first and last else len(data)
+        body = data[max(start, 0):stop]
+        self.send_response(206)
+        self.send_header("Content-Range", f"bytes {max(start, 0)}-{max(start, 0) + len(body) - 1}/{len(data)}")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        return io.BytesIO(body)
+
+
+def test_http_url_few_requests(tmp_path):
+    resid, toks = make_data(4 * SHARD)
+    write_store(tmp_path / "s", resid, toks)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             functools.partial(RangeHandler, directory=str(tmp_path)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/s"
+        RangeHandler.requests.clear()
+        store = open_store(url)
+        assert len(RangeHandler.requests) <= 3  # zarr.json (consolidated) + COMPLETE
+        RangeHandler.requests.clear()
+        got = store.layers(1, 0, 2 * SHARD)
+        # One layer over 2 shards: each shard's index + that layer's 2 inner chunks, as ranges.
+        assert len(RangeHandler.requests) <= 6
+        assert torch.equal(got, torch.from_numpy(resid[1, :2 * SHARD]).bfloat16().float())
+        assert verify(url)["n_shards"] == 4
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
 
 
 # ---------------------------------------------------------------- resume
@@ -178,6 +239,26 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     assert not list(path.rglob("*.partial"))
 
 
+def test_background_failure_reraised_in_caller(tmp_path, monkeypatch):
+    resid, toks = make_data(4 * SHARD)
+    w = StoreWriter.open(tmp_path / "s", **params())
+    real = w._write_shard
+
+    def failing(shard, buf, tbuf):
+        if shard == 1:
+            raise OSError(28, "No space left on device")
+        return real(shard, buf, tbuf)
+
+    monkeypatch.setattr(w, "_write_shard", failing)
+    with pytest.raises(OSError, match="No space left"):
+        for s in range(0, 4 * SHARD, 32):
+            w.write(resid[:, s:s + 32], toks[s:s + 32])
+    with pytest.raises(StoreError, match="failed"):
+        w.write(resid[:, :32], toks[:32])
+    w.abort()
+    assert resume_token(tmp_path / "s", params()) == SHARD
+
+
 def test_reopening_a_complete_store_has_nothing_to_do(tmp_path):
     resid, toks = make_data(SHARD)
     write_store(tmp_path / "s", resid, toks)
@@ -205,7 +286,7 @@ def test_finalize_before_all_tokens_refused(tmp_path):
     w.write(resid[:, :SHARD], toks[:SHARD])
     with pytest.raises(StoreError, match=f"after {SHARD} of {2 * SHARD} tokens"):
         w.finalize()
-    assert StoreWriter.open(tmp_path / "s", **params(2 * SHARD)).resume_token == SHARD
+    assert resume_token(tmp_path / "s", params(2 * SHARD)) == SHARD
 
 
 # ---------------------------------------------------------------- refusals

@@ -17,50 +17,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipeline.errors import LenspipeError, ModelNotAvailable, UnsupportedModel
+from tiny import FAMILIES, TIED, VOCAB, tiny_model
+
 from pipeline.surgery import (
     LAYER_CONVENTION, ModelParts, UnembedHead, check_unembed, find_parts, load_unembed_head,
     residual_stream, unembed_head,
 )
-
-VOCAB = 199
-BASE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-            vocab_size=VOCAB, max_position_embeddings=64)
-GQA = dict(BASE, num_key_value_heads=2)
-
-#: family -> (config class, kwargs). Each must build a causal LM with < 1M parameters.
-FAMILIES = {
-    "gpt2": ("GPT2Config", dict(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64,
-                                bos_token_id=0, eos_token_id=0)),
-    "gpt_neox": ("GPTNeoXConfig", dict(BASE)),
-    "llama": ("LlamaConfig", dict(GQA)),
-    "qwen2": ("Qwen2Config", dict(GQA, tie_word_embeddings=True)),
-    "qwen3": ("Qwen3Config", dict(GQA, head_dim=8)),
-    # A large init and a small cap so the tanh soft-capping changes the logits visibly.
-    "gemma2": ("Gemma2Config", dict(GQA, num_hidden_layers=3, head_dim=8, sliding_window=4,
-                                    final_logit_softcapping=2.0, initializer_range=0.5)),
-    "opt": ("OPTConfig", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
-                              vocab_size=VOCAB, max_position_embeddings=64, word_embed_proj_dim=32)),
-    # Like opt-350m: project_in/project_out around the blocks, and no final layer norm.
-    "opt_proj": ("OPTConfig", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                   ffn_dim=64, vocab_size=VOCAB, max_position_embeddings=64,
-                                   word_embed_proj_dim=16, do_layer_norm_before=False)),
-    "phi": ("PhiConfig", dict(BASE)),
-    "mistral": ("MistralConfig", dict(GQA, sliding_window=4)),
-    "granite": ("GraniteConfig", dict(GQA, logits_scaling=4.0)),  # divides the logits
-    "cohere": ("CohereConfig", dict(GQA, logit_scale=3.0)),  # multiplies the logits
-}
-TIED = {"gpt2", "qwen2", "gemma2", "opt", "opt_proj", "cohere"}
-
-
-@functools.cache
-def tiny_model(family: str) -> nn.Module:
-    cls_name, kwargs = FAMILIES[family]
-    config = getattr(transformers, cls_name)(**kwargs)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-    assert sum(p.numel() for p in model.parameters()) < 1_000_000
-    return model.eval()
-
 
 def inputs(batch: int = 2, pos: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1)

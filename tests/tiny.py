@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
+import transformers
+from torch import nn
 
 TEXT = """From fairest creatures we desire increase,
 That thereby beauty's rose might never die,
@@ -60,4 +63,75 @@ def save_tiny_model_dir(path: Path, seed: int = 0) -> Path:
     model = make_llama(vocab_size=len(tok), seed=seed)
     model.save_pretrained(path)
     tok.save_pretrained(path)
+    return path
+
+
+# --------------------------------------------------------------------- many families
+
+VOCAB = 199
+BASE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+            vocab_size=VOCAB, max_position_embeddings=64)
+GQA = dict(BASE, num_key_value_heads=2)
+
+#: family -> (config class, kwargs). Each must build a causal LM with < 1M parameters.
+FAMILIES = {
+    "gpt2": ("GPT2Config", dict(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64,
+                                bos_token_id=0, eos_token_id=0)),
+    "gpt_neox": ("GPTNeoXConfig", dict(BASE)),
+    "llama": ("LlamaConfig", dict(GQA)),
+    "qwen2": ("Qwen2Config", dict(GQA, tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", dict(GQA, head_dim=8)),
+    # A large init and a small cap so the tanh soft-capping changes the logits visibly.
+    "gemma2": ("Gemma2Config", dict(GQA, num_hidden_layers=3, head_dim=8, sliding_window=4,
+                                    final_logit_softcapping=2.0, initializer_range=0.5)),
+    "opt": ("OPTConfig", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
+                              vocab_size=VOCAB, max_position_embeddings=64, word_embed_proj_dim=32)),
+    # Like opt-350m: project_in/project_out around the blocks, and no final layer norm.
+    "opt_proj": ("OPTConfig", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                   ffn_dim=64, vocab_size=VOCAB, max_position_embeddings=64,
+                                   word_embed_proj_dim=16, do_layer_norm_before=False)),
+    "phi": ("PhiConfig", dict(BASE)),
+    "mistral": ("MistralConfig", dict(GQA, sliding_window=4)),
+    "granite": ("GraniteConfig", dict(GQA, logits_scaling=4.0)),  # divides the logits
+    "cohere": ("CohereConfig", dict(GQA, logit_scale=3.0)),  # multiplies the logits
+}
+TIED = {"gpt2", "qwen2", "gemma2", "opt", "opt_proj", "cohere"}
+
+
+@functools.cache
+def tiny_model(family: str) -> nn.Module:
+    cls_name, kwargs = FAMILIES[family]
+    config = getattr(transformers, cls_name)(**kwargs)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    assert_tiny(model)
+    return model.eval()
+
+
+
+
+def save_prepared(model, path: Path) -> Path:
+    """Save ``model`` as a prepared model dir (weights + lenspipe_model.json, no tokenizer)."""
+    from pipeline.model import MARKER, weights_hash
+    from pipeline.provenance import write_json_atomic
+
+    model.save_pretrained(path)
+    write_json_atomic(path / MARKER, {"name": path.name, "source": "test", "model_type": model.config.model_type,
+                                      "weights_sha256": weights_hash(path), "tokenizer_sha256": "none"})
+    return path
+
+
+def write_packed_split(path: Path, n_seq: int, seq_len: int, vocab: int, seed: int = 0) -> Path:
+    """A packed split in prepare_corpus's format, with random tokens."""
+    import json
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(3, vocab, (n_seq, seq_len), dtype=np.int32)
+    ones = np.ones_like(tokens)
+    meta = {"split": "test", "fingerprint": f"random-{seed}-{n_seq}-{seq_len}", "seq_len": seq_len,
+            "n_seq": n_seq, "n_tokens": n_seq * seq_len, "n_bytes": int(tokens.size), "doc_ids": ["r"]}
+    np.savez(path, tokens=tokens, token_bytes=ones, doc_index=0 * ones, doc_pos=np.cumsum(ones, 1) - 1,
+             meta=json.dumps(meta))
     return path

@@ -1,0 +1,158 @@
+"""extract: run the model once over a packed split, store every layer's residual stream.
+
+The store is the product's cache: training and evaluation read it and never re-run the
+model. Extraction is resumable (whole shards are the unit of progress, see
+:mod:`pipeline.store`), checks that the model's own logits are reproducible from the stored
+last layer, and records full provenance in the store's attributes.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import ExtractConfig
+from .corpus import load_split
+from .errors import ConfigError, StoreError
+from .model import read_model_info
+from .progress import Progress
+from .store import StoreWriter, open_store
+from .surgery import LAYER_CONVENTION, find_parts, residual_stream, unembed_head
+
+log = logging.getLogger(__name__)
+
+#: The model's logits must be reproduced from the stored last layer to this accuracy
+#: (float32 compute; the check runs before the storage cast).
+LOGITS_ATOL = 1e-3
+
+
+def select_sequences(n_total: int, budget: int | None, seed: int) -> np.ndarray:
+    """Indices of the sequences to extract: a seeded random subset, in corpus order.
+
+    Random rather than the first ``budget`` sequences, because the split is packed in
+    document order and a prefix would cover only the first few documents.
+    """
+    if budget is None or budget >= n_total:
+        return np.arange(n_total)
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n_total, size=budget, replace=False))
+
+
+def resolve_device(cfg: ExtractConfig) -> tuple[torch.device, torch.dtype]:
+    if cfg.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(cfg.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"extract.device is {cfg.device!r} but no CUDA device is available")
+    if cfg.compute_dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = getattr(torch, cfg.compute_dtype)
+    return device, dtype
+
+
+def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    return model.to(device).eval()
+
+
+def _provenance(model_dir: Path, split_meta: dict, seq_index: np.ndarray, n_total: int,
+                cfg: ExtractConfig, split: str) -> dict[str, Any]:
+    info = read_model_info(model_dir)
+    return {
+        "model": {k: info.get(k) for k in ("name", "source", "revision", "resolved_commit",
+                                           "model_type", "weights_sha256", "tokenizer_sha256")},
+        "corpus": {"split": split, "fingerprint": split_meta["fingerprint"],
+                   "n_seq_in_split": n_total, "seq_len": split_meta["seq_len"]},
+        "seq_index": "all" if len(seq_index) == n_total else seq_index.tolist(),
+        "layer_convention": LAYER_CONVENTION,
+        "extract_config": {k: v for k, v in asdict(cfg).items() if k != "device"},
+    }
+
+
+def _check_logits(model, ids: torch.Tensor, resid_last: torch.Tensor) -> float:
+    """Max |logits - unembed(resid[n_layers])| on one sequence; raise if not reproducible."""
+    with torch.inference_mode():
+        logits = model(input_ids=ids, use_cache=False).logits.float()  # (1, pos, vocab)
+        head = unembed_head(model)
+        rebuilt = head(resid_last.to(ids.device)).float()  # (1, pos, vocab)
+    err = (logits - rebuilt).abs().max().item()
+    if not err <= LOGITS_ATOL * max(1.0, logits.abs().max().item()):
+        raise StoreError(f"the model's logits are not reproducible from the last layer (max error {err:.3g});"
+                         " this model family needs a surgery rule it does not have yet")
+    return err
+
+
+def _reset_if_stale(store_path: Path, provenance: dict, params: dict) -> None:
+    """Delete an existing store made with other settings (the rule's output is stale)."""
+    if not store_path.exists():
+        return
+    try:
+        store = open_store(store_path, allow_incomplete=True)
+        same = store.provenance == provenance and all(store.attrs["params"].get(k) == v for k, v in params.items())
+    except StoreError:
+        same = False
+    if not same:
+        log.warning("%s was made with other settings; deleting it and extracting anew", store_path)
+        shutil.rmtree(store_path)
+
+
+def extract(model_dir: Path, split_path: Path, store_path: Path, cfg: ExtractConfig,
+            split: str) -> dict[str, Any]:
+    """Extract ``split`` into ``store_path``; resumes an interrupted run. Returns a summary."""
+    packed = load_split(split_path)
+    seq_len = packed.meta["seq_len"]
+    if cfg.shard_tokens % seq_len:
+        raise ConfigError(f"extract.shard_tokens ({cfg.shard_tokens}) must be a multiple of the corpus "
+                          f"seq_len ({seq_len})")
+    seq_index = select_sequences(len(packed.tokens), cfg.budget(split, seq_len), cfg.seed)
+    tokens = torch.from_numpy(packed.tokens[seq_index]).long()  # (n_seq, seq_len)
+    device, dtype = resolve_device(cfg)
+    model = load_model(model_dir, device, dtype)
+    parts = find_parts(model)
+    provenance = _provenance(model_dir, packed.meta, seq_index, len(packed.tokens), cfg, split)
+    params = dict(n_layers=parts.n_layers, d_model=parts.d_model, n_tokens=tokens.numel(), seq_len=seq_len,
+                  dtype=cfg.dtype, shard_tokens=cfg.shard_tokens, chunk_tokens=cfg.chunk_tokens,
+                  compression=cfg.compression, level=cfg.level)
+    _reset_if_stale(Path(store_path), provenance, params)
+    t0 = time.monotonic()
+    with StoreWriter.open(store_path, **params, provenance=provenance) as writer:
+        if writer.already_complete:
+            log.info("%s is already complete", store_path)
+            return {"store": str(store_path), "n_tokens": tokens.numel(), "resumed_from": tokens.numel()}
+        first = writer.resume_token // seq_len
+        if first:
+            log.info("resuming at sequence %d of %d", first, len(tokens))
+        max_err = _run(model, tokens, first, cfg.batch_size, writer, device, split)
+    seconds = time.monotonic() - t0
+    n_new = (len(tokens) - first) * seq_len
+    log.info("extracted %d tokens in %.1f s (%.0f tokens/s)", n_new, seconds, n_new / max(seconds, 1e-9))
+    return {"store": str(store_path), "n_tokens": tokens.numel(), "resumed_from": first * seq_len,
+            "seconds": seconds, "tokens_per_s": n_new / max(seconds, 1e-9), "logits_max_err": max_err}
+
+
+def _run(model, tokens: torch.Tensor, first: int, batch_size: int, writer: StoreWriter,
+         device: torch.device, split: str) -> float | None:
+    """Forward batches from sequence ``first`` on and hand each to the (background) writer."""
+    seq_len = tokens.shape[1]
+    max_err = None
+    with Progress(tokens.numel(), f"extract {split}", initial=first * seq_len) as bar:
+        for start in range(first, len(tokens), batch_size):
+            ids = tokens[start:start + batch_size].to(device)  # (batch, pos)
+            resid, _ = residual_stream(model, ids, with_logits=False)  # (L+1, batch, pos, d)
+            if max_err is None:  # once per run: the cache must reproduce the model exactly
+                max_err = _check_logits(model, ids[:1], resid[-1, :1])
+            n_layers1, b, t, d = resid.shape
+            writer.write(resid.reshape(n_layers1, b * t, d).cpu(), ids.reshape(-1).cpu())
+            bar.update(b * t)
+    return max_err

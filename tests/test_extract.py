@@ -1,0 +1,111 @@
+"""extract: the stored last layer reproduces the model's logits; resume; stale stores."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import FAMILIES, VOCAB, save_prepared, tiny_model, write_packed_split
+
+from pipeline.config import ExtractConfig
+from pipeline.extract import extract, select_sequences
+from pipeline.store import open_store, verify
+from pipeline.surgery import unembed_head
+
+SMALL = dict(batch_size=2, shard_tokens=32, chunk_tokens=16, max_tokens={"test": None})
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "llama", "qwen3", "gemma2", "opt_proj", "phi", "mistral"])
+def test_stored_last_layer_reproduces_logits(tmp_path, family):
+    model = tiny_model(family)
+    model_dir = save_prepared(model, tmp_path / family)
+    split = write_packed_split(tmp_path / "test.npz", n_seq=6, seq_len=16, vocab=VOCAB)
+    summary = extract(model_dir, split, tmp_path / "s.zarr", ExtractConfig(dtype="float32", **SMALL), "test")
+    assert summary["logits_max_err"] < 1e-4
+    store = open_store(tmp_path / "s.zarr")
+    assert store.n_layers == model.config.num_hidden_layers and store.n_tokens == 96
+    ids = store.tokens().reshape(6, 16)
+    with torch.no_grad():
+        expected = model(ids).logits  # (seq, pos, vocab)
+        rebuilt = unembed_head(model)(store.layers(store.n_layers).reshape(6, 16, -1))
+    torch.testing.assert_close(rebuilt, expected, rtol=1e-5, atol=1e-5)
+    assert store.provenance["model"]["model_type"] == model.config.model_type
+    assert "BEFORE" in store.provenance["layer_convention"]
+    verify(tmp_path / "s.zarr")
+
+
+def test_budget_selects_spread_sequences_and_stale_store_is_replaced(tmp_path):
+    idx = select_sequences(1000, 10, seed=0)
+    assert len(idx) == 10 and (idx == sorted(idx)).all() and idx[-1] > 500
+    assert (select_sequences(5, None, 0) == range(5)).all()
+    model_dir = save_prepared(tiny_model("llama"), tmp_path / "m")
+    split = write_packed_split(tmp_path / "test.npz", n_seq=8, seq_len=16, vocab=VOCAB)
+    cfg = ExtractConfig(**(SMALL | {"max_tokens": {"test": 64}}))
+    extract(model_dir, split, tmp_path / "s.zarr", cfg, "test")
+    assert open_store(tmp_path / "s.zarr").n_tokens == 64
+    again = extract(model_dir, split, tmp_path / "s.zarr", cfg, "test")
+    assert again["resumed_from"] == 64  # complete: nothing redone
+    extract(model_dir, split, tmp_path / "s.zarr", ExtractConfig(**SMALL), "test")  # budget changed
+    assert open_store(tmp_path / "s.zarr").n_tokens == 128
+
+
+SCRIPT = """
+import sys, time
+from pathlib import Path
+import pipeline.extract as ex
+from pipeline.config import ExtractConfig
+slow = float(sys.argv[4])
+real = ex.residual_stream
+def delayed(*a, **k):
+    time.sleep(slow)
+    return real(*a, **k)
+ex.residual_stream = delayed
+ex.extract(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]),
+           ExtractConfig(batch_size=2, shard_tokens=32, chunk_tokens=16, max_tokens={"test": None}), "test")
+"""
+
+
+def _run(args, slow):
+    return subprocess.Popen([sys.executable, "-c", SCRIPT, *map(str, args), str(slow)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sigkill_mid_extract_then_resume_gives_identical_store(tmp_path, seed):
+    model_dir = save_prepared(tiny_model("llama"), tmp_path / "m")
+    split = write_packed_split(tmp_path / "test.npz", n_seq=16, seq_len=16, vocab=VOCAB)
+    ref = tmp_path / "ref.zarr"
+    assert _run([model_dir, split, ref], 0).wait() == 0
+    store = tmp_path / "s.zarr"
+    proc = _run([model_dir, split, store], 0.3)
+    progress = store / "progress"
+    deadline = time.monotonic() + 60
+    want = 1 + seed  # kill after the first (or second) durable shard
+    while time.monotonic() < deadline and len(list(progress.glob("*.json")) if progress.exists() else []) < want:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (store / "COMPLETE").exists()
+    assert _run([model_dir, split, store], 0).wait() == 0
+    a, b = open_store(ref), open_store(store)
+    assert torch.equal(a.layers(range(a.n_layers + 1)), b.layers(range(b.n_layers + 1)))
+    assert torch.equal(a.tokens(), b.tokens())
+    verify(store)
+
+
+def test_verify_cli_fails_on_corruption(tmp_path):
+    model_dir = save_prepared(tiny_model("llama"), tmp_path / "m")
+    split = write_packed_split(tmp_path / "test.npz", n_seq=4, seq_len=16, vocab=VOCAB)
+    extract(model_dir, split, tmp_path / "s.zarr", ExtractConfig(**SMALL), "test")
+    cli = [sys.executable, "-m", "pipeline.cli", "verify", str(tmp_path / "s.zarr")]
+    assert subprocess.run(cli, capture_output=True).returncode == 0
+    shard = next(p for p in Path(tmp_path / "s.zarr" / "resid").rglob("*") if p.is_file() and p.name != "zarr.json")
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    proc = subprocess.run(cli, capture_output=True, text=True)
+    assert proc.returncode == 2 and "lenspipe: error:" in proc.stderr and "Traceback" not in proc.stderr
