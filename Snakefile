@@ -10,11 +10,13 @@ DATA = config["data_dir"]
 MODELS = list(config["models"])
 CORPORA = list(config["corpora"])
 SPLITS = ["train", "validation", "test"]
+KINDS = config.get("train", {}).get("kinds", ["affine"])
 
 wildcard_constraints:
     model="[A-Za-z0-9._-]+",
     corpus="[A-Za-z0-9._-]+",
     split="train|validation|test",
+    kind="affine|linear|mlp|scaling",
 
 
 def P(pattern, **kw):
@@ -24,6 +26,7 @@ def P(pattern, **kw):
 rule all:
     input:
         expand(P(paths.STORE_DONE), model=MODELS, corpus=CORPORA, split=SPLITS),
+        expand(P(paths.LENS_META), model=MODELS, corpus=CORPORA, kind=KINDS),
     default_target: True
 
 
@@ -81,3 +84,27 @@ rule extract:
         gpu=0,
     script:
         "stages/extract.py"
+
+
+rule train:
+    input:
+        model=P(paths.MODEL_MARKER),
+        train=P(paths.STORE_DONE, split="train"),
+        validation=P(paths.STORE_DONE, split="validation"),
+    output:
+        lens=P(paths.LENS_META),
+        log=P(paths.LENS_LOG),
+    params:
+        model_dir=P(paths.MODEL_DIR),
+        train_store=P(paths.STORE, split="train"),
+        val_store=P(paths.STORE, split="validation"),
+        lens_dir=P(paths.LENS_DIR),
+        train=config.get("train", {}),
+    log:
+        P(paths.LOG, rule="train", name="{model}-{corpus}-{kind}"),
+    threads: 2
+    resources:
+        mem_mb=8000,
+        gpu=0,
+    script:
+        "stages/train.py"

@@ -124,7 +124,7 @@ COMPRESSIONS = ("zstd", "blosc-zstd", "none")
 @dataclass
 class ExtractConfig:
     max_tokens: dict[str, int | None] = field(
-        default_factory=lambda: {"train": 32768, "validation": 8192, "test": 16384})
+        default_factory=lambda: {"train": 24576, "validation": 4096, "test": 8192})
     """Token budget per split (rounded down to whole sequences); ``null`` = the whole split.
     Sequences are drawn at random (``seed``) across the split, then kept in corpus order."""
     seed: int = 0
@@ -173,6 +173,89 @@ class ExtractConfig:
         return None if tokens is None else max(1, tokens // seq_len)
 
 
+TRANSLATOR_KINDS = ("affine", "linear", "mlp", "scaling")
+
+
+@dataclass
+class TrainConfig:
+    kinds: list[str] = field(default_factory=lambda: ["affine"])
+    """Translator kinds to train, one lens each: affine (h + Wh + b), linear (Wh + b),
+    mlp (h + MLP(h)), scaling (h * s + b)."""
+    layers: str | list[int] = "all"
+    """Layers that get a translator: ``all`` (0..n_layers-1) or a list."""
+    loss: str = "kl"
+    """``kl``: KL(final model distribution || lens distribution), the reference's default;
+    ``ce``: cross-entropy to the next token."""
+    init: str = "auto"
+    """``auto`` = least squares for affine/linear, identity otherwise; ``lstsq``; ``identity``
+    (the logit lens, as the reference starts)."""
+    ridge: float = 1e-6
+    """Ridge of the least-squares fit, relative to the mean input variance."""
+    steps: int = 8
+    """Optimiser steps (0 = least squares only)."""
+    batch_tokens: int = 512
+    """Tokens per step."""
+    optimizer: str = "sgd"
+    """``sgd`` (Nesterov momentum, as the reference) or ``adam``."""
+    lr_scale: float = 1.0
+    """Multiplies the default learning rate (1.0 for SGD, as an effective rate: PyTorch's
+    momentum scales it by 1/(1-momentum), which is undone; 1e-3 for Adam)."""
+    momentum: float = 0.9
+    """SGD momentum / Adam beta1."""
+    weight_decay: float = 1e-3
+    """Weight decay; translators are parametrised so that zero is the identity (affine,
+    mlp, scaling), so it pulls toward the logit lens."""
+    warmup_steps: int = 0
+    """Linear warm-up steps before the linear decay to zero."""
+    clip_grad: float = 1.0
+    """Gradient-norm clipping over all trained parameters (0 = off)."""
+    buffer_shards: int = 2
+    """Store shards held in memory for shuffling (tokens are shuffled within the buffer,
+    shard order is shuffled per epoch)."""
+    val_tokens: int = 512
+    """Validation tokens for early stopping and the training log."""
+    eval_every: int = 4
+    """Validate every this many steps (and at the start and the end)."""
+    patience: int = 2
+    """Stop after this many validations in which no layer improved (0 = never stop)."""
+    checkpoint_every: int = 4
+    """Write a resumable checkpoint every this many steps (0 = never)."""
+    seed: int = 0
+    """Seed of the data order."""
+    mlp_hidden: int | None = None
+    """Hidden width of mlp translators (default d_model)."""
+    mlp_depth: int = 1
+    """Hidden layers of mlp translators (1 or 2)."""
+    device: str = "auto"
+    """``auto`` (CUDA if available), ``cpu``, ``cuda[:N]``."""
+
+    def __post_init__(self) -> None:
+        bad = sorted(set(self.kinds) - set(TRANSLATOR_KINDS))
+        if bad or not self.kinds:
+            raise ConfigError(f"train.kinds: unknown {bad}; kinds are {list(TRANSLATOR_KINDS)}")
+        if self.layers != "all" and (not isinstance(self.layers, list) or not self.layers):
+            raise ConfigError("train.layers must be 'all' or a non-empty list of layer indices")
+        checks = {"loss": ("kl", "ce"), "init": ("auto", "lstsq", "identity"), "optimizer": ("sgd", "adam")}
+        for key, allowed in checks.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"train.{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        if self.init == "lstsq" and set(self.kinds) - {"affine", "linear"}:
+            raise ConfigError("train.init: lstsq applies to affine/linear translators only; use auto")
+        for key in ("batch_tokens", "buffer_shards", "val_tokens", "eval_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key} must be >= 1")
+        if self.steps < 0 or self.warmup_steps < 0 or self.warmup_steps > max(self.steps, 0):
+            raise ConfigError("train.steps must be >= 0 and warmup_steps in [0, steps]")
+
+    def layer_list(self, n_layers: int) -> list[int]:
+        if self.layers == "all":
+            return list(range(n_layers))
+        bad = [i for i in self.layers if not 0 <= i < n_layers]
+        if bad:
+            raise ConfigError(f"train.layers {bad} out of range: the model's lens layers are 0..{n_layers - 1}")
+        return sorted(set(self.layers))
+
+
 @dataclass
 class PipelineConfig:
     data_dir: Path = Path("data")
@@ -183,6 +266,8 @@ class PipelineConfig:
     """Corpora by name; each is tokenized with each model's tokenizer."""
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     """How activations are extracted and stored."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """How tuned lenses are trained from the store."""
 
     def model(self, name: str) -> ModelConfig:
         try:
@@ -204,8 +289,9 @@ def parse_config(raw: dict[str, Any]) -> PipelineConfig:
     if not models or not corpora:
         raise ConfigError("the config must define at least one model and one corpus")
     extract = _from_dict(ExtractConfig, "extract", raw.get("extract"))
+    train = _from_dict(TrainConfig, "train", raw.get("train"))
     return PipelineConfig(data_dir=Path(raw.get("data_dir", "data")), models=models, corpora=corpora,
-                          extract=extract)
+                          extract=extract, train=train)
 
 
 def load_config(path: str | Path) -> PipelineConfig:

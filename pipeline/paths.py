@@ -21,3 +21,6 @@ def fill(pattern: str, **kw) -> str:
     return pattern.format(**{n: kw.get(n, "{" + n + "}") for n in names})
 STORE = "{data_dir}/stores/{model}/{corpus}/{split}.zarr"
 STORE_DONE = "{data_dir}/stores/{model}/{corpus}/{split}.extract.json"
+LENS_DIR = "{data_dir}/lenses/{model}/{corpus}/{kind}"
+LENS_META = LENS_DIR + "/lens.json"
+LENS_LOG = LENS_DIR + "/train_log.parquet"

@@ -603,9 +603,17 @@ class ActivationStore:
             raw = self._read(lambda: self._resid[self._layer(layers), start:stop, :])  # (n, d)
         else:
             idx = [self._layer(i) for i in layers]
-            # Orthogonal selection reads only the inner chunks of the chosen layers.
-            raw = self._read(lambda: self._resid.oindex[idx, start:stop, :])  # (k, n, d)
+            raw = self._read(lambda: self._read_layers(idx, start, stop))  # (k, n, d)
         return _to_tensor(raw, self._encoding)
+
+    def _read_layers(self, idx: list[int], start: int, stop: int) -> np.ndarray:
+        # Basic slices only: zarr 3.1's orthogonal selection (`oindex`) measured ~30x
+        # slower than a slice over the same shard. Both read only the chosen layers' chunks.
+        if not idx:
+            return np.empty((0, stop - start, self.d_model), self._resid.dtype)
+        if idx == list(range(idx[0], idx[0] + len(idx))):
+            return self._resid[idx[0]:idx[0] + len(idx), start:stop, :]  # (k, n, d)
+        return np.stack([self._resid[i, start:stop, :] for i in idx])  # (k, n, d)
 
     def tokens(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         start, stop = self._token_range(start, stop)

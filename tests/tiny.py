@@ -116,8 +116,12 @@ def save_prepared(model, path: Path) -> Path:
     from pipeline.provenance import write_json_atomic
 
     model.save_pretrained(path)
+    from pipeline.surgery import find_parts
+
+    parts = find_parts(model)
     write_json_atomic(path / MARKER, {"name": path.name, "source": "test", "model_type": model.config.model_type,
-                                      "weights_sha256": weights_hash(path), "tokenizer_sha256": "none"})
+                                      "weights_sha256": weights_hash(path), "tokenizer_sha256": "none",
+                                      "d_model": parts.d_model, "n_layers": parts.n_layers, "vocab": parts.vocab})
     return path
 
 

@@ -1,0 +1,289 @@
+"""Translators, logit/tuned lenses, their file formats and the least-squares initialiser."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from pipeline.errors import LenspipeError
+from pipeline.lenses import (
+    TRANSLATOR_KINDS, LeastSquaresAccumulator, LogitLens, TunedLens, init_translator_lstsq,
+    make_translator,
+)
+from pipeline.model import read_model_info
+from pipeline.surgery import load_unembed_head
+from tiny import make_llama, save_prepared, tiny_model
+
+D, N_LAYERS = 32, 2  # tiny_model("llama"): hidden_size 32, 2 blocks
+#: (kind, opts) covering every kind and the options that change the computation.
+VARIANTS = [
+    ("affine", {}), ("affine", {"bias": False}), ("linear", {}), ("scaling", {}),
+    ("mlp", {}), ("mlp", {"hidden": 16, "depth": 2, "activation": "relu"}), ("mlp", {"bias": False}),
+]
+IDS = ["-".join([k, *(f"{a}={b}" for a, b in o.items())]) for k, o in VARIANTS]
+#: The fields of tuned_lens.nn.lenses.TunedLensConfig in tuned-lens 0.2.0.
+REFERENCE_CONFIG_FIELDS = {"base_model_name_or_path", "d_model", "num_hidden_layers", "bias",
+                           "base_model_revision", "unembed_hash", "lens_type"}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_prepared(tiny_model("llama"), tmp_path_factory.mktemp("lenses") / "llama")
+
+
+@pytest.fixture(scope="module")
+def head(model_dir):
+    return load_unembed_head(model_dir)  # standalone: freezing it leaves the cached model alone
+
+
+@pytest.fixture(scope="module")
+def info(model_dir):
+    return read_model_info(model_dir)
+
+
+def randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def randomise(module, seed=1, scale=0.1):
+    """Nonzero parameters, so that round trips and forward checks test something."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return module
+
+
+def make_lens(head, info, kind="affine", layers=None, seed=1, **opts):
+    lens = TunedLens.create(head, kind, d_model=D, n_layers=N_LAYERS, model_info=info, layers=layers, **opts)
+    randomise(lens.translators, seed)
+    return lens
+
+
+# ------------------------------------------------------------------------ translators
+
+def test_affine_and_linear_by_hand():
+    h, W, b = randn(3, 5, D), randn(D, D, seed=1), randn(D, seed=2)
+    for kind, expected in (("affine", h + h @ W.T + b), ("linear", h @ W.T + b)):
+        t = make_translator(kind, D)
+        with torch.no_grad():
+            t.weight.copy_(W)
+            t.bias.copy_(b)
+        torch.testing.assert_close(t(h), expected)
+    assert make_translator("affine", D, residual=False).kind == "linear"
+
+
+def test_scaling_by_hand():
+    h, s, b = randn(4, D), randn(D, seed=1), randn(D, seed=2)
+    t = make_translator("scaling", D)
+    with torch.no_grad():
+        t.scale.copy_(s)
+        t.bias.copy_(b)
+    torch.testing.assert_close(t(h), h * (1 + s) + b)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("residual", [True, False])
+def test_mlp_by_hand(depth, residual):
+    h = randn(2, 3, D)
+    t = randomise(make_translator("mlp", D, hidden=8, depth=depth, residual=residual))
+    z = h
+    for lin in t.net[::2]:  # Linear, act, Linear, act ...
+        z = F.gelu(z @ lin.weight.T + lin.bias)  # (..., hidden)
+    out = z @ t.out.weight.T + t.out.bias  # (..., d)
+    torch.testing.assert_close(t(h), h + out if residual else out)
+
+
+@pytest.mark.parametrize("kind,opts", VARIANTS, ids=IDS)
+def test_init_is_identity_and_equals_logit_lens(head, info, kind, opts):
+    h = randn(2, 4, D) * 3
+    assert torch.equal(make_translator(kind, D, **opts)(h), h)
+    lens = TunedLens.create(head, kind, d_model=D, n_layers=N_LAYERS, model_info=info, **opts)
+    logit_lens = LogitLens(head)
+    for layer in range(N_LAYERS + 1):  # layer n_layers is the model output: no translator
+        assert torch.equal(lens.translate(h, layer), h)
+        assert torch.equal(lens(h, layer), logit_lens(h, layer))
+
+
+def test_unknown_kind_and_bad_options():
+    with pytest.raises(LenspipeError, match="unknown translator kind 'conv'.*affine, linear, mlp, scaling"):
+        make_translator("conv", D)
+    with pytest.raises(LenspipeError, match="bad options"):
+        make_translator("scaling", D, hidden=4)
+    with pytest.raises(LenspipeError, match="depth"):
+        make_translator("mlp", D, depth=3)
+    assert set(TRANSLATOR_KINDS) == {"affine", "linear", "mlp", "scaling"}
+
+
+# ------------------------------------------------------------------------ lenses
+
+@pytest.mark.parametrize("kind", TRANSLATOR_KINDS)
+def test_only_translators_train(head, info, kind):
+    lens = make_lens(head, info, kind)
+    trainable = {n for n, p in lens.named_parameters() if p.requires_grad}
+    assert trainable == {f"translators.{n}" for n, _ in lens.translators.named_parameters()}
+    assert not any(p.requires_grad for p in lens.head.parameters())
+    lens(randn(3, D), 1).logsumexp(-1).sum().backward()
+    assert all(p.grad is None for p in lens.head.parameters())
+    assert all(p.grad is not None for p in lens.translators["1"].parameters())
+
+
+def test_lens_rejects_bad_layers_and_widths(head, info):
+    with pytest.raises(LenspipeError, match="layer 2 is the model's output"):
+        TunedLens.create(head, "affine", d_model=D, n_layers=N_LAYERS, model_info=info, layers=[2])
+    with pytest.raises(LenspipeError, match="d_model=48"):
+        TunedLens.create(head, "affine", d_model=48, n_layers=N_LAYERS, model_info=info)
+    with pytest.raises(LenspipeError, match="no translator for layer 1"):
+        TunedLens.create(head, "affine", d_model=D, n_layers=N_LAYERS, model_info=info, layers=[0]).translate(
+            randn(D), 1)
+
+
+def test_merge_layer_groups(head, info):
+    low, high = make_lens(head, info, "mlp", [0], seed=1), make_lens(head, info, "mlp", [1], seed=2)
+    merged = low.merge(high)
+    assert merged.layers == [0, 1]
+    h = randn(5, D)
+    assert torch.equal(merged(h, 0), low(h, 0)) and torch.equal(merged(h, 1), high(h, 1))
+    with pytest.raises(LenspipeError, match=r"both have translators for layers \[1\]"):
+        merged.merge(make_lens(head, info, "mlp", [1]))
+    with pytest.raises(LenspipeError, match="different models or kinds"):
+        low.merge(make_lens(head, info, "affine", [1]))
+    with pytest.raises(LenspipeError, match="different models or kinds"):
+        low.merge(make_lens(head, info, "mlp", [1], hidden=8))
+
+
+@pytest.mark.parametrize("kind,opts", VARIANTS, ids=IDS)
+def test_save_load_round_trip(head, info, model_dir, tmp_path, kind, opts):
+    lens = make_lens(head, info, kind, **opts)
+    lens.save(tmp_path / "lens", training_config={"lr": 1e-3}, metrics={"kl": [0.5, 0.25]})
+    meta = json.loads((tmp_path / "lens" / "lens.json").read_text())
+    assert meta["kind"] == kind and meta["layers"] == [0, 1] and meta["d_model"] == D
+    assert meta["model"]["weights_sha256"] == info["weights_sha256"]
+    assert meta["training_config"] == {"lr": 1e-3} and meta["metrics"] == {"kl": [0.5, 0.25]}
+    assert {"format", "format_version", "translator_opts", "versions", "created"} <= set(meta)
+    h = randn(3, 4, D)
+    for loaded in (TunedLens.load(tmp_path / "lens", head=head),
+                   TunedLens.load(tmp_path / "lens", model_dir=model_dir)):
+        assert loaded.kind == kind and loaded.opts == lens.opts
+        for layer in lens.layers:
+            assert torch.equal(loaded(h, layer), lens(h, layer))
+    assert not list(tmp_path.glob(".*partial"))  # written atomically, nothing left behind
+
+
+def test_load_onto_another_model_fails(head, info, tmp_path):
+    make_lens(head, info).save(tmp_path / "lens")
+    other = save_prepared(make_llama(vocab_size=199, seed=1, hidden_size=32), tmp_path / "other")
+    wide = save_prepared(make_llama(vocab_size=199, seed=1, hidden_size=48), tmp_path / "wide")
+    with pytest.raises(LenspipeError, match="trained on model 'llama'") as err:
+        TunedLens.load(tmp_path / "lens", model_dir=other)
+    assert info["weights_sha256"] in str(err.value)
+    assert read_model_info(other)["weights_sha256"] in str(err.value)
+    with pytest.raises(LenspipeError, match="d_model 48"):
+        TunedLens.load(tmp_path / "lens", model_dir=wide)
+    with pytest.raises(LenspipeError, match="needs the unembedding head or the model_dir"):
+        TunedLens.load(tmp_path / "lens")
+    with pytest.raises(LenspipeError, match="not a saved lens"):
+        TunedLens.load(tmp_path / "other", head=head)
+
+
+# ------------------------------------------------------------------------ tuned-lens 0.2.x
+
+def test_reference_export_import(head, info, tmp_path):
+    lens = make_lens(head, info, "affine")
+    lens.export_reference(tmp_path / "ref")
+    config = json.loads((tmp_path / "ref" / "config.json").read_text())
+    assert set(config) == REFERENCE_CONFIG_FIELDS
+    assert config["lens_type"] == "linear_tuned_lens" and config["bias"] is True
+    assert (config["d_model"], config["num_hidden_layers"]) == (D, N_LAYERS)
+    state = torch.load(tmp_path / "ref" / "params.pt", weights_only=True)
+    # tuned-lens saves layer_translators.state_dict(): a ModuleList of nn.Linear, no prefix.
+    assert set(state) == {"0.weight", "0.bias", "1.weight", "1.bias"}
+    assert state["0.weight"].shape == (D, D) and state["0.bias"].shape == (D,)
+    assert torch.equal(state["1.weight"], lens.translators["1"].weight)
+    back = TunedLens.import_reference(tmp_path / "ref", head, info)
+    assert back.kind == "affine" and back.layers == [0, 1] and back.origin["format"] == "tuned-lens"
+    h = randn(3, D)
+    for layer in range(N_LAYERS):
+        assert torch.equal(back.translate(h, layer), lens.translate(h, layer))
+
+
+@pytest.mark.parametrize("kind", ["linear", "scaling"])
+def test_reference_export_of_other_affine_kinds(head, info, tmp_path, kind):
+    lens = make_lens(head, info, kind)
+    lens.export_reference(tmp_path / "ref")
+    back = TunedLens.import_reference(tmp_path / "ref", head, info)
+    h = randn(3, D)
+    torch.testing.assert_close(back.translate(h, 1), lens.translate(h, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_reference_export_refuses(head, info, tmp_path):
+    with pytest.raises(LenspipeError, match="affine translators only"):
+        make_lens(head, info, "mlp").export_reference(tmp_path / "ref")
+    with pytest.raises(LenspipeError, match="needs translators for all layers"):
+        make_lens(head, info, "affine", [1]).export_reference(tmp_path / "ref")
+    assert not (tmp_path / "ref").exists()
+
+
+# ------------------------------------------------------------------------ least squares
+
+def synthetic(n=600, d_in=D, d_out=D, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(d_out, d_in, generator=g, dtype=torch.float64) / d_in**0.5
+    c = torch.randn(d_out, generator=g, dtype=torch.float64)
+    # A large common offset, like a residual stream's massive mean direction.
+    X = torch.randn(n, d_in, generator=g, dtype=torch.float64) + 50.0
+    Y = X @ A.T + c + 1e-7 * torch.randn(n, d_out, generator=g, dtype=torch.float64)
+    return X, Y, A, c
+
+
+def test_least_squares_recovers_known_map():
+    X, Y, A, c = synthetic(d_in=12, d_out=7)
+    acc = LeastSquaresAccumulator(12, n_out=7)
+    acc.update(X.float(), Y.float())
+    W, b = acc.solve()
+    assert W.dtype == b.dtype == torch.float32 and W.shape == (7, 12)
+    # float32 inputs: the data are rounded at ~50 * 6e-8, hence the slack.
+    torch.testing.assert_close(W.double(), A, rtol=0, atol=1e-4)
+    torch.testing.assert_close(b.double(), c, rtol=0, atol=1e-4 * 50)
+    exact = LeastSquaresAccumulator(12, n_out=7)
+    exact.update(X, Y)
+    W64, b64 = exact.solve()
+    torch.testing.assert_close(W64.double(), A, rtol=0, atol=1e-5)
+    torch.testing.assert_close(b64.double(), c, rtol=0, atol=1e-4)
+
+
+def test_least_squares_streaming_equals_batch():
+    X, Y, _, _ = synthetic()
+    one = LeastSquaresAccumulator(D)
+    one.update(X, Y)
+    many = LeastSquaresAccumulator(D)
+    for xs, ys in zip(X.split([1, 99, 200, 300]), Y.split([1, 99, 200, 300])):
+        many.update(xs.reshape(-1, 1, D), ys.reshape(-1, 1, D))  # leading dims are flattened
+    assert many.n == one.n == len(X)
+    torch.testing.assert_close(many.cxx, one.cxx, rtol=1e-10, atol=1e-8)
+    for a, b in zip(many.solve(), one.solve()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    with pytest.raises(LenspipeError, match="at least 2 samples"):
+        LeastSquaresAccumulator(D).solve()
+
+
+def test_init_translator_lstsq():
+    X, Y, A, c = synthetic()
+    acc = LeastSquaresAccumulator(D)
+    acc.update(X, Y)
+    W, b = acc.solve()
+    h = X[:20].float()
+    for kind in ("affine", "linear"):
+        t = make_translator(kind, D)
+        init_translator_lstsq(t, W, b)
+        with torch.no_grad():
+            torch.testing.assert_close(t(h).double(), h.double() @ A.T + c, rtol=0, atol=1e-3)
+    with pytest.raises(LenspipeError, match="not 'mlp'"):
+        init_translator_lstsq(make_translator("mlp", D), W, b)
+    with pytest.raises(LenspipeError, match="nonzero intercept"):
+        init_translator_lstsq(make_translator("affine", D, bias=False), W, b)
+    with pytest.raises(LenspipeError, match="shapes"):
+        init_translator_lstsq(make_translator("affine", D), W[:3], b)
