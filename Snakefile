@@ -11,6 +11,7 @@ MODELS = list(config["models"])
 CORPORA = list(config["corpora"])
 SPLITS = ["train", "validation", "test"]
 KINDS = config.get("train", {}).get("kinds", ["affine"])
+EVAL_SPLIT = config.get("evaluate", {}).get("split", "test")
 
 wildcard_constraints:
     model="[A-Za-z0-9._-]+",
@@ -26,7 +27,7 @@ def P(pattern, **kw):
 rule all:
     input:
         expand(P(paths.STORE_DONE), model=MODELS, corpus=CORPORA, split=SPLITS),
-        expand(P(paths.LENS_META), model=MODELS, corpus=CORPORA, kind=KINDS),
+        P(paths.REPORT),
     default_target: True
 
 
@@ -108,3 +109,55 @@ rule train:
         gpu=0,
     script:
         "stages/train.py"
+
+
+rule evaluate:
+    input:
+        model=P(paths.MODEL_MARKER),
+        store=P(paths.STORE_DONE, split=EVAL_SPLIT),
+        split=P(paths.CORPUS_SPLIT, split=EVAL_SPLIT),
+        lenses=expand(P(paths.LENS_META, kind="{kind}"), kind=KINDS, allow_missing=True),
+    output:
+        layer_metrics=P(paths.LAYER_METRICS),
+        calibration=P(paths.CALIBRATION),
+    params:
+        model_dir=P(paths.MODEL_DIR),
+        store=P(paths.STORE, split=EVAL_SPLIT),
+        lens_dirs=lambda w: {k: P(paths.LENS_DIR, model=w.model, corpus=w.corpus, kind=k) for k in KINDS},
+        out_dir=P(paths.TABLES_DIR),
+        evaluate=config.get("evaluate", {}),
+    log:
+        P(paths.LOG, rule="evaluate", name="{model}-{corpus}"),
+    threads: 2
+    resources:
+        mem_mb=8000,
+    script:
+        "stages/evaluate.py"
+
+
+rule report:
+    input:
+        layer_metrics=expand(P(paths.LAYER_METRICS), model=MODELS, corpus=CORPORA),
+        calibration=expand(P(paths.CALIBRATION), model=MODELS, corpus=CORPORA),
+    output:
+        report=P(paths.REPORT),
+        html=P(paths.REPORT_DIR) + "/report.html",
+    params:
+        runs=[dict(model=m, corpus=c, model_dir=P(paths.MODEL_DIR, model=m),
+                   layer_metrics=P(paths.LAYER_METRICS, model=m, corpus=c),
+                   calibration=P(paths.CALIBRATION, model=m, corpus=c),
+                   lens_dirs={k: P(paths.LENS_DIR, model=m, corpus=c, kind=k) for k in KINDS})
+              for m in MODELS for c in CORPORA],
+        out_dir=P(paths.REPORT_DIR),
+        prompts=config.get("report", {}).get("prompts"),
+    log:
+        P(paths.LOG, rule="report", name="report"),
+    threads: 1
+    script:
+        "stages/report.py"
+
+
+onsuccess:
+    from pipeline.report import print_summary
+
+    print_summary(expand(P(paths.LAYER_METRICS), model=MODELS, corpus=CORPORA), P(paths.REPORT_DIR))

@@ -42,8 +42,8 @@ STORES = ROOT / "data/stores/smollm2-135m/shakespeare"
 
 
 class NoValidation:
-    def kl(self, lens):  # never called: eval_every > steps
-        raise AssertionError
+    def kl(self, lens):  # validation is off in this benchmark
+        return {}
 
 
 def training_rate(head, store, layers, cfg: TrainConfig) -> float:

@@ -156,6 +156,7 @@ def _run(model, tokens: torch.Tensor, first: int, batch_size: int, writer: Store
                 # a short prefix suffices and costs ~1/40 of a batch.
                 max_err = _check_logits(model, ids[:1, :CHECK_POS], resid[-1, :1, :CHECK_POS])
             n_layers1, b, t, d = resid.shape
-            writer.write(resid.reshape(n_layers1, b * t, d).cpu(), ids.reshape(-1).cpu())
+            # the writer casts and range-checks on this device; only storage bytes cross to host
+            writer.write(resid.reshape(n_layers1, b * t, d), ids.reshape(-1).cpu())
             bar.update(b * t)
     return max_err

@@ -43,8 +43,9 @@ class Progress:
         if now - self._last >= self.interval or self.n >= self.total:
             self._last = now
             extra = " ".join(f"{k}={v}" for k, v in postfix.items())
-            log.info("%s: %d/%d %s (%.0f %s/s) %s", self.desc, self.n, self.total, self.unit,
-                     self.rate, self.unit, extra)
+            rate = self.rate
+            rate_s = f"{rate:.0f} {self.unit}/s" if rate >= 10 else f"{1 / rate:.1f} s/{self.unit}" if rate > 0 else "-"
+            log.info("%s: %d/%d %s (%s) %s", self.desc, self.n, self.total, self.unit, rate_s, extra)
 
     def close(self) -> None:
         if self._bar is not None:

@@ -63,11 +63,11 @@ def _verify_shard(store: ActivationStore, i: int, record: dict) -> None:
     raw = _read_shard(store, start, stop, what)  # (L+1, n, d) storage dtype
     tokens = store._tokens[start:stop]  # (n,) int32
     sums = shard_checksums(raw, tokens)
-    for layer, (got, want) in enumerate(zip(sums["resid_sha256"], record["resid_sha256"])):
+    for layer, (got, want) in enumerate(zip(sums["resid_xxh3"], record["resid_xxh3"])):
         if got != want:
             raise StoreError(f"{what}, layer {layer}: checksum mismatch (stored data differs "
                              "from what was written); re-download or re-extract")
-    if sums["tokens_sha256"] != record["tokens_sha256"]:
+    if sums["tokens_xxh3"] != record["tokens_xxh3"]:
         raise StoreError(f"{what}: token ids checksum mismatch; re-download or re-extract")
     for layer, values in enumerate(raw):
         if not _all_finite(values, store._encoding):

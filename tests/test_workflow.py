@@ -33,8 +33,19 @@ def test_workflow_runs_and_rerun_is_noop(workdir):
     assert {p.name for p in out.iterdir()} >= {"train.npz", "validation.npz", "test.npz", "manifest.json"}
     assert (workdir / "data" / "models" / "tiny" / "lenspipe_model.json").is_file()
     assert (workdir / "data" / "logs" / "prepare_corpus" / "tiny-txt-tiny.log").read_text()
+    tables = workdir / "data" / "tables" / "tiny" / "tiny-txt"
+    assert (tables / "layer_metrics.parquet").is_file() and (tables / "calibration.parquet").is_file()
+    assert (workdir / "data" / "report" / "report.html").stat().st_size > 10_000
+    assert "lenspipe: done." in first.stdout and "report.html" in first.stdout
     second = snakemake(workdir)
     assert second.returncode == 0 and "Nothing to be done" in second.stderr
+    # changing one evaluation setting re-runs evaluation and report only
+    changed = workdir / "changed.yaml"
+    changed.write_text((REPO / ".test" / "config.yaml").read_text().replace("bootstrap: 50", "bootstrap: 60"))
+    dry = snakemake(workdir, "--configfile", str(changed), "-n")
+    jobs = dry.stdout + dry.stderr
+    assert "rule evaluate:" in jobs and "rule report:" in jobs
+    assert "rule extract:" not in jobs and "rule train:" not in jobs and "rule prepare_corpus:" not in jobs
 
 
 def test_workflow_bad_input_fails_cleanly(workdir):

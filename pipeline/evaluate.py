@@ -1,0 +1,286 @@
+"""evaluate: logit lens vs tuned lenses on a held-out split, chunk-parallel with dask.
+
+Each dask task reads one chunk of whole sequences from the store (all layers), runs every
+lens at every layer through the frozen head, and returns per-sequence sums of each metric
+(so confidence intervals can be bootstrapped over sequences), calibration bins, and, when
+enabled, writes its own part of the per-token table. Memory is bounded by the chunk size
+whatever the split's size; the local threaded scheduler is the default and a
+dask.distributed scheduler address in the config sends the tasks to a cluster.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import metrics as M
+from .config import EvaluateConfig
+from .corpus import load_split
+from .errors import StoreError
+from .lenses import LogitLens, TunedLens
+from .lenses import read_lens_meta
+from .progress import Progress
+from .provenance import package_versions
+from .store import open_store
+from .surgery import load_unembed_head
+from .tables import LOGIT, MODEL, lens_identity, calibration_table, layer_metrics_table, write_table
+
+log = logging.getLogger(__name__)
+
+
+
+@dataclass(frozen=True)
+class Job:
+    store: str
+    model_dir: str
+    lens_dirs: tuple[tuple[str, str], ...]  # (kind, path)
+    seq_len: int
+    n_layers: int
+    topk: int
+    n_bins: int
+    token_dir: str | None
+    identity: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass
+class ChunkResult:
+    sums: dict[tuple[str, int], dict[str, tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
+    calibration: dict[tuple[str, int], M.CalibrationBins] = field(default_factory=dict)
+
+
+@functools.lru_cache(maxsize=4)
+def _lenses(model_dir: str, lens_dirs: tuple[tuple[str, str], ...]) -> dict[str, Any]:
+    """Head and lenses, loaded once per worker process (dask tasks reuse them)."""
+    head = load_unembed_head(model_dir)
+    lenses: dict[str, Any] = {LOGIT: LogitLens(head)}
+    for kind, path in lens_dirs:
+        lenses[kind] = TunedLens.load(path, head=head, model_dir=model_dir).eval()
+    return lenses
+
+
+def _per_seq(values: torch.Tensor, mask: torch.Tensor | None, seq_len: int):
+    mask = torch.ones_like(values, dtype=torch.bool) if mask is None else mask
+    sums, counts = M.per_sequence_sums(values.double(), mask, seq_len)
+    return sums.numpy(), counts.numpy()
+
+
+def _metric_values(st: dict[str, torch.Tensor], chunk: "Chunk") -> dict[str, tuple]:
+    """Per-token values and the mask each metric is averaged under (None = all tokens)."""
+    m = chunk.mask
+    return {"kl": (st["kl"], None), "ce": (st["ce"], m), "acc": ((st["top1"] == chunk.next_ids).double(), m),
+            "agree_top1": (st["agree_top1"].double(), None), "agree_topk": (st["agree_topk"].double(), None),
+            "entropy": (st["entropy"], None), "nats_per_byte": (st["ce"], m)}
+
+
+def _add(result: ChunkResult, key, vals: dict, job: Job, nbytes: torch.Tensor, mask) -> None:
+    out = {}
+    for name, (v, m) in vals.items():
+        sums, counts = _per_seq(v, m, job.seq_len)
+        if name == "nats_per_byte":  # ratio of sums: CE nats over the predicted tokens' bytes
+            counts = _per_seq(nbytes.double(), mask, job.seq_len)[0]
+        out[name] = (sums, counts)
+    result.sums[key] = out
+
+
+@dataclass
+class Chunk:
+    """The per-chunk inputs every lens shares."""
+    x: torch.Tensor  # (L+1, n, d_model)
+    ids: torch.Tensor  # (n,)
+    next_ids: torch.Tensor  # (n,)
+    mask: torch.Tensor  # (n,) next token exists
+    nbytes: torch.Tensor  # (n,) bytes of the next token
+    final: dict[str, torch.Tensor]  # the model's p (n, vocab), neg_entropy (n,), top1 (n,)
+    start: int
+
+
+def _evaluate_one(result: ChunkResult, key, z, chunk: Chunk, job: Job, tokens: list) -> torch.Tensor:
+    """Metrics of one lens at one layer from its logits z (n, vocab); returns its top-1 ids."""
+    st = M.logit_stats(z, chunk.final, chunk.next_ids, job.topk, with_rank=bool(job.token_dir))
+    vals = _metric_values(st, chunk)
+    _add(result, key, vals, job, chunk.nbytes, chunk.mask)
+    cal = M.CalibrationBins(job.n_bins)
+    cal.update(st["top1_prob"], st["top1"] == chunk.next_ids, chunk.mask)
+    result.calibration[key] = cal
+    if job.token_dir:
+        tokens.append(_token_rows(key, chunk, st))
+    return st["top1"]
+
+
+@torch.no_grad()
+def evaluate_chunk(job: Job, start: int, stop: int, token_bytes: np.ndarray, part: int) -> ChunkResult:
+    """All lenses x all layers on store tokens [start, stop) (whole sequences)."""
+    store = open_store(job.store)
+    lenses = _lenses(job.model_dir, job.lens_dirs)
+    x = store.layers(range(job.n_layers + 1), start, stop)  # (L+1, n, d_model)
+    ids = store.tokens(start, stop)  # (n,)
+    next_ids, mask = M.next_token_targets(ids, job.seq_len)  # (n,), (n,)
+    final_logits = lenses[LOGIT].head(x[-1])  # (n, vocab)
+    chunk = Chunk(x, ids, next_ids, mask, torch.from_numpy(np.roll(token_bytes, -1)),
+                  M.final_stats(final_logits), start)
+    result, tokens = ChunkResult(), []
+    _evaluate_one(result, (MODEL, job.n_layers), final_logits, chunk, job, tokens)
+    for name, lens in lenses.items():
+        layers = list(range(job.n_layers)) if name == LOGIT else lens.layers
+        tops = [_evaluate_one(result, (name, layer), lens(x[layer], layer), chunk, job, tokens)
+                for layer in layers]
+        tops.append(chunk.final["top1"])  # the last layer's successor is the model's output
+        for layer, a, b in zip(layers, tops, tops[1:]):  # consistency: top-1 kept by the next layer
+            result.sums[(name, layer)]["consistency"] = _per_seq((a == b).double(), None, job.seq_len)
+    if job.token_dir:
+        _write_token_part(job, tokens, part)
+    return result
+
+
+def _token_rows(key, chunk: Chunk, st: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    n, mask = len(chunk.ids), chunk.mask.numpy()
+    return {"lens": np.full(n, key[0]), "layer": np.full(n, key[1], np.int32),
+            "token_index": np.arange(chunk.start, chunk.start + n, dtype=np.int64),
+            "token_id": chunk.ids.numpy().astype(np.int32),
+            "next_token_id": np.where(mask, chunk.next_ids.numpy(), -1).astype(np.int32),
+            "top1_id": st["top1"].numpy().astype(np.int32), "top1_prob": st["top1_prob"].float().numpy(),
+            "next_token_rank": np.where(mask, st["rank"].numpy(), -1).astype(np.int32),
+            "kl": st["kl"].float().numpy()}
+
+
+def _write_token_part(job: Job, rows: list[dict], part: int) -> None:
+    """This chunk's rows of the per-token table, one file per lens (hive-partitioned)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    model = dict(job.identity).get("model", "model")
+    for lens in sorted({r["lens"][0] for r in rows}):
+        mine = [r for r in rows if r["lens"][0] == lens]
+        table = pa.Table.from_pydict({k: np.concatenate([r[k] for r in mine]) for k in mine[0] if k != "lens"})
+        kind, translator = lens_identity(lens)
+        out = Path(job.token_dir) / f"model={model}" / f"lens={kind}" / f"translator={translator or 'none'}"
+        out.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, out / f"part-{part:05d}.parquet", compression="zstd")
+
+
+def _combine(results: list[ChunkResult]) -> ChunkResult:
+    out = ChunkResult()
+    for r in results:
+        for key, metrics in r.sums.items():
+            dst = out.sums.setdefault(key, {})
+            for name, (s, c) in metrics.items():
+                if name in dst:
+                    dst[name] = (np.concatenate([dst[name][0], s]), np.concatenate([dst[name][1], c]))
+                else:
+                    dst[name] = (s, c)
+        for key, cal in r.calibration.items():
+            out.calibration[key] = out.calibration[key].merge(cal) if key in out.calibration else cal
+    return out
+
+
+def summarize(combined: ChunkResult, cfg: EvaluateConfig) -> list[dict[str, Any]]:
+    """One dict per (lens, layer): point estimates, bootstrap CIs, derived metrics."""
+    rows = []
+    for (lens, layer), metrics in sorted(combined.sums.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        row: dict[str, Any] = {"lens": lens, "layer": layer,
+                               "n_tokens": int(metrics["kl"][1].sum()), "n_predicted": int(metrics["ce"][1].sum())}
+        for name, (s, c) in metrics.items():
+            row[name] = float(s.sum() / max(c.sum(), 1e-12))
+            lo, hi = M.bootstrap_ci(torch.from_numpy(s), torch.from_numpy(c), n_boot=cfg.bootstrap, seed=cfg.seed)
+            row[f"{name}_lo"], row[f"{name}_hi"] = float(lo), float(hi)
+        row["ppl"] = math.exp(row["ce"])
+        for name in ("nats_per_byte", "nats_per_byte_lo", "nats_per_byte_hi"):
+            row[name.replace("nats_per_byte", "bpb")] = row.pop(name) / math.log(2)
+        row["ece"] = float(combined.calibration[(lens, layer)].ece())
+        rows.append(row)
+    return rows
+
+
+def _plan(store, cfg: EvaluateConfig) -> list[tuple[int, int]]:
+    n = store.n_tokens if cfg.max_tokens is None else min(store.n_tokens, cfg.max_tokens // store.seq_len * store.seq_len)
+    if n < store.seq_len:
+        raise StoreError(f"evaluate.max_tokens ({cfg.max_tokens}) is less than one sequence ({store.seq_len})")
+    step = max(store.seq_len, cfg.chunk_tokens // store.seq_len * store.seq_len)
+    return [(s, min(s + step, n)) for s in range(0, n, step)]
+
+
+def _store_token_bytes(store, split_path: Path) -> np.ndarray:
+    """UTF-8 bytes of every store token, from the packed split (checked to be the same tokens)."""
+    packed = load_split(split_path)
+    sel = store.provenance.get("seq_index", "all")
+    idx = np.arange(len(packed.tokens)) if sel == "all" else np.asarray(sel)
+    if packed.meta["fingerprint"] != store.provenance.get("corpus", {}).get("fingerprint") or \
+            not np.array_equal(packed.tokens[idx].reshape(-1), store.tokens().numpy()):
+        raise StoreError(f"the store {store.location.zarr_store} was not extracted from {split_path}: "
+                         "their tokens differ (another corpus, split or tokenizer)")
+    return packed.token_bytes[idx].reshape(-1)
+
+
+def evaluate_lenses(store_path: Path, split_path: Path, model_dir: Path, lens_dirs: dict[str, Path],
+                    cfg: EvaluateConfig, token_dir: Path | None, identity: dict[str, str], threads: int = 1):
+    """Evaluate every lens on the store; returns (rows, calibration tables, tokens per byte)."""
+    import dask
+
+    store = open_store(store_path)
+    token_bytes = _store_token_bytes(store, split_path)
+    plan = _plan(store, cfg)
+    job = Job(str(store_path), str(model_dir), tuple((k, str(v)) for k, v in sorted(lens_dirs.items())),
+              store.seq_len, store.n_layers, cfg.topk, cfg.calibration_bins,
+              str(token_dir) if token_dir and cfg.token_metrics else None, tuple(sorted(identity.items())))
+    tasks = [dask.delayed(evaluate_chunk)(job, s, e, token_bytes[s:e], i) for i, (s, e) in enumerate(plan)]
+    log.info("evaluating %d lens(es) x %d layers on %d tokens in %d chunks", len(lens_dirs) + 1,
+             store.n_layers, plan[-1][1], len(tasks))
+    combined = _combine(_compute(tasks, cfg, threads))
+    tokens_per_byte = plan[-1][1] / max(int(token_bytes[:plan[-1][1]].sum()), 1)
+    return summarize(combined, cfg), {k: v.table() for k, v in combined.calibration.items()}, tokens_per_byte
+
+
+def evaluate(store_path: Path, split_path: Path, model_dir: Path, lens_dirs: dict[str, Path],
+             cfg: EvaluateConfig, out_dir: Path, identity: dict[str, str], threads: int = 1) -> list[dict]:
+    """Evaluate and write ``out_dir``/{layer_metrics,calibration}.parquet (+ token_metrics/)."""
+    import shutil
+    from dataclasses import asdict
+
+    t0 = time.monotonic()
+    out_dir = Path(out_dir)
+    token_dir = out_dir / "token_metrics"
+    shutil.rmtree(token_dir, ignore_errors=True)
+    rows, calib, tokens_per_byte = evaluate_lenses(store_path, split_path, model_dir, lens_dirs, cfg,
+                                                   token_dir, identity, threads)
+    store = open_store(store_path)
+    provenance = {"identity": identity, "evaluate_config": asdict(cfg), "store": str(store_path),
+                  "store_fingerprint": store.attrs.get("fingerprint"), "model": store.provenance.get("model"),
+                  "lenses": {k: read_lens_meta(Path(v)).get("translators_sha256") for k, v in lens_dirs.items()},
+                  "tokens_per_byte": tokens_per_byte, "versions": package_versions(),
+                  "seconds": time.monotonic() - t0}
+    write_table(calibration_table(calib, identity, store.n_layers, provenance), out_dir / "calibration.parquet")
+    write_table(layer_metrics_table(rows, identity, store.n_layers, tokens_per_byte, provenance),
+                out_dir / "layer_metrics.parquet")
+    log.info("evaluation written to %s in %.0f s", out_dir, time.monotonic() - t0)
+    return rows
+
+
+def _compute(tasks, cfg: EvaluateConfig, threads: int) -> list[ChunkResult]:
+    import dask
+    from dask.callbacks import Callback
+
+    with Progress(len(tasks), "evaluate", unit="chunk", interval=0) as bar:
+        if cfg.scheduler:
+            from distributed import Client, as_completed
+
+            with Client(cfg.scheduler) as client:
+                futures = client.compute(tasks)
+                for _ in as_completed(futures):
+                    bar.update(1)
+                return client.gather(futures)
+
+        def done(key, *_):
+            if str(key).startswith(("evaluate_chunk", "('evaluate_chunk")):
+                bar.update(1)
+
+        # torch already uses every core inside one task; more tasks at once would contend
+        with Callback(posttask=done):
+            return list(dask.compute(*tasks, scheduler="threads", num_workers=max(1, threads // 2)))

@@ -1,0 +1,94 @@
+"""evaluate + tables: invariants of the Parquet tables, the dask.distributed path, bad input."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from tiny import VOCAB, make_llama, save_prepared, write_packed_split
+
+from pipeline.config import EvaluateConfig, ExtractConfig, TrainConfig
+from pipeline.errors import StoreError
+from pipeline.evaluate import evaluate
+from pipeline.extract import extract
+from pipeline.tables import read_provenance
+from pipeline.train import train
+
+IDENT = {"model": "tiny", "revision": None, "corpus": "rand", "split": "test"}
+SEQ = 16
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    model_dir = save_prepared(make_llama(VOCAB, initializer_range=0.3), root / "model")
+    ecfg = ExtractConfig(batch_size=4, shard_tokens=64, chunk_tokens=32, dtype="float32",
+                         max_tokens={"train": None, "test": None})
+    for split, n_seq, seed in (("train", 16, 0), ("test", 8, 1)):
+        write_packed_split(root / f"{split}.npz", n_seq=n_seq, seq_len=SEQ, vocab=VOCAB, seed=seed)
+        extract(model_dir, root / f"{split}.npz", root / f"{split}.zarr", ecfg, split)
+    tcfg = TrainConfig(steps=2, batch_tokens=32, val_tokens=32, eval_every=1, checkpoint_every=0)
+    train(root / "train.zarr", root / "test.zarr", model_dir, root / "affine", tcfg, "affine")
+    return root, model_dir
+
+
+def run(setup, out, **kw):
+    root, model_dir = setup
+    cfg = EvaluateConfig(**({"max_tokens": None, "chunk_tokens": 32, "bootstrap": 50} | kw))
+    evaluate(root / "test.zarr", root / "test.npz", model_dir, {"affine": root / "affine"}, cfg, out, IDENT)
+    return pd.read_parquet(out / "layer_metrics.parquet")
+
+
+def test_layer_metrics_table_invariants(setup, tmp_path):
+    df = run(setup, tmp_path)
+    schema = pq.read_schema(tmp_path / "layer_metrics.parquet")
+    assert schema.field("layer").type == pa.int64() and schema.field("kl").type == pa.float64()
+    assert set(df.lens) == {"logit", "tuned", "model"}
+    assert sorted(df[df.lens == "logit"].layer) == [0, 1] and sorted(df[df.lens == "tuned"].layer) == [0, 1]
+    model = df[df.lens == "model"].iloc[0]
+    assert model.layer == 2 and model.kl == pytest.approx(0, abs=1e-6) and model.agree_top1 == 1
+    assert (df.n_tokens == 8 * SEQ).all() and (df.n_predicted == 8 * (SEQ - 1)).all()
+    assert (df.kl >= 0).all() and df[["acc", "agree_top1", "agree_topk"]].apply(lambda c: c.between(0, 1)).all().all()
+    assert (df.agree_topk >= df.agree_top1).all()
+    for m in ("kl", "ce", "acc"):
+        assert (df[f"{m}_lo"] <= df[m] + 1e-9).all() and (df[m] <= df[f"{m}_hi"] + 1e-9).all()
+    assert np.allclose(df.ppl, np.exp(df.ce))
+    # write_packed_split gives every token 1 byte: bits per byte = nats per token / ln 2
+    assert np.allclose(df.bpb, df.ce / math.log(2))
+    tuned, logit = df[df.lens == "tuned"].set_index("layer"), df[df.lens == "logit"].set_index("layer")
+    assert (tuned.kl < logit.kl).all()
+    prov = read_provenance(tmp_path / "layer_metrics.parquet")
+    assert prov["identity"] == IDENT and prov["lenses"]["affine"] and prov["versions"]["torch"]
+
+
+def test_calibration_and_token_tables(setup, tmp_path):
+    df = run(setup, tmp_path)
+    cal = pd.read_parquet(tmp_path / "calibration.parquet")
+    counts = cal.groupby(["lens", "layer"])["count"].sum()
+    assert (counts == 8 * (SEQ - 1)).all()
+    tok = pd.read_parquet(tmp_path / "token_metrics")
+    assert len(tok) == 8 * SEQ * (2 + 2 + 1)  # logit 2 layers, tuned 2 layers, model 1
+    assert (tok.kl >= 0).all() and tok.top1_prob.between(0, 1).all()
+    last = tok[tok.next_token_id < 0]
+    assert (last.next_token_rank == -1).all() and len(last) == 8 * 5
+    assert set(tok.translator.astype(str)) == {"none", "affine"}
+    mean_kl = tok[(tok.lens == "tuned") & (tok.layer == 0)].kl.mean()
+    assert mean_kl == pytest.approx(df[(df.lens == "tuned") & (df.layer == 0)].kl.iloc[0], rel=1e-4)
+
+
+def test_distributed_scheduler_gives_same_numbers(setup, tmp_path):
+    from distributed import LocalCluster
+
+    local = run(setup, tmp_path / "local", token_metrics=False)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        remote = run(setup, tmp_path / "dist", token_metrics=False, scheduler=cluster.scheduler_address)
+    pd.testing.assert_frame_equal(local, remote)
+
+
+def test_store_from_other_corpus_is_refused(setup, tmp_path):
+    root, model_dir = setup
+    other = write_packed_split(tmp_path / "other.npz", n_seq=8, seq_len=SEQ, vocab=VOCAB, seed=9)
+    with pytest.raises(StoreError, match="not extracted from"):
+        evaluate(root / "test.zarr", other, model_dir, {}, EvaluateConfig(), tmp_path, IDENT)
