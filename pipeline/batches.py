@@ -30,8 +30,9 @@ class Buffer:
 
 class TokenBatches:
     def __init__(self, store: ActivationStore, layers: list[int], batch_tokens: int,
-                 buffer_shards: int, seed: int):
+                 buffer_shards: int, seed: int, device: torch.device | str = "cpu"):
         self.store, self.layers, self.batch_tokens = store, layers, batch_tokens
+        self.device = torch.device(device)
         self.buffer_shards, self.seed = buffer_shards, seed
         shard = store.attrs["params"]["shard_tokens"]
         self.shards = [(s, min(s + shard, store.n_tokens)) for s in range(0, store.n_tokens, shard)]
@@ -62,21 +63,38 @@ class TokenBatches:
     def _load(self, buf: Buffer) -> tuple[torch.Tensor, torch.Tensor]:
         parts = [self.store.layers(self.layers, s, e) for s, e in buf.ranges]  # (k, n_i, d)
         index = torch.cat([torch.arange(s, e) for s, e in buf.ranges])  # (n,) store token index
-        return torch.cat(parts, dim=1), index  # (k, n, d), (n,)
+        # One transfer per buffer; batches are then gathered on the device (on a GPU the
+        # per-batch host-side gather was the bottleneck).
+        return torch.cat(parts, dim=1).to(self.device), index  # (k, n, d), (n,)
 
-    def iterate(self, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield batches forever from ``start_step``: activations (len(layers), batch_tokens,
-        d_model) float32 and the store index of each token (batch_tokens,)."""
+    def _todo(self, start_step: int) -> Iterator[tuple[Buffer, int]]:
+        """(buffer, its first step) for every buffer that holds a step >= start_step."""
         step, epoch = 0, 0
         while True:
             for buf in self.epoch_plan(epoch):
-                if step + len(buf.batches) <= start_step:
-                    step += len(buf.batches)  # skipped without reading
-                    continue
-                data, index = self._load(buf)
-                for idx in buf.batches:
-                    if step >= start_step:
-                        sel = torch.from_numpy(idx)
-                        yield data[:, sel], index[sel]
-                    step += 1
+                if step + len(buf.batches) > start_step:
+                    yield buf, step
+                step += len(buf.batches)  # skipped buffers are never read
             epoch += 1
+
+    def iterate(self, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield batches forever from ``start_step``: activations (len(layers), batch_tokens,
+        d_model) float32 on the device and the store index of each token (batch_tokens,).
+
+        The next buffer is read in a background thread while the current one trains.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        todo = self._todo(start_step)
+        with ThreadPoolExecutor(1, "lenspipe-batches") as pool:
+            buf, step = next(todo)
+            pending = pool.submit(self._load, buf)
+            while True:
+                data, index = pending.result()
+                nxt, nxt_step = next(todo)
+                pending = pool.submit(self._load, nxt)
+                for j, idx in enumerate(buf.batches):
+                    if step + j >= start_step:
+                        sel = torch.from_numpy(idx)
+                        yield data[:, sel.to(data.device)], index[sel]
+                buf, step = nxt, nxt_step

@@ -23,7 +23,8 @@ from .corpus import load_split
 from .errors import ConfigError, StoreError
 from .model import read_model_info
 from .progress import Progress
-from .store import StoreWriter, open_store
+from .store import open_store
+from .store_writer import StoreWriter
 from .surgery import LAYER_CONVENTION, find_parts, residual_stream, unembed_head
 
 log = logging.getLogger(__name__)

@@ -259,7 +259,7 @@ def _next_token_labels(store: ActivationStore, tokens: torch.Tensor, idx: torch.
 def run_training(lens: TunedLens, store: ActivationStore, val: Validation, cfg: TrainConfig,
                  state: TrainState, opt, sched, ckpt: tuple[Path, str], device) -> TrainState:
     layers = lens.layers
-    batches = TokenBatches(store, layers + [store.n_layers], cfg.batch_tokens, cfg.buffer_shards, cfg.seed)
+    batches = TokenBatches(store, layers + [store.n_layers], cfg.batch_tokens, cfg.buffer_shards, cfg.seed, device)
     tokens = store.tokens() if cfg.loss == "ce" else None
     params = [p for p in lens.translators.parameters() if p.requires_grad]
     with Progress(cfg.steps, f"train {lens.kind}", unit="step", initial=state.step) as bar:
@@ -267,6 +267,7 @@ def run_training(lens: TunedLens, store: ActivationStore, val: Validation, cfg: 
             if state.step >= cfg.steps or (cfg.patience and state.bad_evals >= cfg.patience):
                 break
             labels = _next_token_labels(store, tokens, idx) if tokens is not None else None
+            labels = tuple(t.to(device) for t in labels) if labels is not None else None
             losses = train_step(lens, x.to(device), layers, cfg, labels)
             if cfg.clip_grad:
                 torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import FAMILIES, VOCAB, save_prepared, tiny_model, write_packed_split
+from tiny import VOCAB, save_prepared, tiny_model, write_packed_split
 
 from pipeline.config import ExtractConfig
 from pipeline.extract import extract, select_sequences
