@@ -26,7 +26,7 @@ from .tables import read_provenance  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-PANELS = [("kl", "KL(model || lens) [nats]", True), ("ce", "cross-entropy to next token [nats]", False),
+PANELS = [("kl", "KL(model || lens) [nats]", True), ("ce", "cross-entropy to next token [nats]", True),
           ("acc", "top-1 accuracy (next token)", False), ("agree_top1", "top-1 agreement with the model", False)]
 DEFAULT_PROMPTS = ["To be, or not to be, that is the question:", "The capital of France is"]
 
@@ -55,7 +55,7 @@ def plot_layer_metrics(df: pd.DataFrame, path: Path, title: str) -> None:
         ax.set_xlabel("layer (0 = embeddings)")
     axes[0, 0].legend()
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))  # room for the suptitle
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -80,7 +80,7 @@ def plot_calibration(cal: pd.DataFrame, path: Path, n_layers: int, title: str) -
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))  # room for the suptitle
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -110,20 +110,21 @@ def trajectories(model_dir: Path, lens_dirs: dict[str, Path], prompt: str) -> di
 def plot_trajectory(traj: dict[str, Any], path: Path, prompt: str) -> None:
     names = list(traj["lenses"])
     n_layers, n_pos = traj["lenses"][names[0]]["prob"].shape
-    fig, axes = plt.subplots(1, len(names), figsize=(max(8, 1.05 * n_pos) * len(names), 0.32 * n_layers + 2),
+    # one lens per row, so each panel gets the full width and the token labels stay legible
+    fig, axes = plt.subplots(len(names), 1, figsize=(max(9, 0.95 * n_pos + 2), (0.3 * n_layers + 1.6) * len(names)),
                              squeeze=False)
-    for ax, name in zip(axes[0], names):
+    for ax, name in zip(axes[:, 0], names):
         data = traj["lenses"][name]
         im = ax.imshow(data["prob"], aspect="auto", origin="lower", cmap="Blues", vmin=0, vmax=1)
         for (layer, pos), text in np.ndenumerate(np.array(data["tokens"], dtype=object)):
             shade = "white" if data["prob"][layer, pos] > 0.6 else "black"
-            ax.text(pos, layer, repr(text)[1:-1][:8], ha="center", va="center", fontsize=6.5, color=shade)
+            ax.text(pos, layer, repr(text)[1:-1][:8], ha="center", va="center", fontsize=7.5, color=shade)
         ax.set_xticks(range(n_pos), [repr(t)[1:-1][:10] for t in traj["inputs"]], rotation=60, fontsize=8)
         ax.set_yticks(range(0, n_layers, 2))
         ax.set(xlabel="input token", ylabel="layer", title=f"{name}: top-1 prediction")
         fig.colorbar(im, ax=ax, fraction=0.03, label="probability")
     fig.suptitle(f"prediction trajectory: {prompt!r}")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))  # room for the suptitle
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
