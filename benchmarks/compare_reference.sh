@@ -7,6 +7,11 @@
 #   benchmarks/compare_reference.sh            # set up (idempotent), train the reference, compare
 #   SETUP_ONLY=1 benchmarks/compare_reference.sh
 #   SKIP_REF_TRAIN=1 benchmarks/compare_reference.sh   # reuse benchmarks/.ref-work/ref-lens
+#   RETIME_ONLY=1 benchmarks/compare_reference.sh      # only the back-to-back wall-time re-run
+#
+# Wall times on a shared machine are only comparable when measured under the same load, so
+# after the comparison the script re-runs, back to back, our whole path (extract the train
+# and validation stores + train, into scratch) and the reference training (RETIME=0 skips).
 #
 # Needs: the project's .venv (make run), the smollm2-135m/shakespeare stores and the affine
 # lens data/lenses/smollm2-135m/shakespeare/affine. Everything it makes lives under the
@@ -83,11 +88,29 @@ PY
 # ---------------------------------------------------------------- export, train, compare
 # The ref venv has no zarr: the training tokens travel as a .npy (int64, (96, 256)).
 "$MAIN_PY" benchmarks/compare_reference.py export --store "$STORES/train.zarr" --out "$WORK/train_tokens.npy"
-if [ -z "${SKIP_REF_TRAIN:-}" ]; then
+if [ -z "${SKIP_REF_TRAIN:-}" ] && [ -z "${RETIME_ONLY:-}" ]; then
     rm -rf "$WORK/ref-lens"
     "$REF_PY" benchmarks/compare_reference.py train-reference --model "$WORK/model" \
         --tokens "$WORK/train_tokens.npy" --out "$WORK/ref-lens" 2>&1 | tee "$WORK/ref-train.log"
 fi
-"$MAIN_PY" benchmarks/compare_reference.py evaluate --model "$MODEL" --store "$STORES/test.zarr" \
-    --ours "$OURS" --reference "$WORK/ref-lens" --extract-json "$STORES/train.extract.json" \
-    --out "$WORK/comparison.json" | tee "$WORK/comparison.txt"
+if [ -z "${RETIME_ONLY:-}" ]; then
+    "$MAIN_PY" benchmarks/compare_reference.py evaluate --model "$MODEL" --store "$STORES/test.zarr" \
+        --ours "$OURS" --reference "$WORK/ref-lens" --extract-json "$STORES/train.extract.json" \
+        --out "$WORK/comparison.json"
+fi
+
+# ---------------------------------------------------------------- wall times, back to back
+if [ "${RETIME:-1}" != 0 ]; then
+    CORPUS="${CORPUS:-data/corpora/shakespeare/smollm2-135m}"
+    rm -rf "$WORK/ours-retime" "$WORK/ref-lens-retime"
+    "$MAIN_PY" benchmarks/compare_reference.py time-ours --model "$MODEL" --stores "$STORES" \
+        --corpus "$CORPUS" --ours "$OURS" --out "$WORK/ours-retime" 2>&1 | tee "$WORK/ours-retime.log"
+    "$REF_PY" benchmarks/compare_reference.py train-reference --model "$WORK/model" \
+        --tokens "$WORK/train_tokens.npy" --out "$WORK/ref-lens-retime" 2>&1 | tee "$WORK/ref-retime.log"
+    RETIME_ARGS=(--retime-reference "$WORK/ref-lens-retime/lenspipe_benchmark.json"
+                 --retime-ours "$WORK/ours-retime/retime.json")
+else
+    RETIME_ARGS=()
+fi
+"$MAIN_PY" benchmarks/compare_reference.py report --result "$WORK/comparison.json" \
+    --extract-json "$STORES/train.extract.json" "${RETIME_ARGS[@]}" | tee "$WORK/comparison.txt"

@@ -294,16 +294,16 @@ def logit_stats(z: Tensor, final: dict[str, Tensor], next_ids: Tensor, k: int,
     """
     z = _floating(z)
     zmax, top = z.max(dim=-1)  # (n,), (n,)
-    ez = torch.exp(z - zmax[:, None])  # (n, vocab): unnormalised q
-    s = ez.sum(-1)  # (n,)
-    lse = zmax + s.log()
+    q = torch.softmax(z, dim=-1)  # (n, vocab): one fused pass
+    q_top = q.gather(-1, top[:, None]).squeeze(-1)  # (n,) = exp(zmax - lse) >= 1/vocab
+    lse = zmax - q_top.log()  # logsumexp without another pass over the vocabulary
     out = {
-        "top1": top, "top1_prob": (1.0 / s).clamp_(0.0, 1.0),
-        "entropy": lse - ez.mul_(z).sum(-1) / s,  # ez is consumed here
+        "top1": top, "top1_prob": q_top.clamp(0.0, 1.0),
+        "entropy": lse - q.mul_(z).sum(-1),  # H(q) = lse - E_q[z]; q is consumed here
         "kl": (final["neg_entropy"] - (final["p"] * z).sum(-1) + lse).clamp_(min=0.0),
         "ce": lse - z.gather(-1, next_ids[:, None]).squeeze(-1),
     }
-    del ez
+    del q
     k = min(k, z.shape[-1])
     target = z.gather(-1, final["top1"][:, None])  # (n, 1)
     out["agree_top1"] = top == final["top1"]
