@@ -31,6 +31,16 @@ Driven by ``benchmarks/compare_reference.sh`` (which builds the reference's venv
          to record the per-layer training losses of each step in memory; it changes nothing
          in the optimisation.
     The lens is saved by the reference's own ``TunedLens.save`` (config.json + params.pt).
+    Before training (untimed), the patched model's forward pass on the first sequence is
+    checked against the stored residuals and last layer (it fails loudly if transformers 4.x
+    computes another model, e.g. without the rope_theta patch).
+    Note: two runs do not give bit-identical lenses: its DataLoader2 shuffle, despite
+    ``dl.seed(seed)``, visits the sequences in a different order each run.
+
+``time-ours`` (main venv)
+    Our whole path again, into scratch, timed: extraction of the train and validation
+    stores, then training with the configuration in our lens.json (the script runs this and
+    a second reference training back to back, so both wall times see the same machine load).
 
 ``evaluate`` (main venv)
     Our lens (``TunedLens.load``) and the reference's (``TunedLens.import_reference``) and
@@ -81,10 +91,9 @@ def cmd_train_reference(args) -> None:
     import numpy as np
     import torch
     import transformers
-    from datasets import Dataset
-
     import tuned_lens
     import tuned_lens.scripts.ingredients as ing
+    from datasets import Dataset
     from tuned_lens.scripts.train_loop import LossChoice, Train
 
     # ---- patch 2: no bf16 autocast on CPU (see the module docstring). Train.execute calls
@@ -162,7 +171,6 @@ def check_model(model_cfg, tokens_path: Path, first_seq) -> dict:
     """The patched model under transformers 4.x must compute what the store holds."""
     import numpy as np
     import torch
-
     from tuned_lens.nn.unembed import Unembed
 
     model, _ = model_cfg.load(torch.device("cpu"))
@@ -316,8 +324,8 @@ def report(result: dict, bar: float, extract_json: Path, retime: dict | None) ->
     lines.append(f"| **mean** | {mean['logit']:.4f} | {mean['reference']:.4f} | {mean['ours']:.4f} | "
                  f"{mean['ours'] / mean['reference']:.3f} |")
     worst = max(range(len(ratio)), key=ratio.__getitem__)
-    lines += ["", f"ours/reference per layer: min {min(ratio):.3f}, max {ratio[worst]:.3f} (layer {layers[worst]}); "
-              f"layers above {bar}x: {over if over else 'none'}"]
+    lines += ["", (f"ours/reference per layer: min {min(ratio):.3f}, max {ratio[worst]:.3f} (layer {layers[worst]}); "
+              f"layers above {bar}x: {over if over else 'none'}")]
 
     extract = json.loads(extract_json.read_text())["seconds"]
     val_json = extract_json.with_name("validation.extract.json")
@@ -331,20 +339,20 @@ def report(result: dict, bar: float, extract_json: Path, retime: dict | None) ->
               f"  ours, training from the stores (lens.json metrics.seconds):      {ours_train:.1f}",
               f"  ours, extraction of the train store (paid once, train.extract.json): {extract:.1f}",
               f"  ours, extraction of the validation store (read by training):     {val_extract:.1f}",
-              f"  ours/reference: training only {ours_train / ref:.3f}; training + extraction "
-              f"{(ours_train + extract + val_extract) / ref:.3f}"]
+              (f"  ours/reference: training only {ours_train / ref:.3f}; training + extraction "
+              f"{(ours_train + extract + val_extract) / ref:.3f}")]
     if retime:
         r_ref, r_ours = retime["reference"], retime["ours"]
         ext = r_ours["extract_train"]["seconds"] + r_ours["extract_validation"]["seconds"]
         lines += ["", "wall time (s), re-run back to back on the same machine (`time-ours`, then the reference):",
-                  f"  reference training: {r_ref['seconds']:.1f} [process CPU {r_ref['cpu_seconds']:.1f}; "
-                  f"load avg {r_ref['loadavg_before']} -> {r_ref['loadavg_after']}]",
+                  (f"  reference training: {r_ref['seconds']:.1f} [process CPU {r_ref['cpu_seconds']:.1f}; "
+                  f"load avg {r_ref['loadavg_before']} -> {r_ref['loadavg_after']}]"),
                   f"  ours, training:     {r_ours['train']['seconds']:.1f} [process CPU {r_ours['train']['cpu_seconds']:.1f}]",
-                  f"  ours, extraction of train + validation stores: {r_ours['extract_train']['seconds']:.1f} + "
+                  (f"  ours, extraction of train + validation stores: {r_ours['extract_train']['seconds']:.1f} + "
                   f"{r_ours['extract_validation']['seconds']:.1f} [load avg {r_ours['loadavg_before']} -> "
-                  f"{r_ours['loadavg_after']}]",
-                  f"  ours/reference: training only {r_ours['train']['seconds'] / r_ref['seconds']:.3f}; "
-                  f"training + extraction {(r_ours['train']['seconds'] + ext) / r_ref['seconds']:.3f}"]
+                  f"{r_ours['loadavg_after']}]"),
+                  (f"  ours/reference: training only {r_ours['train']['seconds'] / r_ref['seconds']:.3f}; "
+                  f"training + extraction {(r_ours['train']['seconds'] + ext) / r_ref['seconds']:.3f}")]
     lines.append(f"(evaluation took {result['eval_seconds']:.0f} s)")
     return "\n".join(lines)
 

@@ -15,8 +15,9 @@
 #
 # Needs: the project's .venv (make run), the smollm2-135m/shakespeare stores and the affine
 # lens data/lenses/smollm2-135m/shakespeare/affine. Everything it makes lives under the
-# git-ignored benchmarks/.ref-venv and benchmarks/.ref-work. The reference training takes
-# ~25 min of CPU on 2 cores; run the whole thing under `nice -n 10` on a shared machine.
+# git-ignored benchmarks/.ref-venv and benchmarks/.ref-work. On an idle 2-core machine the
+# reference training takes ~11 min (34 min when it shared the cores with another job), the
+# evaluation ~9 min, the re-timing ~14 min; run it under `nice -n 10` on a shared machine.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
