@@ -80,13 +80,12 @@ def _metric_values(st: dict[str, torch.Tensor], chunk: "Chunk") -> dict[str, tup
             "entropy": (st["entropy"], None), "nats_per_byte": (st["ce"], m)}
 
 
-def _add(result: ChunkResult, key, vals: dict, job: Job, nbytes: torch.Tensor, mask) -> None:
+def _add(result: ChunkResult, key, vals: dict, chunk: "Chunk", seq_len: int) -> None:
     out = {}
     for name, (v, m) in vals.items():
-        sums, counts = _per_seq(v, m, job.seq_len)
-        if name == "nats_per_byte":  # ratio of sums: CE nats over the predicted tokens' bytes
-            counts = _per_seq(nbytes.double(), mask, job.seq_len)[0]
-        out[name] = (sums, counts)
+        out[name] = _per_seq(v, m, seq_len)
+    # a ratio of sums: CE nats over the bytes of the predicted tokens
+    out["nats_per_byte"] = (out["nats_per_byte"][0], chunk.byte_counts)
     result.sums[key] = out
 
 
@@ -97,16 +96,16 @@ class Chunk:
     ids: torch.Tensor  # (n,)
     next_ids: torch.Tensor  # (n,)
     mask: torch.Tensor  # (n,) next token exists
-    nbytes: torch.Tensor  # (n,) bytes of the next token
     final: dict[str, torch.Tensor]  # the model's p (n, vocab), neg_entropy (n,), top1 (n,)
     start: int
+    byte_counts: np.ndarray  # (n_seq,) bytes of the predicted tokens per sequence
 
 
 def _evaluate_one(result: ChunkResult, key, z, chunk: Chunk, job: Job, tokens: list) -> torch.Tensor:
     """Metrics of one lens at one layer from its logits z (n, vocab); returns its top-1 ids."""
     st = M.logit_stats(z, chunk.final, chunk.next_ids, job.topk, with_rank=bool(job.token_dir))
     vals = _metric_values(st, chunk)
-    _add(result, key, vals, job, chunk.nbytes, chunk.mask)
+    _add(result, key, vals, chunk, job.seq_len)
     cal = M.CalibrationBins(job.n_bins)
     cal.update(st["top1_prob"], st["top1"] == chunk.next_ids, chunk.mask)
     result.calibration[key] = cal
@@ -124,8 +123,9 @@ def evaluate_chunk(job: Job, start: int, stop: int, token_bytes: np.ndarray, par
     ids = store.tokens(start, stop)  # (n,)
     next_ids, mask = M.next_token_targets(ids, job.seq_len)  # (n,), (n,)
     final_logits = lenses[LOGIT].head(x[-1])  # (n, vocab)
-    chunk = Chunk(x, ids, next_ids, mask, torch.from_numpy(np.roll(token_bytes, -1)),
-                  M.final_stats(final_logits), start)
+    nbytes = torch.from_numpy(np.roll(token_bytes, -1)).double()  # bytes of the next token
+    chunk = Chunk(x, ids, next_ids, mask, M.final_stats(final_logits), start,
+                  _per_seq(nbytes, mask, job.seq_len)[0])
     result, tokens = ChunkResult(), []
     _evaluate_one(result, (MODEL, job.n_layers), final_logits, chunk, job, tokens)
     for name, lens in lenses.items():

@@ -279,7 +279,7 @@ def final_stats(final_logits: Tensor) -> dict[str, Tensor]:
     logp = log_probs(final_logits)  # (n, vocab)
     p = logp.exp()
     neg_entropy = (p * logp).nan_to_num_(0.0).sum(-1)  # 0 log 0 = 0
-    return {"p": p, "neg_entropy": neg_entropy, "top1": logp.argmax(-1), "logp": logp}
+    return {"p": p, "neg_entropy": neg_entropy, "top1": logp.argmax(-1)}
 
 
 def logit_stats(z: Tensor, final: dict[str, Tensor], next_ids: Tensor, k: int,

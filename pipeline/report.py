@@ -60,15 +60,20 @@ def plot_layer_metrics(df: pd.DataFrame, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def calibration_by_lens(cal: pd.DataFrame) -> dict[tuple[str, str], pd.DataFrame]:
+    """The calibration rows of each lens but the model's, keyed by (lens, translator)."""
+    translator = cal.translator.fillna("")  # null for the logit lens (NaN or None in pandas)
+    return {(lens, tr): g for (lens, tr), g in cal.assign(translator=translator).groupby(["lens", "translator"])
+            if lens != "model"}
+
+
 def plot_calibration(cal: pd.DataFrame, path: Path, n_layers: int, title: str) -> None:
     """Reliability diagram: accuracy vs confidence at a few depths, per lens."""
     layers = sorted({0, n_layers // 4, n_layers // 2, 3 * n_layers // 4, n_layers - 1})
-    lenses = [(ln, tr) for ln, tr in cal[["lens", "translator"]].drop_duplicates().itertuples(index=False)
-              if ln != "model"]
+    lenses = calibration_by_lens(cal)
     fig, axes = plt.subplots(1, len(lenses), figsize=(5.5 * len(lenses), 5), squeeze=False)
     model = cal[cal.lens == "model"]
-    for ax, (lens, translator) in zip(axes[0], lenses):
-        sub = cal[(cal.lens == lens) & (cal.translator.fillna("") == (translator or ""))]
+    for ax, ((lens, translator), sub) in zip(axes[0], lenses.items()):
         for layer in layers:
             g = sub[(sub.layer == layer) & (sub["count"] > 0)]
             ax.plot(g.mean_confidence, g.accuracy, marker="o", ms=3, label=f"layer {layer}")

@@ -92,3 +92,16 @@ def test_store_from_other_corpus_is_refused(setup, tmp_path):
     other = write_packed_split(tmp_path / "other.npz", n_seq=8, seq_len=SEQ, vocab=VOCAB, seed=9)
     with pytest.raises(StoreError, match="not extracted from"):
         evaluate(root / "test.zarr", other, model_dir, {}, EvaluateConfig(), tmp_path, IDENT)
+
+
+def test_report_plots_every_lens_from_the_tables(setup, tmp_path):
+    from pipeline.report import calibration_by_lens, plot_calibration, plot_layer_metrics
+
+    df = run(setup, tmp_path)
+    cal = pd.read_parquet(tmp_path / "calibration.parquet")
+    groups = calibration_by_lens(cal)
+    assert set(groups) == {("logit", ""), ("tuned", "affine")}
+    assert all(g["count"].sum() > 0 for g in groups.values())
+    plot_calibration(cal, tmp_path / "cal.png", 2, "tiny")
+    plot_layer_metrics(df, tmp_path / "layers.png", "tiny")
+    assert (tmp_path / "cal.png").stat().st_size > 10_000 and (tmp_path / "layers.png").stat().st_size > 10_000
