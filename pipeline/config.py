@@ -256,6 +256,10 @@ class TrainConfig:
         return sorted(set(self.layers))
 
 
+#: Largest evaluation (in tokens) for which ``token_metrics: auto`` writes the per-token table.
+TOKEN_TABLE_AUTO_MAX = 65536
+
+
 @dataclass
 class EvaluateConfig:
     split: str = "test"
@@ -273,8 +277,9 @@ class EvaluateConfig:
     """Bootstrap resamples (over sequences) for the 95% confidence intervals."""
     calibration_bins: int = 10
     """Equal-width confidence bins of the calibration table and ECE."""
-    token_metrics: bool = True
-    """Write the per-token table (on for small runs; it has tokens x layers x lenses rows)."""
+    token_metrics: bool | str = "auto"
+    """Write the per-token table (tokens x layers x lenses rows): ``auto`` = only when at
+    most ``TOKEN_TABLE_AUTO_MAX`` tokens are evaluated; or true / false."""
     scheduler: str | None = None
     """Address of a dask.distributed scheduler (``tcp://host:8786``); null = dask's local
     threaded scheduler with the rule's threads."""
@@ -291,6 +296,13 @@ class EvaluateConfig:
                 raise ConfigError(f"evaluate.{key} must be >= 1")
         if self.bootstrap < 10:
             raise ConfigError("evaluate.bootstrap must be >= 10")
+        if self.token_metrics not in (True, False, "auto"):
+            raise ConfigError("evaluate.token_metrics must be true, false or auto")
+
+    def want_token_table(self, n_tokens: int) -> bool:
+        if self.token_metrics == "auto":
+            return n_tokens <= TOKEN_TABLE_AUTO_MAX
+        return bool(self.token_metrics)
 
 
 @dataclass

@@ -229,7 +229,8 @@ def evaluate_lenses(store_path: Path, split_path: Path, model_dir: Path, lens_di
     plan = _plan(store, cfg)
     job = Job(str(store_path), str(model_dir), tuple((k, str(v)) for k, v in sorted(lens_dirs.items())),
               store.seq_len, store.n_layers, cfg.topk, cfg.calibration_bins,
-              str(token_dir) if token_dir and cfg.token_metrics else None, tuple(sorted(identity.items())))
+              str(token_dir) if token_dir and cfg.want_token_table(plan[-1][1]) else None,
+              tuple(sorted(identity.items())))
     tasks = [dask.delayed(evaluate_chunk)(job, s, e, token_bytes[s:e], i) for i, (s, e) in enumerate(plan)]
     log.info("evaluating %d lens(es) x %d layers on %d tokens in %d chunks", len(lens_dirs) + 1,
              store.n_layers, plan[-1][1], len(tasks))

@@ -105,3 +105,10 @@ def test_report_plots_every_lens_from_the_tables(setup, tmp_path):
     plot_calibration(cal, tmp_path / "cal.png", 2, "tiny")
     plot_layer_metrics(df, tmp_path / "layers.png", "tiny")
     assert (tmp_path / "cal.png").stat().st_size > 10_000 and (tmp_path / "layers.png").stat().st_size > 10_000
+
+
+def test_token_table_auto_switch():
+    assert EvaluateConfig().want_token_table(4096)
+    assert not EvaluateConfig().want_token_table(10**6)
+    assert EvaluateConfig(token_metrics=True).want_token_table(10**6)
+    assert not EvaluateConfig(token_metrics=False).want_token_table(10)
