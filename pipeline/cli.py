@@ -57,6 +57,13 @@ def _verify(args) -> None:
     print(f"OK: {args.store} is complete and every checksum matches", file=sys.stderr)
 
 
+def _info(args) -> None:
+    from .store_info import format_info, store_info
+
+    info = store_info(args.store)
+    print(json.dumps(info, indent=2, default=str) if args.json else format_info(info))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lenspipe", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true")
@@ -86,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("verify", help="check a store end to end (shapes, completeness, checksums, finiteness)")
     s.add_argument("store", help="store path or URL")
     s.set_defaults(func=_verify)
+
+    s = sub.add_parser("info", help="summarise a store: model, corpus, tokens, layers, dtype, size, completeness")
+    s.add_argument("store", help="store path or URL")
+    s.add_argument("--json", action="store_true", help="print JSON instead of text")
+    s.set_defaults(func=_info)
     return p
 
 

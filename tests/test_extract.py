@@ -109,3 +109,19 @@ def test_verify_cli_fails_on_corruption(tmp_path):
     shard.write_bytes(bytes(data))
     proc = subprocess.run(cli, capture_output=True, text=True)
     assert proc.returncode == 2 and "lenspipe: error:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_info_cli_summarises_complete_and_incomplete_stores(tmp_path):
+    model_dir = save_prepared(tiny_model("llama"), tmp_path / "m")
+    split = write_packed_split(tmp_path / "test.npz", n_seq=4, seq_len=16, vocab=VOCAB)
+    extract(model_dir, split, tmp_path / "s.zarr", ExtractConfig(**SMALL), "test")
+    cli = [sys.executable, "-m", "pipeline.cli", "info"]
+    out = subprocess.run(cli + [str(tmp_path / "s.zarr")], capture_output=True, text=True)
+    assert out.returncode == 0 and "(complete)" in out.stdout and "64 (4 sequences of 16)" in out.stdout
+    assert "3 x d_model 32, bfloat16" in out.stdout and "compression" in out.stdout
+    # an interrupted store (no COMPLETE marker) is reported as such
+    (tmp_path / "s.zarr" / "COMPLETE").unlink()
+    out = subprocess.run(cli + ["--json", str(tmp_path / "s.zarr")], capture_output=True, text=True)
+    import json
+
+    assert out.returncode == 0 and json.loads(out.stdout)["complete"] is False

@@ -1,0 +1,55 @@
+"""``lenspipe info STORE``: a human summary of an activation store (local path or URL)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from pipeline.store import open_store
+
+
+def store_info(path_or_url: str | os.PathLike) -> dict[str, Any]:
+    """What a user wants to know before using a store: what, how much, how big, complete?"""
+    store = open_store(path_or_url, allow_incomplete=True)
+    prov, params = store.provenance, store.params
+    model, corpus = prov.get("model", {}), prov.get("corpus", {})
+    info = {
+        "store": str(path_or_url), "complete": store.is_complete,
+        "model": model.get("name"), "source": model.get("source"), "revision": model.get("revision"),
+        "model_type": model.get("model_type"), "weights_sha256": model.get("weights_sha256"),
+        "corpus_split": corpus.get("split"), "corpus_fingerprint": corpus.get("fingerprint"),
+        "tokens": store.n_tokens, "written_tokens": store.written_tokens, "seq_len": store.seq_len,
+        "layers": store.n_layers + 1, "d_model": store.d_model, "dtype": store.dtype,
+        "compression": f"{params.compression} {params.level}" if params.compression != "none" else "none",
+        "shard_tokens": params.shard_tokens, "chunk_tokens": params.chunk_tokens,
+        "created": store.attrs.get("created"), "finished": store.attrs.get("finished"),
+    }
+    try:  # sizes on disk are known for local stores only
+        from pipeline.store_verify import measure_compression
+
+        sizes = measure_compression(path_or_url)
+        info.update(stored_bytes=sizes["stored_bytes"], raw_bytes=sizes["raw_bytes"], ratio=sizes["ratio"])
+    except (OSError, TypeError, ValueError):
+        info.update(stored_bytes=None, raw_bytes=None, ratio=None)
+    return info
+
+
+def format_info(info: dict[str, Any]) -> str:
+    def gb(n):
+        return "unknown (remote)" if n is None else f"{n / 1e9:.2f} GB"
+
+    state = "complete" if info["complete"] else f"INCOMPLETE ({info['written_tokens']:,} of {info['tokens']:,} tokens written)"
+    lines = [
+        f"store:        {info['store']} ({state})",
+        f"model:        {info['model']} [{info['model_type']}] from {info['source']}"
+        + (f" @ {info['revision']}" if info["revision"] else ""),
+        f"weights:      sha256 {info['weights_sha256']}",
+        f"corpus:       split {info['corpus_split']}, fingerprint {info['corpus_fingerprint']}",
+        f"tokens:       {info['tokens']:,} ({info['tokens'] // info['seq_len']:,} sequences of {info['seq_len']})",
+        f"layers:       {info['layers']} x d_model {info['d_model']}, {info['dtype']}",
+        f"storage:      {info['compression']}, shards of {info['shard_tokens']} tokens, chunks of {info['chunk_tokens']}",
+        f"size on disk: {gb(info['stored_bytes'])} (raw {gb(info['raw_bytes'])}"
+        + (f", compression {info['ratio']:.2f}x)" if info["ratio"] else ")"),
+        f"created:      {info['created']}, finished: {info['finished']}",
+    ]
+    return "\n".join(lines)
