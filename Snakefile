@@ -76,7 +76,9 @@ rule extract:
     params:
         model_dir=P(paths.MODEL_DIR),
         store=P(paths.STORE),
-        extract=config.get("extract", {}),
+        # what this split's store depends on (another split's budget does not count)
+        extract=lambda w: {k: v for k, v in config.get("extract", {}).items() if k != "max_tokens"},
+        budget=lambda w: config.get("extract", {}).get("max_tokens", {}).get(w.split, "default"),
     log:
         P(paths.LOG, rule="extract", name="{model}-{corpus}-{split}"),
     threads: 2
@@ -100,7 +102,8 @@ rule train:
         train_store=P(paths.STORE, split="train"),
         val_store=P(paths.STORE, split="validation"),
         lens_dir=P(paths.LENS_DIR),
-        train=config.get("train", {}),
+        # adding a translator kind must not retrain the others
+        train={k: v for k, v in config.get("train", {}).items() if k != "kinds"},
     log:
         P(paths.LOG, rule="train", name="{model}-{corpus}-{kind}"),
     threads: 2

@@ -78,7 +78,9 @@ def _provenance(model_dir: Path, split_meta: dict, seq_index: np.ndarray, n_tota
                    "n_seq_in_split": n_total, "seq_len": split_meta["seq_len"]},
         "seq_index": "all" if len(seq_index) == n_total else seq_index.tolist(),
         "layer_convention": LAYER_CONVENTION,
-        "extract_config": {k: v for k, v in asdict(cfg).items() if k != "device"},
+        # only what shapes this split's store: not the device, not other splits' budgets
+        "extract_config": {k: v for k, v in asdict(cfg).items() if k not in ("device", "max_tokens")}
+        | {"max_tokens": cfg.max_tokens.get(split)},
     }
 
 

@@ -46,6 +46,12 @@ def test_workflow_runs_and_rerun_is_noop(workdir):
     jobs = dry.stdout + dry.stderr
     assert "rule evaluate:" in jobs and "rule report:" in jobs
     assert "rule extract:" not in jobs and "rule train:" not in jobs and "rule prepare_corpus:" not in jobs
+    # changing the test split's token budget re-extracts that split only, and retrains nothing
+    budget = workdir / "budget.yaml"
+    budget.write_text((REPO / ".test" / "config.yaml").read_text().replace("test: null}", "test: 128}"))
+    dry = snakemake(workdir, "--configfile", str(budget), "-n")
+    jobs = dry.stdout + dry.stderr
+    assert jobs.count("rule extract:") == 1 and "split=test" in jobs and "rule train:" not in jobs
 
 
 def test_workflow_bad_input_fails_cleanly(workdir):
