@@ -35,7 +35,7 @@ from pipeline.config import TrainConfig, load_config  # noqa: E402
 from pipeline.lenses import TunedLens  # noqa: E402
 from pipeline.store import open_store  # noqa: E402
 from pipeline.surgery import load_unembed_head  # noqa: E402
-from pipeline.train import TrainState, make_optimizer, run_training, train  # noqa: E402
+from pipeline.train import TrainState, autocast, make_optimizer, run_training, train  # noqa: E402
 
 MODEL = ROOT / "data/models/smollm2-135m"
 STORES = ROOT / "data/stores/smollm2-135m/shakespeare"
@@ -46,26 +46,37 @@ class NoValidation:
         return {}
 
 
-def training_rate(head, store, layers, cfg: TrainConfig) -> float:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def training_rate(head, store, layers, cfg: TrainConfig, device=torch.device("cpu")) -> float:
+    """Token-layers/s of the real training loop (no setup, no validation)."""
     lens = TunedLens.create(head, "affine", d_model=store.d_model, n_layers=store.n_layers,
-                            model_info={}, layers=layers)
+                            model_info={}, layers=layers).to(device)
     opt, sched = make_optimizer(list(lens.translators.parameters()), cfg)
+    _sync(device)
     t0 = time.perf_counter()
-    run_training(lens, store, NoValidation(), cfg, TrainState(), opt, sched, (Path("/dev/null"), ""),
-                 torch.device("cpu"))
+    run_training(lens, store, NoValidation(), cfg, TrainState(), opt, sched, (Path("/dev/null"), ""), device)
+    _sync(device)
     return cfg.steps * cfg.batch_tokens * len(layers) / (time.perf_counter() - t0)
 
 
-def baseline_rate(head, n_layers: int, steps: int, batch: int, d_model: int) -> float:
-    """log_softmax(h W^T) forward + backward (input gradient only), nothing else."""
-    weight = head.unembed.weight.detach()  # (vocab, d_model)
-    p = torch.softmax(torch.randn(batch, weight.shape[0]), -1)  # (batch, vocab)
-    h = torch.randn(batch, d_model, requires_grad=True)
+def baseline_rate(head, n_layers: int, steps: int, batch: int, device=torch.device("cpu")) -> float:
+    """log_softmax(h W^T) forward + backward (input gradient only), nothing else; bf16
+    autocast on CUDA as training uses."""
+    weight = head.unembed.weight.detach().to(device)  # (vocab, d_model)
+    p = torch.softmax(torch.randn(batch, weight.shape[0], device=device), -1)  # (batch, vocab)
+    h = torch.randn(batch, weight.shape[1], device=device, requires_grad=True)
+    _sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         for _ in range(n_layers):
-            logq = torch.log_softmax(h @ weight.T, dim=-1)  # (batch, vocab)
-            (logq * p).sum().backward()
+            with autocast(device):
+                z = h @ weight.T  # (batch, vocab)
+            (torch.log_softmax(z.float(), dim=-1) * p).sum().backward()
+    _sync(device)
     return steps * batch * n_layers / (time.perf_counter() - t0)
 
 
@@ -83,7 +94,7 @@ def main() -> None:
     a, b = [], []
     for _ in range(args.rounds):
         a.append(training_rate(head, store, layers, cfg))
-        b.append(baseline_rate(head, len(layers), args.steps, cfg.batch_tokens, store.d_model))
+        b.append(baseline_rate(head, len(layers), args.steps, cfg.batch_tokens))
     print(f"threads={torch.get_num_threads()} layers={len(layers)} steps={args.steps} "
           f"batch_tokens={cfg.batch_tokens} d_model={store.d_model} vocab={head.unembed.weight.shape[0]}")
     print(f"training  token-layers/s: {' '.join(f'{v:.0f}' for v in a)}")

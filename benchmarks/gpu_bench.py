@@ -25,26 +25,21 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from pipeline.config import ExtractConfig, TrainConfig  # noqa: E402
 from pipeline.extract import extract, load_model  # noqa: E402
-from pipeline.lenses import TunedLens  # noqa: E402
 from pipeline.model import MARKER, weights_hash  # noqa: E402
 from pipeline.provenance import write_json_atomic  # noqa: E402
 from pipeline.store import open_store  # noqa: E402
 from pipeline.surgery import load_unembed_head  # noqa: E402
-from pipeline.train import TrainState, autocast, make_optimizer, run_training  # noqa: E402
+from bench_train import _sync as sync, baseline_rate, training_rate  # noqa: E402  (same arms as on the CPU)
 
 SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, rms_norm_eps=1e-5,
                tie_word_embeddings=True, rope_theta=100000.0)
 SMALL = dict(SMOLLM2, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=2048)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def make_inputs(root: Path, arch: dict, n_tokens: int, seq_len: int) -> tuple[Path, Path]:
@@ -86,37 +81,6 @@ def extract_rate(model_dir, split, store: Path, cfg: ExtractConfig, n_tokens: in
     return n_tokens / (time.perf_counter() - t0)
 
 
-def baseline_rate(weight: torch.Tensor, n_layers: int, steps: int, batch: int, device) -> float:
-    p = torch.softmax(torch.randn(batch, weight.shape[0], device=device), -1)
-    h = torch.randn(batch, weight.shape[1], device=device, requires_grad=True)
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        for _ in range(n_layers):
-            with autocast(device):
-                z = h @ weight.T  # (batch, vocab)
-            (torch.log_softmax(z.float(), -1) * p).sum().backward()
-    sync(device)
-    return steps * batch * n_layers / (time.perf_counter() - t0)
-
-
-class NoValidation:
-    def kl(self, lens):  # validation is off in this benchmark
-        return {}
-
-
-def training_rate(model_dir, store_path, device, cfg: TrainConfig) -> float:
-    store = open_store(store_path)
-    head = load_unembed_head(model_dir).to(device)
-    lens = TunedLens.create(head, "affine", d_model=store.d_model, n_layers=store.n_layers, model_info={}).to(device)
-    opt, sched = make_optimizer(list(lens.translators.parameters()), cfg)
-    sync(device)
-    t0 = time.perf_counter()
-    run_training(lens, store, NoValidation(), cfg, TrainState(), opt, sched, (Path("/dev/null"), ""), device)
-    sync(device)
-    return cfg.steps * cfg.batch_tokens * store.n_layers / (time.perf_counter() - t0)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=65536)
@@ -137,12 +101,13 @@ def main() -> None:
                             compression=compression, level=max(level, 1), max_tokens={"train": None})
         ex = extract_rate(model_dir, split, root / "train.zarr", cfg, args.tokens)
         print(f"extract ({compression} {level}): {ex:,.0f} tokens/s  RATIO extract/forward {ex / fw:.3f}", flush=True)
-    weight = load_unembed_head(model_dir).to(device).unembed.weight.detach()
+    head = load_unembed_head(model_dir).to(device)
     for batch_tokens in ((256,) if args.small else (2048, 8192)):
         tcfg = TrainConfig(steps=6, batch_tokens=batch_tokens, buffer_shards=4, eval_every=10**6,
                            checkpoint_every=0, patience=0, device=device.type)
-        tr = training_rate(model_dir, root / "train.zarr", device, tcfg)
-        base = baseline_rate(weight, arch["num_hidden_layers"], 6, batch_tokens, device)
+        store = open_store(root / "train.zarr")
+        tr = training_rate(head, store, list(range(store.n_layers)), tcfg, device)
+        base = baseline_rate(head, store.n_layers, 6, batch_tokens, device)
         print(f"train batch {batch_tokens}: {tr:,.0f} token-layers/s; baseline {base:,.0f}; "
               f"RATIO train/baseline {tr / base:.3f}", flush=True)
     shutil.rmtree(root, ignore_errors=True)

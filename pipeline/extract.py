@@ -20,6 +20,7 @@ import torch
 
 from .config import ExtractConfig
 from .corpus import load_split
+from .devices import resolve_device
 from .errors import ConfigError, StoreError
 from .model import read_model_info
 from .progress import Progress
@@ -47,18 +48,12 @@ def select_sequences(n_total: int, budget: int | None, seed: int) -> np.ndarray:
     return np.sort(rng.choice(n_total, size=budget, replace=False))
 
 
-def resolve_device(cfg: ExtractConfig) -> tuple[torch.device, torch.dtype]:
-    if cfg.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(cfg.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"extract.device is {cfg.device!r} but no CUDA device is available")
+def resolve_compute(cfg: ExtractConfig) -> tuple[torch.device, torch.dtype]:
+    """Device and forward-pass dtype: float32 on CPU, bfloat16 on CUDA unless configured."""
+    device = resolve_device(cfg.device, "extract.device")
     if cfg.compute_dtype == "auto":
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    else:
-        dtype = getattr(torch, cfg.compute_dtype)
-    return device, dtype
+        return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+    return device, getattr(torch, cfg.compute_dtype)
 
 
 def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype):
@@ -121,7 +116,7 @@ def extract(model_dir: Path, split_path: Path, store_path: Path, cfg: ExtractCon
                           f"seq_len ({seq_len})")
     seq_index = select_sequences(len(packed.tokens), cfg.budget(split, seq_len), cfg.seed)
     tokens = torch.from_numpy(packed.tokens[seq_index]).long()  # (n_seq, seq_len)
-    device, dtype = resolve_device(cfg)
+    device, dtype = resolve_compute(cfg)
     model = load_model(model_dir, device, dtype)
     parts = find_parts(model)
     provenance = _provenance(model_dir, packed.meta, seq_index, len(packed.tokens), cfg, split)

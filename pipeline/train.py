@@ -21,8 +21,9 @@ import torch
 
 from .batches import TokenBatches
 from .config import TrainConfig
-from .errors import LenspipeError, StoreError
-from .lenses import LeastSquaresAccumulator, TunedLens, init_translator_lstsq
+from .devices import resolve_device
+from .errors import StoreError
+from .lenses import LeastSquaresAccumulator, LogitLens, TunedLens, init_translator_lstsq
 from .model import read_model_info
 from .progress import Progress
 from .provenance import sha256_json
@@ -81,15 +82,6 @@ def autocast(device: torch.device):
     """bf16 autocast on CUDA (the unembedding matmuls dominate); plain float32 on CPU,
     where bf16 matmuls are hundreds of times slower. Softmax and KL stay float32."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise LenspipeError(f"train.device is {name!r} but no CUDA device is available")
-    return device
 
 
 def check_store_model(store: ActivationStore, model_dir: Path) -> dict[str, Any]:
@@ -292,7 +284,7 @@ def train(store_path: Path, val_store_path: Path, model_dir: Path, out_dir: Path
     store, val_store = open_store(store_path), open_store(val_store_path)
     info = check_store_model(store, model_dir)
     check_store_model(val_store, model_dir)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, "train.device")
     head = load_unembed_head(model_dir).to(device)
     layers = cfg.layer_list(store.n_layers)
     lens = TunedLens.create(head, kind, d_model=store.d_model, n_layers=store.n_layers, model_info=info,
@@ -304,7 +296,7 @@ def train(store_path: Path, val_store_path: Path, model_dir: Path, out_dir: Path
     val = Validation(val_store, layers, cfg.val_tokens, head, device, cfg.batch_tokens)
     state = _load_ckpt(ckpt[0], fingerprint, lens, opt, sched)
     if state is None:
-        state = TrainState(logit_lens_val=val.kl(lambda h, layer: head(h)))
+        state = TrainState(logit_lens_val=val.kl(LogitLens(head)))
         if _init_kind(cfg, kind) == "lstsq":
             fit_least_squares(lens, store, cfg, device)
         state.init_val = val.kl(lens)
