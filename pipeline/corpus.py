@@ -234,6 +234,7 @@ def prepare_corpus(cfg: CorpusConfig, model_dir: Path, out_dir: Path, cache_dir:
     """
     from transformers import AutoTokenizer
 
+    _check_context(cfg, model_dir)
     docs, source_hash = load_documents(cfg, Path(cache_dir))
     docs = [d for d in docs if d.text.strip()]
     if not docs:
@@ -254,6 +255,17 @@ def prepare_corpus(cfg: CorpusConfig, model_dir: Path, out_dir: Path, cache_dir:
     manifest.update(versions=package_versions(), created=now_utc())
     write_json_atomic(out_dir / "manifest.json", manifest)
     return manifest
+
+
+def _check_context(cfg: CorpusConfig, model_dir: Path) -> None:
+    """Positions past the model's context give meaningless activations (or an index error)."""
+    from .model import context_length
+
+    ctx = context_length(model_dir)
+    if ctx is not None and cfg.seq_len > ctx[0]:
+        raise ConfigError(f"corpus {cfg.name!r}: seq_len={cfg.seq_len} exceeds the model's context of "
+                          f"{ctx[0]} tokens ({ctx[1]} in {Path(model_dir) / 'config.json'}); set "
+                          f"corpora.{cfg.name}.seq_len to at most {ctx[0]}")
 
 
 def _write_split(cfg, split, docs, tokenizer, sep, manifest, out_dir: Path) -> dict[str, Any]:

@@ -32,3 +32,18 @@ class StoreError(LenspipeError):
 
 class UnsupportedModel(LenspipeError):
     """Model surgery could not locate a required part of the model."""
+
+
+#: errno values meaning "the disk (or the user's quota) is full".
+DISK_FULL_ERRNOS = frozenset({28, 122})  # ENOSPC, EDQUOT (Linux numbering)
+
+
+def disk_full(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS
+
+
+def disk_full_message(e: OSError, what: str) -> str:
+    where = f" ({e.filename})" if e.filename else ""
+    return (f"no space left on the device while writing {what}{where}: free some space or "
+            "point data_dir at a larger disk, then re-run; work already completed is kept "
+            "and nothing half-written is taken as finished")

@@ -11,10 +11,11 @@ dask.distributed scheduler address in the config sends the tasks to a cluster.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,10 @@ from .errors import StoreError
 from .lenses import LogitLens, TunedLens
 from .lenses import read_lens_meta
 from .progress import Progress
-from .provenance import package_versions
+from .provenance import exclusive_output, package_versions
 from .store import open_store
 from .surgery import load_unembed_head
+from .train import check_store_model
 from .tables import LOGIT, MODEL, lens_identity, calibration_table, layer_metrics_table, write_table
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,7 @@ class Job:
     n_bins: int
     token_dir: str | None
     identity: tuple[tuple[str, str], ...] = ()
+    provenance: str = "{}"  # JSON, stored in every per-token part's metadata
 
 
 @dataclass
@@ -163,7 +166,8 @@ def _write_token_part(job: Job, rows: list[dict], part: int) -> None:
         kind, translator = lens_identity(lens)
         out = Path(job.token_dir) / f"model={model}" / f"lens={kind}" / f"translator={translator or 'none'}"
         out.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, out / f"part-{part:05d}.parquet", compression="zstd")
+        pq.write_table(table.replace_schema_metadata({"lenspipe": job.provenance}),
+                       out / f"part-{part:05d}.parquet", compression="zstd")
 
 
 def _combine(results: list[ChunkResult]) -> ChunkResult:
@@ -225,12 +229,16 @@ def evaluate_lenses(store_path: Path, split_path: Path, model_dir: Path, lens_di
     import dask
 
     store = open_store(store_path)
+    check_store_model(store, model_dir)
     token_bytes = _store_token_bytes(store, split_path)
     plan = _plan(store, cfg)
     job = Job(str(store_path), str(model_dir), tuple((k, str(v)) for k, v in sorted(lens_dirs.items())),
               store.seq_len, store.n_layers, cfg.topk, cfg.calibration_bins,
               str(token_dir) if token_dir and cfg.want_token_table(plan[-1][1]) else None,
-              tuple(sorted(identity.items())))
+              tuple(sorted(identity.items())),
+              json.dumps({"identity": identity, "evaluate_config": asdict(cfg), "store": str(store_path),
+                          "store_fingerprint": store.attrs.get("fingerprint"), "versions": package_versions()},
+                         default=str))
     tasks = [dask.delayed(evaluate_chunk)(job, s, e, token_bytes[s:e], i) for i, (s, e) in enumerate(plan)]
     log.info("evaluating %d lens(es) x %d layers on %d tokens in %d chunks", len(lens_dirs) + 1,
              store.n_layers, plan[-1][1], len(tasks))
@@ -241,12 +249,19 @@ def evaluate_lenses(store_path: Path, split_path: Path, model_dir: Path, lens_di
 
 def evaluate(store_path: Path, split_path: Path, model_dir: Path, lens_dirs: dict[str, Path],
              cfg: EvaluateConfig, out_dir: Path, identity: dict[str, str], threads: int = 1) -> list[dict]:
-    """Evaluate and write ``out_dir``/{layer_metrics,calibration}.parquet (+ token_metrics/)."""
+    """Evaluate and write ``out_dir``/{layer_metrics,calibration}.parquet (+ token_metrics/).
+
+    One process at a time per ``out_dir`` (a second one is refused).
+    """
+    with exclusive_output(out_dir, "the evaluation tables"):
+        return _evaluate(store_path, split_path, model_dir, lens_dirs, cfg, Path(out_dir), identity, threads)
+
+
+def _evaluate(store_path, split_path, model_dir, lens_dirs, cfg: EvaluateConfig, out_dir: Path,
+              identity: dict[str, str], threads: int) -> list[dict]:
     import shutil
-    from dataclasses import asdict
 
     t0 = time.monotonic()
-    out_dir = Path(out_dir)
     token_dir = out_dir / "token_metrics"
     shutil.rmtree(token_dir, ignore_errors=True)
     rows, calib, tokens_per_byte = evaluate_lenses(store_path, split_path, model_dir, lens_dirs, cfg,

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .errors import LenspipeError
+from .errors import LenspipeError, disk_full, disk_full_message
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -28,9 +28,17 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except LenspipeError as e:
-        logging.getLogger("lenspipe").error("%s", e)
-        print(f"lenspipe: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(e.exit_code)
+        _report(str(e), e.exit_code)
+    except OSError as e:
+        if not disk_full(e):
+            raise  # anything else is a bug or an environment problem worth a traceback
+        _report(disk_full_message(e, "an output"), 2)
+
+
+def _report(message: str, code: int) -> None:
+    logging.getLogger("lenspipe").error("%s", message)
+    print(f"lenspipe: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
 
 
 def run_stage(snakemake, fn: Callable[[], object]) -> None:

@@ -168,3 +168,19 @@ def read_model_info(model_dir: str | Path) -> dict[str, Any]:
             "prepare_model rule (or `lenspipe prepare-model`) first"
         )
     return json.loads(path.read_text())
+
+
+#: config.json keys that hold a model's context length, by family convention.
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "seq_length", "max_sequence_length")
+
+
+def context_length(model_dir: str | Path) -> tuple[int, str] | None:
+    """(longest input the model was built for, the config key that says so), if declared."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    for key in CONTEXT_KEYS:
+        if isinstance(config.get(key), int) and config[key] > 0:
+            return config[key], key
+    return None

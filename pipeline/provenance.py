@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import fcntl
 import hashlib
 import json
 import os
@@ -12,6 +13,8 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
+
+from .errors import LenspipeError
 
 #: Packages whose versions are recorded in every artifact's provenance.
 TRACKED_PACKAGES = (
@@ -89,3 +92,34 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def acquire_lock(path: str | os.PathLike, what: str, error: type[LenspipeError] = LenspipeError) -> int:
+    """Exclusive non-blocking flock on ``path``; returns the fd (closing it releases the lock).
+
+    The kernel drops the lock when the process dies, even by SIGKILL, so a crash never
+    leaves a stale lock behind. A second writer gets ``error`` naming the holder's pid.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise error(f"another process (pid {holder}) is writing {what}; wait for it to "
+                    "finish or stop it") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+@contextlib.contextmanager
+def exclusive_output(final: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold a lock file next to ``final`` (``.<name>.lock``) while producing it."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd = acquire_lock(final.parent / f".{final.name}.lock", f"{what} {final}")
+    try:
+        yield
+    finally:
+        os.close(fd)

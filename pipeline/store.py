@@ -121,6 +121,48 @@ def record_name(i: int) -> str:
 
 # ---------------------------------------------------------------- locations (local or URL)
 
+#: Seconds a remote store may stay silent (connect or read) before the read fails.
+URL_TIMEOUT_ENV = "LENSPIPE_URL_TIMEOUT"
+DEFAULT_URL_TIMEOUT = 60.0
+
+
+def url_timeout() -> float:
+    return float(os.environ.get(URL_TIMEOUT_ENV, DEFAULT_URL_TIMEOUT))
+
+
+def storage_options(url: str) -> dict[str, Any]:
+    """fsspec options bounding how long a silent server can stall a read.
+
+    fsspec's defaults wait minutes (HTTP) or retry for long (S3); a stalled read should
+    fail with a message instead of hanging a Snakemake job until its runtime limit.
+    """
+    protocol = url.split("://", 1)[0]
+    t = url_timeout()
+    if protocol in ("http", "https"):
+        import aiohttp
+
+        return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=t, sock_read=t)}}
+    if protocol in ("s3", "s3a"):
+        return {"config_kwargs": {"connect_timeout": t, "read_timeout": t, "retries": {"max_attempts": 2}}}
+    return {}
+
+
+def _timed_out(e: BaseException | None) -> bool:
+    while e is not None:
+        if isinstance(e, TimeoutError):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _read_failure(where: str, e: BaseException, what: str) -> StoreError:
+    """A read failure as one message: a timeout says so, else the data may be damaged."""
+    if _timed_out(e):
+        return StoreError(f"reading {where} timed out (no answer within {url_timeout():g} s); check "
+                          f"the network or the server, or raise {URL_TIMEOUT_ENV} (seconds)")
+    return StoreError(f"{what} {where}: {e!r}")
+
+
 class _Location:
     """Where a store lives: a local path or an fsspec URL, for zarr and for sidecar JSON."""
 
@@ -128,13 +170,16 @@ class _Location:
         text = str(path_or_url)
         self.is_url = "://" in text
         self.zarr_store = text if self.is_url else os.path.abspath(text)
-        self.fs, self.root = fsspec.core.url_to_fs(self.zarr_store)
+        self.options = storage_options(text) if self.is_url else {}
+        self.fs, self.root = fsspec.core.url_to_fs(self.zarr_store, **self.options)
 
     def read_json(self, name: str) -> Any | None:
         try:
             return json.loads(self.fs.cat_file(f"{self.root.rstrip('/')}/{name}"))
         except FileNotFoundError:
             return None
+        except TimeoutError as e:
+            raise _read_failure(f"{self.zarr_store}/{name}", e, "cannot read") from e
         except ValueError as e:
             raise StoreError(f"{self.zarr_store}/{name} is not valid JSON: {e}") from e
 
@@ -173,9 +218,10 @@ def open_store(path_or_url: str | os.PathLike, *, allow_incomplete: bool = False
         raise StoreError(f"no activation store at {where} (no such directory); run the extract stage")
     try:
         # use_consolidated=None: one metadata request when finalize consolidated it.
-        group = zarr.open_group(where, mode="r", zarr_format=3, use_consolidated=None)
+        group = zarr.open_group(where, mode="r", zarr_format=3, use_consolidated=None,
+                                storage_options=loc.options or None)
     except Exception as e:  # zarr's error types vary by store backend
-        raise StoreError(f"{where} is not a lenspipe activation store (no zarr group: {e})") from e
+        raise _read_failure(where, e, "not a lenspipe activation store (no zarr group) at") from e
     attrs = group.attrs.asdict()
     _check_schema(attrs, where)
     complete = attrs.get("complete") is True and loc.read_json(COMPLETE_NAME) is not None
@@ -259,8 +305,8 @@ class ActivationStore:
         try:
             return read()
         except Exception as e:  # a decode failure is the data's problem, not a bug here
-            raise StoreError(f"cannot read {self.location.zarr_store}: {e!r}; the store may be "
-                             "corrupt (run lenspipe verify) or re-download/re-extract it") from e
+            raise _read_failure(self.location.zarr_store, e, "the store may be corrupt (run lenspipe "
+                                "verify, or re-download/re-extract it); cannot read") from e
 
 
 def verify(path_or_url: str | os.PathLike) -> dict:

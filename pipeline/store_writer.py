@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import os
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,8 +21,8 @@ import torch
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
-from pipeline.errors import StoreError
-from pipeline.provenance import now_utc, package_versions, sha256_json, write_json_atomic
+from pipeline.errors import StoreError, disk_full, disk_full_message
+from pipeline.provenance import acquire_lock, now_utc, package_versions, sha256_json, write_json_atomic
 from pipeline.store import (BF16_BITS, COMPLETE_NAME, FORMAT, LOCK_NAME, PROGRESS_DIR, SCHEMA_VERSION, _STORED_NP,
                             _TORCH, StoreParams, _check_schema, _Location, record_name, shard_checksums)
 
@@ -133,18 +132,7 @@ def _refuse_foreign_dir(root: Path) -> None:
 
 
 def _acquire_lock(root: Path) -> int:
-    """Exclusive non-blocking flock; the kernel drops it if the process dies (even SIGKILL)."""
-    fd = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise StoreError(f"another writer (pid {holder}) is writing the store at {root}; "
-                         "wait for it to finish or stop it") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
+    return acquire_lock(root / LOCK_NAME, f"the store at {root}", StoreError)
 
 
 def _fsync_file(path: Path) -> None:
@@ -317,10 +305,16 @@ class StoreWriter:
     def _write_shard(self, shard: int, buf: np.ndarray, tbuf: np.ndarray) -> dict:
         """Write one whole shard, make it durable, and only then record it as done."""
         start, stop = self.params.shard_span(shard)
-        self._resid[:, start:stop, :] = buf  # (L+1, n, d): covers the shard, no merge needed
-        self._tokens[start:stop] = tbuf
-        for arr, coords in ((self._resid, (0, shard, 0)), (self._tokens, (shard,))):
-            _fsync_file(self.root / arr.basename / arr.metadata.encode_chunk_key(coords))
+        try:
+            self._resid[:, start:stop, :] = buf  # (L+1, n, d): covers the shard, no merge needed
+            self._tokens[start:stop] = tbuf
+            for arr, coords in ((self._resid, (0, shard, 0)), (self._tokens, (shard,))):
+                _fsync_file(self.root / arr.basename / arr.metadata.encode_chunk_key(coords))
+        except OSError as e:
+            if not disk_full(e):
+                raise
+            # The shard is not recorded, so the store stays incomplete and a resume rewrites it.
+            raise StoreError(disk_full_message(e, f"shard {shard} of the store at {self.root}")) from e
         record = {"shard": shard, "start": start, "stop": stop, **shard_checksums(buf, tbuf),
                   "written": now_utc()}
         write_json_atomic(self.root / record_name(shard), record)

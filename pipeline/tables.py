@@ -75,8 +75,12 @@ def write_table(table: pa.Table, path: Path) -> None:
     """zstd Parquet, via a temporary name so a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial")
-    pq.write_table(table, tmp, compression="zstd")
-    tmp.replace(path)
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # e.g. disk full: leave no half-written file behind
+        raise
 
 
 def read_provenance(path: Path) -> dict[str, Any]:

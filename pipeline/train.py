@@ -23,10 +23,10 @@ from .batches import TokenBatches
 from .config import TrainConfig
 from .devices import resolve_device
 from .errors import StoreError
-from .lenses import LeastSquaresAccumulator, LogitLens, TunedLens, init_translator_lstsq
+from .lenses import LeastSquaresAccumulator, LogitLens, TunedLens, init_translator_lstsq, read_lens_meta
 from .model import read_model_info
 from .progress import Progress
-from .provenance import sha256_json
+from .provenance import exclusive_output, package_versions, sha256_json
 from .store import ActivationStore, open_store
 from .surgery import load_unembed_head
 from .train_log import write_train_log
@@ -279,7 +279,16 @@ def run_training(lens: TunedLens, store: ActivationStore, val: Validation, cfg: 
 
 def train(store_path: Path, val_store_path: Path, model_dir: Path, out_dir: Path,
           cfg: TrainConfig, kind: str) -> dict[str, Any]:
-    """Train one ``kind`` lens from the stores; write it to ``out_dir``. Resumable."""
+    """Train one ``kind`` lens from the stores; write it to ``out_dir``. Resumable.
+
+    One process at a time per ``out_dir``: a second one is refused (it would share the
+    checkpoint and race on the final rename).
+    """
+    with exclusive_output(out_dir, "the lens"):
+        return _train(store_path, val_store_path, model_dir, Path(out_dir), cfg, kind)
+
+
+def _train(store_path, val_store_path, model_dir, out_dir: Path, cfg: TrainConfig, kind: str) -> dict[str, Any]:
     t0 = time.monotonic()
     store, val_store = open_store(store_path), open_store(val_store_path)
     info = check_store_model(store, model_dir)
@@ -315,7 +324,11 @@ def _finish(lens, state: TrainState, cfg, kind, out_dir: Path, store, ckpt: Path
                "steps": state.step, "seconds": seconds, "init": _init_kind(cfg, kind),
                "train_store": str(store.location.zarr_store), "train_store_fingerprint": store.attrs.get("fingerprint")}
     lens.save(out_dir, training_config=asdict(cfg) | {"kind": kind}, metrics=metrics)
-    write_train_log(out_dir / "train_log.parquet", state.history, kind)
+    write_train_log(out_dir / "train_log.parquet", state.history, kind,
+                    {"training_config": asdict(cfg) | {"kind": kind}, "model": store.provenance.get("model"),
+                     "train_store_fingerprint": metrics["train_store_fingerprint"],
+                     "translators_sha256": read_lens_meta(out_dir).get("translators_sha256"),
+                     "versions": package_versions()})
     ckpt.unlink(missing_ok=True)
     mean = lambda d: sum(d.values()) / max(len(d), 1)  # noqa: E731
     log.info("%s lens: mean validation KL %.3f nats (logit lens %.3f) after %d steps in %.0f s",

@@ -3,10 +3,12 @@ validation steps, the validation KL. Written as Parquet next to the lens."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
+
+from .tables import write_table
 
 SCHEMA = pa.schema([
     ("kind", pa.string()), ("step", pa.int64()), ("layer", pa.int64()),
@@ -14,7 +16,7 @@ SCHEMA = pa.schema([
 ])
 
 
-def write_train_log(path: Path, history: list[dict], kind: str) -> None:
+def write_train_log(path: Path, history: list[dict], kind: str, provenance: dict) -> None:
     """Merge train and validation records of the same (step, layer) into one row."""
     rows: dict[tuple[int, int], dict] = {}
     for rec in history:
@@ -22,7 +24,6 @@ def write_train_log(path: Path, history: list[dict], kind: str) -> None:
                                                            "layer": rec["layer"], "train_loss": None,
                                                            "val_kl": None, "lr": None})
         row.update({k: v for k, v in rec.items() if k in ("train_loss", "val_kl", "lr")})
-    table = pa.Table.from_pylist([rows[k] for k in sorted(rows)], schema=SCHEMA)
-    tmp = path.with_suffix(".partial")
-    pq.write_table(table, tmp, compression="zstd")
-    tmp.replace(path)
+    schema = SCHEMA.with_metadata({"lenspipe": json.dumps(provenance, default=str)})
+    table = pa.Table.from_pylist([rows[k] for k in sorted(rows)], schema=schema)
+    write_table(table, path)

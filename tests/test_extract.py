@@ -12,6 +12,7 @@ import torch
 from tiny import VOCAB, save_prepared, tiny_model, write_packed_split
 
 from pipeline.config import ExtractConfig
+from pipeline.errors import StoreError
 from pipeline.extract import extract, select_sequences
 from pipeline.store import open_store, verify
 from pipeline.surgery import unembed_head
@@ -87,6 +88,8 @@ def test_sigkill_mid_extract_then_resume_gives_identical_store(tmp_path, seed):
     want = 1 + seed  # kill after the first (or second) durable shard
     while time.monotonic() < deadline and len(list(progress.glob("*.json")) if progress.exists() else []) < want:
         time.sleep(0.05)
+    with pytest.raises(StoreError, match="incomplete"):  # a reader during the write
+        open_store(store)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (store / "COMPLETE").exists()

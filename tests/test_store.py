@@ -293,7 +293,7 @@ def test_finalize_before_all_tokens_refused(tmp_path):
 
 def test_second_writer_refused_while_first_holds_lock(tmp_path):
     first = StoreWriter.open(tmp_path / "s", **params())
-    with pytest.raises(StoreError, match=f"another writer \\(pid {os.getpid()}\\)"):
+    with pytest.raises(StoreError, match=f"another process \\(pid {os.getpid()}\\) is writing the store"):
         StoreWriter.open(tmp_path / "s", **params())
     first.abort()
     StoreWriter.open(tmp_path / "s", **params()).abort()  # free again

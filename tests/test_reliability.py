@@ -1,0 +1,318 @@
+"""Reliability: disk full, URL timeouts, SIGKILL of train/evaluate at random points,
+concurrent writers, and inputs that must be refused with one clear message."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+from slowed_stage import run as run_stage
+from tiny import VOCAB, make_llama, save_prepared, write_packed_split
+
+from pipeline.config import CorpusConfig, ExtractConfig, TrainConfig
+from pipeline.corpus import prepare_corpus
+from pipeline.errors import ConfigError, LenspipeError, StoreError
+from pipeline.extract import extract
+from pipeline.logs import user_errors
+from pipeline.provenance import exclusive_output
+from pipeline.store import open_store
+from pipeline.train import train
+
+HERE = Path(__file__).resolve().parent
+ECFG = ExtractConfig(batch_size=4, shard_tokens=64, chunk_tokens=32, dtype="float32",
+                     max_tokens={"train": None, "test": None})
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """model/, {train,test}.{npz,zarr} and an affine lens, as slowed_stage.py expects."""
+    root = tmp_path_factory.mktemp("rel")
+    save_prepared(make_llama(VOCAB, initializer_range=0.3), root / "model")
+    for split, n_seq, seed in (("train", 16, 0), ("test", 8, 1)):
+        write_packed_split(root / f"{split}.npz", n_seq=n_seq, seq_len=16, vocab=VOCAB, seed=seed)
+        extract(root / "model", root / f"{split}.npz", root / f"{split}.zarr", ECFG, split)
+    run_stage("train", root, root / "affine")
+    return root
+
+
+def _enospc(path):
+    return OSError(errno.ENOSPC, "No space left on device", str(path))
+
+
+def _same_store(a: Path, b: Path) -> None:
+    x, y = open_store(a), open_store(b)
+    assert torch.equal(x.layers(range(x.n_layers + 1)), y.layers(range(y.n_layers + 1)))
+    assert torch.equal(x.tokens(), y.tokens())
+
+
+# ------------------------------------------------------------------------ disk full
+
+def test_disk_full_during_extract_keeps_a_resumable_store(setup, tmp_path, monkeypatch):
+    import zarr.storage._local as local
+
+    real = local._put
+
+    def full_at_second_shard(path, value, exclusive=False):
+        if Path(path).parts[-4:] == ("c", "0", "1", "0"):  # resid shard 1 (all layers x tokens 64..127)
+            raise _enospc(path)
+        return real(path, value, exclusive)
+
+    monkeypatch.setattr(local, "_put", full_at_second_shard)
+    store = tmp_path / "s.zarr"
+    with pytest.raises(StoreError, match=r"no space left on the device while writing shard 1 .*re-run"):
+        extract(setup / "model", setup / "train.npz", store, ECFG, "train")
+    assert not (store / "COMPLETE").exists()
+    with pytest.raises(StoreError, match="incomplete"):
+        open_store(store)
+    monkeypatch.setattr(local, "_put", real)
+    summary = extract(setup / "model", setup / "train.npz", store, ECFG, "train")
+    assert summary["resumed_from"] == 64  # shard 0 was kept, shard 1 rewritten
+    _same_store(store, setup / "train.zarr")
+
+
+def test_disk_full_saving_a_lens_or_table_is_one_message_and_leaves_nothing(setup, tmp_path, monkeypatch, capsys):
+    import pipeline.lenses as lenses
+    import pipeline.tables as tables
+
+    def no_space(tensors, path, *a, **k):
+        Path(path).write_bytes(b"partial")
+        raise _enospc(path)
+
+    monkeypatch.setattr(lenses, "save_file", no_space)
+    with pytest.raises(SystemExit) as exit_, user_errors():
+        run_stage("train", setup, tmp_path / "lens")
+    assert exit_.value.code == 2 and "no space left on the device" in capsys.readouterr().err
+    # no lens dir and no partial dir; the checkpoint stays for a resume (and the lock file, harmless)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lens.ckpt.pt", ".lens.lock"]
+    monkeypatch.undo()
+    run_stage("train", setup, tmp_path / "lens")  # resumes from the checkpoint
+    assert _translators(tmp_path / "lens") == _translators(setup / "affine")
+
+    real = tables.pq.write_table
+
+    def table_no_space(table, where, **k):
+        real(table, where, **k)
+        raise _enospc(where)
+
+    monkeypatch.setattr(tables.pq, "write_table", table_no_space)
+    with pytest.raises(OSError, match="No space"):
+        run_stage("evaluate", setup, tmp_path / "tables")
+    assert not [p for p in (tmp_path / "tables").iterdir() if p.suffix in (".parquet", ".partial")]
+
+
+def _translators(lens_dir: Path) -> dict[str, bytes]:
+    return {k: v.numpy().tobytes() for k, v in load_file(lens_dir / "translators.safetensors").items()}
+
+
+def _can_mount_tmpfs() -> bool:
+    if not shutil.which("unshare"):
+        return False
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
+                           capture_output=True)
+    return probe.returncode == 0
+
+
+EXTRACT_CLI = """
+import sys
+from pathlib import Path
+from pipeline.config import ExtractConfig
+from pipeline.extract import extract
+from pipeline.logs import user_errors
+cfg = ExtractConfig(batch_size=4, shard_tokens=64, chunk_tokens=32, dtype="float32", max_tokens={"train": None})
+with user_errors():
+    extract(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), cfg, "train")
+"""
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs unshare + tmpfs (user namespaces)")
+def test_disk_full_on_a_real_small_tmpfs(setup, tmp_path):
+    """A 96 KiB tmpfs fills up mid-store; after growing it, a re-run completes the same store."""
+    mnt, out = tmp_path / "mnt", tmp_path / "copy.zarr"
+    mnt.mkdir()
+    py = f'{sys.executable} -c "$EXTRACT" {setup / "model"} {setup / "train.npz"} {mnt}/s.zarr'
+    script = (f"mount -t tmpfs -o size=96k tmpfs {mnt} && {{ {py} 2>{tmp_path}/err1; echo $? > {tmp_path}/rc1; }}; "
+              f"mount -o remount,size=16m {mnt} && {py} && cp -r {mnt}/s.zarr {out}")
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True,
+                          env=os.environ | {"EXTRACT": EXTRACT_CLI}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    err = (tmp_path / "err1").read_text()
+    assert (tmp_path / "rc1").read_text().strip() == "2", err[-2000:]
+    assert "no space left on the device" in err and "Traceback" not in err
+    _same_store(out, setup / "train.zarr")
+
+
+# ------------------------------------------------------------------------ remote reads
+
+@pytest.fixture
+def silent_server():
+    """A TCP port that accepts connections and never answers."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(64)
+    yield f"http://127.0.0.1:{srv.getsockname()[1]}"
+    srv.close()
+
+
+def test_url_that_never_answers_times_out_with_a_message(silent_server, monkeypatch):
+    monkeypatch.setenv("LENSPIPE_URL_TIMEOUT", "0.5")
+    t0 = time.monotonic()
+    with pytest.raises(StoreError, match=r"timed out \(no answer within 0.5 s\).*LENSPIPE_URL_TIMEOUT"):
+        open_store(f"{silent_server}/s.zarr")
+    assert time.monotonic() - t0 < 30
+
+
+def test_url_stalling_mid_read_times_out(setup, monkeypatch):
+    import http.server
+    import threading
+
+    class Stalls(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **k):
+            super().__init__(*a, directory=str(setup), **k)
+
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            if "/resid/c/" in self.path:
+                time.sleep(3)  # metadata answers, the data stalls
+            with contextlib.suppress(ConnectionError):  # the client gave up: expected
+                super().do_GET()
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stalls)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("LENSPIPE_URL_TIMEOUT", "0.5")
+        store = open_store(f"http://127.0.0.1:{server.server_address[1]}/test.zarr")
+        assert store.n_tokens == 128
+        with pytest.raises(StoreError, match="timed out"):
+            store.layers(0)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# ------------------------------------------------------------------------ SIGKILL at random points
+
+def _kill_after(stage: str, root: Path, out: Path, tmp_path: Path, seed: int, n_units: int, delay: float) -> int:
+    """Run a slowed stage as a subprocess; SIGKILL it after a seeded random amount of work.
+
+    ``after`` units are complete at the kill (0: killed while starting up), plus a random
+    part of the next one.
+    """
+    rng = random.Random(seed)
+    after, extra = rng.randint(0, n_units - 1), rng.uniform(0, delay)
+    markers = tmp_path / f"markers-{seed}"
+    err = tmp_path / f"stderr-{seed}"
+    with open(err, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, str(HERE / "slowed_stage.py"), stage, str(root), str(out),
+                                 str(markers), str(delay)], stdout=subprocess.DEVNULL, stderr=stderr)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if after == 0 or (markers.exists() and len(list(markers.iterdir())) >= after):
+                break
+            time.sleep(0.02)
+        time.sleep(extra)  # land anywhere inside the next unit of work
+        assert proc.poll() is None, f"{stage} finished before the kill: {err.read_text()[-2000:]}"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    return after
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_sigkill_during_train_then_rerun_gives_the_same_lens(setup, tmp_path, seed):
+    out = tmp_path / "lens"
+    after = _kill_after("train", setup, out, tmp_path, seed, n_units=6, delay=0.4)
+    assert not out.exists()  # nothing that looks finished
+    if after >= 2:  # at least one checkpoint was written: the re-run resumes from it
+        assert (tmp_path / ".lens.ckpt.pt").exists()
+    run_stage("train", setup, out)
+    assert _translators(out) == _translators(setup / "affine")
+    a, b = (pd.read_parquet(p / "train_log.parquet") for p in (out, setup / "affine"))
+    pd.testing.assert_frame_equal(a, b, check_exact=True)
+
+
+@pytest.fixture(scope="module")
+def reference_tables(setup):
+    out = setup / "tables"
+    run_stage("evaluate", setup, out)
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_sigkill_during_evaluate_then_rerun_gives_the_same_tables(setup, reference_tables, tmp_path, seed):
+    out = tmp_path / "tables"
+    _kill_after("evaluate", setup, out, tmp_path, seed, n_units=8, delay=0.3)
+    assert not (out / "layer_metrics.parquet").exists()
+    run_stage("evaluate", setup, out)
+    for name in ("layer_metrics.parquet", "calibration.parquet"):
+        pd.testing.assert_frame_equal(pd.read_parquet(out / name), pd.read_parquet(reference_tables / name),
+                                      check_exact=True)
+    tokens = lambda d: pd.read_parquet(d / "token_metrics").sort_values(["lens", "translator", "layer", "token_index"])  # noqa: E731
+    pd.testing.assert_frame_equal(tokens(out).reset_index(drop=True), tokens(reference_tables).reset_index(drop=True),
+                                  check_exact=True, check_categorical=False)
+
+
+# ------------------------------------------------------------------------ concurrent writers
+
+def test_second_writer_of_a_lens_or_table_is_refused(setup, tmp_path):
+    for stage, what in (("train", "the lens"), ("evaluate", "the evaluation tables")):
+        out = tmp_path / stage
+        with exclusive_output(out, what):  # the first writer, still running
+            with pytest.raises(LenspipeError, match=rf"another process \(pid {os.getpid()}\) is writing {what}"):
+                run_stage(stage, setup, out)
+        assert not out.exists() or not any(out.iterdir())
+        run_stage(stage, setup, out)  # once the first is gone, the output can be made
+
+
+# ------------------------------------------------------------------------ bad input
+
+def test_seq_len_beyond_the_model_context_is_refused(setup, tmp_path):
+    (tmp_path / "doc0.txt").write_text("summer day " * 200)
+    cfg = CorpusConfig(name="c", source=str(tmp_path / "*.txt"), seq_len=256)
+    with pytest.raises(ConfigError, match=r"seq_len=256 exceeds the model's context of 128 tokens "
+                                          r"\(max_position_embeddings .*at most 128"):
+        prepare_corpus(cfg, setup / "model", tmp_path / "out", tmp_path / "cache")
+    assert not (tmp_path / "out").exists()
+
+
+def test_layers_out_of_range_and_lens_of_another_model(setup, tmp_path):
+    with pytest.raises(ConfigError, match="out of range"):
+        train(setup / "train.zarr", setup / "test.zarr", setup / "model", tmp_path / "o",
+              TrainConfig(layers=[0, 5]), "affine")
+    other = save_prepared(make_llama(VOCAB, seed=7), tmp_path / "other")
+    from pipeline.lenses import TunedLens
+
+    with pytest.raises(LenspipeError, match="trained on model"):
+        TunedLens.load(setup / "affine", model_dir=other)
+
+
+def test_store_of_another_model_and_truncated_shard(setup, tmp_path):
+    from pipeline.config import EvaluateConfig
+    from pipeline.evaluate import evaluate
+    from pipeline.store import verify
+
+    other = save_prepared(make_llama(VOCAB, seed=7), tmp_path / "other")
+    with pytest.raises(StoreError, match="was extracted from model weights"):
+        evaluate(setup / "test.zarr", setup / "test.npz", other, {}, EvaluateConfig(), tmp_path / "t", {})
+    store = tmp_path / "s.zarr"
+    shutil.copytree(setup / "test.zarr", store)
+    shard = store / "resid" / "c" / "0" / "1" / "0"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a cut-off download
+    with pytest.raises(StoreError, match=r"shard 1 .*cannot be decoded"):
+        verify(store)
+    with pytest.raises(StoreError, match="may be corrupt"):
+        open_store(store).layers(0)
