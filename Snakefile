@@ -138,10 +138,148 @@ rule evaluate:
         "stages/evaluate.py"
 
 
+# ---------------------------------------------------------------- analyses (pipeline/<rule>.py)
+
+ANALYSES = config.get("analyses", {})
+ANALYSES_ON = ANALYSES.get("enabled", True)
+TRANSLATOR = ANALYSES.get("translator") or KINDS[0]
+
+
+def analysis_outputs(rule_name):
+    tables = [P(paths.ANALYSIS, analysis=t) for t in paths.ANALYSIS_TABLES[rule_name]]
+    return tables + [P(paths.ANALYSES_DIR) + f"/{rule_name}.png"]
+
+
+def all_analyses(w=None):
+    if not ANALYSES_ON:
+        return []
+    runs = [dict(model=m, corpus=c) for m in MODELS for c in CORPORA]
+    per_run = [f for r in runs for name in paths.ANALYSIS_TABLES
+               for f in expand(analysis_outputs(name), **r)]
+    return per_run + [P(paths.COMPARE)]
+
+
+rule prediction_depth:
+    input:
+        tables=P(paths.LAYER_METRICS),
+        train_split=P(paths.CORPUS_SPLIT, split="train"),
+    output:
+        analysis_outputs("prediction_depth"),
+    params:
+        token_dir=P(paths.TABLES_DIR) + "/token_metrics",
+        out_dir=P(paths.ANALYSES_DIR),
+        taus=ANALYSES.get("taus"),
+    log:
+        P(paths.LOG, rule="prediction_depth", name="{model}-{corpus}"),
+    threads: 1
+    resources:
+        mem_mb=4000,
+    script:
+        "stages/prediction_depth.py"
+
+
+rule layer_contributions:
+    input:
+        tables=P(paths.LAYER_METRICS),
+        model=P(paths.MODEL_MARKER),
+        split=P(paths.CORPUS_SPLIT, split=EVAL_SPLIT),
+    output:
+        analysis_outputs("layer_contributions"),
+    params:
+        model_dir=P(paths.MODEL_DIR),
+        out_dir=P(paths.ANALYSES_DIR),
+        translator=TRANSLATOR,
+        skip_tokens=ANALYSES.get("skip_tokens", 512),
+    log:
+        P(paths.LOG, rule="layer_contributions", name="{model}-{corpus}"),
+    threads: 2
+    resources:
+        mem_mb=6000,
+    script:
+        "stages/layer_contributions.py"
+
+
+rule translator_anatomy:
+    input:
+        lens=P(paths.LENS_META, kind=TRANSLATOR),
+        model=P(paths.MODEL_MARKER),
+    output:
+        analysis_outputs("translator_anatomy"),
+    params:
+        lens_dir=P(paths.LENS_DIR, kind=TRANSLATOR),
+        model_dir=P(paths.MODEL_DIR),
+        out_dir=P(paths.ANALYSES_DIR),
+    log:
+        P(paths.LOG, rule="translator_anatomy", name="{model}-{corpus}"),
+    threads: 2
+    resources:
+        mem_mb=4000,
+    script:
+        "stages/translator_anatomy.py"
+
+
+rule token_categories:
+    input:
+        tables=P(paths.LAYER_METRICS),
+        model=P(paths.MODEL_MARKER),
+    output:
+        analysis_outputs("token_categories"),
+    params:
+        token_dir=P(paths.TABLES_DIR) + "/token_metrics",
+        model_dir=P(paths.MODEL_DIR),
+        out_dir=P(paths.ANALYSES_DIR),
+        translator=TRANSLATOR,
+    log:
+        P(paths.LOG, rule="token_categories", name="{model}-{corpus}"),
+    threads: 1
+    resources:
+        mem_mb=4000,
+    script:
+        "stages/token_categories.py"
+
+
+rule layer_transfer:
+    input:
+        store=P(paths.STORE_DONE, split=EVAL_SPLIT),
+        lens=P(paths.LENS_META, kind=TRANSLATOR),
+    output:
+        analysis_outputs("layer_transfer"),
+    params:
+        store=P(paths.STORE, split=EVAL_SPLIT),
+        lens_dir=P(paths.LENS_DIR, kind=TRANSLATOR),
+        model_dir=P(paths.MODEL_DIR),
+        out_dir=P(paths.ANALYSES_DIR),
+        tokens=ANALYSES.get("transfer_tokens", 256),
+        stride=ANALYSES.get("transfer_stride", 2),
+    log:
+        P(paths.LOG, rule="layer_transfer", name="{model}-{corpus}"),
+    threads: 2
+    resources:
+        mem_mb=6000,
+    script:
+        "stages/layer_transfer.py"
+
+
+rule compare_models:
+    input:
+        expand(P(paths.LAYER_METRICS), model=MODELS, corpus=CORPORA),
+    output:
+        P(paths.COMPARE),
+        P(paths.COMPARE).replace(".parquet", ".png"),
+    params:
+        out_dir=P(paths.COMPARE).rsplit("/", 1)[0],
+    log:
+        P(paths.LOG, rule="compare_models", name="all"),
+    threads: 1
+    script:
+        "stages/compare_models.py"
+
+
 rule report:
     input:
         layer_metrics=expand(P(paths.LAYER_METRICS), model=MODELS, corpus=CORPORA),
         calibration=expand(P(paths.CALIBRATION), model=MODELS, corpus=CORPORA),
+        analyses=all_analyses,
     output:
         report=P(paths.REPORT),
         html=P(paths.REPORT_DIR) + "/report.html",
@@ -149,8 +287,10 @@ rule report:
         runs=[dict(model=m, corpus=c, model_dir=P(paths.MODEL_DIR, model=m),
                    layer_metrics=P(paths.LAYER_METRICS, model=m, corpus=c),
                    calibration=P(paths.CALIBRATION, model=m, corpus=c),
-                   lens_dirs={k: P(paths.LENS_DIR, model=m, corpus=c, kind=k) for k in KINDS})
+                   lens_dirs={k: P(paths.LENS_DIR, model=m, corpus=c, kind=k) for k in KINDS},
+                   analyses_dir=P(paths.ANALYSES_DIR, model=m, corpus=c) if ANALYSES_ON else None)
               for m in MODELS for c in CORPORA],
+        compare=P(paths.COMPARE) if ANALYSES_ON else None,
         out_dir=P(paths.REPORT_DIR),
         prompts=config.get("report", {}).get("prompts"),
     log:

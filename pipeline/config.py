@@ -48,8 +48,16 @@ class ModelConfig:
     is only available as GGUF."""
     trust_remote_code: bool = False
     """Allow model code from the hub repo. Off by default: it executes foreign code."""
+    init: str = "pretrained"
+    """``pretrained`` (the source's weights) or ``random``: the source's architecture and
+    tokenizer with freshly initialised weights (seed ``init_seed``), i.e. a step-0
+    checkpoint, for training-dynamics comparisons that must run offline."""
+    init_seed: int = 0
+    """Seed of the random initialisation (``init: random`` only)."""
 
     def __post_init__(self) -> None:
+        if self.init not in ("pretrained", "random"):
+            raise ConfigError(f"model {self.name!r}: init must be 'pretrained' or 'random', not {self.init!r}")
         if not self.name or "/" in self.name:
             raise ConfigError(f"model name {self.name!r} must be non-empty and contain no '/'")
         if not self.source:
@@ -306,6 +314,35 @@ class EvaluateConfig:
 
 
 @dataclass
+class AnalysesConfig:
+    enabled: bool = True
+    """Run the analysis rules (prediction depth, layer contributions, translator anatomy,
+    token categories, layer transfer, model comparison) and put them in the report."""
+    translator: str | None = None
+    """Tuned lens the analyses use; null = the first of ``train.kinds``. Translator
+    anatomy needs a linear kind (affine, linear or scaling)."""
+    taus: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99])
+    """Confidence thresholds of the early-exit curve."""
+    skip_tokens: int = 512
+    """Held-out tokens on which each block is skipped to measure its real removal cost
+    (one full forward pass per block: about 1.7 s per block for SmolLM2 on 2 CPU cores)."""
+    transfer_tokens: int = 256
+    """Tokens sampled for the layer-transfer matrix."""
+    transfer_stride: int = 2
+    """Use every n-th layer in the transfer matrix (its cost grows with the square of the
+    layers used: all 30 SmolLM2 layers at 256 tokens take about 2.5 minutes on 2 cores)."""
+
+    def __post_init__(self) -> None:
+        if not self.taus or any(not 0 < t <= 1 for t in self.taus):
+            raise ConfigError("analyses.taus must be a non-empty list of numbers in (0, 1]")
+        for key in ("skip_tokens", "transfer_tokens", "transfer_stride"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"analyses.{key} must be >= 1")
+        if self.translator is not None and self.translator not in TRANSLATOR_KINDS:
+            raise ConfigError(f"analyses.translator {self.translator!r} is not one of {TRANSLATOR_KINDS}")
+
+
+@dataclass
 class PipelineConfig:
     data_dir: Path = Path("data")
     """Root of all inputs and outputs; outputs under it are git-ignored."""
@@ -319,6 +356,18 @@ class PipelineConfig:
     """How tuned lenses are trained from the store."""
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     """How lenses are evaluated on held-out data."""
+    analyses: AnalysesConfig = field(default_factory=AnalysesConfig)
+    """The analyses built on the store, lenses and tables."""
+
+    def __post_init__(self) -> None:
+        if self.analyses.enabled and self.evaluate.token_metrics is False:
+            raise ConfigError("the analyses read the per-token table: set evaluate.token_metrics to auto "
+                              "or true, or analyses.enabled to false")
+        if self.analyses.translator is None:
+            self.analyses.translator = self.train.kinds[0]
+        elif self.analyses.translator not in self.train.kinds:
+            raise ConfigError(f"analyses.translator {self.analyses.translator!r} is not trained "
+                              f"(train.kinds is {self.train.kinds})")
 
     def model(self, name: str) -> ModelConfig:
         try:
@@ -342,8 +391,9 @@ def parse_config(raw: dict[str, Any]) -> PipelineConfig:
     extract = _from_dict(ExtractConfig, "extract", raw.get("extract"))
     train = _from_dict(TrainConfig, "train", raw.get("train"))
     evaluate = _from_dict(EvaluateConfig, "evaluate", raw.get("evaluate"))
+    analyses = _from_dict(AnalysesConfig, "analyses", raw.get("analyses"))
     return PipelineConfig(data_dir=Path(raw.get("data_dir", "data")), models=models, corpora=corpora,
-                          extract=extract, train=train, evaluate=evaluate)
+                          extract=extract, train=train, evaluate=evaluate, analyses=analyses)
 
 
 def load_config(path: str | Path) -> PipelineConfig:

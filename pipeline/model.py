@@ -132,6 +132,12 @@ def prepare_model(cfg: ModelConfig, out_dir: Path, cache_dir: Path) -> dict[str,
     where = _resolve(cfg, Path(cache_dir))
     log.info("loading %s from %s (%s)", cfg.name, where["path"], where["kind"])
     model, tokenizer = _load(cfg, where)
+    if cfg.init == "random":
+        from transformers import AutoModelForCausalLM
+
+        # A step-0 checkpoint: same architecture and tokenizer, the library's own init.
+        torch.manual_seed(cfg.init_seed)
+        model = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
     model.eval()
     completion = smoke_completion(model, tokenizer)
     log.info("smoke test: %r -> %r", SMOKE_PROMPT, completion)
@@ -140,6 +146,7 @@ def prepare_model(cfg: ModelConfig, out_dir: Path, cache_dir: Path) -> dict[str,
         tokenizer.save_pretrained(tmp)
         info = {
             "name": cfg.name, "source": cfg.source, "revision": cfg.revision,
+            "init": cfg.init if cfg.init == "pretrained" else f"random (seed {cfg.init_seed})",
             "resolved_commit": getattr(model.config, "_commit_hash", None),
             "load": {k: v for k, v in where.items() if k != "path"},
             "model_type": model.config.model_type,

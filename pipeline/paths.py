@@ -29,3 +29,15 @@ LAYER_METRICS = TABLES_DIR + "/layer_metrics.parquet"
 CALIBRATION = TABLES_DIR + "/calibration.parquet"
 REPORT_DIR = "{data_dir}/report"
 REPORT = REPORT_DIR + "/report.md"
+ANALYSES_DIR = "{data_dir}/analyses/{model}/{corpus}"
+ANALYSIS = ANALYSES_DIR + "/{analysis}.parquet"
+COMPARE = "{data_dir}/analyses/compare_models.parquet"
+
+#: analysis rule -> the tables it writes (each rule also writes <rule>.png)
+ANALYSIS_TABLES = {
+    "prediction_depth": ["prediction_depth", "early_exit"],
+    "layer_contributions": ["layer_contributions"],
+    "translator_anatomy": ["translator_anatomy", "translator_spectra"],
+    "token_categories": ["token_categories"],
+    "layer_transfer": ["layer_transfer"],
+}

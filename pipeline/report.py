@@ -145,7 +145,7 @@ def _img(path: Path) -> str:
     return f'<img src="data:image/png;base64,{data}" style="max-width:100%">'
 
 
-def write_report(run_dirs: list[dict[str, Any]], out_dir: Path, prompts: list[str]) -> Path:
+def write_report(run_dirs: list[dict[str, Any]], out_dir: Path, prompts: list[str], compare: Path | None = None) -> Path:
     """Plots for every (model, corpus) run and report.{html,md} in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     md, body = ["# lenspipe report", ""], ["<h1>lenspipe report</h1>"]
@@ -161,17 +161,54 @@ def write_report(run_dirs: list[dict[str, Any]], out_dir: Path, prompts: list[st
         for i, prompt in enumerate(prompts):
             figs[f"trajectory {i + 1}"] = out_dir / f"{stem}-trajectory-{i + 1}.png"
             plot_trajectory(trajectories(Path(run["model_dir"]), run["lens_dirs"], prompt), figs[f"trajectory {i + 1}"], prompt)
+        sections = analysis_sections(Path(run["analyses_dir"])) if run.get("analyses_dir") else []
+        figs.update({title: _copy_png(png, out_dir / f"{stem}-{png.name}") for title, _, png in sections})
         table = headline(df)
-        md += [f"## {name}", "", _summary_sentence(df), "", table.to_markdown(), ""]
+        md += [f"## {name}", "", _summary_sentence(df), ""] + [f"- **{t}**: {text}" for t, text, _ in sections]
+        md += ["", table.to_markdown(), ""]
         md += [f"![{k}]({p.name})" for k, p in figs.items()] + ["", "Provenance:", "", "```json",
                                                                 json.dumps(prov, indent=1, default=str)[:4000], "```", ""]
-        body += [f"<h2>{html.escape(name)}</h2>", f"<p>{html.escape(_summary_sentence(df))}</p>", table.to_html()]
+        body += [f"<h2>{html.escape(name)}</h2>", f"<p>{html.escape(_summary_sentence(df))}</p>"]
+        body += ["<ul>"] + [f"<li><b>{html.escape(t)}</b>: {html.escape(x)}</li>" for t, x, _ in sections] + ["</ul>"]
+        body += [table.to_html()]
         body += [f"<h3>{html.escape(k)}</h3>{_img(p)}" for k, p in figs.items()]
         body += ["<h3>provenance</h3><pre>", html.escape(json.dumps(prov, indent=1, default=str)), "</pre>"]
+    if compare:
+        from . import compare as C
+
+        cmp_df = pd.read_parquet(compare)
+        png = Path(compare).with_suffix(".png")
+        md += ["## Across models and checkpoints", "", C.summary(cmp_df), "", f"![compare]({png.name})", ""]
+        body += ["<h2>Across models and checkpoints</h2>", f"<p>{html.escape(C.summary(cmp_df))}</p>", _img(png)]
+        _copy_png(png, out_dir / png.name)
     (out_dir / "report.md").write_text("\n".join(md))
     (out_dir / "report.html").write_text("<!doctype html><meta charset=utf-8><title>lenspipe report</title>"
                                          "<body style='font-family:sans-serif;max-width:1300px'>" + "\n".join(body))
     return out_dir / "report.html"
+
+
+def analysis_sections(adir: Path) -> list[tuple[str, str, Path]]:
+    """(title, headline sentence, figure) for each analysis written under ``adir``."""
+    from . import anatomy, categories, contributions, depth, transfer
+
+    def t(name):
+        return pd.read_parquet(adir / f"{name}.parquet")
+
+    makers = [
+        ("prediction depth and early exit", "prediction_depth", lambda: depth.summary(t("prediction_depth"), t("early_exit"))),
+        ("layer contributions", "layer_contributions", lambda: contributions.summary(t("layer_contributions"))),
+        ("translator anatomy", "translator_anatomy", lambda: anatomy.summary(t("translator_anatomy"))),
+        ("token categories", "token_categories", lambda: categories.summary(t("token_categories"))),
+        ("layer transfer", "layer_transfer", lambda: transfer.summary(t("layer_transfer"))),
+    ]
+    return [(title, make(), adir / f"{name}.png") for title, name, make in makers if (adir / f"{name}.png").exists()]
+
+
+def _copy_png(png: Path, dest: Path) -> Path:
+    import shutil
+
+    shutil.copy(png, dest)  # report.md links its figures by name, next to it
+    return dest
 
 
 def _summary_sentence(df: pd.DataFrame) -> str:

@@ -86,3 +86,12 @@ def write_table(table: pa.Table, path: Path) -> None:
 def read_provenance(path: Path) -> dict[str, Any]:
     meta = pq.read_schema(path).metadata or {}
     return json.loads(meta.get(b"lenspipe", b"{}"))
+
+
+def write_table_df(df, path: Path, provenance: dict[str, Any]) -> None:
+    """An analysis table (a DataFrame) as Parquet, with provenance and package versions."""
+    from .provenance import package_versions
+
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    meta = provenance | {"versions": package_versions()}
+    write_table(table.replace_schema_metadata({"lenspipe": json.dumps(meta, default=str)}), path)

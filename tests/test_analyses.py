@@ -1,0 +1,193 @@
+"""The analyses: invariants of each table on tiny models and hand-made inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from slowed_stage import run as run_stage
+from tiny import VOCAB, make_llama, make_tokenizer, save_prepared, write_packed_split
+
+from pipeline.anatomy import anatomy_tables, effective_rank, linear_map, translator_anatomy
+from pipeline.categories import categorise, category_table, token_categories
+from pipeline.compare import compare_models, comparison_table
+from pipeline.config import ExtractConfig
+from pipeline.contributions import kl_drops, layer_contributions, next_token_loss, spearman
+from pipeline.depth import early_exit_of, frequency_buckets, prediction_depth, prediction_depth_of
+from pipeline.errors import LenspipeError
+from pipeline.extract import extract
+from pipeline.lenses import make_translator
+from pipeline.transfer import layer_transfer
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny model, its stores, an affine lens and the evaluate tables (token table included)."""
+    root = tmp_path_factory.mktemp("analyses")
+    save_prepared(make_llama(VOCAB, initializer_range=0.3), root / "model")
+    make_tokenizer(VOCAB).save_pretrained(root / "model")  # token_categories decodes token ids
+    ecfg = ExtractConfig(batch_size=4, shard_tokens=64, chunk_tokens=32, dtype="float32",
+                         max_tokens={"train": None, "test": None})
+    for split, n_seq, seed in (("train", 16, 0), ("test", 8, 1)):
+        write_packed_split(root / f"{split}.npz", n_seq=n_seq, seq_len=16, vocab=VOCAB, seed=seed)
+        extract(root / "model", root / f"{split}.npz", root / f"{split}.zarr", ecfg, split)
+    run_stage("train", root, root / "affine")
+    run_stage("evaluate", root, root / "tables")
+    return root
+
+
+# ------------------------------------------------------------------------ prediction depth, early exit
+
+def test_prediction_depth_by_hand():
+    final = torch.tensor([7, 7, 7, 7])
+    top1 = torch.tensor([[7, 1, 7, 1],    # layer 0
+                         [7, 1, 1, 1],    # layer 1
+                         [7, 7, 7, 1]])   # layer 2
+    # agrees from layer 0 on -> 0; only at the last layer -> 2; agrees, leaves, returns -> 2; never -> 3
+    assert prediction_depth_of(top1, final).tolist() == [0, 2, 2, 3]
+
+
+def test_early_exit_by_hand():
+    final = torch.tensor([5, 5, 5])
+    top1 = torch.tensor([[5, 4, 4], [5, 5, 4]])
+    prob = torch.tensor([[0.95, 0.2, 0.1], [0.99, 0.92, 0.3]])
+    layer, agree = early_exit_of(top1, prob, final, 0.9)
+    assert layer.tolist() == [0, 1, 2] and agree.tolist() == [True, True, True]  # token 2 runs the model
+    layer, agree = early_exit_of(top1, prob, final, 0.1)
+    assert layer.tolist() == [0, 0, 0] and agree.tolist() == [True, False, False]
+
+
+def test_frequency_buckets():
+    train = np.array([3] * 50 + [4] * 5 + list(range(100, 200)))
+    labels = frequency_buckets(np.array([3, 4, 150, 999]), train)
+    assert labels[0] == "top 10" and labels[1] == "top 10" and labels[2] == "top 11-100"
+    assert labels[3] == "rarer or unseen"
+
+
+def test_prediction_depth_tables(setup, tmp_path):
+    tables = prediction_depth(setup / "tables" / "token_metrics", setup / "train.npz", tmp_path)
+    depth, exits = tables["prediction_depth"], tables["early_exit"]
+    assert set(depth.lens) == {"logit", "tuned"} and (tmp_path / "prediction_depth.png").stat().st_size > 10_000
+    all_ = depth[depth.bucket == "all"]
+    assert np.allclose(all_.groupby("lens").frac.sum(), 1) and all_.depth.between(0, 2).all()
+    assert all_.groupby("lens")["count"].sum().eq(8 * 16).all()
+    assert depth[depth.bucket != "all"].groupby("lens")["count"].sum().eq(8 * 16).all()
+    for _, g in exits.groupby(["lens", "tau"]):
+        assert np.isclose(g.exit_frac.sum(), 1) and np.isclose(g.cum_exit_frac.iloc[-1], 1)
+    s = exits.drop_duplicates(["lens", "tau"]).sort_values("tau")
+    for _, g in s.groupby("lens"):  # a higher bar exits later: fewer layers saved
+        assert (np.diff(g.layers_saved_frac) <= 1e-12).all()
+    with pytest.raises(LenspipeError, match="token_metrics"):
+        prediction_depth(tmp_path / "none", setup / "train.npz", tmp_path)
+
+
+# ------------------------------------------------------------------------ layer contributions
+
+def test_kl_drops_and_spearman():
+    assert kl_drops(np.array([3.0, 1.0, 0.5])).tolist() == [2.0, 0.5, 0.5]
+    assert spearman(np.array([1, 2, 3]), np.array([10, 20, 30])) == pytest.approx(1)
+
+
+def test_skipping_a_block_equals_zeroing_its_writes():
+    model = make_llama(VOCAB, initializer_range=0.3)
+    ids = torch.randint(0, VOCAB, (2, 12))
+    out = model(input_ids=ids, labels=ids)
+    assert next_token_loss(model, ids) == pytest.approx(out.loss.item(), rel=1e-5)
+    skipped = next_token_loss(model, ids, skip=1)
+    block = model.model.layers[1]  # a pre-norm block adds attn(o_proj) and mlp(down_proj) outputs
+    with torch.no_grad():
+        block.self_attn.o_proj.weight.zero_()
+        block.mlp.down_proj.weight.zero_()
+    assert skipped == pytest.approx(next_token_loss(model, ids), rel=1e-6)
+    assert skipped != pytest.approx(out.loss.item(), rel=1e-4)
+
+
+def test_layer_contributions_table(setup, tmp_path):
+    df = layer_contributions(setup / "tables" / "layer_metrics.parquet", setup / "model", setup / "test.npz",
+                             tmp_path, sample_tokens=32)
+    assert df.block.tolist() == [0, 1] and sorted(df.rank_lens) == [1, 2] and sorted(df.rank_skip) == [1, 2]
+    lm = pd.read_parquet(setup / "tables" / "layer_metrics.parquet")
+    tuned = lm[lm.lens == "tuned"].sort_values("layer").kl.to_numpy()
+    assert np.isclose(df.kl_drop.sum(), tuned[0])  # the drops telescope to the layer-0 KL
+    assert (df.sample_tokens == 32).all() and (tmp_path / "layer_contributions.png").exists()
+
+
+# ------------------------------------------------------------------------ translator anatomy
+
+def test_identity_translators_have_distance_zero_and_full_rank():
+    d = 8
+    df, spectra = anatomy_tables({0: make_translator("affine", d), 1: make_translator("linear", d),
+                                  2: make_translator("scaling", d)})
+    assert np.allclose(df.rel_dist_identity, 0) and np.allclose(df.effective_rank, d)
+    assert np.allclose(df.bias_norm, 0) and df.cos_next.isna().all()  # no deviation to compare
+    assert np.allclose(spectra.singular_value, 1) and len(spectra) == 3 * d
+
+
+def test_linear_map_reproduces_each_translator():
+    torch.manual_seed(0)
+    h = torch.randn(5, 8, dtype=torch.float64)
+    for kind in ("affine", "linear", "scaling"):
+        t = make_translator(kind, 8).double()
+        with torch.no_grad():
+            for p in t.parameters():
+                p.add_(torch.randn_like(p) * 0.3)
+        a, b = linear_map(t)
+        torch.testing.assert_close(h @ a.T + b, t(h))
+    with pytest.raises(LenspipeError, match="linear translator"):
+        linear_map(make_translator("mlp", 8))
+    assert effective_rank(torch.tensor([1.0, 0.0, 0.0])) == pytest.approx(1)
+
+
+def test_translator_anatomy_of_a_trained_lens(setup, tmp_path):
+    df = translator_anatomy(setup / "affine", setup / "model", tmp_path)
+    assert df.layer.tolist() == [0, 1] and (df.rel_dist_identity > 0).all()
+    assert df.cos_next.iloc[:-1].between(-1, 1).all() and np.isnan(df.cos_next.iloc[-1])
+    assert (df.effective_rank <= df.d_model).all() and (tmp_path / "translator_anatomy.png").exists()
+
+
+# ------------------------------------------------------------------------ token categories
+
+@pytest.mark.parametrize("text,cat", [(" the", "word start"), ("ing", "word piece"), ("\n", "whitespace"),
+                                      (",", "punctuation"), (" 42", "number"), (" HAMLET", "all caps"),
+                                      ("é2x", "other"), (" don't", "word start")])
+def test_categorise(text, cat):
+    assert categorise(text) == cat
+
+
+def test_category_table_invariants(setup, tmp_path):
+    df = token_categories(setup / "tables" / "token_metrics", setup / "model", tmp_path)
+    assert np.allclose(df.kl_gap, df.kl_logit - df.kl_tuned) and df.top1_disagree.between(0, 1).all()
+    assert (df.groupby("layer").n.sum() == 8 * 15).all()  # every position with a next token, once per layer
+    # a "tuned" lens that is the logit lens: no disagreement, no KL gap
+    tokens = pd.read_parquet(setup / "tables" / "token_metrics")
+    tokens = tokens.assign(lens=tokens.lens.astype(str), translator=tokens.translator.astype(str))
+    logit = tokens[tokens.lens == "logit"]
+    same = category_table(pd.concat([logit, logit.assign(lens="tuned", translator="affine")]),
+                          np.array(["x"] * 8 * 16, dtype=object), "affine")
+    assert len(same) == 2 and (same.top1_disagree == 0).all() and (same.kl_gap == 0).all()
+
+
+# ------------------------------------------------------------------------ layer transfer, comparison
+
+def test_layer_transfer_diagonal_is_the_tuned_lens(setup, tmp_path):
+    df = layer_transfer(setup / "test.zarr", setup / "model", setup / "affine", tmp_path,
+                        sample_tokens=10_000, layer_stride=1)  # every token: comparable to evaluate
+    assert len(df) == 3 * 2 and (df.kl >= 0).all()
+    lm = pd.read_parquet(setup / "tables" / "layer_metrics.parquet")
+    for lens, layer_key in (("tuned", lambda j: j), ("logit", lambda j: -1)):
+        want = lm[lm.lens == lens].set_index("layer").kl
+        for j in (0, 1):
+            got = df[(df.lens_layer == layer_key(j)) & (df.hidden_layer == j)].kl.item()
+            assert got == pytest.approx(want[j], rel=1e-4)
+
+
+def test_compare_models_concatenates_runs(setup, tmp_path):
+    lm = pd.read_parquet(setup / "tables" / "layer_metrics.parquet")
+    other = lm.assign(model="other")
+    p = tmp_path / "other.parquet"
+    other.to_parquet(p)
+    df = compare_models([setup / "tables" / "layer_metrics.parquet", p], tmp_path)
+    assert set(df.model) == {"tiny", "other"} and "model" not in set(df.lens)
+    assert (df.n_layers == 2).all() and np.allclose(df.depth, df.layer / 2)
+    assert len(comparison_table([lm])) == len(lm) - 1 and (tmp_path / "compare_models.png").exists()
