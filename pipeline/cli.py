@@ -64,6 +64,21 @@ def _info(args) -> None:
     print(json.dumps(info, indent=2, default=str) if args.json else format_info(info))
 
 
+def _export(args) -> None:
+    from .store_export import export_store
+
+    out = args.out or str(Path(args.store).with_suffix("." + ("zip" if args.to == "zip" else "h5")))
+    print(json.dumps(export_store(args.store, out, args.to), indent=2))
+
+
+def _import(args) -> None:
+    from .store_export import import_store
+
+    summary = import_store(args.file, args.store)
+    print(json.dumps(summary, indent=2, default=str))
+    print(f"OK: {args.store} rebuilt from {args.file}; every checksum matches", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lenspipe", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true")
@@ -98,6 +113,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("store", help="store path or URL")
     s.add_argument("--json", action="store_true", help="print JSON instead of text")
     s.set_defaults(func=_info)
+
+    s = sub.add_parser("export", help="write a verified store as one file (zip = zarr ZipStore, or HDF5)")
+    s.add_argument("store", help="store path")
+    s.add_argument("--to", required=True, choices=["zip", "hdf5"])
+    s.add_argument("--out", help="output file (default: the store path with .zip or .h5)")
+    s.set_defaults(func=_export)
+
+    s = sub.add_parser("import", help="rebuild a zarr store from an exported .zip or .h5 file, then verify it")
+    s.add_argument("file", help="exported file")
+    s.add_argument("store", help="new store path")
+    s.set_defaults(func=_import)
     return p
 
 

@@ -103,7 +103,7 @@ def plot_contributions(df: pd.DataFrame, path: Path) -> None:
     axes[1].scatter(df.kl_drop, df.skip_delta_ce)
     for _, r in df.iterrows():
         axes[1].annotate(str(int(r.block)), (r.kl_drop, r.skip_delta_ce), fontsize=7)
-    axes[1].set(xscale="symlog", yscale="symlog", xlabel="tuned-lens KL drop [nats]",
+    axes[1].set(yscale="symlog", xlabel="tuned-lens KL drop [nats]",
                 ylabel="loss increase when skipped [nats]",
                 title=f"lens ranking vs real removal cost (Spearman {spearman(df.kl_drop.to_numpy(), df.skip_delta_ce.to_numpy()):.2f})")
     save(fig, path, axes)

@@ -171,7 +171,15 @@ class _Location:
         self.is_url = "://" in text
         self.zarr_store = text if self.is_url else os.path.abspath(text)
         self.options = storage_options(text) if self.is_url else {}
-        self.fs, self.root = fsspec.core.url_to_fs(self.zarr_store, **self.options)
+        self.is_zip = not self.is_url and text.endswith(".zip") and os.path.isfile(text)
+        if self.is_zip:  # a store exported with `lenspipe export --to zip`, read in place
+            self.fs, self.root = fsspec.filesystem("zip", fo=self.zarr_store), ""
+        else:
+            self.fs, self.root = fsspec.core.url_to_fs(self.zarr_store, **self.options)
+
+    def zarr_target(self):
+        """What zarr.open_group gets: a ZipStore for a .zip, else the path or URL."""
+        return zarr.storage.ZipStore(self.zarr_store, mode="r") if self.is_zip else self.zarr_store
 
     def read_json(self, name: str) -> Any | None:
         try:
@@ -214,11 +222,11 @@ def open_store(path_or_url: str | os.PathLike, *, allow_incomplete: bool = False
     """Open a store for reading: a local path or an fsspec URL (file://, https://, s3://...)."""
     loc = _Location(path_or_url)
     where = loc.zarr_store
-    if not loc.is_url and not os.path.isdir(where):
+    if not loc.is_url and not loc.is_zip and not os.path.isdir(where):
         raise StoreError(f"no activation store at {where} (no such directory); run the extract stage")
     try:
         # use_consolidated=None: one metadata request when finalize consolidated it.
-        group = zarr.open_group(where, mode="r", zarr_format=3, use_consolidated=None,
+        group = zarr.open_group(loc.zarr_target(), mode="r", zarr_format=3, use_consolidated=None,
                                 storage_options=loc.options or None)
     except Exception as e:  # zarr's error types vary by store backend
         raise _read_failure(where, e, "not a lenspipe activation store (no zarr group) at") from e

@@ -1,0 +1,88 @@
+"""Sharing a store as one file: zip (a zarr ZipStore) and HDF5 round trips, reads in place."""
+
+import subprocess
+import sys
+import zipfile
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from test_store import make_data, params
+
+from pipeline.errors import StoreError
+from pipeline.store import StoreWriter, open_store, verify
+from pipeline.store_export import export_store, import_store
+
+N = 3 * 64 + 16  # a short last shard too
+
+
+@pytest.fixture(params=["bfloat16", "float16", "float32"])
+def store(request, tmp_path):
+    resid, toks = make_data(N)
+    with StoreWriter.open(tmp_path / "s.zarr", **params(N, dtype=request.param)) as w:
+        w.write(resid, toks)
+    return tmp_path / "s.zarr"
+
+
+def _same(a, b):
+    x, y = open_store(a), open_store(b)
+    assert x.params == y.params and x.provenance == y.provenance
+    assert torch.equal(x.layers(range(x.n_layers + 1)), y.layers(range(y.n_layers + 1)))
+    assert torch.equal(x.tokens(), y.tokens())
+    return x.n_tokens * (x.n_layers + 1) * x.d_model
+
+
+@pytest.mark.parametrize("fmt", ["zip", "hdf5"])
+def test_round_trip_is_lossless(store, tmp_path, fmt):
+    out = tmp_path / f"s.{fmt}"
+    export_store(store, out, fmt)
+    assert not list(tmp_path.glob(".*.partial"))
+    back = tmp_path / "back.zarr"
+    import_store(out, back)
+    assert _same(store, back) == N * 3 * 8  # every value compared
+    verify(back)
+
+
+def test_hdf5_layout_keeps_bf16_bits_and_provenance(store, tmp_path):
+    export_store(store, tmp_path / "s.h5", "hdf5")
+    src = open_store(store)
+    with h5py.File(tmp_path / "s.h5") as f:
+        ds = f["resid"]
+        assert ds.shape == (3, N, 8) and ds.chunks == (1, 32, 8)
+        if src.dtype == "bfloat16":
+            assert ds.dtype == np.uint16 and ds.attrs["encoding"] == "bfloat16-bits"
+            np.testing.assert_array_equal(ds[...], src._resid[...])  # the stored bits, not a conversion
+        assert "provenance" in f.attrs["lenspipe_attrs"]
+
+
+def test_zip_is_read_in_place(store, tmp_path):
+    export_store(store, tmp_path / "s.zip", "zip")
+    with zipfile.ZipFile(tmp_path / "s.zip") as z:
+        assert all(i.compress_type == zipfile.ZIP_STORED for i in z.infolist())
+    assert _same(store, tmp_path / "s.zip")
+    verify(tmp_path / "s.zip")
+
+
+def test_bad_exports_and_imports_are_refused(store, tmp_path):
+    with pytest.raises(StoreError, match="not one of"):
+        export_store(store, tmp_path / "x", "tar")
+    (tmp_path / "junk.h5").write_bytes(b"not hdf5")
+    with pytest.raises(StoreError, match="neither a zip nor an HDF5"):
+        import_store(tmp_path / "junk.h5", tmp_path / "j.zarr")
+    export_store(store, tmp_path / "s.h5", "hdf5")
+    with h5py.File(tmp_path / "s.h5", "r+") as f:  # one flipped value after export
+        f["resid"][1, 70, 3] = f["resid"][1, 70, 3] + 1
+    with pytest.raises(StoreError, match="imported shard 1 differs"):
+        import_store(tmp_path / "s.h5", tmp_path / "bad.zarr")
+    with pytest.raises(StoreError, match="already exists"):
+        import_store(tmp_path / "s.h5", store)
+
+
+def test_cli_export_import(store, tmp_path):
+    cli = [sys.executable, "-m", "pipeline.cli"]
+    assert subprocess.run(cli + ["export", str(store), "--to", "zip"], capture_output=True).returncode == 0
+    proc = subprocess.run(cli + ["import", str(store.with_suffix(".zip")), str(tmp_path / "c.zarr")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    _same(store, tmp_path / "c.zarr")
