@@ -316,3 +316,32 @@ def test_store_of_another_model_and_truncated_shard(setup, tmp_path):
         verify(store)
     with pytest.raises(StoreError, match="may be corrupt"):
         open_store(store).layers(0)
+
+
+def test_evaluate_and_train_from_a_remote_store_give_the_local_numbers(setup, reference_tables, tmp_path):
+    """Serve the stores over HTTP on 127.0.0.1: the same tables and lens as from disk."""
+    import functools
+    import http.server
+    import threading
+
+    from test_store import RangeHandler
+
+    from pipeline.config import EvaluateConfig
+    from pipeline.evaluate import evaluate
+    from slowed_stage import EVALUATE, IDENT, TRAIN
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(RangeHandler, directory=str(setup)))
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        evaluate(f"{url}/test.zarr", setup / "test.npz", setup / "model", {"affine": setup / "affine"},
+                 EvaluateConfig(**EVALUATE), tmp_path / "tables", IDENT)
+        train(f"{url}/train.zarr", f"{url}/test.zarr", setup / "model", tmp_path / "lens", TrainConfig(**TRAIN), "affine")
+    finally:
+        server.shutdown()
+        server.server_close()
+    for name in ("layer_metrics.parquet", "calibration.parquet"):
+        pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "tables" / name),
+                                      pd.read_parquet(reference_tables / name), check_exact=True)
+    assert _translators(tmp_path / "lens") == _translators(setup / "affine")
