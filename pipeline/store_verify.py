@@ -13,8 +13,11 @@ import numpy as np
 
 from pipeline.errors import StoreError
 from pipeline.provenance import sha256_json
-from pipeline.store import (BF16_BITS, COMPLETE_NAME, ActivationStore, open_store, record_name,
+from pipeline.store import (BF16_BITS, COMPLETE_NAME, LOCK_NAME, ActivationStore, open_store, record_name,
                             shard_checksums)
+
+#: Per-file sha256 of a finished store, in ``sha256sum`` format.
+MANIFEST_NAME = "SHA256SUMS"
 
 
 def verify(path_or_url: str | os.PathLike) -> dict:
@@ -25,13 +28,62 @@ def verify(path_or_url: str | os.PathLike) -> dict:
     """
     store = open_store(path_or_url)  # raises StoreError unless complete
     where = store.location.zarr_store
+    n_files = check_manifest(store)
     _check_shapes(store)
     records = _load_all_records(store)
     for i, record in enumerate(records):
         _verify_shard(store, i, record)
     return {"path": where, "complete": True, "n_shards": len(records),
             "n_tokens": store.n_tokens, "n_layers": store.n_layers, "d_model": store.d_model,
-            "dtype": store.dtype, "checked_values": (store.n_layers + 1) * store.n_tokens * store.d_model}
+            "dtype": store.dtype, "checked_values": (store.n_layers + 1) * store.n_tokens * store.d_model,
+            "checked_files_sha256": n_files}
+
+
+def write_manifest(root: Path) -> None:
+    """``SHA256SUMS`` (the format of ``sha256sum``) over every file of a finished store.
+
+    A downloaded cache can then be checked with standard tools (``sha256sum -c
+    SHA256SUMS`` in the store directory) as well as by :func:`verify`.
+    """
+    from pipeline.provenance import sha256_file
+
+    skip = {MANIFEST_NAME, COMPLETE_NAME, LOCK_NAME}
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name not in skip)
+    lines = [f"{sha256_file(p)}  {p.relative_to(root).as_posix()}\n" for p in files]
+    tmp = root / f".{MANIFEST_NAME}.tmp"
+    tmp.write_text("".join(lines))
+    tmp.replace(root / MANIFEST_NAME)
+
+
+def check_manifest(store: ActivationStore) -> int:
+    """Check every file listed in the store's SHA256SUMS; name the first damaged one."""
+    import hashlib
+
+    loc = store.location
+
+    def path(name: str) -> str:
+        return f"{loc.root.rstrip('/')}/{name}" if loc.root else name
+
+    try:
+        text = loc.fs.cat_file(path(MANIFEST_NAME)).decode()
+    except FileNotFoundError:
+        return 0  # stores written before the manifest existed: the shard checksums still run
+    lines = [line.split("  ", 1) for line in text.splitlines() if line.strip()]
+    for digest, name in lines:
+        try:
+            data = loc.fs.cat_file(path(name))
+        except FileNotFoundError:
+            raise StoreError(f"{loc.zarr_store}: {name} is listed in {MANIFEST_NAME} but missing; "
+                             "the copy is incomplete, download it again") from None
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise StoreError(f"{loc.zarr_store}: {name}{_shard_of(name)} does not match its sha256 in "
+                             f"{MANIFEST_NAME}; re-download or re-extract it")
+    return len(lines)
+
+
+def _shard_of(name: str) -> str:
+    parts = name.split("/")
+    return f" (shard {parts[3]})" if parts[:2] == ["resid", "c"] and len(parts) == 5 else ""
 
 
 def _check_shapes(store: ActivationStore) -> None:

@@ -365,6 +365,9 @@ class StoreWriter:
         finished = now_utc()
         self._group.update_attributes({"complete": True, "finished": finished})
         _consolidate(self.root)
+        from pipeline.store_verify import write_manifest  # late: store_verify imports store
+
+        write_manifest(self.root)
         write_json_atomic(self.root / COMPLETE_NAME, {
             "n_tokens": p.n_tokens, "n_shards": p.n_shards, "finished": finished,
             "fingerprint": self._group.attrs["fingerprint"],

@@ -312,6 +312,9 @@ def test_store_of_another_model_and_truncated_shard(setup, tmp_path):
     shutil.copytree(setup / "test.zarr", store)
     shard = store / "resid" / "c" / "0" / "1" / "0"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a cut-off download
+    with pytest.raises(StoreError, match=r"resid/c/0/1/0 \(shard 1\) does not match its sha256"):
+        verify(store)
+    (store / "SHA256SUMS").unlink()
     with pytest.raises(StoreError, match=r"shard 1 .*cannot be decoded"):
         verify(store)
     with pytest.raises(StoreError, match="may be corrupt"):

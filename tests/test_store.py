@@ -375,6 +375,9 @@ def test_verify_detects_one_flipped_byte(tmp_path, compression):
     data = bytearray(shard_file.read_bytes())
     data[len(data) // 3] ^= 0x01
     shard_file.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match=r"resid/c/0/2/0 \(shard 2\) does not match its sha256"):
+        verify(tmp_path / "s")
+    (tmp_path / "s" / "SHA256SUMS").unlink()  # without the file manifest, the shard checks name the layer
     with pytest.raises(StoreError, match=r"shard 2 \(tokens 128..192\)(, layer \d| .*shard index)"):
         verify(tmp_path / "s")
 
@@ -385,6 +388,9 @@ def test_verify_detects_missing_marker_and_altered_records(tmp_path):
     rec_path = tmp_path / "s" / record_name(1)
     rec = json.loads(rec_path.read_text())
     rec_path.write_text(json.dumps({**rec, "written": "yesterday"}))
+    with pytest.raises(StoreError, match="shard-000001.json does not match its sha256"):
+        verify(tmp_path / "s")
+    (tmp_path / "s" / "SHA256SUMS").unlink()  # the records' own digest still catches it
     with pytest.raises(StoreError, match="do not match the digest"):
         verify(tmp_path / "s")
     (tmp_path / "s" / "COMPLETE").unlink()

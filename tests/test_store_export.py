@@ -86,3 +86,18 @@ def test_cli_export_import(store, tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     _same(store, tmp_path / "c.zarr")
+
+
+def test_manifest_names_the_damaged_file(store, tmp_path):
+    lines = (store / "SHA256SUMS").read_text().splitlines()
+    assert any(line.endswith("  resid/c/0/1/0") for line in lines) and verify(store)["checked_files_sha256"] == len(lines)
+    assert subprocess.run(["sha256sum", "-c", "--quiet", "SHA256SUMS"], cwd=store).returncode == 0
+    shard = store / "resid" / "c" / "0" / "2" / "0"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1
+    shard.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match=r"resid/c/0/2/0 \(shard 2\) does not match its sha256"):
+        verify(store)
+    shard.unlink()
+    with pytest.raises(StoreError, match="listed in SHA256SUMS but missing"):
+        verify(store)
