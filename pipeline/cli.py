@@ -79,6 +79,12 @@ def _import(args) -> None:
     print(f"OK: {args.store} rebuilt from {args.file}; every checksum matches", file=sys.stderr)
 
 
+def _export_head(args) -> None:
+    from .model import export_head
+
+    print(json.dumps(export_head(args.model_dir, args.out), indent=2))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lenspipe", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true")
@@ -124,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("file", help="exported file")
     s.add_argument("store", help="new store path")
     s.set_defaults(func=_import)
+
+    s = sub.add_parser("export-head", help="a model dir with only the final norm + unembedding (to share with a cache)")
+    s.add_argument("model_dir", help="prepared model directory")
+    s.add_argument("out", help="output directory")
+    s.set_defaults(func=_export_head)
     return p
 
 

@@ -191,3 +191,30 @@ def context_length(model_dir: str | Path) -> tuple[int, str] | None:
         if isinstance(config.get(key), int) and config[key] > 0:
             return config[key], key
     return None
+
+
+def export_head(model_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
+    """A model directory holding only what training and evaluation read: the final norm
+    and unembedding tensors (``surgery.load_unembed_head``), config, tokenizer, and the
+    original ``lenspipe_model.json`` (so stores and lenses still match its weights hash).
+    Share it with an activation cache to reproduce the downstream tables without the
+    model's weights; the report's prompt trajectories, which run the model, need the full one.
+    """
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from .surgery import head_checkpoint_tensors
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    info = read_model_info(model_dir)
+    tensors = {k: v.contiguous() for k, v in head_checkpoint_tensors(model_dir).items()}
+    with atomic_dir(out_dir) as tmp:
+        for p in model_dir.iterdir():
+            if p.is_file() and not p.name.endswith(".safetensors") and p.name not in (MARKER, "model.safetensors.index.json"):
+                shutil.copy(p, tmp / p.name)  # config, generation config, tokenizer files
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        write_json_atomic(tmp / MARKER, info | {"head_only": sorted(tensors)})
+    log.info("head-only model dir %s: %s (%.1f MB)", out_dir, ", ".join(sorted(tensors)),
+             sum(t.numel() * t.element_size() for t in tensors.values()) / 1e6)
+    return {"out": str(out_dir), "tensors": sorted(tensors)}

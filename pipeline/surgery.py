@@ -296,26 +296,41 @@ def _read_module_state(module: nn.Module, name: str, parts: ModelParts, files: d
 
     state = {}
     for local in module.state_dict(keep_vars=True):  # parameters and persistent buffers
-        key = key_map.get(f"{name}.{local}")
-        if key is None and module is parts.unembed and local == "weight" and parts.tied:
-            # Tied embeddings: save_pretrained drops lm_head.weight, keeping the input embedding.
-            key = key_map.get(f"{parts.embed_name}.weight")
-        if key is None:
-            raise UnsupportedModel(f"tensor {name}.{local} is missing from the checkpoint")
+        key = _head_key(module, name, local, parts, key_map)
         with safe_open(str(files[key]), framework="pt") as f:
             state[local] = f.get_tensor(key).to(dtype)
     return state
 
 
-def load_unembed_head(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> UnembedHead:
-    """Build the unembedding head from a checkpoint directory without loading the blocks.
+def _head_key(module: nn.Module, name: str, local: str, parts: ModelParts, key_map: dict[str, str]) -> str:
+    key = key_map.get(f"{name}.{local}")
+    if key is None and module is parts.unembed and local == "weight" and parts.tied:
+        # Tied embeddings: save_pretrained drops lm_head.weight, keeping the input embedding.
+        key = key_map.get(f"{parts.embed_name}.weight")
+    if key is None:
+        raise UnsupportedModel(f"tensor {name}.{local} is missing from the checkpoint")
+    return key
 
-    The model skeleton is instantiated on the meta device (no memory), the parts are found
-    as for a loaded model, and only the head's tensors are read from the safetensors files.
-    """
+
+def head_checkpoint_tensors(model_dir: str | Path) -> dict[str, Tensor]:
+    """The checkpoint tensors (by their checkpoint names) that the unembedding head needs."""
+    from safetensors import safe_open
+
+    skeleton, parts, files, key_map = _skeleton(Path(model_dir))
+    modules = dict(skeleton.named_modules(remove_duplicate=False))
+    out = {}
+    for name in parts.head_module_names:
+        for local in modules[name].state_dict(keep_vars=True):
+            key = _head_key(modules[name], name, local, parts, key_map)
+            with safe_open(str(files[key]), framework="pt") as f:
+                out[key] = f.get_tensor(key)
+    return out
+
+
+def _skeleton(model_dir: Path):
+    """(meta-device model, its parts, checkpoint key -> file, model key -> checkpoint key)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise ModelNotAvailable(f"{model_dir} is not a model directory (no config.json)")
     files = _checkpoint_files(model_dir)
@@ -325,9 +340,18 @@ def load_unembed_head(model_dir: str | Path, dtype: torch.dtype = torch.float32)
             skeleton = AutoModelForCausalLM.from_config(config)
     except (ValueError, KeyError, OSError) as exc:
         raise UnsupportedModel(f"cannot build a causal-LM skeleton for {model_dir}: {exc}") from exc
-    parts = find_parts(skeleton)
+    return skeleton, find_parts(skeleton), files, _model_key_map(skeleton, files)
+
+
+def load_unembed_head(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> UnembedHead:
+    """Build the unembedding head from a checkpoint directory without loading the blocks.
+
+    The model skeleton is instantiated on the meta device (no memory), the parts are found
+    as for a loaded model, and only the head's tensors are read from the safetensors files.
+    """
+    model_dir = Path(model_dir)
+    skeleton, parts, files, key_map = _skeleton(model_dir)
     modules = dict(skeleton.named_modules(remove_duplicate=False))
-    key_map = _model_key_map(skeleton, files)
     for name in parts.head_module_names:
         module = modules[name]
         state = _read_module_state(module, name, parts, files, key_map, dtype)

@@ -348,3 +348,21 @@ def test_evaluate_and_train_from_a_remote_store_give_the_local_numbers(setup, re
         pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "tables" / name),
                                       pd.read_parquet(reference_tables / name), check_exact=True)
     assert _translators(tmp_path / "lens") == _translators(setup / "affine")
+
+
+def test_head_only_model_dir_reproduces_training_and_evaluation(setup, reference_tables, tmp_path):
+    from pipeline.config import EvaluateConfig
+    from pipeline.evaluate import evaluate
+    from pipeline.model import export_head
+    from slowed_stage import EVALUATE, IDENT, TRAIN
+
+    head = tmp_path / "head"
+    out = export_head(setup / "model", head)
+    assert out["tensors"] == ["model.embed_tokens.weight", "model.norm.weight"]  # tied: no lm_head
+    assert (head / "model.safetensors").stat().st_size < (setup / "model" / "model.safetensors").stat().st_size / 2
+    train(setup / "train.zarr", setup / "test.zarr", head, tmp_path / "lens", TrainConfig(**TRAIN), "affine")
+    assert _translators(tmp_path / "lens") == _translators(setup / "affine")
+    evaluate(setup / "test.zarr", setup / "test.npz", head, {"affine": setup / "affine"},
+             EvaluateConfig(**EVALUATE), tmp_path / "tables", IDENT)
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "tables" / "layer_metrics.parquet"),
+                                  pd.read_parquet(reference_tables / "layer_metrics.parquet"), check_exact=True)
