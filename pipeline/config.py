@@ -158,7 +158,13 @@ class ExtractConfig:
     level: int = 3
     """Compression level."""
 
+    parts: int = 1
+    """Extraction jobs per split: each writes whole shards of its own sequence range
+    (rule ``extract_part``); ``assemble_store`` links them into one store. 1 = one job."""
+
     def __post_init__(self) -> None:
+        if not isinstance(self.parts, int) or self.parts < 1:
+            raise ConfigError("extract.parts must be an integer >= 1")
         bad = sorted(set(self.max_tokens) - set(SPLITS))
         if bad:
             raise ConfigError(f"extract.max_tokens: unknown split(s) {bad}; splits are {list(SPLITS)}")

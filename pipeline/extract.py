@@ -106,8 +106,26 @@ def _reset_if_stale(store_path: Path, provenance: dict, params: dict) -> None:
         shutil.rmtree(store_path)
 
 
+def part_range(n_seq: int, seq_per_shard: int, part: int, parts: int) -> tuple[int, int]:
+    """Sequences [first, stop) of extraction part ``part`` of ``parts``: whole shards each,
+    so every shard of the assembled store is written by exactly one job."""
+    n_shards = -(-n_seq // seq_per_shard)
+    if parts > n_shards:
+        raise ConfigError(f"extract.parts={parts} exceeds this split's {n_shards} shards; use fewer parts "
+                          "or smaller shard_tokens")
+    size, extra = divmod(n_shards, parts)
+    first = part * size + min(part, extra)
+    return first * seq_per_shard, min((first + size + (part < extra)) * seq_per_shard, n_seq)
+
+
+def extract_part(model_dir: Path, split_path: Path, store_path: Path, cfg: ExtractConfig, split: str,
+                 part: int) -> dict[str, Any]:
+    """Part ``part`` of ``cfg.parts`` of the split's store (assembled by pipeline.parts)."""
+    return extract(model_dir, split_path, store_path, cfg, split, part=(part, cfg.parts))
+
+
 def extract(model_dir: Path, split_path: Path, store_path: Path, cfg: ExtractConfig,
-            split: str) -> dict[str, Any]:
+            split: str, part: tuple[int, int] | None = None) -> dict[str, Any]:
     """Extract ``split`` into ``store_path``; resumes an interrupted run. Returns a summary."""
     packed = load_split(split_path)
     seq_len = packed.meta["seq_len"]
@@ -120,6 +138,10 @@ def extract(model_dir: Path, split_path: Path, store_path: Path, cfg: ExtractCon
     model = load_model(model_dir, device, dtype)
     parts = find_parts(model)
     provenance = _provenance(model_dir, packed.meta, seq_index, len(packed.tokens), cfg, split)
+    if part is not None:
+        lo, hi = part_range(len(tokens), cfg.shard_tokens // seq_len, *part)
+        tokens = tokens[lo:hi]
+        provenance["part"] = {"index": part[0], "of": part[1], "sequences": [lo, hi]}
     params = dict(n_layers=parts.n_layers, d_model=parts.d_model, n_tokens=tokens.numel(), seq_len=seq_len,
                   dtype=cfg.dtype, shard_tokens=cfg.shard_tokens, chunk_tokens=cfg.chunk_tokens,
                   compression=cfg.compression, level=cfg.level)

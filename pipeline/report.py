@@ -223,6 +223,9 @@ def _summary_sentence(df: pd.DataFrame) -> str:
 def print_summary(layer_metrics: list[str], report_dir: str) -> None:
     """What the main command prints at the end: where things are, per-layer KL."""
     print("\nlenspipe: done.")
+    layer_metrics = [p for p in layer_metrics if Path(p).is_file()]  # a run may target less than all
+    if not layer_metrics:
+        return
     for path in layer_metrics:
         df = pd.read_parquet(path)
         print(f"\n{path}\n{_summary_sentence(df)}")

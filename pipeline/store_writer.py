@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import shutil
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -319,6 +320,35 @@ class StoreWriter:
                   "written": now_utc()}
         write_json_atomic(self.root / record_name(shard), record)
         return record
+
+    def adopt_shard(self, src_root: Path, src_shard: int, record: dict) -> None:
+        """Take a finished shard of another store with the same layout as the next shard.
+
+        Its files are hard-linked (copied across file systems) and its record renumbered;
+        the checksums stay, so verify re-checks the data against what its writer recorded.
+        Used to assemble extraction parts; each shard still had exactly one writer.
+        """
+        self._check_writable()
+        p = self.params
+        shard = self._pos // p.shard_tokens
+        start, stop = p.shard_span(shard)
+        if self._pos != start or record["stop"] - record["start"] != stop - start:
+            raise StoreError(f"shard {src_shard} of {src_root} ({record['stop'] - record['start']} tokens) "
+                             f"does not fit shard {shard} of {self.root} ({stop - start} tokens)")
+        for arr, src_coords, dst_coords in ((self._resid, (0, src_shard, 0), (0, shard, 0)),
+                                            (self._tokens, (src_shard,), (shard,))):
+            src = Path(src_root) / arr.basename / arr.metadata.encode_chunk_key(src_coords)
+            dst = self.root / arr.basename / arr.metadata.encode_chunk_key(dst_coords)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.unlink(missing_ok=True)
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copyfile(src, dst)
+        rec = {**record, "shard": shard, "start": start, "stop": stop, "adopted_from": f"{src_root}#{src_shard}"}
+        write_json_atomic(self.root / record_name(shard), rec)
+        self._records.append(rec)
+        self._pos = stop
 
     # -- resume / finish --------------------------------------------------------------
 

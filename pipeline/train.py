@@ -288,6 +288,16 @@ def train(store_path: Path, val_store_path: Path, model_dir: Path, out_dir: Path
         return _train(store_path, val_store_path, model_dir, Path(out_dir), cfg, kind)
 
 
+def train_group(store_path: Path, val_store_path: Path, model_dir: Path, out_dir: Path,
+                cfg: TrainConfig, kind: str, group: int) -> dict[str, Any]:
+    """Train group ``group`` of ``cfg.layer_groups`` (a separate job); see pipeline.merge."""
+    from dataclasses import replace
+
+    layers = cfg.group_layers(read_model_info(model_dir)["n_layers"], group)
+    log.info("layer group %d of %d: layers %s", group, cfg.layer_groups, layers)
+    return train(store_path, val_store_path, model_dir, out_dir, replace(cfg, layers=layers, layer_groups=1), kind)
+
+
 def _train(store_path, val_store_path, model_dir, out_dir: Path, cfg: TrainConfig, kind: str) -> dict[str, Any]:
     t0 = time.monotonic()
     store, val_store = open_store(store_path), open_store(val_store_path)

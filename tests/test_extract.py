@@ -12,7 +12,7 @@ import torch
 from tiny import VOCAB, save_prepared, tiny_model, write_packed_split
 
 from pipeline.config import ExtractConfig
-from pipeline.errors import StoreError
+from pipeline.errors import ConfigError, StoreError
 from pipeline.extract import extract, select_sequences
 from pipeline.store import open_store, verify
 from pipeline.surgery import unembed_head
@@ -128,3 +128,31 @@ def test_info_cli_summarises_complete_and_incomplete_stores(tmp_path):
     import json
 
     assert out.returncode == 0 and json.loads(out.stdout)["complete"] is False
+
+
+def test_parts_assemble_into_the_single_job_store(tmp_path):
+    from pipeline.extract import extract_part, part_range
+    from pipeline.parts import assemble_store
+
+    assert [part_range(13, 4, p, 3) for p in range(3)] == [(0, 8), (8, 12), (12, 13)]  # 4 shards: 2 + 1 + 1
+    model_dir = save_prepared(tiny_model("llama"), tmp_path / "m")
+    split = write_packed_split(tmp_path / "test.npz", n_seq=13, seq_len=16, vocab=VOCAB)
+    small = SMALL | {"shard_tokens": 64}  # 4 sequences per shard
+    cfg = ExtractConfig(**(small | {"parts": 3}))
+    ref = tmp_path / "ref.zarr"
+    extract(model_dir, split, ref, ExtractConfig(**small), "test")
+    parts = [tmp_path / f"p{i}.zarr" for i in range(3)]
+    for i, p in enumerate(parts):
+        extract_part(model_dir, split, p, cfg, "test", i)
+    dest = tmp_path / "s.zarr"
+    assemble_store(parts, dest)
+    a, b = open_store(ref), open_store(dest)
+    assert torch.equal(a.layers(range(a.n_layers + 1)), b.layers(range(b.n_layers + 1)))
+    assert torch.equal(a.tokens(), b.tokens()) and a.params == b.params
+    assert verify(dest)["n_shards"] == 4 and b.provenance["assembled_from"]["parts"] == 3
+    assert {k: v for k, v in b.provenance.items() if k not in ("assembled_from", "extract_config")} == \
+        {k: v for k, v in a.provenance.items() if k != "extract_config"}
+    with pytest.raises(StoreError, match="not the parts"):
+        assemble_store(parts[::-1], tmp_path / "x.zarr")
+    with pytest.raises(ConfigError, match="exceeds this split's 4 shards"):
+        extract_part(model_dir, split, tmp_path / "y.zarr", ExtractConfig(**(small | {"parts": 5})), "test", 0)

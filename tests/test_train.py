@@ -124,3 +124,24 @@ def test_bad_input(tiny_run, tmp_path):
         TrainConfig(layers=[])
     with pytest.raises(ConfigError, match="out of range"):
         run(tiny_run, tmp_path / "o", layers=[0, 7])
+
+
+def test_layer_groups_split_evenly_and_merge_into_one_lens(tiny_run, tmp_path):
+    from pipeline.merge import merge_lens
+    from pipeline.train import train_group
+
+    groups = TrainConfig(layer_groups=3)
+    assert [groups.group_layers(8, g) for g in range(3)] == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    with pytest.raises(ConfigError, match="exceeds the 2 layers"):
+        groups.group_layers(2, 0)
+    root, model_dir = tiny_run
+    for g in (0, 1):
+        train_group(root / "train.zarr", root / "test.zarr", model_dir, tmp_path / f"g{g}", cfg(layer_groups=2), "affine", g)
+    merged = merge_lens([tmp_path / "g0", tmp_path / "g1"], model_dir, tmp_path / "lens")
+    assert merged.layers == [0, 1]
+    again = TunedLens.load(tmp_path / "lens", model_dir=model_dir)
+    parts = [TunedLens.load(tmp_path / f"g{g}", model_dir=model_dir) for g in (0, 1)]
+    for g, part in enumerate(parts):
+        assert torch.equal(again.translators[str(g)].weight, part.translators[str(g)].weight)
+    log = pq.read_table(tmp_path / "lens" / "train_log.parquet").to_pandas()
+    assert set(log.layer) == {0, 1} and log.step.max() == 6

@@ -1,5 +1,6 @@
 """The Snakemake workflow end to end on a tiny config (.test/config.yaml)."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -188,3 +189,50 @@ def test_default_workflow_on_the_real_model_is_reproducible(tmp_path):
         assert torch.equal(x.layers(range(x.n_layers + 1)), y.layers(range(y.n_layers + 1)))
     assert assert_same_values(*values, rtol=1e-4) > 10_000
     _check_provenance(tmp_path / "a" / "data")
+
+
+def test_dag_fans_out_4_extraction_parts_and_3_layer_groups_and_merges(workdir):
+    cfg = workdir / "scale.yaml"
+    text = (REPO / ".test" / "config.yaml").read_text()
+    cfg.write_text(text.replace("  steps: 3", "  steps: 3\n  layer_groups: 3").replace("  batch_size: 4", "  batch_size: 4\n  parts: 4"))
+    dry = snakemake(workdir, "-n", "--configfile", str(cfg))
+    jobs = dry.stdout + dry.stderr
+    assert dry.returncode == 0, jobs[-3000:]
+    # 3 splits x 4 parts, one assembly per split; 2 kinds x 3 groups, one merge per kind
+    assert jobs.count("rule extract_part:") == 12 and jobs.count("rule assemble_store:") == 3
+    assert jobs.count("rule train_group:") == 6 and jobs.count("rule merge_lens:") == 2
+    assert "rule extract:" not in jobs and "rule train:" not in jobs
+    assert snakemake(workdir, "--lint", "--configfile", str(cfg)).returncode == 0
+
+
+def test_workflow_with_parts_and_groups_gives_the_one_job_stores(workdir, tmp_path_factory):
+    """2 extraction parts and 2 layer groups per lens, run for real: same stores as one job."""
+    import torch
+
+    from pipeline.store import open_store
+
+    cfg = workdir / "scale.yaml"
+    text = (REPO / ".test" / "config.yaml").read_text()
+    cfg.write_text(text.replace("  steps: 3", "  steps: 3\n  layer_groups: 2").replace("  batch_size: 4", "  batch_size: 4\n  parts: 2"))
+    target = "data/tables/tiny/tiny-txt/layer_metrics.parquet"
+    proc = snakemake(workdir, target, "--configfile", str(cfg))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lens = workdir / "data" / "lenses" / "tiny" / "tiny-txt" / "affine" / "lens.json"
+    assert json.loads(lens.read_text())["layers"] == [0, 1]
+    one = _fresh_workdir(tmp_path_factory.mktemp("one"))
+    assert snakemake(one, "data/stores/tiny/tiny-txt/test.extract.json").returncode == 0
+    a, b = (open_store(w / "data/stores/tiny/tiny-txt/test.zarr") for w in (one, workdir))
+    assert b.provenance["assembled_from"]["parts"] == 2
+    assert torch.equal(a.layers(range(a.n_layers + 1)), b.layers(range(b.n_layers + 1)))
+
+
+def test_lint_is_clean_and_the_slurm_profile_names_real_rules(workdir):
+    import yaml
+
+    lint = snakemake(workdir, "--lint")
+    assert lint.returncode == 0 and "good condition" in lint.stdout + lint.stderr, (lint.stdout + lint.stderr)[-3000:]
+    rules = set(snakemake(workdir, "--list-rules").stdout.split())
+    profile = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
+    assert profile["executor"] == "slurm"
+    named = set(profile["set-resources"]) | set(profile["set-threads"])
+    assert named <= rules | {"train_group", "merge_lens", "extract_part", "assemble_store"}, named - rules
