@@ -205,6 +205,7 @@ def test_dag_fans_out_4_extraction_parts_and_3_layer_groups_and_merges(workdir):
     assert snakemake(workdir, "--lint", "--configfile", str(cfg)).returncode == 0
 
 
+@pytest.mark.slow  # ~3 min on 2 cores; the assembly itself is tested bitwise in test_extract
 def test_workflow_with_parts_and_groups_gives_the_one_job_stores(workdir, tmp_path_factory):
     """2 extraction parts and 2 layer groups per lens, run for real: same stores as one job."""
     import torch
