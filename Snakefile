@@ -185,8 +185,7 @@ if GROUPS == 1:
             train_store=P(paths.STORE, split="train"),
             val_store=P(paths.STORE, split="validation"),
             lens_dir=P(paths.LENS_DIR),
-            # adding a translator kind must not retrain the others
-            train={k: v for k, v in config.get("train", {}).items() if k != "kinds"},
+            train=TRAIN_PARAMS,
         log:
             P(paths.LOG, rule="train", name="{model}-{corpus}-{kind}"),
         threads: 2
