@@ -157,6 +157,7 @@ def test_two_runs_from_scratch_are_bitwise_equal_and_the_seed_matters(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # two full runs with the analyses: ~11 min on 2 cores
 def test_default_workflow_on_the_real_model_is_reproducible(tmp_path):
     """The embedded SmolLM2 + Shakespeare, budgets cut ~10x: two runs give the same values."""
     import torch
