@@ -119,7 +119,7 @@ def _check_provenance(data: Path) -> None:
     for p in data.rglob("*.parquet"):
         prov = read_provenance(p)
         assert prov.get("versions", {}).get("torch"), p
-        assert prov.get("evaluate_config") or prov.get("training_config"), p
+        assert prov.get("evaluate_config") or prov.get("training_config") or prov.get("analysis"), p
     for p in data.rglob("lens.json"):
         meta = json.loads(p.read_text())
         assert meta["training_config"] and meta["versions"]["torch"], p
