@@ -91,7 +91,7 @@ def main() -> None:
     packed = load_split(SPLIT)
     n_tokens = args.batches * batch * packed.meta["seq_len"]
     # the same sequences extract() selects, so both arms see identical inputs
-    from pipeline.extract import select_sequences
+    from pipeline.sampling import select_sequences
     idx = select_sequences(len(packed.tokens), n_tokens // packed.meta["seq_len"], 0)
     tokens = torch.from_numpy(packed.tokens[idx]).long()
     model = load_model(MODEL, torch.device("cpu"), torch.float32)

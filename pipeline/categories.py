@@ -46,7 +46,10 @@ def token_categories(token_dir: Path, model_dir: Path, out_dir: Path, *, transla
     tok = AutoTokenizer.from_pretrained(model_dir)
     ids = np.unique(next_ids[next_ids >= 0])
     by_id = {int(i): categorise(tok.decode([int(i)])) for i in ids}
-    cat = np.array([by_id.get(int(i), "other") for i in next_ids], dtype=object)  # by token_index
+    # next_ids come in token_index order; evaluated tokens are a sample of the store, so
+    # token_index has gaps: key the categories by it, never by position
+    index = np.sort(tokens.loc[tokens.lens == "model", "token_index"].to_numpy())
+    cat = pd.Series([by_id.get(int(i), "other") for i in next_ids], index=index, dtype=object)
     df = category_table(tokens, cat, translator)
     df["n_layers"] = n_layers
     write_table_df(df, Path(out_dir) / "token_categories.parquet",
@@ -55,15 +58,16 @@ def token_categories(token_dir: Path, model_dir: Path, out_dir: Path, *, transla
     return df
 
 
-def category_table(tokens: pd.DataFrame, cat: np.ndarray, translator: str) -> pd.DataFrame:
-    """Per (category, layer): mean KL per lens, gap, top-1 disagreement; positions with a next token only."""
+def category_table(tokens: pd.DataFrame, cat: pd.Series, translator: str) -> pd.DataFrame:
+    """Per (category, layer): mean KL per lens, gap, top-1 disagreement; positions with a next
+    token only. ``cat``: the category of each token's next token, indexed by token_index."""
     def lens_rows(lens, tr):
         g = tokens[(tokens.lens == lens) & (tokens.translator == tr)]
         return g[g.next_token_rank >= 0][["layer", "token_index", "kl", "top1_id"]]
 
     logit, tuned = lens_rows("logit", "none"), lens_rows("tuned", translator)
     both = logit.merge(tuned, on=["layer", "token_index"], suffixes=("_logit", "_tuned"))
-    both["category"] = cat[both.token_index.to_numpy()]
+    both["category"] = cat.loc[both.token_index.to_numpy()].to_numpy()
     both["disagree"] = both.top1_id_logit != both.top1_id_tuned
     out = (both.groupby(["category", "layer"]).agg(n=("kl_logit", "size"), kl_logit=("kl_logit", "mean"),
                                                    kl_tuned=("kl_tuned", "mean"), top1_disagree=("disagree", "mean"))

@@ -22,7 +22,8 @@ from .errors import LenspipeError
 from .plots import figure, save
 from .progress import Progress
 from .surgery import find_parts
-from .tables import write_table_df
+from .sampling import spread_sequences, token_index
+from .tables import read_provenance, write_table_df
 
 log = logging.getLogger(__name__)
 
@@ -55,24 +56,47 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def layer_contributions(layer_metrics: Path, model_dir: Path, split: Path, out_dir: Path, *,
+def _lens_kl(tokens: pd.DataFrame, lens: str, translator: str, n_layers: int) -> np.ndarray:
+    """(n_layers,) mean per-token KL of one lens at each layer."""
+    g = tokens[(tokens.lens == lens) & (tokens.translator == translator)]
+    kl = g.groupby("layer").kl.mean().sort_index()
+    if kl.index.tolist() != list(range(n_layers)):
+        raise LenspipeError(f"layer contributions need the {translator!r} tuned lens on all {n_layers} layers")
+    return kl.to_numpy(np.float64)
+
+
+def skip_sample(layer_metrics: Path, seq_len: int, sample_tokens: int) -> tuple[list[int], list[int]]:
+    """(store, packed-split) indices of the sequences to skip blocks on: whole sequences
+    spread over the ones the evaluation used, so KL drops and skip costs share tokens."""
+    evaluated = read_provenance(layer_metrics).get("evaluated")
+    if not evaluated:
+        raise LenspipeError(f"{layer_metrics} does not record which sequences were evaluated (an older "
+                            "lenspipe wrote it); re-run the evaluate rule")
+    pick = spread_sequences(len(evaluated["sequences"]), max(1, sample_tokens // seq_len), 0)
+    return ([evaluated["sequences"][i] for i in pick], [evaluated["split_sequences"][i] for i in pick])
+
+
+def layer_contributions(layer_metrics: Path, token_dir: Path, model_dir: Path, split: Path, out_dir: Path, *,
                         translator: str = "affine", sample_tokens: int = 512) -> pd.DataFrame:
-    """Write layer_contributions.parquet and .png; returns the table."""
+    """Write layer_contributions.parquet and .png; returns the table.
+
+    KL drops and skip costs are measured on the same ``sample_tokens`` held-out tokens
+    (whole evaluated sequences); ``kl_drop_all`` gives the drops over every evaluated token.
+    """
     from transformers import AutoModelForCausalLM
 
     from .corpus import load_split
 
-    lm = pd.read_parquet(layer_metrics)
-    kl = {}
-    for name, rows in (("tuned", lm[(lm.lens == "tuned") & (lm.translator == translator)]), ("logit", lm[lm.lens == "logit"])):
-        kl[name] = rows.sort_values("layer").kl.to_numpy()
-    n_layers = len(kl["logit"])
-    if len(kl["tuned"]) != n_layers:
-        raise LenspipeError(f"layer contributions need the {translator!r} tuned lens on all {n_layers} layers "
-                            f"in {layer_metrics}")
     packed = load_split(split)
-    n_seq = max(1, min(len(packed.tokens), sample_tokens // packed.tokens.shape[1]))
-    ids = torch.from_numpy(packed.tokens[:n_seq]).long()  # (n_seq, seq_len): the first held-out sequences
+    store_seqs, split_seqs = skip_sample(layer_metrics, packed.tokens.shape[1], sample_tokens)
+    tokens = pd.read_parquet(token_dir, columns=["lens", "translator", "layer", "token_index", "kl"])
+    tokens = tokens[tokens.token_index.isin(token_index(store_seqs, packed.tokens.shape[1]))]
+    tokens = tokens.astype({"lens": str, "translator": str, "kl": np.float64})
+    n_layers = int(tokens.loc[tokens.lens == "model", "layer"].iloc[0])
+    kl = {"tuned": _lens_kl(tokens, "tuned", translator, n_layers), "logit": _lens_kl(tokens, "logit", "none", n_layers)}
+    lm = pd.read_parquet(layer_metrics)
+    kl_all = lm[(lm.lens == "tuned") & (lm.translator == translator)].sort_values("layer").kl.to_numpy()
+    ids = torch.from_numpy(packed.tokens[split_seqs]).long()  # (n_seq, seq_len): the same tokens
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     base = next_token_loss(model, ids)
     delta = np.zeros(n_layers)
@@ -81,13 +105,16 @@ def layer_contributions(layer_metrics: Path, model_dir: Path, split: Path, out_d
             delta[b] = next_token_loss(model, ids, skip=b) - base
             bar.update(1)
     df = pd.DataFrame({"block": np.arange(n_layers), "kl_drop": kl_drops(kl["tuned"]),
-                       "kl_drop_logit": kl_drops(kl["logit"]), "skip_delta_ce": delta,
-                       "base_ce": base, "sample_tokens": ids.numel(), "translator": translator})
+                       "kl_drop_logit": kl_drops(kl["logit"]), "kl_drop_all": kl_drops(kl_all),
+                       "skip_delta_ce": delta, "base_ce": base, "sample_tokens": ids.numel(),
+                       "translator": translator})
     df["rank_lens"] = df.kl_drop.rank(method="first").astype(int)  # 1 = smallest drop = first pruning candidate
     df["rank_skip"] = df.skip_delta_ce.rank(method="first").astype(int)
     df.attrs["spearman"] = spearman(df.kl_drop.to_numpy(), delta)
     write_table_df(df, Path(out_dir) / "layer_contributions.parquet",
                    {"analysis": "layer_contributions", "layer_metrics": str(layer_metrics),
+                    "token_dir": str(token_dir), "sample_sequences": store_seqs,
+                    "sample_split_sequences": split_seqs,
                     "spearman_kl_drop_vs_skip_delta_ce": df.attrs["spearman"]})
     plot_contributions(df, Path(out_dir) / "layer_contributions.png")
     return df

@@ -30,6 +30,8 @@ from .lenses import LogitLens, TunedLens
 from .lenses import read_lens_meta
 from .progress import Progress
 from .provenance import exclusive_output, package_versions
+from .sampling import (document_counts, format_documents, read_sequence_tokens, read_sequences, split_sequences,
+                       spread_sequences, token_index)
 from .store import open_store
 from .surgery import load_unembed_head
 from .train import check_store_model
@@ -100,7 +102,7 @@ class Chunk:
     next_ids: torch.Tensor  # (n,)
     mask: torch.Tensor  # (n,) next token exists
     final: dict[str, torch.Tensor]  # the model's p (n, vocab), neg_entropy (n,), top1 (n,)
-    start: int
+    index: np.ndarray  # (n,) store index of each token
     byte_counts: np.ndarray  # (n_seq,) bytes of the predicted tokens per sequence
 
 
@@ -118,16 +120,16 @@ def _evaluate_one(result: ChunkResult, key, z, chunk: Chunk, job: Job, tokens: l
 
 
 @torch.no_grad()
-def evaluate_chunk(job: Job, start: int, stop: int, token_bytes: np.ndarray, part: int) -> ChunkResult:
-    """All lenses x all layers on store tokens [start, stop) (whole sequences)."""
+def evaluate_chunk(job: Job, seqs: tuple[int, ...], token_bytes: np.ndarray, part: int) -> ChunkResult:
+    """All lenses x all layers on the whole store sequences ``seqs``."""
     store = open_store(job.store)
     lenses = _lenses(job.model_dir, job.lens_dirs)
-    x = store.layers(range(job.n_layers + 1), start, stop)  # (L+1, n, d_model)
-    ids = store.tokens(start, stop)  # (n,)
+    x = read_sequences(store, range(job.n_layers + 1), seqs)  # (L+1, n, d_model)
+    ids = read_sequence_tokens(store, seqs)  # (n,)
     next_ids, mask = M.next_token_targets(ids, job.seq_len)  # (n,), (n,)
     final_logits = lenses[LOGIT].head(x[-1])  # (n, vocab)
     nbytes = torch.from_numpy(np.roll(token_bytes, -1)).double()  # bytes of the next token
-    chunk = Chunk(x, ids, next_ids, mask, M.final_stats(final_logits), start,
+    chunk = Chunk(x, ids, next_ids, mask, M.final_stats(final_logits), token_index(seqs, job.seq_len),
                   _per_seq(nbytes, mask, job.seq_len)[0])
     result, tokens = ChunkResult(), []
     _evaluate_one(result, (MODEL, job.n_layers), final_logits, chunk, job, tokens)
@@ -146,7 +148,7 @@ def evaluate_chunk(job: Job, start: int, stop: int, token_bytes: np.ndarray, par
 def _token_rows(key, chunk: Chunk, st: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     n, mask = len(chunk.ids), chunk.mask.numpy()
     return {"lens": np.full(n, key[0]), "layer": np.full(n, key[1], np.int32),
-            "token_index": np.arange(chunk.start, chunk.start + n, dtype=np.int64),
+            "token_index": chunk.index,
             "token_id": chunk.ids.numpy().astype(np.int32),
             "next_token_id": np.where(mask, chunk.next_ids.numpy(), -1).astype(np.int32),
             "top1_id": st["top1"].numpy().astype(np.int32), "top1_prob": st["top1_prob"].float().numpy(),
@@ -203,16 +205,28 @@ def summarize(combined: ChunkResult, cfg: EvaluateConfig) -> list[dict[str, Any]
     return rows
 
 
-def _plan(store, cfg: EvaluateConfig) -> list[tuple[int, int]]:
-    n = store.n_tokens if cfg.max_tokens is None else min(store.n_tokens, cfg.max_tokens // store.seq_len * store.seq_len)
-    if n < store.seq_len:
+def _plan(store, cfg: EvaluateConfig) -> list[tuple[int, ...]]:
+    """Chunks of store sequence indices: ``max_tokens`` worth of whole sequences spread over
+    the whole store (seeded), never its first sequences (the store keeps corpus order)."""
+    if cfg.max_tokens is not None and cfg.max_tokens < store.seq_len:
         raise StoreError(f"evaluate.max_tokens ({cfg.max_tokens}) is less than one sequence ({store.seq_len})")
-    step = max(store.seq_len, cfg.chunk_tokens // store.seq_len * store.seq_len)
-    return [(s, min(s + step, n)) for s in range(0, n, step)]
+    k = None if cfg.max_tokens is None else cfg.max_tokens // store.seq_len
+    seqs = [int(i) for i in spread_sequences(store.n_tokens // store.seq_len, k, cfg.seed)]
+    per = max(1, cfg.chunk_tokens // store.seq_len)
+    return [tuple(seqs[i:i + per]) for i in range(0, len(seqs), per)]
 
 
-def _store_token_bytes(store, split_path: Path) -> np.ndarray:
-    """UTF-8 bytes of every store token, from the packed split (checked to be the same tokens)."""
+@dataclass
+class SplitTokens:
+    """Per store token, what the packed split knows about it."""
+    token_bytes: np.ndarray  # (n_tokens,) UTF-8 bytes the token covers
+    doc_index: np.ndarray  # (n_tokens,) index into doc_ids
+    doc_ids: list[str]
+
+
+def _split_tokens(store, split_path: Path) -> SplitTokens:
+    """Bytes and document of every store token, from the packed split (checked to be the
+    same tokens)."""
     packed = load_split(split_path)
     sel = store.provenance.get("seq_index", "all")
     idx = np.arange(len(packed.tokens)) if sel == "all" else np.asarray(sel)
@@ -220,31 +234,44 @@ def _store_token_bytes(store, split_path: Path) -> np.ndarray:
             not np.array_equal(packed.tokens[idx].reshape(-1), store.tokens().numpy()):
         raise StoreError(f"the store {store.location.zarr_store} was not extracted from {split_path}: "
                          "their tokens differ (another corpus, split or tokenizer)")
-    return packed.token_bytes[idx].reshape(-1)
+    return SplitTokens(packed.token_bytes[idx].reshape(-1), packed.doc_index[idx].reshape(-1),
+                       list(packed.meta["doc_ids"]))
+
+
+def evaluated_sample(store, plan: list[tuple[int, ...]], split: SplitTokens) -> dict[str, Any]:
+    """What was evaluated, for the tables' provenance: the store's and the packed split's
+    sequence indices and the tokens taken from each document."""
+    seqs = [s for chunk in plan for s in chunk]
+    idx = token_index(seqs, store.seq_len)
+    docs = document_counts(split.doc_index[idx], split.doc_ids)
+    return {"sequences": seqs, "split_sequences": split_sequences(store, seqs), "n_tokens": len(idx),
+            "n_bytes": int(split.token_bytes[idx].sum()), "documents": docs}
 
 
 def evaluate_lenses(store_path: Path, split_path: Path, model_dir: Path, lens_dirs: dict[str, Path],
                     cfg: EvaluateConfig, token_dir: Path | None, identity: dict[str, str], threads: int = 1):
-    """Evaluate every lens on the store; returns (rows, calibration tables, tokens per byte)."""
+    """Evaluate every lens on the store; returns (rows, calibration tables, sample), the
+    sample as :func:`evaluated_sample` describes it."""
     import dask
 
     store = open_store(store_path)
     check_store_model(store, model_dir)
-    token_bytes = _store_token_bytes(store, split_path)
+    split = _split_tokens(store, split_path)
     plan = _plan(store, cfg)
+    sample = evaluated_sample(store, plan, split)
     job = Job(str(store_path), str(model_dir), tuple((k, str(v)) for k, v in sorted(lens_dirs.items())),
               store.seq_len, store.n_layers, cfg.topk, cfg.calibration_bins,
-              str(token_dir) if token_dir and cfg.want_token_table(plan[-1][1]) else None,
+              str(token_dir) if token_dir and cfg.want_token_table(sample["n_tokens"]) else None,
               tuple(sorted(identity.items())),
               json.dumps({"identity": identity, "evaluate_config": asdict(cfg), "store": str(store_path),
                           "store_fingerprint": store.attrs.get("fingerprint"), "versions": package_versions()},
                          default=str))
-    tasks = [dask.delayed(evaluate_chunk)(job, s, e, token_bytes[s:e], i) for i, (s, e) in enumerate(plan)]
-    log.info("evaluating %d lens(es) x %d layers on %d tokens in %d chunks", len(lens_dirs) + 1,
-             store.n_layers, plan[-1][1], len(tasks))
+    tasks = [dask.delayed(evaluate_chunk)(job, seqs, split.token_bytes[token_index(seqs, store.seq_len)], i)
+             for i, seqs in enumerate(plan)]
+    log.info("evaluating %d lens(es) x %d layers on %d tokens (%s) in %d chunks", len(lens_dirs) + 1,
+             store.n_layers, sample["n_tokens"], format_documents(sample["documents"]), len(tasks))
     combined = _combine(_compute(tasks, cfg, threads))
-    tokens_per_byte = plan[-1][1] / max(int(token_bytes[:plan[-1][1]].sum()), 1)
-    return summarize(combined, cfg), {k: v.table() for k, v in combined.calibration.items()}, tokens_per_byte
+    return summarize(combined, cfg), {k: v.table() for k, v in combined.calibration.items()}, sample
 
 
 def evaluate(store_path: Path, split_path: Path, model_dir: Path, lens_dirs: dict[str, Path],
@@ -264,16 +291,18 @@ def _evaluate(store_path, split_path, model_dir, lens_dirs, cfg: EvaluateConfig,
     t0 = time.monotonic()
     token_dir = out_dir / "token_metrics"
     shutil.rmtree(token_dir, ignore_errors=True)
-    rows, calib, tokens_per_byte = evaluate_lenses(store_path, split_path, model_dir, lens_dirs, cfg,
-                                                   token_dir, identity, threads)
+    rows, calib, sample = evaluate_lenses(store_path, split_path, model_dir, lens_dirs, cfg,
+                                          token_dir, identity, threads)
     store = open_store(store_path)
+    tokens_per_byte = sample["n_tokens"] / max(sample["n_bytes"], 1)
     provenance = {"identity": identity, "evaluate_config": asdict(cfg), "store": str(store_path),
                   "store_fingerprint": store.attrs.get("fingerprint"), "model": store.provenance.get("model"),
                   "lenses": {k: read_lens_meta(Path(v)).get("translators_sha256") for k, v in lens_dirs.items()},
-                  "tokens_per_byte": tokens_per_byte, "versions": package_versions(),
+                  "tokens_per_byte": tokens_per_byte, "evaluated": sample, "versions": package_versions(),
                   "seconds": time.monotonic() - t0}
     write_table(calibration_table(calib, identity, store.n_layers, provenance), out_dir / "calibration.parquet")
-    write_table(layer_metrics_table(rows, identity, store.n_layers, tokens_per_byte, provenance),
+    write_table(layer_metrics_table(rows, identity, store.n_layers, tokens_per_byte, provenance,
+                                    format_documents(sample["documents"])),
                 out_dir / "layer_metrics.parquet")
     log.info("evaluation written to %s in %.0f s", out_dir, time.monotonic() - t0)
     return rows

@@ -24,6 +24,7 @@ from .devices import resolve_device
 from .errors import ConfigError, StoreError
 from .model import read_model_info
 from .progress import Progress
+from .sampling import select_sequences
 from .store import open_store
 from .store_writer import StoreWriter
 from .surgery import LAYER_CONVENTION, find_parts, residual_stream, unembed_head
@@ -34,18 +35,6 @@ log = logging.getLogger(__name__)
 #: (float32 compute; the check runs before the storage cast).
 LOGITS_ATOL = 1e-3
 CHECK_POS = 64
-
-
-def select_sequences(n_total: int, budget: int | None, seed: int) -> np.ndarray:
-    """Indices of the sequences to extract: a seeded random subset, in corpus order.
-
-    Random rather than the first ``budget`` sequences, because the split is packed in
-    document order and a prefix would cover only the first few documents.
-    """
-    if budget is None or budget >= n_total:
-        return np.arange(n_total)
-    rng = np.random.default_rng(seed)
-    return np.sort(rng.choice(n_total, size=budget, replace=False))
 
 
 def resolve_compute(cfg: ExtractConfig) -> tuple[torch.device, torch.dtype]:

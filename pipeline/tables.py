@@ -24,7 +24,8 @@ IDENTITY = [("model", pa.string()), ("revision", pa.string()), ("corpus", pa.str
 METRICS = ["kl", "kl_bpb", "ce", "ppl", "bpb", "acc", "agree_top1", "agree_topk", "entropy", "ece",
            "consistency"]
 WITH_CI = ["kl", "ce", "bpb", "acc", "agree_top1", "agree_topk", "entropy", "consistency"]
-LAYER_SCHEMA = pa.schema(IDENTITY + [("n_tokens", pa.int64()), ("n_predicted", pa.int64())]
+LAYER_SCHEMA = pa.schema(IDENTITY + [("documents", pa.string()), ("n_tokens", pa.int64()),
+                                     ("n_predicted", pa.int64())]
                          + [(m, pa.float64()) for m in METRICS]
                          + [(f"{m}_{b}", pa.float64()) for m in WITH_CI for b in ("lo", "hi")])
 CALIBRATION_SCHEMA = pa.schema(IDENTITY + [("bin", pa.int64()), ("bin_lower", pa.float64()),
@@ -47,13 +48,15 @@ def _identity(ident: dict[str, Any], name: str, layer: int, n_layers: int) -> di
 
 
 def layer_metrics_table(rows: list[dict], ident: dict[str, Any], n_layers: int, tokens_per_byte: float,
-                        provenance: dict[str, Any]) -> pa.Table:
+                        provenance: dict[str, Any], documents: str) -> pa.Table:
+    """``documents``: the evaluated tokens per document (``hamlet=1536, ...``), in every row."""
     out = []
     for r in rows:
         row = _identity(ident, r["lens"], r["layer"], n_layers) | {k: r.get(k) for k in LAYER_SCHEMA.names
                                                                    if k in r and k not in ("lens", "layer")}
         # KL in bits per byte, as the reference reports it: nats/token x tokens/byte / ln 2
         row["kl_bpb"] = r["kl"] * tokens_per_byte / 0.6931471805599453
+        row["documents"] = documents
         out.append(row)
     schema = LAYER_SCHEMA.with_metadata({"lenspipe": json.dumps(provenance, default=str)})
     return pa.Table.from_pylist(out, schema=schema)

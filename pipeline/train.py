@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from . import metrics as M
 from .batches import TokenBatches
 from .config import TrainConfig
 from .devices import resolve_device
@@ -26,6 +27,7 @@ from .errors import StoreError
 from .lenses import LeastSquaresAccumulator, LogitLens, TunedLens, init_translator_lstsq, read_lens_meta
 from .model import read_model_info
 from .progress import Progress
+from .sampling import read_sequences, spread_sequences
 from .provenance import exclusive_output, package_versions, sha256_json
 from .store import ActivationStore, open_store
 from .surgery import load_unembed_head
@@ -35,11 +37,14 @@ log = logging.getLogger(__name__)
 
 
 class KLFromLogits(torch.autograd.Function):
-    """Mean KL(p || softmax(z)) over rows, with a fused backward: dKL/dz = softmax(z) - p.
+    """Mean KL(p || softmax(z)) over rows (float64), with a fused backward:
+    dKL/dz = softmax(z) - p.
 
     Autograd through log_softmax + multiply + sum would keep several (batch, vocab)
-    tensors; here only z is saved. ``neg_entropy`` = sum p log p over the batch is
-    constant per batch and computed once for all layers.
+    tensors; here only z is saved. The target's side (``metrics.target_stats``: p and
+    per-row sum p log p) is computed once per batch for all layers. Each row's KL is one
+    cascade-summed reduction and rows are summed in float64 (``metrics.kl_rows``): exact
+    to ~1e-7 and independent of the thread count (see pipeline.metrics).
     """
 
     @staticmethod
@@ -48,34 +53,37 @@ class KLFromLogits(torch.autograd.Function):
             z = z.float()  # (batch, vocab); float32 softmax even under bf16 autocast
         lse = torch.logsumexp(z, dim=-1)  # (batch,)
         ctx.save_for_backward(z, p, lse)
-        # sum p (log p - z + lse) = neg_entropy - <p, z> + sum lse   (rows of p sum to 1)
-        return (neg_entropy - torch.dot(p.reshape(-1), z.reshape(-1)) + lse.sum()) / z.shape[0]
+        return M.kl_rows(z, lse, {"p": p, "neg_entropy": neg_entropy}).sum() / z.shape[0]
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         z, p, lse = ctx.saved_tensors
         g = torch.exp(z - lse[:, None])  # softmax(z): (batch, vocab)
-        g.sub_(p).mul_(grad / z.shape[0])
+        g.sub_(p).mul_(float(grad) / z.shape[0])
         return g, None, None
 
 
 def kl_loss(z: torch.Tensor, target_logp: torch.Tensor) -> torch.Tensor:
     """Mean KL(target || softmax(z)); a convenience for one-off use (train shares p)."""
-    p = target_logp.exp()
-    return KLFromLogits.apply(z, p, torch.dot(p.reshape(-1), target_logp.reshape(-1)))
+    t = M.target_stats(target_logp)
+    return KLFromLogits.apply(z, t["p"], t["neg_entropy"])
 
 
 @dataclass
 class Targets:
-    p: torch.Tensor  # (batch, vocab) final-model probabilities
-    neg_entropy: torch.Tensor  # () sum over the batch of sum_v p log p
+    p: torch.Tensor  # (batch, vocab) final-model probabilities, rows summing to 1
+    neg_entropy: torch.Tensor  # (batch,) sum_v p log p per row
+
+    def kl(self, z: torch.Tensor) -> torch.Tensor:
+        """(batch,) float64 KL(p || softmax(z)) per row, no gradient."""
+        z = z.float()
+        return M.kl_rows(z, torch.logsumexp(z, dim=-1), {"p": self.p, "neg_entropy": self.neg_entropy})
 
 
 @torch.no_grad()
 def targets(head, h_last: torch.Tensor) -> Targets:
-    logp = torch.log_softmax(head(h_last).float(), dim=-1)  # (batch, vocab)
-    p = logp.exp()
-    return Targets(p, torch.dot(p.reshape(-1), logp.reshape(-1)))
+    t = M.target_stats(head(h_last).float())  # (batch, vocab) logits -> p, per-row sum p log p
+    return Targets(t["p"], t["neg_entropy"])
 
 
 def autocast(device: torch.device):
@@ -126,14 +134,29 @@ def fit_least_squares(lens: TunedLens, store: ActivationStore, cfg: TrainConfig,
         init_translator_lstsq(lens.translators[str(i)], *accs[i].solve(cfg.ridge))
 
 
-def make_optimizer(params, cfg: TrainConfig):
+def _identity_centred(lens: TunedLens) -> list[torch.Tensor]:
+    """Parameters whose identity value is not zero: the weight of a ``linear`` translator
+    (W h + b, W = I at the identity). Plain weight decay would pull it toward the zero
+    map; it is decayed toward I instead (``decay_to_identity``), so weight decay means
+    "toward the logit lens" for every kind."""
+    return [t.weight for t in lens.translators.values() if t.kind == "linear"]
+
+
+def make_optimizer(lens: TunedLens, cfg: TrainConfig):
+    """Optimiser and schedule over the lens's translators (the head is frozen)."""
+    centred = {id(p) for p in _identity_centred(lens)}
+    params = [p for p in lens.translators.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if id(p) not in centred]},
+              {"params": [p for p in params if id(p) in centred], "weight_decay": 0.0,
+               "decay_to_identity": cfg.weight_decay}]
+    groups = [g for g in groups if g["params"]]
     if cfg.optimizer == "sgd":
         # PyTorch's momentum scales the step by 1/(1 - momentum); undo it so lr_scale=1 is
         # an effective rate of 1, as the reference does.
-        opt = torch.optim.SGD(params, lr=cfg.lr_scale * (1 - cfg.momentum), momentum=cfg.momentum,
+        opt = torch.optim.SGD(groups, lr=cfg.lr_scale * (1 - cfg.momentum), momentum=cfg.momentum,
                               nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
     else:
-        opt = torch.optim.Adam(params, lr=cfg.lr_scale * 1e-3, betas=(cfg.momentum, 0.999),
+        opt = torch.optim.Adam(groups, lr=cfg.lr_scale * 1e-3, betas=(cfg.momentum, 0.999),
                                amsgrad=True, weight_decay=cfg.weight_decay)
 
     def schedule(step: int) -> float:  # linear warm-up, then linear decay to zero
@@ -144,51 +167,94 @@ def make_optimizer(params, cfg: TrainConfig):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
 
 
+@torch.no_grad()
+def decay_to_identity(opt) -> None:
+    """grad += wd (W - I) for the identity-centred weights: the same L2 decay the
+    optimiser applies to every other parameter (grad += wd * param), centred on I."""
+    for group in opt.param_groups:
+        wd = group.get("decay_to_identity", 0.0)
+        for w in group["params"] if wd else ():
+            if w.grad is not None:  # None: a layer that stopped early
+                w.grad.add_(w, alpha=wd).diagonal().sub_(wd)
+
+
+def optimizer_step(lens: TunedLens, layers: list[int], opt, cfg: TrainConfig) -> None:
+    """Clip each layer's gradient on its own, decay, step, clear the gradients.
+
+    Per layer, not jointly as the reference does: a joint norm scales every layer's step
+    by the others' gradients (on SmolLM2 the joint norm was 4.75, so each step was cut to
+    0.21x), which made a lens depend on which layers shared its job. Translators are
+    independent problems; clipped one by one, ``train.layer_groups`` changes nothing.
+    """
+    if cfg.clip_grad:
+        for layer in layers:
+            torch.nn.utils.clip_grad_norm_(lens.translators[str(layer)].parameters(), cfg.clip_grad)
+    decay_to_identity(opt)
+    opt.step()  # parameters without a gradient (stopped layers) are left as they are
+    opt.zero_grad(set_to_none=True)
+
+
 # ----------------------------------------------------------------------------- validation
 
 class Validation:
-    """A fixed slice of the validation store, with its targets, kept in memory."""
+    """Whole sequences of the validation store, spread over all of it (seeded), with their
+    targets, kept in memory."""
 
-    def __init__(self, store: ActivationStore, layers: list[int], n_tokens: int, head, device, chunk: int):
-        n = min(n_tokens, store.n_tokens)
+    def __init__(self, store: ActivationStore, layers: list[int], n_tokens: int, head, device,
+                 chunk: int, seed: int):
+        n_seq = store.n_tokens // store.seq_len
+        self.sequences = spread_sequences(n_seq, max(1, n_tokens // store.seq_len), seed)
         self.layers, self.chunk = layers, chunk
-        self.x = store.layers(layers + [store.n_layers], 0, n).to(device)  # (k+1, n, d)
+        self.x = read_sequences(store, layers + [store.n_layers], self.sequences).to(device)  # (k+1, n, d)
+        n = self.x.shape[1]
         self.targets = [targets(head, self.x[-1, s:s + chunk]) for s in range(0, n, chunk)]
 
     @torch.no_grad()
-    def kl(self, lens) -> dict[int, float]:
+    def kl(self, lens, layers: list[int] | None = None) -> dict[int, float]:
+        """Mean KL per layer (all of them, or ``layers``), summed in float64."""
         out = {}
         for j, layer in enumerate(self.layers):
+            if layers is not None and layer not in layers:
+                continue
             total = 0.0
             for c, t in enumerate(self.targets):
-                z = lens(self.x[j, c * self.chunk:(c + 1) * self.chunk], layer)  # (chunk, vocab)
-                total += KLFromLogits.apply(z, t.p, t.neg_entropy).item() * t.p.shape[0]
+                total += t.kl(lens(self.x[j, c * self.chunk:(c + 1) * self.chunk], layer)).sum().item()
             out[layer] = total / self.x.shape[1]
         return out
 
 
 # ----------------------------------------------------------------------------- state
 
+#: Bump when TrainState or the checkpoint contents change: an older checkpoint is ignored.
+CHECKPOINT_FORMAT = 2
+
+
 @dataclass
 class TrainState:
     step: int = 0
     best_val: dict[int, float] = field(default_factory=dict)
     best_state: dict[int, dict] = field(default_factory=dict)
-    bad_evals: int = 0
+    bad_evals: dict[int, int] = field(default_factory=dict)
+    """Per layer: validations in a row without improvement (early stopping is per layer)."""
     history: list[dict] = field(default_factory=list)
     logit_lens_val: dict[int, float] = field(default_factory=dict)
     init_val: dict[int, float] = field(default_factory=dict)
 
     def record_validation(self, lens: TunedLens, val: dict[int, float], step: int) -> None:
-        improved = False
         for layer, v in val.items():
             self.history.append({"step": step, "layer": layer, "val_kl": v})
             if v < self.best_val.get(layer, float("inf")) * (1 - 1e-4):
                 self.best_val[layer] = v
                 self.best_state[layer] = {k: t.detach().clone()
                                           for k, t in lens.translators[str(layer)].state_dict().items()}
-                improved = True
-        self.bad_evals = 0 if improved else self.bad_evals + 1
+                self.bad_evals[layer] = 0
+            else:
+                self.bad_evals[layer] = self.bad_evals.get(layer, 0) + 1
+
+    def active(self, layers: list[int], patience: int) -> list[int]:
+        """The layers still training: each stops after ``patience`` validations without
+        improvement (0 = never), whatever the other layers of its job do."""
+        return [i for i in layers if not patience or self.bad_evals.get(i, 0) < patience]
 
 
 def _ckpt_path(out_dir: Path) -> Path:
@@ -213,9 +279,7 @@ def _load_ckpt(path: Path, fingerprint: str, lens, opt, sched) -> TrainState | N
     opt.load_state_dict(ckpt["opt"])
     sched.load_state_dict(ckpt["sched"])
     s = ckpt["state"]
-    s["best_val"] = {int(k): v for k, v in s["best_val"].items()}
-    s["best_state"] = {int(k): v for k, v in s["best_state"].items()}
-    for key in ("logit_lens_val", "init_val"):
+    for key in ("best_val", "best_state", "bad_evals", "logit_lens_val", "init_val"):
         s[key] = {int(k): v for k, v in s[key].items()}
     log.info("resuming from step %d (%s)", s["step"], path)
     return TrainState(**s)
@@ -224,11 +288,15 @@ def _load_ckpt(path: Path, fingerprint: str, lens, opt, sched) -> TrainState | N
 # ----------------------------------------------------------------------------- loop
 
 def train_step(lens: TunedLens, x: torch.Tensor, layers: list[int], cfg: TrainConfig,
-               labels: tuple[torch.Tensor, torch.Tensor] | None) -> dict[int, float]:
-    """One batch for every layer: x (k+1, batch, d_model); returns the loss per layer."""
+               labels: tuple[torch.Tensor, torch.Tensor] | None,
+               active: list[int] | None = None) -> dict[int, float]:
+    """One batch for every active layer (default: all): x (k+1, batch, d_model), row j
+    for ``layers[j]``, the last row the last layer; returns the loss per active layer."""
     losses = {}
     t = targets(lens.head, x[-1]) if cfg.loss == "kl" else None
     for j, layer in enumerate(layers):
+        if active is not None and layer not in active:
+            continue
         with autocast(x.device):
             z = lens(x[j], layer)  # (batch, vocab)
         if t is not None:
@@ -253,27 +321,24 @@ def run_training(lens: TunedLens, store: ActivationStore, val: Validation, cfg: 
     layers = lens.layers
     batches = TokenBatches(store, layers + [store.n_layers], cfg.batch_tokens, cfg.buffer_shards, cfg.seed, device)
     tokens = store.tokens() if cfg.loss == "ce" else None
-    params = [p for p in lens.translators.parameters() if p.requires_grad]
     with Progress(cfg.steps, f"train {lens.kind}", unit="step", initial=state.step) as bar:
         for x, idx in batches.iterate(state.step):
-            if state.step >= cfg.steps or (cfg.patience and state.bad_evals >= cfg.patience):
+            active = state.active(layers, cfg.patience)
+            if state.step >= cfg.steps or not active:
                 break
             labels = _next_token_labels(store, tokens, idx) if tokens is not None else None
             labels = tuple(t.to(device) for t in labels) if labels is not None else None
-            losses = train_step(lens, x.to(device), layers, cfg, labels)
-            if cfg.clip_grad:
-                torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            losses = train_step(lens, x.to(device), layers, cfg, labels, active)
+            optimizer_step(lens, active, opt, cfg)
             lr = sched.get_last_lr()[0]
             sched.step()
             state.step += 1
             state.history += [{"step": state.step, "layer": i, "train_loss": v, "lr": lr} for i, v in losses.items()]
             if state.step % cfg.eval_every == 0 or state.step == cfg.steps:
-                state.record_validation(lens, val.kl(lens), state.step)
+                state.record_validation(lens, val.kl(lens, active), state.step)
             if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
                 _save_ckpt(ckpt[0], ckpt[1], lens, opt, sched, state)
-            bar.update(1, loss=f"{sum(losses.values()) / len(losses):.3f}")
+            bar.update(1, loss=f"{sum(losses.values()) / len(losses):.3f}", layers=len(active))
     return state
 
 
@@ -308,11 +373,12 @@ def _train(store_path, val_store_path, model_dir, out_dir: Path, cfg: TrainConfi
     layers = cfg.layer_list(store.n_layers)
     lens = TunedLens.create(head, kind, d_model=store.d_model, n_layers=store.n_layers, model_info=info,
                             layers=layers, **_lens_opts(cfg, kind)).to(device)
-    opt, sched = make_optimizer([p for p in lens.translators.parameters()], cfg)
+    opt, sched = make_optimizer(lens, cfg)
     fingerprint = sha256_json({"cfg": asdict(cfg), "kind": kind, "store": store.attrs.get("fingerprint"),
+                               "checkpoint_format": CHECKPOINT_FORMAT,
                                "val": val_store.attrs.get("fingerprint"), "model": info["weights_sha256"]})
     ckpt = (_ckpt_path(Path(out_dir)), fingerprint)
-    val = Validation(val_store, layers, cfg.val_tokens, head, device, cfg.batch_tokens)
+    val = Validation(val_store, layers, cfg.val_tokens, head, device, cfg.batch_tokens, cfg.seed)
     state = _load_ckpt(ckpt[0], fingerprint, lens, opt, sched)
     if state is None:
         state = TrainState(logit_lens_val=val.kl(LogitLens(head)))
@@ -321,10 +387,11 @@ def _train(store_path, val_store_path, model_dir, out_dir: Path, cfg: TrainConfi
         state.init_val = val.kl(lens)
         state.record_validation(lens, state.init_val, 0)
     state = run_training(lens, store, val, cfg, state, opt, sched, ckpt, device)
-    return _finish(lens, state, cfg, kind, Path(out_dir), store, ckpt[0], time.monotonic() - t0)
+    return _finish(lens, state, cfg, kind, Path(out_dir), store, val, ckpt[0], time.monotonic() - t0)
 
 
-def _finish(lens, state: TrainState, cfg, kind, out_dir: Path, store, ckpt: Path, seconds: float):
+def _finish(lens, state: TrainState, cfg, kind, out_dir: Path, store, val: Validation, ckpt: Path,
+            seconds: float):
     """Keep each layer's best validated translator, save the lens and its training log."""
     for layer, tensors in state.best_state.items():
         lens.translators[str(layer)].load_state_dict(tensors)
@@ -332,7 +399,8 @@ def _finish(lens, state: TrainState, cfg, kind, out_dir: Path, store, ckpt: Path
                "val_kl_logit_lens": {str(k): v for k, v in sorted(state.logit_lens_val.items())},
                "val_kl_init": {str(k): v for k, v in sorted(state.init_val.items())},
                "steps": state.step, "seconds": seconds, "init": _init_kind(cfg, kind),
-               "train_store": str(store.location.zarr_store), "train_store_fingerprint": store.attrs.get("fingerprint")}
+               "train_store": str(store.location.zarr_store), "train_store_fingerprint": store.attrs.get("fingerprint"),
+               "val_sequences": [int(i) for i in val.sequences]}
     lens.save(out_dir, training_config=asdict(cfg) | {"kind": kind}, metrics=metrics)
     write_train_log(out_dir / "train_log.parquet", state.history, kind,
                     {"training_config": asdict(cfg) | {"kind": kind}, "model": store.provenance.get("model"),

@@ -10,7 +10,7 @@ from pipeline.logs import run_stage
 def main() -> None:
     torch.set_num_threads(snakemake.threads)
     p = snakemake.params
-    layer_contributions(Path(snakemake.input.tables), Path(p.model_dir), Path(snakemake.input.split),
+    layer_contributions(Path(snakemake.input.tables), Path(p.token_dir), Path(p.model_dir), Path(snakemake.input.split),
                         Path(p.out_dir), translator=p.translator, sample_tokens=p.skip_tokens)
 
 

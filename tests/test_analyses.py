@@ -104,13 +104,40 @@ def test_skipping_a_block_equals_zeroing_its_writes():
 
 
 def test_layer_contributions_table(setup, tmp_path):
-    df = layer_contributions(setup / "tables" / "layer_metrics.parquet", setup / "model", setup / "test.npz",
-                             tmp_path, sample_tokens=32)
+    df = layer_contributions(setup / "tables" / "layer_metrics.parquet", setup / "tables" / "token_metrics",
+                             setup / "model", setup / "test.npz", tmp_path, sample_tokens=32)
     assert df.block.tolist() == [0, 1] and sorted(df.rank_lens) == [1, 2] and sorted(df.rank_skip) == [1, 2]
     lm = pd.read_parquet(setup / "tables" / "layer_metrics.parquet")
     tuned = lm[lm.lens == "tuned"].sort_values("layer").kl.to_numpy()
-    assert np.isclose(df.kl_drop.sum(), tuned[0])  # the drops telescope to the layer-0 KL
+    assert np.isclose(df.kl_drop_all.sum(), tuned[0])  # the drops telescope to the layer-0 KL
     assert (df.sample_tokens == 32).all() and (tmp_path / "layer_contributions.png").exists()
+
+
+def _model(setup):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(setup / "model", dtype=torch.float32).eval()
+
+
+def test_layer_contributions_skip_and_kl_share_tokens(setup, tmp_path):
+    # Block skipping once ran on the split's first sequences while the KL drops came from
+    # the evaluated tokens: two different samples. Both must be the same evaluated tokens.
+    from pipeline.corpus import load_split
+    from pipeline.tables import read_provenance
+
+    df = layer_contributions(setup / "tables" / "layer_metrics.parquet", setup / "tables" / "token_metrics",
+                             setup / "model", setup / "test.npz", tmp_path, sample_tokens=32)
+    prov = read_provenance(tmp_path / "layer_contributions.parquet")
+    evaluated = read_provenance(setup / "tables" / "layer_metrics.parquet")["evaluated"]
+    seqs, split_seqs = prov["sample_sequences"], prov["sample_split_sequences"]
+    assert len(seqs) == 2 and set(seqs) <= set(evaluated["sequences"]) and seqs != [0, 1]
+    packed = load_split(setup / "test.npz")
+    ids = torch.from_numpy(packed.tokens[split_seqs]).long()
+    assert df.base_ce.iloc[0] == pytest.approx(next_token_loss(_model(setup), ids), rel=1e-6)
+    tokens = pd.read_parquet(setup / "tables" / "token_metrics")
+    mine = tokens[(tokens.lens == "tuned") & tokens.token_index.isin([s * 16 + p for s in seqs for p in range(16)])]
+    kl = mine.groupby("layer").kl.mean().to_numpy(np.float64)
+    np.testing.assert_allclose(df.kl_drop, kl - np.append(kl[1:], 0.0), rtol=1e-6)
 
 
 # ------------------------------------------------------------------------ translator anatomy
@@ -164,7 +191,7 @@ def test_category_table_invariants(setup, tmp_path):
     tokens = tokens.assign(lens=tokens.lens.astype(str), translator=tokens.translator.astype(str))
     logit = tokens[tokens.lens == "logit"]
     same = category_table(pd.concat([logit, logit.assign(lens="tuned", translator="affine")]),
-                          np.array(["x"] * 8 * 16, dtype=object), "affine")
+                          pd.Series("x", index=np.sort(logit.token_index.unique()), dtype=object), "affine")
     assert len(same) == 2 and (same.top1_disagree == 0).all() and (same.kl_gap == 0).all()
 
 

@@ -27,7 +27,9 @@ def setup(tmp_path_factory):
     ecfg = ExtractConfig(batch_size=4, shard_tokens=64, chunk_tokens=32, dtype="float32",
                          max_tokens={"train": None, "test": None})
     for split, n_seq, seed in (("train", 16, 0), ("test", 8, 1)):
-        write_packed_split(root / f"{split}.npz", n_seq=n_seq, seq_len=SEQ, vocab=VOCAB, seed=seed)
+        # test: 4 documents of 2 sequences each, tokens of 1-4 bytes
+        write_packed_split(root / f"{split}.npz", n_seq=n_seq, seq_len=SEQ, vocab=VOCAB, seed=seed,
+                           n_docs=4 if split == "test" else 1, varied_bytes=split == "test")
         extract(model_dir, root / f"{split}.npz", root / f"{split}.zarr", ecfg, split)
     tcfg = TrainConfig(steps=2, batch_tokens=32, val_tokens=32, eval_every=1, checkpoint_every=0)
     train(root / "train.zarr", root / "test.zarr", model_dir, root / "affine", tcfg, "affine")
@@ -55,8 +57,10 @@ def test_layer_metrics_table_invariants(setup, tmp_path):
     for m in ("kl", "ce", "acc"):
         assert (df[f"{m}_lo"] <= df[m] + 1e-9).all() and (df[m] <= df[f"{m}_hi"] + 1e-9).all()
     assert np.allclose(df.ppl, np.exp(df.ce))
-    # write_packed_split gives every token 1 byte: bits per byte = nats per token / ln 2
-    assert np.allclose(df.bpb, df.ce / math.log(2))
+    # bits per byte = CE nats over all predicted tokens / ln 2 / the bytes of those (next) tokens
+    nbytes = np.load(setup[0] / "test.npz")["token_bytes"]
+    assert len(set(nbytes.ravel())) > 1
+    assert np.allclose(df.bpb, df.ce * df.n_predicted / math.log(2) / nbytes[:, 1:].sum())
     tuned, logit = df[df.lens == "tuned"].set_index("layer"), df[df.lens == "logit"].set_index("layer")
     assert (tuned.kl < logit.kl).all()
     prov = read_provenance(tmp_path / "layer_metrics.parquet")
@@ -112,3 +116,21 @@ def test_token_table_auto_switch():
     assert not EvaluateConfig().want_token_table(10**6)
     assert EvaluateConfig(token_metrics=True).want_token_table(10**6)
     assert not EvaluateConfig(token_metrics=False).want_token_table(10)
+
+
+def test_evaluation_samples_whole_sequences_across_the_store(setup, tmp_path):
+    # The store keeps corpus order: its first sequences are its first documents only.
+    # 2 of 8 sequences (4 documents of 2) must come one from each half of the store.
+    df = run(setup, tmp_path, max_tokens=2 * SEQ)
+    ev = read_provenance(tmp_path / "layer_metrics.parquet")["evaluated"]
+    first, second = ev["sequences"]
+    assert first < 4 <= second and ev["split_sequences"] == ev["sequences"]  # the store holds the whole split
+    docs = {f"doc{first // 2}": SEQ, f"doc{second // 2}": SEQ}
+    assert ev["documents"] == docs and ev["n_tokens"] == 2 * SEQ
+    assert (df.documents == ", ".join(f"{k}={v}" for k, v in docs.items())).all()
+    assert (df.n_tokens == 2 * SEQ).all()
+    tok = pd.read_parquet(tmp_path / "token_metrics")
+    assert set(tok.token_index) == {s * SEQ + p for s in (first, second) for p in range(SEQ)}
+    again = run(setup, tmp_path / "again", max_tokens=2 * SEQ)  # deterministic for a seed
+    assert read_provenance(tmp_path / "again" / "layer_metrics.parquet")["evaluated"] == ev
+    pd.testing.assert_frame_equal(df, again)

@@ -13,7 +13,8 @@ from tiny import VOCAB, save_prepared, tiny_model, write_packed_split
 
 from pipeline.config import ExtractConfig
 from pipeline.errors import ConfigError, StoreError
-from pipeline.extract import extract, select_sequences
+from pipeline.extract import extract
+from pipeline.sampling import select_sequences
 from pipeline.store import open_store, verify
 from pipeline.surgery import unembed_head
 

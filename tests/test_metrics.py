@@ -270,3 +270,43 @@ def test_fused_logit_stats_equal_reference_functions(seed):
     assert torch.equal(got["agree_topk"], M.topk_agreement(lp, fp, 5))
     assert torch.equal(got["agree_top1"], M.topk_agreement(lp, fp, 1))
     assert torch.equal(got["rank"], M.rank_of(lp, nxt))
+
+
+def _peaked_logits(n: int, vocab: int, seed: int) -> torch.Tensor:
+    """(n, vocab) float32 logits shaped like a real LM's: a large offset (lse ~ 25) and a
+    few favoured tokens, where float32 shortcuts lose digits."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, vocab, generator=g) * 3 + 10
+    z[:, :5] += 11
+    return z
+
+
+def test_fused_stats_exact_in_float32_on_a_real_vocabulary():
+    # The model's float32 softmax over 49k tokens sums to 1 + ~1e-5; treating it as 1
+    # put KL ~3e-4 nats too low. Compare with float64 on the very same float32 logits.
+    from pipeline.metrics import final_stats, logit_stats
+
+    vocab = 49152
+    z, zf = _peaked_logits(32, vocab, 0), _peaked_logits(32, vocab, 1)
+    nxt = torch.randint(0, vocab, (32,), generator=torch.Generator().manual_seed(2))
+    got = logit_stats(z, final_stats(zf), nxt, k=5)
+    lp, fp = M.log_probs(z.double()), M.log_probs(zf.double())
+    assert (got["kl"].double() - M.kl_div(fp, lp)).abs().max() < 3e-5
+    assert (got["entropy"].double() - M.entropy(lp)).abs().max() < 3e-5
+    assert (got["ce"].double() - M.cross_entropy(lp, nxt)).abs().max() < 3e-5
+    torch.testing.assert_close(got["top1_prob"].double(), M.top1(lp)[1], rtol=1e-6, atol=0)
+
+
+def test_kl_rows_do_not_depend_on_the_thread_count():
+    from pipeline.metrics import kl_rows, target_stats
+
+    z, zf = _peaked_logits(256, 49152, 3), _peaked_logits(256, 49152, 4)
+    before = torch.get_num_threads()
+    out = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out.append(kl_rows(z, torch.logsumexp(z, -1), target_stats(zf)))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(out[0], out[1])

@@ -125,8 +125,10 @@ def save_prepared(model, path: Path) -> Path:
     return path
 
 
-def write_packed_split(path: Path, n_seq: int, seq_len: int, vocab: int, seed: int = 0) -> Path:
-    """A packed split in prepare_corpus's format, with random tokens."""
+def write_packed_split(path: Path, n_seq: int, seq_len: int, vocab: int, seed: int = 0, *,
+                       n_docs: int = 1, varied_bytes: bool = False) -> Path:
+    """A packed split in prepare_corpus's format, with random tokens: ``n_docs`` documents
+    of consecutive sequences (doc0, doc1, ...), each token 1 byte or (``varied_bytes``) 1-4."""
     import json
 
     import numpy as np
@@ -134,8 +136,12 @@ def write_packed_split(path: Path, n_seq: int, seq_len: int, vocab: int, seed: i
     rng = np.random.default_rng(seed)
     tokens = rng.integers(3, vocab, (n_seq, seq_len), dtype=np.int32)
     ones = np.ones_like(tokens)
-    meta = {"split": "test", "fingerprint": f"random-{seed}-{n_seq}-{seq_len}", "seq_len": seq_len,
-            "n_seq": n_seq, "n_tokens": n_seq * seq_len, "n_bytes": int(tokens.size), "doc_ids": ["r"]}
-    np.savez(path, tokens=tokens, token_bytes=ones, doc_index=0 * ones, doc_pos=np.cumsum(ones, 1) - 1,
+    nbytes = rng.integers(1, 5, tokens.shape, dtype=np.int32) if varied_bytes else ones
+    doc_index = (np.arange(n_seq)[:, None] * n_docs // n_seq + 0 * ones).astype(np.int32)
+    doc_ids = ["r"] if n_docs == 1 else [f"doc{i}" for i in range(n_docs)]
+    meta = {"split": "test", "fingerprint": f"random-{seed}-{n_seq}-{seq_len}-{n_docs}-{varied_bytes}",
+            "seq_len": seq_len, "n_seq": n_seq, "n_tokens": n_seq * seq_len, "n_bytes": int(nbytes.sum()),
+            "doc_ids": doc_ids}
+    np.savez(path, tokens=tokens, token_bytes=nbytes, doc_index=doc_index, doc_pos=np.cumsum(ones, 1) - 1,
              meta=json.dumps(meta))
     return path
