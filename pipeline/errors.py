@@ -7,6 +7,11 @@ without a traceback; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
+from typing import Iterator
+
 
 class LenspipeError(Exception):
     """A problem with the user's input or data, reported as one clear message."""
@@ -34,8 +39,18 @@ class UnsupportedModel(LenspipeError):
     """Model surgery could not locate a required part of the model."""
 
 
+class OutputError(LenspipeError):
+    """An output cannot be written: an unwritable location or a full disk."""
+
+
 #: errno values meaning "the disk (or the user's quota) is full".
 DISK_FULL_ERRNOS = frozenset({28, 122})  # ENOSPC, EDQUOT (Linux numbering)
+
+#: errno values meaning "nothing can be created at this location": permissions, a read-only
+#: filesystem, or a pseudo-filesystem such as /proc that refuses new files (ENOENT there,
+#: although the parent exists: callers create missing parents first).
+UNWRITABLE_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR,
+                               errno.EISDIR, errno.EFBIG})
 
 
 def disk_full(e: BaseException) -> bool:
@@ -47,3 +62,33 @@ def disk_full_message(e: OSError, what: str) -> str:
     return (f"no space left on the device while writing {what}{where}: free some space or "
             "point data_dir at a larger disk, then re-run; work already completed is kept "
             "and nothing half-written is taken as finished")
+
+
+@contextlib.contextmanager
+def output_errors(dest: str | os.PathLike, what: str) -> Iterator[None]:
+    """Report a full disk or an unwritable location while writing ``dest`` as an OutputError.
+
+    Only for code that writes ``dest`` under a temporary name (and reads inputs already
+    checked), removing the temporary on failure: other OSErrors keep their traceback.
+    A StoreError caused by a full disk (the store writer's) is reworded the same way.
+    """
+    try:
+        yield
+    except (OSError, StoreError) as e:
+        # e.filename is often our temporary name, which is gone by now: name dest instead.
+        if any(disk_full(c) for c in _causes(e)):
+            raise OutputError(f"no space left on the device while writing {what} {dest}: free some "
+                              "space, then re-run; nothing half-written was left behind") from e
+        if isinstance(e, StoreError):
+            raise
+        if e.errno in UNWRITABLE_ERRNOS:
+            # os.strerror: h5py's own strerror is a page of HDF5 internals
+            raise OutputError(f"cannot write {what} {dest} ({os.strerror(e.errno)}); choose a location "
+                              "you can write to") from e
+        raise
+
+
+def _causes(e: BaseException | None) -> Iterator[BaseException]:
+    while e is not None:
+        yield e
+        e = e.__cause__

@@ -155,12 +155,17 @@ def _timed_out(e: BaseException | None) -> bool:
     return False
 
 
+#: What to do about a damaged store or export (every reader's damage message ends with it).
+DAMAGED_ADVICE = ("the store may be corrupt or its copy incomplete: run lenspipe verify on it, then "
+                  "download it again or re-extract it")
+
+
 def _read_failure(where: str, e: BaseException, what: str) -> StoreError:
     """A read failure as one message: a timeout says so, else the data may be damaged."""
     if _timed_out(e):
         return StoreError(f"reading {where} timed out (no answer within {url_timeout():g} s); check "
                           f"the network or the server, or raise {URL_TIMEOUT_ENV} (seconds)")
-    return StoreError(f"{what} {where}: {e!r}")
+    return StoreError(f"{what} {where}: {e!r}; {DAMAGED_ADVICE}")
 
 
 class _Location:
@@ -172,8 +177,9 @@ class _Location:
         self.zarr_store = text if self.is_url else os.path.abspath(text)
         self.options = storage_options(text) if self.is_url else {}
         self.is_zip = not self.is_url and text.endswith(".zip") and os.path.isfile(text)
+        self._sizes: dict[str, int] | None = None  # a zip's member sizes, once needed
         if self.is_zip:  # a store exported with `lenspipe export --to zip`, read in place
-            self.fs, self.root = fsspec.filesystem("zip", fo=self.zarr_store), ""
+            self.fs, self.root = _zip_fs(self.zarr_store), ""
         else:
             self.fs, self.root = fsspec.core.url_to_fs(self.zarr_store, **self.options)
 
@@ -181,15 +187,29 @@ class _Location:
         """What zarr.open_group gets: a ZipStore for a .zip, else the path or URL."""
         return zarr.storage.ZipStore(self.zarr_store, mode="r") if self.is_zip else self.zarr_store
 
-    def read_json(self, name: str) -> Any | None:
+    def path(self, name: str) -> str:
+        return f"{self.root.rstrip('/')}/{name}" if self.root else name
+
+    def read_bytes(self, name: str) -> bytes | None:
+        """A file of the store, or None if it does not exist."""
         try:
-            return json.loads(self.fs.cat_file(f"{self.root.rstrip('/')}/{name}"))
+            return self.fs.cat_file(self.path(name))
         except FileNotFoundError:
             return None
-        except TimeoutError as e:
+        except Exception as e:  # a bad CRC in a zip, a network failure: the data's problem, not a bug
             raise _read_failure(f"{self.zarr_store}/{name}", e, "cannot read") from e
+
+    def read_json(self, name: str) -> Any | None:
+        data = self.read_bytes(name)
+        if data is None:
+            return None
+        try:
+            value = json.loads(data)
         except ValueError as e:
-            raise StoreError(f"{self.zarr_store}/{name} is not valid JSON: {e}") from e
+            raise StoreError(f"{self.zarr_store}/{name} is not valid JSON ({e}); {DAMAGED_ADVICE}") from e
+        if not isinstance(value, dict):  # every sidecar is an object: anything else is damage
+            raise StoreError(f"{self.zarr_store}/{name} is not a JSON object; {DAMAGED_ADVICE}")
+        return value
 
     def load_records(self, params: StoreParams) -> list[dict]:
         """The contiguous prefix of shard records whose spans match the layout."""
@@ -200,6 +220,44 @@ class _Location:
                 break
             records.append(rec)
         return records
+
+    def missing_shard(self, params: StoreParams, start: int, stop: int) -> str | None:
+        """The first shard file of tokens [start, stop) absent (or empty) in a local or zip store.
+
+        zarr reads a missing or empty shard as zeros, silently: a copy cut short must fail
+        instead. One stat per shard read (a dict lookup in a zip); remote stores are left
+        to verify, which checks every file.
+        """
+        if self.is_url:
+            return None
+        if self.is_zip and self._sizes is None:
+            self._sizes = {i.filename: i.file_size for i in self.fs.zip.infolist()}
+        for i in range(start // params.shard_tokens, -(-stop // params.shard_tokens)):
+            for name in (f"resid/c/0/{i}/0", f"tokens/c/{i}"):
+                if not (self._sizes.get(name) if self.is_zip else _file_size(self.path(name))):
+                    return name
+        return None
+
+
+def _file_size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _zip_fs(path: str):
+    """fsspec's view of a zip; a file that is no zip (truncated, damaged) is a StoreError."""
+    import zipfile
+
+    try:
+        # skip_instance_cache: a re-downloaded file under the same name must be read anew.
+        fs = fsspec.filesystem("zip", fo=path, skip_instance_cache=True)
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+        raise StoreError(f"{path} is not a readable zip archive ({e}): the download or copy is "
+                         "truncated or damaged; download it again, or export it again with "
+                         "lenspipe export STORE --to zip") from e
+    return fs
 
 
 def _check_schema(attrs: dict, where: str) -> None:
@@ -220,24 +278,60 @@ def _params_from_attrs(attrs: dict) -> StoreParams:
 
 def open_store(path_or_url: str | os.PathLike, *, allow_incomplete: bool = False) -> "ActivationStore":
     """Open a store for reading: a local path or an fsspec URL (file://, https://, s3://...)."""
+    if not _is_url(path_or_url):
+        _check_local(os.path.abspath(path_or_url))
     loc = _Location(path_or_url)
     where = loc.zarr_store
-    if not loc.is_url and not loc.is_zip and not os.path.isdir(where):
-        raise StoreError(f"no activation store at {where} (no such directory); run the extract stage")
     try:
         # use_consolidated=None: one metadata request when finalize consolidated it.
         group = zarr.open_group(loc.zarr_target(), mode="r", zarr_format=3, use_consolidated=None,
                                 storage_options=loc.options or None)
+        attrs = group.attrs.asdict()
     except Exception as e:  # zarr's error types vary by store backend
-        raise _read_failure(where, e, "not a lenspipe activation store (no zarr group) at") from e
-    attrs = group.attrs.asdict()
+        raise _read_failure(where, e, "not a lenspipe activation store (no readable zarr group: its "
+                            "zarr.json is missing or damaged) at") from e
     _check_schema(attrs, where)
     complete = attrs.get("complete") is True and loc.read_json(COMPLETE_NAME) is not None
+    if not complete and loc.is_zip:  # export verifies first: a zip without the marker is damaged
+        raise StoreError(f"{where} holds no valid completion marker ({COMPLETE_NAME}); {DAMAGED_ADVICE}")
     if not complete and not allow_incomplete:
         raise StoreError(f"the store at {where} is incomplete (extraction was interrupted or is "
                          "still running); re-run extract to resume it, or pass "
                          "allow_incomplete=True to read the shards written so far")
-    return ActivationStore(group, attrs, loc, complete)
+    try:
+        return ActivationStore(group, attrs, loc, complete)
+    except (KeyError, TypeError, ValueError) as e:
+        # zarr.json parsed, but lacks what every store written by lenspipe has: damage, not a bug.
+        raise StoreError(f"the metadata of the store at {where} is damaged ({e!r}); {DAMAGED_ADVICE}") from e
+
+
+def _is_url(path_or_url: str | os.PathLike) -> bool:
+    return "://" in str(path_or_url)
+
+
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _check_local(where: str) -> None:
+    """A local store is a directory or an exported .zip; say what else the path is."""
+    if os.path.isdir(where) or (where.endswith(".zip") and os.path.isfile(where)):
+        return
+    if not os.path.exists(where):
+        raise StoreError(f"no activation store at {where} (no such directory); run the extract stage")
+    if where.endswith((".h5", ".hdf5")) or is_hdf5_file(where):
+        raise StoreError(f"{where} is an HDF5 export; lenspipe reads a store as zarr (a directory, "
+                         f"or a .zip export in place): rebuild one with `lenspipe import {where} "
+                         f"STORE` (`lenspipe verify {where}` checks the file)")
+    raise StoreError(f"{where} is a file, not an activation store (a zarr directory, or a .zip "
+                     "written by lenspipe export)")
+
+
+def is_hdf5_file(path: str | os.PathLike) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(_HDF5_SIGNATURE)) == _HDF5_SIGNATURE
+    except OSError:
+        return False  # unreadable: the caller's own open says why
 
 
 class ActivationStore:
@@ -272,10 +366,10 @@ class ActivationStore:
         """(len(layers), n, d_model) float32, or (n, d_model) for one int layer."""
         start, stop = self._token_range(start, stop)
         if isinstance(layers, (int, np.integer)):
-            raw = self._read(lambda: self._resid[self._layer(layers), start:stop, :])  # (n, d)
+            raw = self._read(lambda: self._resid[self._layer(layers), start:stop, :], start, stop)  # (n, d)
         else:
             idx = [self._layer(i) for i in layers]
-            raw = self._read(lambda: self._read_layers(idx, start, stop))  # (k, n, d)
+            raw = self._read(lambda: self._read_layers(idx, start, stop), start, stop)  # (k, n, d)
         return _to_tensor(raw, self._encoding)
 
     def _read_layers(self, idx: list[int], start: int, stop: int) -> np.ndarray:
@@ -289,7 +383,7 @@ class ActivationStore:
 
     def tokens(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         start, stop = self._token_range(start, stop)
-        raw = self._read(lambda: self._tokens[start:stop])  # (n,) int32
+        raw = self._read(lambda: self._tokens[start:stop], start, stop)  # (n,) int32
         return torch.from_numpy(raw.astype(np.int64))
 
     def dask(self) -> da.Array:
@@ -309,12 +403,15 @@ class ActivationStore:
             raise StoreError(f"token range [{start}, {stop}) outside the store's 0..{self.n_tokens}")
         return start, stop
 
-    def _read(self, read):
+    def _read(self, read, start: int, stop: int):
+        missing = self.location.missing_shard(self.params, start, stop) if self.is_complete else None
+        if missing:
+            raise StoreError(f"{self.location.zarr_store}: shard file {missing} is missing or empty; "
+                             f"{DAMAGED_ADVICE}")
         try:
             return read()
         except Exception as e:  # a decode failure is the data's problem, not a bug here
-            raise _read_failure(self.location.zarr_store, e, "the store may be corrupt (run lenspipe "
-                                "verify, or re-download/re-extract it); cannot read") from e
+            raise _read_failure(self.location.zarr_store, e, "cannot read") from e
 
 
 def verify(path_or_url: str | os.PathLike) -> dict:

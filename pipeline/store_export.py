@@ -9,10 +9,16 @@ store's inner chunks; ``tokens``; the store's attributes (provenance, parameters
 per-shard records and its COMPLETE marker as JSON attributes. Import rebuilds a zarr store
 shard by shard through the ordinary writer and then checks that every recomputed shard
 checksum equals the exported record: a lossless round trip is verified, not assumed.
+The HDF5 file also carries a sha256 of its JSON attributes, so ``lenspipe verify`` can
+check an HDF5 export in place as thoroughly as a zarr store (:func:`verify_hdf5`).
+
+Both directions build their output under a temporary name and rename it at the end; an
+unwritable destination or a full disk is one message and leaves nothing behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,56 +27,64 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import StoreError
+from .errors import StoreError, output_errors
 from .progress import Progress
-from .provenance import atomic_dir
-from .store import BF16_BITS, COMPLETE_NAME, LOCK_NAME, _to_tensor, open_store, record_name, verify
+from .provenance import atomic_dir, sha256_json
+from .store import (BF16_BITS, COMPLETE_NAME, LOCK_NAME, StoreParams, _to_tensor, is_hdf5_file, open_store,
+                    record_name, shard_checksums, verify)
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("zip", "hdf5")
-
-
-def _tmp_file(dest: Path) -> Path:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    return dest.with_name(f".{dest.name}.partial")
+#: The JSON attributes of an HDF5 export, and the attribute holding their sha256.
+H5_META = ("lenspipe_attrs", "lenspipe_records", "lenspipe_complete")
+H5_META_SHA256 = "lenspipe_meta_sha256"
 
 
 def export_store(src: str | os.PathLike, dest: str | os.PathLike, fmt: str) -> dict:
     """Verify ``src`` end to end, then write it to the single file ``dest``."""
     if fmt not in FORMATS:
         raise StoreError(f"export format {fmt!r} is not one of {FORMATS}")
+    if fmt == "zip" and not os.path.isdir(src):
+        raise StoreError(f"export --to zip packs a local store directory, and {src} is none "
+                         "(a zip export can be shared as it is)")
     summary = verify(src)  # never ship a damaged cache
-    dest, tmp = Path(dest), _tmp_file(Path(dest))
-    try:
-        (_export_zip if fmt == "zip" else _export_hdf5)(Path(src), tmp)
-        tmp.replace(dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    dest = Path(dest)
+    tmp = dest.with_name(f".{dest.name}.partial")
+    with output_errors(dest, "the export"):
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            (_export_zip if fmt == "zip" else _export_hdf5)(src, tmp)
+            tmp.replace(dest)
+        except BaseException:
+            with contextlib.suppress(OSError):  # never hide the error that got us here
+                tmp.unlink()
+            raise
     log.info("exported %s to %s (%s, %.1f MB)", src, dest, fmt, dest.stat().st_size / 1e6)
     return {"source": str(src), "dest": str(dest), "format": fmt, "bytes": dest.stat().st_size,
             "n_tokens": summary.get("n_tokens")}
 
 
-def _export_zip(root: Path, tmp: Path) -> None:
+def _export_zip(src: str | os.PathLike, tmp: Path) -> None:
+    root = Path(src)
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != LOCK_NAME)
     with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
         for p in files:
             z.write(p, p.relative_to(root).as_posix())
 
 
-def _export_hdf5(root: Path, tmp: Path) -> None:
+def _export_hdf5(src: str | os.PathLike, tmp: Path) -> None:
     import h5py
 
-    store = open_store(root)
+    store = open_store(src)  # str, not Path: a URL stays a URL
     p = store.params
     raw = store._resid  # (L+1, n, d) in the storage dtype: copied bit for bit
     records = [store.location.read_json(record_name(i)) for i in range(p.n_shards)]
-    with h5py.File(tmp, "w") as f:
-        f.attrs["lenspipe_attrs"] = json.dumps(store.attrs, default=str)
-        f.attrs["lenspipe_records"] = json.dumps(records)
-        f.attrs["lenspipe_complete"] = json.dumps(store.location.read_json(COMPLETE_NAME))
+    meta = {"lenspipe_attrs": json.dumps(store.attrs, default=str), "lenspipe_records": json.dumps(records),
+            "lenspipe_complete": json.dumps(store.location.read_json(COMPLETE_NAME))}
+    with h5py.File(tmp, "w", libver=("v110", "latest")) as f:
+        f.attrs.update(meta)
+        f.attrs[H5_META_SHA256] = sha256_json(meta)  # the records' checksums cover the data
         ds = f.create_dataset("resid", shape=raw.shape, dtype=raw.dtype,
                               chunks=(1, min(p.chunk_tokens, p.n_tokens), p.d_model), compression="gzip",
                               compression_opts=1, shuffle=True)
@@ -84,33 +98,51 @@ def _export_hdf5(root: Path, tmp: Path) -> None:
                 bar.update(e - s)
 
 
+# ---------------------------------------------------------------- import
+
 def import_store(src: str | os.PathLike, dest: str | os.PathLike) -> dict:
-    """Rebuild a zarr store at ``dest`` from an exported .zip or .h5/.hdf5 file; verify it."""
+    """Rebuild a zarr store at ``dest`` from an exported .zip or .h5/.hdf5 file; verify it.
+
+    The source is checked first (a damaged file is named, with what to do), the store is
+    built under a temporary name, verified, and only then renamed to ``dest``.
+    """
     src, dest = Path(src), Path(dest)
     if not src.is_file():
         raise StoreError(f"no exported store at {src}")
     if dest.exists():
         raise StoreError(f"{dest} already exists; import into a new path")
-    if zipfile.is_zipfile(src):
-        with atomic_dir(dest) as tmp, zipfile.ZipFile(src) as z:
-            z.extractall(tmp)
-    else:
-        _import_hdf5(src, dest)
-    return verify(dest)
+    is_zip = zipfile.is_zipfile(src) or (src.suffix == ".zip" and not is_hdf5_file(src))
+    if not is_zip and not is_hdf5_file(src):
+        raise StoreError(f"{src} is neither a zip nor an HDF5 file exported by lenspipe (if it was "
+                         "downloaded as one, the download is damaged: download it again)")
+    verify(src)  # a zip is read in place, an HDF5 file by verify_hdf5: damage is named here
+    with output_errors(dest, "the imported store"), atomic_dir(dest) as tmp, _named(tmp, dest):
+        if is_zip:
+            with zipfile.ZipFile(src) as z:
+                z.extractall(tmp)
+        else:
+            _import_hdf5(src, tmp)
+        summary = verify(tmp)  # before the rename: a bad copy never appears at dest
+    return summary | {"path": str(dest.absolute())}
+
+
+@contextlib.contextmanager
+def _named(tmp: Path, dest: Path):
+    """A StoreError about the temporary store names ``dest`` (the path the user gave)."""
+    try:
+        yield
+    except StoreError as e:
+        text = str(e).replace(os.path.abspath(tmp), str(dest)).replace(str(tmp), str(dest))
+        raise type(e)(text) from e
 
 
 def _import_hdf5(src: Path, dest: Path) -> None:
+    """Rewrite an HDF5 export (already verified) as a zarr store at ``dest``."""
     import h5py
 
     from .store_writer import StoreWriter
 
-    try:
-        f = h5py.File(src, "r")
-    except OSError as e:
-        raise StoreError(f"{src} is neither a zip nor an HDF5 file exported by lenspipe ({e})") from e
-    with f:
-        if "lenspipe_attrs" not in f.attrs:
-            raise StoreError(f"{src} is an HDF5 file but not a lenspipe export (no lenspipe_attrs)")
+    with h5py.File(src, "r") as f:
         attrs, records = json.loads(f.attrs["lenspipe_attrs"]), json.loads(f.attrs["lenspipe_records"])
         params, encoding = attrs["params"], f["resid"].attrs.get("encoding")
         with StoreWriter.open(dest, **params, provenance=attrs["provenance"]) as w, \
@@ -126,3 +158,78 @@ def _import_hdf5(src: Path, dest: Path) -> None:
         if any(theirs[k] != ours[k] for k in keys):
             raise StoreError(f"imported shard {theirs['shard']} differs from the exported one; "
                              f"{src} is damaged or was not written by this lenspipe")
+
+
+# ---------------------------------------------------------------- verify an HDF5 export
+
+def verify_hdf5(path: str | os.PathLike) -> dict:
+    """Check an HDF5 export in place, like :func:`pipeline.store_verify.verify` a store:
+    its metadata digest, shapes, every shard's recorded checksums, finiteness.
+
+    Any failure of h5py on this file is reported as damage: a truncated or bit-flipped
+    file makes the HDF5 library fail in many ways (OSError, KeyError, ValueError, ...).
+    """
+    import h5py
+
+    path = str(path)
+    try:
+        f = h5py.File(path, "r")
+    except Exception as e:
+        raise _h5_damage(path, f"cannot be opened as HDF5 ({e})") from e
+    with f:
+        params, records, encoding = _h5_metadata(f, path)
+        for i, record in enumerate(records):
+            _h5_check_shard(f, path, params, i, record, encoding)
+    return {"path": path, "format": "hdf5", "complete": True, "n_shards": len(records),
+            "n_tokens": params.n_tokens, "n_layers": params.n_layers, "d_model": params.d_model,
+            "dtype": params.dtype, "checked_values": (params.n_layers + 1) * params.n_tokens * params.d_model}
+
+
+def _h5_damage(path: str, what: str) -> StoreError:
+    return StoreError(f"{path} {what}: the HDF5 export is damaged or its copy incomplete; download "
+                      "it again, or export it again with lenspipe export STORE --to hdf5")
+
+
+def _h5_metadata(f, path: str) -> tuple[StoreParams, list[dict], str | None]:
+    """Parameters, shard records and encoding, each checked against its digest."""
+    try:
+        if not all(k in f.attrs for k in H5_META):
+            raise StoreError(f"{path} is an HDF5 file but not a lenspipe export (no {', '.join(H5_META)} "
+                             "attributes), or its metadata is damaged")
+        meta = {k: f.attrs[k] for k in H5_META}
+        digest = f.attrs.get(H5_META_SHA256)  # absent from exports made before it existed
+        if digest is not None and digest != sha256_json(meta):
+            raise _h5_damage(path, "has metadata that does not match its sha256")
+        attrs, records, marker = (json.loads(meta[k]) for k in H5_META)
+        params = StoreParams(**attrs["params"])
+        params.validate()
+        shapes = (f["resid"].shape, f["tokens"].shape)
+        want = ((params.n_layers + 1, params.n_tokens, params.d_model), (params.n_tokens,))
+        if shapes != want:
+            raise _h5_damage(path, f"holds arrays of shapes {shapes}, not the {want} its parameters record")
+        if len(records) != params.n_shards or marker.get("records_sha256") != sha256_json(records):
+            raise _h5_damage(path, "has shard records that do not match its completion marker")
+        return params, records, f["resid"].attrs.get("encoding")
+    except StoreError:
+        raise
+    except Exception as e:  # metadata h5py or json cannot read: damage (see verify_hdf5)
+        raise _h5_damage(path, f"has unreadable metadata ({e!r})") from e
+
+
+def _h5_check_shard(f, path: str, params: StoreParams, i: int, record: dict, encoding: str | None) -> None:
+    from .store_verify import _all_finite
+
+    s, e = params.shard_span(i)
+    where = f"shard {i} (tokens {s}..{e})"
+    try:
+        raw, tokens = f["resid"][:, s:e, :], f["tokens"][s:e]  # (L+1, n, d) storage dtype, (n,) int32
+    except Exception as err:  # see verify_hdf5
+        raise _h5_damage(path, f"cannot be read at {where} ({err})") from err
+    sums = shard_checksums(raw, tokens)
+    bad = [layer for layer, (a, b) in enumerate(zip(sums["resid_xxh3"], record["resid_xxh3"])) if a != b]
+    if bad or sums["tokens_xxh3"] != record["tokens_xxh3"]:
+        what = f"layer {bad[0]}" if bad else "token ids"
+        raise _h5_damage(path, f"{where}, {what}: checksum mismatch (the data differs from what was written)")
+    for layer, values in enumerate(raw):
+        if not _all_finite(values, encoding):
+            raise _h5_damage(path, f"{where}, layer {layer}: holds inf/nan values")

@@ -12,7 +12,7 @@ def store_info(path_or_url: str | os.PathLike) -> dict[str, Any]:
     """What a user wants to know before using a store: what, how much, how big, complete?"""
     store = open_store(path_or_url, allow_incomplete=True)
     prov, params = store.provenance, store.params
-    model, corpus = prov.get("model", {}), prov.get("corpus", {})
+    model, corpus = (v if isinstance(v := prov.get(k), dict) else {} for k in ("model", "corpus"))
     info = {
         "store": str(path_or_url), "complete": store.is_complete,
         "model": model.get("name"), "source": model.get("source"), "revision": model.get("revision"),

@@ -13,8 +13,8 @@ import numpy as np
 
 from pipeline.errors import StoreError
 from pipeline.provenance import sha256_json
-from pipeline.store import (BF16_BITS, COMPLETE_NAME, LOCK_NAME, ActivationStore, open_store, record_name,
-                            shard_checksums)
+from pipeline.store import (BF16_BITS, COMPLETE_NAME, DAMAGED_ADVICE, LOCK_NAME, ActivationStore,
+                            is_hdf5_file, open_store, record_name, shard_checksums)
 
 #: Per-file sha256 of a finished store, in ``sha256sum`` format.
 MANIFEST_NAME = "SHA256SUMS"
@@ -25,7 +25,12 @@ def verify(path_or_url: str | os.PathLike) -> dict:
 
     Returns a summary dict; raises StoreError naming the first bad shard (and layer) on a
     missing completion marker, a checksum mismatch, an undecodable chunk or inf/nan.
+    An HDF5 export (``lenspipe export --to hdf5``) is checked the same way, in place.
     """
+    if _is_hdf5_export(path_or_url):
+        from pipeline.store_export import verify_hdf5  # late: store_export imports this module
+
+        return verify_hdf5(path_or_url)
     store = open_store(path_or_url)  # raises StoreError unless complete
     where = store.location.zarr_store
     n_files = check_manifest(store)
@@ -37,6 +42,12 @@ def verify(path_or_url: str | os.PathLike) -> dict:
             "n_tokens": store.n_tokens, "n_layers": store.n_layers, "d_model": store.d_model,
             "dtype": store.dtype, "checked_values": (store.n_layers + 1) * store.n_tokens * store.d_model,
             "checked_files_sha256": n_files}
+
+
+def _is_hdf5_export(path_or_url: str | os.PathLike) -> bool:
+    text = str(path_or_url)
+    return ("://" not in text and os.path.isfile(text)
+            and (text.endswith((".h5", ".hdf5")) or is_hdf5_file(text)))
 
 
 def write_manifest(root: Path) -> None:
@@ -60,25 +71,32 @@ def check_manifest(store: ActivationStore) -> int:
     import hashlib
 
     loc = store.location
-
-    def path(name: str) -> str:
-        return f"{loc.root.rstrip('/')}/{name}" if loc.root else name
-
-    try:
-        text = loc.fs.cat_file(path(MANIFEST_NAME)).decode()
-    except FileNotFoundError:
+    text = loc.read_bytes(MANIFEST_NAME)
+    if text is None:
         return 0  # stores written before the manifest existed: the shard checksums still run
-    lines = [line.split("  ", 1) for line in text.splitlines() if line.strip()]
+    lines = _manifest_lines(text, loc.zarr_store)
     for digest, name in lines:
-        try:
-            data = loc.fs.cat_file(path(name))
-        except FileNotFoundError:
+        data = loc.read_bytes(name)  # a read failure (bad CRC in a zip, ...) is a StoreError
+        if data is None:
             raise StoreError(f"{loc.zarr_store}: {name} is listed in {MANIFEST_NAME} but missing; "
-                             "the copy is incomplete, download it again") from None
+                             "the copy is incomplete, download it again")
         if hashlib.sha256(data).hexdigest() != digest:
             raise StoreError(f"{loc.zarr_store}: {name}{_shard_of(name)} does not match its sha256 in "
                              f"{MANIFEST_NAME}; re-download or re-extract it")
     return len(lines)
+
+
+def _manifest_lines(data: bytes, where: str) -> list[tuple[str, str]]:
+    """(sha256, name) per line of ``sha256sum`` output; a garbled line means a damaged copy."""
+    try:
+        lines = [tuple(line.split("  ", 1)) for line in data.decode().splitlines() if line.strip()]
+    except UnicodeDecodeError:
+        lines = [()]
+    bad = [line for line in lines if len(line) != 2 or len(line[0]) != 64]
+    if bad or not lines:
+        raise StoreError(f"{where}: {MANIFEST_NAME} is garbled (not sha256sum output); "
+                         "download the store again or re-extract it")
+    return lines  # type: ignore[return-value]
 
 
 def _shard_of(name: str) -> str:
@@ -113,7 +131,10 @@ def _verify_shard(store: ActivationStore, i: int, record: dict) -> None:
     start, stop = record["start"], record["stop"]
     what = f"{store.location.zarr_store}: shard {i} (tokens {start}..{stop})"
     raw = _read_shard(store, start, stop, what)  # (L+1, n, d) storage dtype
-    tokens = store._tokens[start:stop]  # (n,) int32
+    try:
+        tokens = store._tokens[start:stop]  # (n,) int32
+    except Exception as e:  # a decode failure is data damage here
+        raise StoreError(f"{what}: its token ids cannot be decoded ({e!r}); {DAMAGED_ADVICE}") from e
     sums = shard_checksums(raw, tokens)
     for layer, (got, want) in enumerate(zip(sums["resid_xxh3"], record["resid_xxh3"])):
         if got != want:
@@ -155,10 +176,20 @@ def _all_finite(values: np.ndarray, encoding: str | None) -> bool:
 
 
 def measure_compression(path: str | os.PathLike) -> dict:
-    """Bytes stored on disk for ``resid`` vs its uncompressed size (local stores only)."""
+    """Bytes stored on disk for ``resid`` vs its uncompressed size (local stores and zips)."""
     store = open_store(path, allow_incomplete=True)
-    resid_dir = Path(store.location.root) / "resid"
-    stored = sum(f.stat().st_size for f in resid_dir.rglob("*") if f.is_file() and f.name != "zarr.json")
+    stored = _stored_resid_bytes(store)
     raw = int(np.prod(store._resid.shape)) * store._resid.dtype.itemsize
     return {"stored_bytes": stored, "raw_bytes": raw, "ratio": raw / stored if stored else float("nan"),
             "dtype": store.dtype, "compression": store.params.compression, "level": store.params.level}
+
+
+def _stored_resid_bytes(store: ActivationStore) -> int:
+    loc = store.location
+    if loc.is_url:
+        raise ValueError(f"sizes on disk are unknown for a remote store ({loc.zarr_store})")
+    if loc.is_zip:
+        return sum(i.compress_size for i in loc.fs.zip.infolist()
+                   if i.filename.startswith("resid/") and not i.filename.endswith("zarr.json"))
+    resid_dir = Path(loc.root) / "resid"
+    return sum(f.stat().st_size for f in resid_dir.rglob("*") if f.is_file() and f.name != "zarr.json")
