@@ -6,7 +6,25 @@ from snakemake.utils import validate
 from pipeline import paths
 
 configfile: "config/config.yaml"
-validate(config, "config/schema.yaml")
+
+
+def _check_config():
+    """One message and exit status 2 for a config mistake, before any job (and in -n)."""
+    import sys
+
+    from pipeline.config import check_workflow_config
+    from pipeline.errors import ConfigError
+
+    try:
+        check_workflow_config(config, os.path.join(workflow.basedir, "config", "schema.yaml"))
+    except ConfigError as e:
+        files = ", ".join(map(str, workflow.configfiles)) or "config/config.yaml"
+        print(f"lenspipe: error: config ({files}): {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+_check_config()
+validate(config, "config/schema.yaml")  # fills in the schema's defaults
 
 DATA = config["data_dir"]
 MODELS = list(config["models"])

@@ -16,10 +16,24 @@ from .config import load_config
 from .logs import setup_logging, user_errors
 
 
+def _config(args):
+    """The config, after checking the names given on the command line exist in it.
+
+    First, so that a typo in --model or --corpus is named as such, not as some downstream
+    file that does not exist.
+    """
+    cfg = load_config(args.config)
+    if getattr(args, "model", None) is not None:
+        cfg.model(args.model)
+    if getattr(args, "corpus", None) is not None:
+        cfg.corpus(args.corpus)
+    return cfg
+
+
 def _prepare_model(args) -> None:
     from .model import prepare_model
 
-    cfg = load_config(args.config)
+    cfg = _config(args)
     data = cfg.data_dir
     out = args.out or paths.fill(paths.MODEL_DIR, data_dir=data, model=args.model)
     info = prepare_model(cfg.model(args.model), Path(out), Path(paths.fill(paths.CACHE_DIR, data_dir=data)))
@@ -29,7 +43,7 @@ def _prepare_model(args) -> None:
 def _prepare_corpus(args) -> None:
     from .corpus import prepare_corpus
 
-    cfg = load_config(args.config)
+    cfg = _config(args)
     data = cfg.data_dir
     model_dir = paths.fill(paths.MODEL_DIR, data_dir=data, model=args.model)
     out = args.out or paths.fill(paths.CORPUS_DIR, data_dir=data, corpus=args.corpus, model=args.model)
@@ -41,7 +55,7 @@ def _prepare_corpus(args) -> None:
 def _extract(args) -> None:
     from .extract import extract
 
-    cfg = load_config(args.config)
+    cfg = _config(args)
     kw = dict(data_dir=cfg.data_dir, model=args.model, corpus=args.corpus, split=args.split)
     store = args.out or paths.fill(paths.STORE, **kw)
     summary = extract(Path(paths.fill(paths.MODEL_DIR, **kw)), Path(paths.fill(paths.CORPUS_SPLIT, **kw)),

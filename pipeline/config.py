@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from .embedded import EMBEDDED_CORPORA, EMBEDDED_MODELS, embedded_name
 from .errors import ConfigError
 
 SPLITS = ("train", "validation", "test")
@@ -30,6 +31,14 @@ def _from_dict(cls, name: str, raw: dict[str, Any] | None):
             f"known settings are {sorted(known - {'name'})}"
         )
     return cls(name=name, **raw) if "name" in known else cls(**raw)
+
+
+def _check_embedded(key: str, source: str, available: dict) -> None:
+    """An ``embedded:`` source must name something shipped; found at config time, not in a job."""
+    name = embedded_name(source)
+    if name is not None and name not in available:
+        raise ConfigError(f"{key}: unknown embedded source {source!r}; available: "
+                          f"{', '.join('embedded:' + n for n in sorted(available))}")
 
 
 @dataclass
@@ -62,6 +71,7 @@ class ModelConfig:
             raise ConfigError(f"model name {self.name!r} must be non-empty and contain no '/'")
         if not self.source:
             raise ConfigError(f"model {self.name!r}: 'source' is empty")
+        _check_embedded(f"models.{self.name}.source", self.source, EMBEDDED_MODELS)
         if self.revision is not None and (
             self.source.startswith("embedded:") or Path(self.source).exists()
         ):
@@ -106,6 +116,7 @@ class CorpusConfig:
     EOS token; or an explicit token string; or ``none``."""
 
     def __post_init__(self) -> None:
+        _check_embedded(f"corpora.{self.name}.source", self.source, EMBEDDED_CORPORA)
         if self.seq_len < 2:
             raise ConfigError(f"corpus {self.name!r}: seq_len must be >= 2, got {self.seq_len}")
         for key in ("validation_fraction", "test_fraction"):
@@ -221,25 +232,29 @@ class TrainConfig:
     momentum: float = 0.9
     """SGD momentum / Adam beta1."""
     weight_decay: float = 1e-3
-    """Weight decay; translators are parametrised so that zero is the identity (affine,
-    mlp, scaling), so it pulls toward the logit lens."""
+    """L2 weight decay toward the identity (the logit lens) for every kind: affine, mlp and
+    scaling translators are the identity at zero parameters; a linear translator's W is
+    decayed toward I."""
     warmup_steps: int = 0
     """Linear warm-up steps before the linear decay to zero."""
     clip_grad: float = 1.0
-    """Gradient-norm clipping over all trained parameters (0 = off)."""
+    """Gradient-norm clipping, per layer's translator (0 = off); the reference clips all
+    layers jointly, which made a layer's steps depend on the layers sharing its job."""
     buffer_shards: int = 2
     """Store shards held in memory for shuffling (tokens are shuffled within the buffer,
     shard order is shuffled per epoch)."""
     val_tokens: int = 512
-    """Validation tokens for early stopping and the training log."""
+    """Validation tokens for early stopping and the training log: whole sequences, one
+    drawn (``seed``) from each of equal parts of the validation store."""
     eval_every: int = 4
     """Validate every this many steps (and at the start and the end)."""
     patience: int = 2
-    """Stop after this many validations in which no layer improved (0 = never stop)."""
+    """A layer stops training after this many validations without improvement; training
+    ends when every layer has stopped or after ``steps`` (0 = never stop early)."""
     checkpoint_every: int = 4
     """Write a resumable checkpoint every this many steps (0 = never)."""
     seed: int = 0
-    """Seed of the data order."""
+    """Seed of the data order and of the validation sequences."""
     mlp_hidden: int | None = None
     """Hidden width of mlp translators (default d_model)."""
     mlp_depth: int = 1
@@ -294,8 +309,9 @@ class EvaluateConfig:
     split: str = "test"
     """Held-out split to evaluate on."""
     max_tokens: int | None = 4096
-    """Tokens of the split's store to evaluate (whole sequences from its start; the store
-    itself is a random sample of the split); null = the whole store. Each token costs one
+    """Tokens of the split's store to evaluate: whole sequences, one drawn (``seed``) from
+    each of equal parts of the store, so every document region is represented (the store
+    keeps corpus order); null = the whole store. Each token costs one
     (d_model x vocab) matmul per layer and lens: 4,096 tokens, 31 layers and 2 lenses take
     about 3 minutes on 2 CPU cores."""
     chunk_tokens: int = 1024
@@ -313,7 +329,7 @@ class EvaluateConfig:
     """Address of a dask.distributed scheduler (``tcp://host:8786``); null = dask's local
     threaded scheduler with the rule's threads."""
     seed: int = 0
-    """Seed of the bootstrap."""
+    """Seed of the evaluated sequences and of the bootstrap."""
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
@@ -379,6 +395,8 @@ class PipelineConfig:
     """How lenses are evaluated on held-out data."""
     analyses: AnalysesConfig = field(default_factory=AnalysesConfig)
     """The analyses built on the store, lenses and tables."""
+    config_file: str | None = None
+    """The YAML file this config was loaded from, for messages (None: given as a mapping)."""
 
     def __post_init__(self) -> None:
         if self.analyses.enabled and self.evaluate.token_metrics is False:
@@ -391,16 +409,16 @@ class PipelineConfig:
                               f"(train.kinds is {self.train.kinds})")
 
     def model(self, name: str) -> ModelConfig:
-        try:
-            return self.models[name]
-        except KeyError:
-            raise ConfigError(f"no model {name!r} in the config; have {sorted(self.models)}") from None
+        if name not in self.models:
+            raise ConfigError(f"no model {name!r} in {self.config_file or 'the config'}; known: "
+                              f"{', '.join(sorted(self.models))}")
+        return self.models[name]
 
     def corpus(self, name: str) -> CorpusConfig:
-        try:
-            return self.corpora[name]
-        except KeyError:
-            raise ConfigError(f"no corpus {name!r} in the config; have {sorted(self.corpora)}") from None
+        if name not in self.corpora:
+            raise ConfigError(f"no corpus {name!r} in {self.config_file or 'the config'}; known: "
+                              f"{', '.join(sorted(self.corpora))}")
+        return self.corpora[name]
 
 
 def parse_config(raw: dict[str, Any]) -> PipelineConfig:
@@ -425,4 +443,38 @@ def load_config(path: str | Path) -> PipelineConfig:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-    return parse_config(raw or {})
+    if not isinstance(raw or {}, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings, not {type(raw).__name__}")
+    try:
+        cfg = parse_config(raw or {})
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    cfg.config_file = str(path)
+    return cfg
+
+
+def check_workflow_config(raw: dict[str, Any], schema_path: str | Path) -> PipelineConfig:
+    """Everything a config can get wrong, checked when the workflow starts (dry runs too).
+
+    First the JSON schema (types, unknown keys), with a one-line message naming the key
+    rather than Snakemake's dump of the schema; then the dataclasses' cross-field checks
+    and the embedded sources. Cheap: no torch, no model, no data.
+    """
+    import jsonschema
+
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(raw))
+    if error is not None:
+        raise ConfigError(_schema_message(error))
+    return parse_config(raw)
+
+
+def _schema_message(error) -> str:
+    key = ".".join(str(p) for p in error.absolute_path)
+    known = sorted(error.schema.get("properties", {})) if isinstance(error.schema, dict) else []
+    if error.validator == "additionalProperties" and isinstance(error.instance, dict) and known:
+        unknown = sorted(set(error.instance) - set(known))
+        where = f"under {key}" if key else "at the top level"
+        return (f"unknown key {'.'.join(filter(None, [key, str(unknown[0])]))}; known keys {where}: "
+                f"{', '.join(known)}")
+    return f"{key or 'the config'}: {error.message}"

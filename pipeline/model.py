@@ -18,7 +18,7 @@ import torch
 
 from .config import ModelConfig
 from .embedded import embedded_name, fetch_embedded_gguf
-from .errors import ModelNotAvailable
+from .errors import ModelNotAvailable, OutputError, output_errors
 from .provenance import atomic_dir, now_utc, package_versions, sha256_file, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -208,8 +208,12 @@ def export_head(model_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     info = read_model_info(model_dir)
+    # atomic_dir replaces what is at out_dir: never a directory the user filled.
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise OutputError(f"{out_dir} already exists and is not an empty directory; export-head "
+                          "writes a new one and never replaces files: choose another path")
     tensors = {k: v.contiguous() for k, v in head_checkpoint_tensors(model_dir).items()}
-    with atomic_dir(out_dir) as tmp:
+    with output_errors(out_dir, "the head-only model dir"), atomic_dir(out_dir) as tmp:
         for p in model_dir.iterdir():
             if p.is_file() and not p.name.endswith(".safetensors") and p.name not in (MARKER, "model.safetensors.index.json"):
                 shutil.copy(p, tmp / p.name)  # config, generation config, tokenizer files

@@ -19,6 +19,7 @@ unwritable destination or a full disk is one message and leaves nothing behind.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -82,7 +83,7 @@ def _export_hdf5(src: str | os.PathLike, tmp: Path) -> None:
     records = [store.location.read_json(record_name(i)) for i in range(p.n_shards)]
     meta = {"lenspipe_attrs": json.dumps(store.attrs, default=str), "lenspipe_records": json.dumps(records),
             "lenspipe_complete": json.dumps(store.location.read_json(COMPLETE_NAME))}
-    with h5py.File(tmp, "w", libver=("v110", "latest")) as f:
+    with _FailSafeFile(tmp) as sink, h5py.File(sink, "w", libver=("v110", "latest")) as f:
         f.attrs.update(meta)
         f.attrs[H5_META_SHA256] = sha256_json(meta)  # the records' checksums cover the data
         ds = f.create_dataset("resid", shape=raw.shape, dtype=raw.dtype,
@@ -93,9 +94,72 @@ def _export_hdf5(src: str | os.PathLike, tmp: Path) -> None:
         f.create_dataset("tokens", data=store.tokens().numpy().astype(np.int32))
         with Progress(p.n_tokens, "export hdf5", unit="tok") as bar:
             for i in range(p.n_shards):
+                sink.check()  # stop at the first failed write (a full disk)
                 s, e = p.shard_span(i)
                 ds[:, s:e, :] = raw[:, s:e, :]
                 bar.update(e - s)
+
+
+class _FailSafeFile(io.RawIOBase):
+    """The file h5py writes through (its ``fileobj`` driver), which never fails a write.
+
+    When HDF5 cannot write (a full disk) and then fails to close the file, h5py crashes
+    the process at exit (HDF5 retries the flush: a segfault). So the first OSError is kept
+    and every later write is discarded, HDF5 closes cleanly, and the kept error is raised
+    on leaving the ``with`` block (the caller deletes the useless file).
+    """
+
+    def __init__(self, path: Path):
+        self._f = open(path, "wb+", buffering=0)  # unbuffered: seek never flushes (and fails)
+        self.error: OSError | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        return self._f.seek(pos, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def readinto(self, b) -> int:
+        return self._f.readinto(b)
+
+    def write(self, b) -> int:
+        view = memoryview(b).cast("B")
+        if self.error is None:
+            try:
+                done = 0
+                while done < len(view):
+                    done += self._f.write(view[done:])
+                return done
+            except OSError as e:
+                self.error = e
+        self._f.seek(len(view), os.SEEK_CUR)  # discarded, as if written
+        return len(view)
+
+    def truncate(self, size: int | None = None) -> int:
+        try:
+            return self._f.truncate(size)
+        except OSError as e:
+            self.error = self.error or e
+            return size if size is not None else self.tell()
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def __exit__(self, *exc) -> None:
+        self._f.close()
+        super().__exit__(*exc)
+        if exc[0] is None or isinstance(exc[1], Exception):
+            self.check()  # the disk's error, rather than what HDF5 made of the lost writes
 
 
 # ---------------------------------------------------------------- import

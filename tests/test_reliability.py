@@ -366,3 +366,177 @@ def test_head_only_model_dir_reproduces_training_and_evaluation(setup, reference
              EvaluateConfig(**EVALUATE), tmp_path / "tables", IDENT)
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "tables" / "layer_metrics.parquet"),
                                   pd.read_parquet(reference_tables / "layer_metrics.parquet"), check_exact=True)
+
+
+# ------------------------------------------------------------------------ unwritable or full outputs
+# Tests run as root, for whom a chmod'ed read-only directory is writable: an unwritable
+# location is /proc (which refuses new files), a read-only tmpfs, or a patched write.
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory):
+    """A finished 4-shard store (a few KB) and its zip export, built as test_store builds them."""
+    from test_store import make_data, params
+
+    from pipeline.store import StoreWriter
+    from pipeline.store_export import export_store
+
+    root = tmp_path_factory.mktemp("small")
+    resid, toks = make_data(208)
+    with StoreWriter.open(root / "s.zarr", **params(208)) as w:
+        w.write(torch.from_numpy(resid), toks)
+    export_store(root / "s.zarr", root / "s.zip", "zip")
+    return root
+
+
+def _cli(argv: list[str], capsys) -> tuple[int, str]:
+    """Run ``lenspipe argv`` in-process: (exit status, stderr)."""
+    from pipeline.cli import main
+
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    return code, err
+
+
+@pytest.mark.parametrize("argv, what", [
+    (["export", "{s}/s.zarr", "--to", "zip", "--out", "/proc/lenspipe-no.zip"], "the export /proc/lenspipe-no.zip"),
+    (["export", "{s}/s.zarr", "--to", "hdf5", "--out", "/proc/lenspipe-no.h5"], "the export /proc/lenspipe-no.h5"),
+    (["import", "{s}/s.zip", "/proc/lenspipe-no.zarr"], "the imported store /proc/lenspipe-no.zarr"),
+])
+def test_export_and_import_to_an_unwritable_location_is_one_message(small_store, capsys, argv, what):
+    code, err = _cli([a.format(s=small_store) for a in argv], capsys)
+    assert code == 2, err
+    assert f"lenspipe: error: cannot write {what} (No such file or directory); choose a location you can write to" in err
+    assert not [p for p in Path("/proc").iterdir() if p.name.startswith(".lenspipe-no")]
+
+
+def _enospc_after_writing(real):
+    """Wrap a writer: it writes (so a partial file exists), then the disk is full."""
+    def write(*a, **k):
+        real(*a, **k)
+        raise _enospc("somewhere")
+    return write
+
+
+def test_export_and_import_to_a_full_disk_leave_nothing(small_store, tmp_path, monkeypatch, capsys):
+    import h5py
+    import zipfile
+
+    import zarr.storage._local as local
+
+    out = tmp_path / "out"
+    cases = [("zip", zipfile.ZipFile, "write", ["export", f"{small_store}/s.zarr", "--to", "zip", "--out", f"{out}/s.zip"]),
+             ("hdf5", h5py.Dataset, "__setitem__", ["export", f"{small_store}/s.zarr", "--to", "hdf5", "--out", f"{out}/s.h5"]),
+             ("unzip", zipfile.ZipFile, "_extract_member", ["import", f"{small_store}/s.zip", f"{out}/a.zarr"])]
+    for name, owner, attr, argv in cases:
+        with monkeypatch.context() as m:
+            m.setattr(owner, attr, _enospc_after_writing(getattr(owner, attr)))
+            code, err = _cli(argv, capsys)
+        assert code == 2 and f"no space left on the device while writing the {'export' if name != 'unzip' else 'imported store'} {argv[-1]}: " \
+            "free some space, then re-run; nothing half-written was left behind" in err, (name, err)
+        assert not out.exists() or not list(out.iterdir()), (name, list(out.iterdir()))
+    # HDF5 import: the store writer meets the full disk (as in the extract test above)
+    _cli(["export", f"{small_store}/s.zarr", "--to", "hdf5", "--out", f"{tmp_path}/s.h5"], capsys)
+    monkeypatch.setattr(local, "_put", lambda path, value, exclusive=False: (_ for _ in ()).throw(_enospc(path)))
+    code, err = _cli(["import", f"{tmp_path}/s.h5", f"{out}/b.zarr"], capsys)
+    assert code == 2 and f"no space left on the device while writing the imported store {out}/b.zarr" in err, err
+    assert not list(out.iterdir())
+
+
+TMPFS_CASES = """
+import contextlib, io, json, sys
+from pipeline.cli import main
+results = []
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            main(argv)
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    results.append([code, err.getvalue()])
+print(json.dumps(results))
+"""
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs unshare + tmpfs (user namespaces)")
+def test_export_and_import_on_a_real_full_or_read_only_tmpfs(small_store, tmp_path):
+    import json
+
+    full, ro = tmp_path / "full", tmp_path / "ro"
+    full.mkdir(), ro.mkdir()
+    cases = [["export", f"{small_store}/s.zarr", "--to", "zip", "--out", f"{full}/s.zip"],
+             ["export", f"{small_store}/s.zarr", "--to", "hdf5", "--out", f"{full}/s.h5"],
+             ["import", f"{small_store}/s.zip", f"{full}/s.zarr"],
+             ["export", f"{small_store}/s.zarr", "--to", "zip", "--out", f"{ro}/s.zip"],
+             ["import", f"{small_store}/s.zip", f"{ro}/s.zarr"]]
+    script = (f"mount -t tmpfs -o size=12k tmpfs {full} && mount -t tmpfs -o ro,size=64k tmpfs {ro} && "
+              f'{sys.executable} -c "$CASES" \'{json.dumps(cases)}\' && ls -A {full} {ro}')
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True,
+                          env=os.environ | {"CASES": TMPFS_CASES}, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    results = json.loads(lines[0])
+    for argv, (code, err) in zip(cases, results):
+        assert code == 2 and "Traceback" not in err, (argv, err)
+        what = "the export" if argv[0] == "export" else "the imported store"
+        expect = ("no space left on the device while writing" if str(full) in argv[-1]
+                  else "cannot write") + f" {what} {argv[-1]}"
+        assert expect in err and err.count("lenspipe: error:") == 1, (argv, err)
+    assert [line for line in lines[1:] if line and not line.endswith(":")] == [], lines  # both mounts empty
+
+
+def test_export_head_refuses_a_non_empty_directory_and_an_unwritable_one(tmp_path, capsys):
+    model = save_prepared(make_llama(VOCAB), tmp_path / "model")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    code, err = _cli(["export-head", str(model), str(mine)], capsys)
+    assert code == 2 and (f"lenspipe: error: {mine} already exists and is not an empty directory; export-head "
+                          "writes a new one and never replaces files: choose another path") in err, err
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    code, err = _cli(["export-head", str(model), "/proc/lenspipe-head"], capsys)
+    assert code == 2 and "cannot write the head-only model dir /proc/lenspipe-head (" in err, err
+    (tmp_path / "empty").mkdir()
+    assert _cli(["export-head", str(model), str(tmp_path / "empty")], capsys)[0] == 0  # an empty one is fine
+
+
+# ------------------------------------------------------------------------ names and config at start
+
+@pytest.mark.parametrize("argv, message", [
+    (["extract", "--model", "nosuch", "--corpus", "shakespeare", "--split", "test"], "no model 'nosuch' in {c}; known: smollm2-135m"),
+    (["extract", "--model", "smollm2-135m", "--corpus", "nosuch", "--split", "test"], "no corpus 'nosuch' in {c}; known: shakespeare"),
+    (["prepare-corpus", "--model", "nosuch", "--corpus", "shakespeare"], "no model 'nosuch' in {c}; known: smollm2-135m"),
+    (["prepare-model", "--model", "nosuch"], "no model 'nosuch' in {c}; known: smollm2-135m"),
+])
+def test_names_not_in_the_config_are_named_first(capsys, argv, message):
+    config = str(HERE.parent / "config" / "config.yaml")
+    code, err = _cli(argv + ["--config", config], capsys)
+    assert code == 2 and f"lenspipe: error: {message.format(c=config)}" in err, err
+    assert "does not exist" not in err  # not a downstream file
+
+
+@pytest.mark.parametrize("change, message", [
+    (("source: tiny/model", 'source: "embedded:nope"'),
+     "models.tiny.source: unknown embedded source 'embedded:nope'; available: embedded:smollm2-135m-instruct"),
+    (("source: tiny/corpus/*.txt", 'source: "embedded:nope"'),
+     "corpora.tiny-txt.source: unknown embedded source 'embedded:nope'; available: embedded:shakespeare"),
+    (("  bootstrap: 50", "  bootstrap: 50\n  bootstrp: 5"),
+     "unknown key evaluate.bootstrp; known keys under evaluate: bootstrap, calibration_bins, "),
+])
+def test_config_mistakes_fail_at_workflow_start_in_a_dry_run(tmp_path, change, message):
+    from test_workflow import snakemake
+
+    config = tmp_path / "bad.yaml"
+    text = (HERE.parent / ".test" / "config.yaml").read_text()
+    assert change[0] in text
+    config.write_text(text.replace(*change))
+    proc = snakemake(tmp_path, "--configfile", str(config), "-n")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and f"lenspipe: error: config ({config}): {message}" in out, out[-2000:]
+    assert "Traceback" not in out and len(out.strip().splitlines()) == 1, out[-2000:]
