@@ -344,6 +344,7 @@ rule layer_contributions:
     output:
         analysis_outputs("layer_contributions"),
     params:
+        token_dir=P(paths.TOKEN_METRICS),
         model_dir=parent_of_input("model"),
         out_dir=P(paths.ANALYSES_DIR),
         translator=TRANSLATOR,

@@ -217,7 +217,9 @@ def _summary_sentence(df: pd.DataFrame) -> str:
     parts = [f"mean KL over layers: logit lens {logit:.2f} nats"]
     for tr, g in d[d.lens == "tuned"].groupby("translator"):
         parts.append(f"tuned ({tr}) {g.kl.mean():.2f} nats ({g.kl.mean() / logit:.3f}x)")
-    return "; ".join(parts) + f" on {int(d.n_tokens.max())} held-out tokens."
+    docs = d.documents.iloc[0] if "documents" in d and d.documents.notna().any() else None
+    where = f" ({docs.replace('=', ': ')} tokens)" if docs else ""
+    return "; ".join(parts) + f" on {int(d.n_tokens.max())} held-out tokens{where}."
 
 
 def print_summary(layer_metrics: list[str], report_dir: str) -> None:
