@@ -25,8 +25,7 @@ from pipeline.store import open_store
 from pipeline.surgery import load_unembed_head
 from pipeline.tables import read_provenance
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 RUN = "smollm2-135m/shakespeare"
 
 
@@ -45,14 +44,16 @@ def mean_kl64(lens, store, seqs: list[int], layer: int, rows: int = 256) -> floa
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", default="0,10,20,29")
+    ap.add_argument("--data", type=Path, default=DATA, help="data_dir of the run (default: data/)")
     args = ap.parse_args()
     layers = [int(i) for i in args.layers.split(",")]
-    model_dir, lens_dir = DATA / "models/smollm2-135m", DATA / f"lenses/{RUN}/affine"
+    data = args.data
+    model_dir, lens_dir = data / "models/smollm2-135m", data / f"lenses/{RUN}/affine"
     head = load_unembed_head(model_dir).double()
     tuned = TunedLens.load(lens_dir, head=head, model_dir=model_dir).double().eval()
     lenses = {"tuned": tuned, "logit": LogitLens(head)}
     meta = json.loads((lens_dir / "lens.json").read_text())["metrics"]
-    val_store = open_store(DATA / f"stores/{RUN}/validation.zarr")
+    val_store = open_store(data / f"stores/{RUN}/validation.zarr")
     err_val = 0.0
     print("validation KL (lens.json vs float64)")
     for layer in layers:
@@ -60,9 +61,9 @@ def main() -> None:
         got = meta["val_kl"][str(layer)]
         err_val = max(err_val, abs(got - exact))
         print(f"  layer {layer:2d}: recorded {got:.6f}  float64 {exact:.6f}  diff {got - exact:+.2e}")
-    tables = DATA / f"tables/{RUN}/layer_metrics.parquet"
+    tables = data / f"tables/{RUN}/layer_metrics.parquet"
     lm, ev = pd.read_parquet(tables), read_provenance(tables)["evaluated"]
-    test_store = open_store(DATA / f"stores/{RUN}/test.zarr")
+    test_store = open_store(data / f"stores/{RUN}/test.zarr")
     err_eval = 0.0
     print(f"evaluation KL (layer_metrics vs float64, {ev['n_tokens']} tokens: {ev['documents']})")
     for name, lens in lenses.items():

@@ -68,7 +68,10 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=10, help="runs with 2 threads (the first is the reference)")
     ap.add_argument("--loaded", type=int, default=4, help="how many of them run beside a CPU-bound process")
     ap.add_argument("--layers", default="0,10,20,29")
+    ap.add_argument("--data", type=Path, default=ROOT / "data", help="data_dir holding the default stores")
     args = ap.parse_args()
+    global STORES, MODEL
+    STORES, MODEL = args.data / "stores/smollm2-135m/shakespeare", args.data / "models/smollm2-135m"
     layers = [int(x) for x in args.layers.split(",")]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
