@@ -156,7 +156,7 @@ def _timed_out(e: BaseException | None) -> bool:
 
 
 #: What to do about a damaged store or export (every reader's damage message ends with it).
-DAMAGED_ADVICE = ("the store may be corrupt or its copy incomplete: run lenspipe verify on it, then "
+DAMAGED_ADVICE = ("the store may be corrupt or its copy incomplete (lenspipe verify checks it): "
                   "download it again or re-extract it")
 
 

@@ -235,7 +235,7 @@ def verify_hdf5(path: str | os.PathLike) -> dict:
     """
     import h5py
 
-    path = str(path)
+    path = os.path.abspath(path)
     try:
         f = h5py.File(path, "r")
     except Exception as e:

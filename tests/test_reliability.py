@@ -540,3 +540,73 @@ def test_config_mistakes_fail_at_workflow_start_in_a_dry_run(tmp_path, change, m
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2 and f"lenspipe: error: config ({config}): {message}" in out, out[-2000:]
     assert "Traceback" not in out and len(out.strip().splitlines()) == 1, out[-2000:]
+
+
+# ------------------------------------------------------------------------ the README's table
+
+#: Each row of the README's Reliability table (its first cell) -> tests that show its message.
+README_BAD_INPUTS = {
+    "unknown model id while offline": ["test_unknown_hub_model_offline_is_clear"],
+    "local model path missing / not a causal LM": ["test_missing_local_path_and_non_causal_dir"],
+    "dataset without the text column": ["test_prepare_corpus_table_files"],
+    "empty corpus / shorter than one sequence": ["test_empty_and_short_corpus_are_clear_errors",
+                                                 "test_workflow_bad_input_fails_cleanly"],
+    "`seq_len` beyond the model's context": ["test_seq_len_beyond_the_model_context_is_refused"],
+    "layers out of range": ["test_layers_out_of_range_and_lens_of_another_model"],
+    "config violating the schema": ["test_schema_rejects_bad_config", "test_schema_violation_is_reported"],
+    "unknown config key": ["test_config_mistakes_fail_at_workflow_start_in_a_dry_run"],
+    "unknown `embedded:` source": ["test_config_mistakes_fail_at_workflow_start_in_a_dry_run"],
+    "`--model` / `--corpus` not in the config": ["test_names_not_in_the_config_are_named_first"],
+    "store from another model than the one given": ["test_store_of_another_model_and_truncated_shard"],
+    "store from another corpus/split/tokenizer": ["test_store_from_other_corpus_is_refused"],
+    "lens file from another model": ["test_load_onto_another_model_fails",
+                                     "test_layers_out_of_range_and_lens_of_another_model"],
+    "store with an unknown schema version": ["test_unknown_schema_version_refused"],
+    "truncated or corrupted shard": ["test_store_of_another_model_and_truncated_shard",
+                                     "test_manifest_names_the_damaged_file"],
+    "missing or empty shard file in a zarr store": ["test_damaged_zarr_store_is_reported_as_damage",
+                                                    "test_a_damaged_store_read_for_training_is_one_message"],
+    "missing or garbled `zarr.json`": ["test_damaged_zarr_store_is_reported_as_damage"],
+    "truncated or random-bytes `.zip` (verify, info, import, a read)": [
+        "test_truncated_exports_are_reported_as_damage", "test_cli_on_random_bytes_is_one_message"],
+    "flipped byte in a `.zip`": ["test_flipped_bytes_in_exports_are_reported_as_damage"],
+    "truncated or damaged `.h5` export (verify, import)": [
+        "test_truncated_exports_are_reported_as_damage", "test_flipped_bytes_in_exports_are_reported_as_damage",
+        "test_hdf5_export_verifies_in_place_and_its_metadata_is_covered"],
+    "an `.h5` export given to info, train or evaluate": ["test_a_damaged_store_read_for_training_is_one_message"],
+    "export / import / export-head to a location that cannot be written": [
+        "test_export_and_import_to_an_unwritable_location_is_one_message",
+        "test_export_and_import_on_a_real_full_or_read_only_tmpfs",
+        "test_export_head_refuses_a_non_empty_directory_and_an_unwritable_one"],
+    "export / import to a full disk": ["test_export_and_import_to_a_full_disk_leave_nothing",
+                                       "test_export_and_import_on_a_real_full_or_read_only_tmpfs"],
+    "`export-head` into an existing non-empty directory": [
+        "test_export_head_refuses_a_non_empty_directory_and_an_unwritable_one"],
+    "non-finite activations / float16 overflow": ["test_nan_input_refused",
+                                                  "test_float16_overflow_names_layer_and_position"],
+    "disk full while writing": ["test_disk_full_during_extract_keeps_a_resumable_store",
+                                "test_disk_full_on_a_real_small_tmpfs"],
+    "URL that times out": ["test_url_that_never_answers_times_out_with_a_message",
+                           "test_url_stalling_mid_read_times_out"],
+    "store still being written / interrupted": ["test_reader_refuses_incomplete_store"],
+    "a second writer of one store, lens or table folder": ["test_second_writer_refused_while_first_holds_lock",
+                                                           "test_second_writer_of_a_lens_or_table_is_refused"],
+}
+
+
+def test_readme_reliability_table_matches_the_tests():
+    """The table's rows are the registry's, every named test exists, the counts are right."""
+    import re
+
+    from test_damage import N_FUZZ_CASES
+
+    readme = (HERE.parent / "README.md").read_text()
+    section = readme.split("## Reliability", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1].strip() for line in section.splitlines() if line.startswith("| ")][1:]
+    assert rows == list(README_BAD_INPUTS), sorted(set(rows) ^ set(README_BAD_INPUTS))
+    sources = "".join(p.read_text() for p in HERE.glob("test_*.py"))
+    missing = [t for tests in README_BAD_INPUTS.values() for t in tests if f"def {t}(" not in sources]
+    assert not missing, missing
+    text = " ".join(section.split())
+    assert f"The table lists {len(rows)} bad inputs" in text, f"the README should say {len(rows)} bad inputs"
+    assert f"damages {N_FUZZ_CASES} files" in text, f"the README should say {N_FUZZ_CASES} damaged files"
