@@ -32,7 +32,9 @@ sys.path.insert(0, str(ROOT))
 from pipeline.config import ExtractConfig  # noqa: E402
 from pipeline.corpus import load_split  # noqa: E402
 from pipeline.extract import extract, load_model  # noqa: E402
-from pipeline.store import StoreWriter, measure_compression, open_store  # noqa: E402
+from pipeline.store.info import measure_compression  # noqa: E402
+from pipeline.store.reader import open_store  # noqa: E402
+from pipeline.store.writer import StoreWriter  # noqa: E402
 
 MODEL = ROOT / "data/models/smollm2-135m"
 SPLIT = ROOT / "data/corpora/shakespeare/smollm2-135m/test.npz"

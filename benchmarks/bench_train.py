@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.config import TrainConfig, load_config  # noqa: E402
 from pipeline.lenses import TunedLens  # noqa: E402
-from pipeline.store import open_store  # noqa: E402
+from pipeline.store.reader import open_store  # noqa: E402
 from pipeline.surgery import load_unembed_head  # noqa: E402
 from pipeline.train import TrainState, autocast, make_optimizer, run_training, train  # noqa: E402
 

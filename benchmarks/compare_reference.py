@@ -70,7 +70,7 @@ def cmd_export(args) -> None:
     import numpy as np
 
     sys.path.insert(0, str(ROOT))
-    from pipeline.store import open_store
+    from pipeline.store.reader import open_store
 
     store = open_store(args.store)
     tokens = store.tokens().numpy().astype(np.int64)  # (n_tokens,)
@@ -222,7 +222,7 @@ def cmd_time_ours(args) -> None:
     sys.path.insert(0, str(ROOT))
     from pipeline.config import TrainConfig, load_config
     from pipeline.extract import extract
-    from pipeline.store import open_store
+    from pipeline.store.reader import open_store
     from pipeline.train import train
 
     logging.basicConfig(level=logging.INFO)
@@ -274,7 +274,7 @@ def cmd_evaluate(args) -> None:
     sys.path.insert(0, str(ROOT))
     from pipeline.lenses import LogitLens, TunedLens
     from pipeline.model import read_model_info
-    from pipeline.store import open_store
+    from pipeline.store.reader import open_store
     from pipeline.surgery import load_unembed_head
     from pipeline.train import kl_loss
 

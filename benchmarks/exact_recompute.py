@@ -21,7 +21,7 @@ import torch
 
 from pipeline.lenses import LogitLens, TunedLens
 from pipeline.sampling import read_sequences
-from pipeline.store import open_store
+from pipeline.store.reader import open_store
 from pipeline.surgery import load_unembed_head
 from pipeline.tables import read_provenance
 

@@ -31,7 +31,7 @@ from pipeline.config import ExtractConfig, TrainConfig  # noqa: E402
 from pipeline.extract import extract, load_model  # noqa: E402
 from pipeline.model import MARKER, weights_hash  # noqa: E402
 from pipeline.provenance import write_json_atomic  # noqa: E402
-from pipeline.store import open_store  # noqa: E402
+from pipeline.store.reader import open_store  # noqa: E402
 from pipeline.surgery import load_unembed_head  # noqa: E402
 from bench_train import _sync as sync, baseline_rate, training_rate  # noqa: E402  (same arms as on the CPU)
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from pipeline.store import StoreWriter, open_store  # noqa: E402
+from pipeline.store.reader import open_store  # noqa: E402
+from pipeline.store.writer import StoreWriter  # noqa: E402
 
 
 def main() -> None:

@@ -64,7 +64,7 @@ def _extract(args) -> None:
 
 
 def _verify(args) -> None:
-    from .store import verify
+    from .store.verify import verify
 
     summary = verify(args.store)
     print(json.dumps(summary, indent=2, default=str))
@@ -72,21 +72,21 @@ def _verify(args) -> None:
 
 
 def _info(args) -> None:
-    from .store_info import format_info, store_info
+    from .store.info import format_info, store_info
 
     info = store_info(args.store)
     print(json.dumps(info, indent=2, default=str) if args.json else format_info(info))
 
 
 def _export(args) -> None:
-    from .store_export import export_store
+    from .store.export import export_store
 
     out = args.out or str(Path(args.store).with_suffix("." + ("zip" if args.to == "zip" else "h5")))
     print(json.dumps(export_store(args.store, out, args.to), indent=2))
 
 
 def _import(args) -> None:
-    from .store_export import import_store
+    from .store.export import import_store
 
     summary = import_store(args.file, args.store)
     print(json.dumps(summary, indent=2, default=str))

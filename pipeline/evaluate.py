@@ -32,9 +32,8 @@ from .progress import Progress
 from .provenance import exclusive_output, package_versions
 from .sampling import (document_counts, format_documents, read_sequence_tokens, read_sequences, split_sequences,
                        spread_sequences, token_index)
-from .store import open_store
+from .store.reader import check_store_model, open_store
 from .surgery import load_unembed_head
-from .train import check_store_model
 from .tables import LOGIT, MODEL, lens_identity, calibration_table, layer_metrics_table, write_table
 
 log = logging.getLogger(__name__)

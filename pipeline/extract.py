@@ -25,8 +25,8 @@ from .errors import ConfigError, StoreError
 from .model import read_model_info
 from .progress import Progress
 from .sampling import select_sequences
-from .store import open_store
-from .store_writer import StoreWriter
+from .store.reader import open_store
+from .store.writer import StoreWriter
 from .surgery import LAYER_CONVENTION, find_parts, residual_stream, unembed_head
 
 log = logging.getLogger(__name__)

@@ -20,16 +20,15 @@ from typing import Any
 import torch
 
 from . import metrics as M
-from .batches import TokenBatches
 from .config import TrainConfig
 from .devices import resolve_device
-from .errors import StoreError
 from .lenses import LeastSquaresAccumulator, LogitLens, TunedLens, init_translator_lstsq, read_lens_meta
 from .model import read_model_info
 from .progress import Progress
 from .sampling import read_sequences, spread_sequences
 from .provenance import exclusive_output, package_versions, sha256_json
-from .store import ActivationStore, open_store
+from .store.batches import TokenBatches
+from .store.reader import ActivationStore, check_store_model, open_store
 from .surgery import load_unembed_head
 from .train_log import write_train_log
 
@@ -90,19 +89,6 @@ def autocast(device: torch.device):
     """bf16 autocast on CUDA (the unembedding matmuls dominate); plain float32 on CPU,
     where bf16 matmuls are hundreds of times slower. Softmax and KL stay float32."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
-def check_store_model(store: ActivationStore, model_dir: Path) -> dict[str, Any]:
-    """The model info of ``model_dir``, after checking the store was extracted from it."""
-    info = read_model_info(model_dir)
-    theirs = store.provenance.get("model", {}).get("weights_sha256")
-    if theirs != info["weights_sha256"]:
-        raise StoreError(f"the store {store.location.zarr_store} was extracted from model weights "
-                         f"{theirs}, but {model_dir} holds {info['weights_sha256']}: use the model the "
-                         "store was made from")
-    if store.d_model != info["d_model"] or store.n_layers != info["n_layers"]:
-        raise StoreError("the store's d_model/n_layers do not match the model's")
-    return info
 
 
 # ----------------------------------------------------------------------------- setup

@@ -20,7 +20,7 @@ from .lenses import LogitLens, TunedLens
 from .metrics import kl_div, log_probs
 from .plots import figure, save
 from .progress import Progress
-from .store import open_store
+from .store.reader import open_store
 from .surgery import load_unembed_head
 from .tables import write_table_df
 

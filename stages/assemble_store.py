@@ -2,7 +2,7 @@
 from pathlib import Path
 
 from pipeline.logs import run_stage
-from pipeline.parts import assemble_store
+from pipeline.store.parts import assemble_store
 from pipeline.provenance import write_json_atomic
 
 

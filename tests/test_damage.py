@@ -22,9 +22,11 @@ import torch
 from test_store import make_data, params
 
 from pipeline.errors import LenspipeError, StoreError
-from pipeline.store import StoreWriter, open_store, verify
-from pipeline.store_export import export_store, import_store
-from pipeline.store_info import store_info
+from pipeline.store.export import export_store, import_store
+from pipeline.store.info import store_info
+from pipeline.store.reader import open_store
+from pipeline.store.verify import verify
+from pipeline.store.writer import StoreWriter
 
 N = 3 * 64 + 16  # 4 shards, the last one short
 SEED = 17

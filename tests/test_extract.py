@@ -15,7 +15,8 @@ from pipeline.config import ExtractConfig
 from pipeline.errors import ConfigError, StoreError
 from pipeline.extract import extract
 from pipeline.sampling import select_sequences
-from pipeline.store import open_store, verify
+from pipeline.store.reader import open_store
+from pipeline.store.verify import verify
 from pipeline.surgery import unembed_head
 
 SMALL = dict(batch_size=2, shard_tokens=32, chunk_tokens=16, max_tokens={"test": None})
@@ -133,7 +134,7 @@ def test_info_cli_summarises_complete_and_incomplete_stores(tmp_path):
 
 def test_parts_assemble_into_the_single_job_store(tmp_path):
     from pipeline.extract import extract_part, part_range
-    from pipeline.parts import assemble_store
+    from pipeline.store.parts import assemble_store
 
     assert [part_range(13, 4, p, 3) for p in range(3)] == [(0, 8), (8, 12), (12, 13)]  # 4 shards: 2 + 1 + 1
     model_dir = save_prepared(tiny_model("llama"), tmp_path / "m")

@@ -28,7 +28,7 @@ from pipeline.errors import ConfigError, LenspipeError, StoreError
 from pipeline.extract import extract
 from pipeline.logs import user_errors
 from pipeline.provenance import exclusive_output
-from pipeline.store import open_store
+from pipeline.store.reader import open_store
 from pipeline.train import train
 
 HERE = Path(__file__).resolve().parent
@@ -303,7 +303,7 @@ def test_layers_out_of_range_and_lens_of_another_model(setup, tmp_path):
 def test_store_of_another_model_and_truncated_shard(setup, tmp_path):
     from pipeline.config import EvaluateConfig
     from pipeline.evaluate import evaluate
-    from pipeline.store import verify
+    from pipeline.store.verify import verify
 
     other = save_prepared(make_llama(VOCAB, seed=7), tmp_path / "other")
     with pytest.raises(StoreError, match="was extracted from model weights"):
@@ -377,8 +377,8 @@ def small_store(tmp_path_factory):
     """A finished 4-shard store (a few KB) and its zip export, built as test_store builds them."""
     from test_store import make_data, params
 
-    from pipeline.store import StoreWriter
-    from pipeline.store_export import export_store
+    from pipeline.store.export import export_store
+    from pipeline.store.writer import StoreWriter
 
     root = tmp_path_factory.mktemp("small")
     resid, toks = make_data(208)

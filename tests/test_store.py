@@ -22,8 +22,11 @@ import torch
 import zarr
 
 from pipeline.errors import StoreError
-from pipeline.store import (SCHEMA_VERSION, StoreWriter, measure_compression, open_store,
-                            record_name, verify)
+from pipeline.store.info import measure_compression
+from pipeline.store.layout import SCHEMA_VERSION, record_name
+from pipeline.store.reader import open_store
+from pipeline.store.verify import verify
+from pipeline.store.writer import StoreWriter
 
 # 2 layers (+ embeddings) x 8 features; 4 shards of 64 tokens, inner chunks of 32.
 N_LAYERS, D, SEQ, SHARD, CHUNK = 2, 8, 16, 64, 32
@@ -198,7 +201,7 @@ def test_exception_in_context_keeps_written_shards(tmp_path):
 
 CHILD = """
 import sys, time, numpy as np
-from pipeline.store import StoreWriter
+from pipeline.store.writer import StoreWriter
 rng = np.random.default_rng(0)
 resid = (rng.standard_normal((3, 256, 8)) * 10).astype(np.float32)
 toks = rng.integers(0, 50_000, 256)

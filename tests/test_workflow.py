@@ -163,7 +163,7 @@ def test_default_workflow_on_the_real_model_is_reproducible(tmp_path):
     import torch
     import yaml
 
-    from pipeline.store import open_store
+    from pipeline.store.reader import open_store
 
     cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     cfg["extract"]["max_tokens"] = {"train": 2048, "validation": 512, "test": 512}
@@ -211,7 +211,7 @@ def test_workflow_with_parts_and_groups_gives_the_one_job_stores(workdir, tmp_pa
     """2 extraction parts and 2 layer groups per lens, run for real: same stores as one job."""
     import torch
 
-    from pipeline.store import open_store
+    from pipeline.store.reader import open_store
 
     cfg = workdir / "scale.yaml"
     text = (REPO / ".test" / "config.yaml").read_text()

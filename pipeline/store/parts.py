@@ -13,9 +13,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .errors import StoreError
-from .store import open_store, record_name
-from .store_writer import StoreWriter
+from ..errors import StoreError
+from .layout import record_name
+from .reader import open_store
+from .writer import StoreWriter
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .errors import LenspipeError
-from .store import ActivationStore
+from ..errors import LenspipeError
+from .reader import ActivationStore
 
 
 @dataclass

@@ -3,8 +3,8 @@
 Zarr 3 writes a shard by reading the existing shard back, merging, and re-encoding all of
 it, and concurrent partial writes to one shard silently lose data; so the writer buffers
 incoming batches and only ever writes whole shards, one writer per store (an flock), and
-records each durably written shard before the next. See :mod:`pipeline.store` for the
-layout and the reader.
+records each durably written shard before the next. The layout is in
+:mod:`pipeline.store.layout`.
 """
 
 from __future__ import annotations
@@ -22,12 +22,14 @@ import torch
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
-from pipeline.errors import StoreError, disk_full, disk_full_message
-from pipeline.provenance import acquire_lock, now_utc, package_versions, sha256_json, write_json_atomic
-from pipeline.store import (BF16_BITS, COMPLETE_NAME, FORMAT, LOCK_NAME, PROGRESS_DIR, SCHEMA_VERSION, _STORED_NP,
-                            _TORCH, StoreParams, _check_schema, _Location, record_name, shard_checksums)
+from ..errors import StoreError, disk_full, disk_full_message
+from ..provenance import acquire_lock, now_utc, package_versions, sha256_file, sha256_json, write_json_atomic
+from .layout import (BF16_BITS, COMPLETE_NAME, FORMAT, LOCK_NAME, MANIFEST_NAME, PROGRESS_DIR, SCHEMA_VERSION,
+                     STORED_NP, StoreParams, check_schema, record_name, shard_checksums)
+from .location import Location
 
 
+_TORCH = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 #: Largest magnitude each storage dtype holds; beyond it the exact (slow) check runs.
 _MAX = {"float16": 65504.0, "bfloat16": 3.3895313892515355e38, "float32": float("inf")}
 
@@ -79,7 +81,7 @@ def _compressors(compression: str, level: int) -> list | None:
 def _create_arrays(group: zarr.Group, p: StoreParams) -> None:
     encoding = BF16_BITS if p.dtype == "bfloat16" else None
     group.create_array(
-        "resid", shape=(p.n_layers + 1, p.n_tokens, p.d_model), dtype=_STORED_NP[p.dtype],
+        "resid", shape=(p.n_layers + 1, p.n_tokens, p.d_model), dtype=STORED_NP[p.dtype],
         shards=(p.n_layers + 1, p.shard_tokens, p.d_model), chunks=(1, p.chunk_tokens, p.d_model),
         compressors=_compressors(p.compression, p.level), fill_value=0,
         dimension_names=("layer", "token", "feature"),
@@ -109,7 +111,7 @@ def _fingerprint(p: StoreParams, provenance: dict) -> str:
 
 
 def _check_resumable(root: Path, attrs: dict, p: StoreParams, provenance: dict) -> None:
-    _check_schema(attrs, str(root))
+    check_schema(attrs, str(root))
     if attrs.get("fingerprint") == _fingerprint(p, provenance):
         return
     old = {**attrs.get("params", {}), **{f"provenance.{k}": v for k, v in attrs.get("provenance", {}).items()}}
@@ -207,7 +209,7 @@ class StoreWriter:
             else:
                 group = zarr.create_group(str(root), attributes=_initial_attrs(params, provenance, fingerprint))
             _ensure_arrays(group, params)
-            loc = _Location(root)
+            loc = Location(root)
             complete = loc.read_json(COMPLETE_NAME) is not None and group.attrs.get("complete") is True
             records = loc.load_records(params)
             writer = cls(root, params, group, lock_fd, records, complete, background)
@@ -278,7 +280,7 @@ class StoreWriter:
         if self._buffers[self._which] is None:
             p = self.params
             self._buffers[self._which] = (
-                np.empty((p.n_layers + 1, p.shard_tokens, p.d_model), _STORED_NP[p.dtype]),
+                np.empty((p.n_layers + 1, p.shard_tokens, p.d_model), STORED_NP[p.dtype]),
                 np.empty((p.shard_tokens,), np.int32))
         return self._buffers[self._which]
 
@@ -395,8 +397,6 @@ class StoreWriter:
         finished = now_utc()
         self._group.update_attributes({"complete": True, "finished": finished})
         _consolidate(self.root)
-        from pipeline.store_verify import write_manifest  # late: store_verify imports store
-
         write_manifest(self.root)
         write_json_atomic(self.root / COMPLETE_NAME, {
             "n_tokens": p.n_tokens, "n_shards": p.n_shards, "finished": finished,
@@ -438,12 +438,23 @@ class StoreWriter:
             self._lock_fd = -1
 
 
+def write_manifest(root: Path) -> None:
+    """``SHA256SUMS`` (the format of ``sha256sum``) over every file of a finished store.
+
+    A downloaded cache can then be checked with standard tools (``sha256sum -c
+    SHA256SUMS`` in the store directory) as well as by :func:`pipeline.store.verify.verify`.
+    """
+    skip = {MANIFEST_NAME, COMPLETE_NAME, LOCK_NAME}
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name not in skip)
+    lines = [f"{sha256_file(p)}  {p.relative_to(root).as_posix()}\n" for p in files]
+    tmp = root / f".{MANIFEST_NAME}.tmp"
+    tmp.write_text("".join(lines))
+    tmp.replace(root / MANIFEST_NAME)
+
+
 def _ensure_arrays(group: zarr.Group, params: StoreParams) -> None:
     """Create the arrays unless present (a crash can fall between group and arrays)."""
     try:
         group["resid"], group["tokens"]
     except KeyError:
         _create_arrays(group, params)
-
-
-# ---------------------------------------------------------------- the reader

@@ -1,11 +1,15 @@
-"""``lenspipe info STORE``: a human summary of an activation store (local path or URL)."""
+"""``lenspipe info STORE``: a human summary of an activation store (local path or URL),
+and its size on disk against the uncompressed size."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
-from pipeline.store import open_store
+import numpy as np
+
+from .reader import ActivationStore, open_store
 
 
 def store_info(path_or_url: str | os.PathLike) -> dict[str, Any]:
@@ -25,8 +29,6 @@ def store_info(path_or_url: str | os.PathLike) -> dict[str, Any]:
         "created": store.attrs.get("created"), "finished": store.attrs.get("finished"),
     }
     try:  # sizes on disk are known for local stores only
-        from pipeline.store_verify import measure_compression
-
         sizes = measure_compression(path_or_url)
         info.update(stored_bytes=sizes["stored_bytes"], raw_bytes=sizes["raw_bytes"], ratio=sizes["ratio"])
     except (OSError, TypeError, ValueError):
@@ -53,3 +55,23 @@ def format_info(info: dict[str, Any]) -> str:
         f"created:      {info['created']}, finished: {info['finished']}",
     ]
     return "\n".join(lines)
+
+
+def measure_compression(path: str | os.PathLike) -> dict:
+    """Bytes stored on disk for ``resid`` vs its uncompressed size (local stores and zips)."""
+    store = open_store(path, allow_incomplete=True)
+    stored = _stored_resid_bytes(store)
+    raw = int(np.prod(store._resid.shape)) * store._resid.dtype.itemsize
+    return {"stored_bytes": stored, "raw_bytes": raw, "ratio": raw / stored if stored else float("nan"),
+            "dtype": store.dtype, "compression": store.params.compression, "level": store.params.level}
+
+
+def _stored_resid_bytes(store: ActivationStore) -> int:
+    loc = store.location
+    if loc.is_url:
+        raise ValueError(f"sizes on disk are unknown for a remote store ({loc.zarr_store})")
+    if loc.is_zip:
+        return sum(i.compress_size for i in loc.fs.zip.infolist()
+                   if i.filename.startswith("resid/") and not i.filename.endswith("zarr.json"))
+    resid_dir = Path(loc.root) / "resid"
+    return sum(f.stat().st_size for f in resid_dir.rglob("*") if f.is_file() and f.name != "zarr.json")

@@ -10,7 +10,7 @@ per-shard records and its COMPLETE marker as JSON attributes. Import rebuilds a 
 shard by shard through the ordinary writer and then checks that every recomputed shard
 checksum equals the exported record: a lossless round trip is verified, not assumed.
 The HDF5 file also carries a sha256 of its JSON attributes, so ``lenspipe verify`` can
-check an HDF5 export in place as thoroughly as a zarr store (:func:`verify_hdf5`).
+check an HDF5 export in place as thoroughly as a zarr store (:func:`pipeline.store.verify.verify_hdf5`).
 
 Both directions build their output under a temporary name and rename it at the end; an
 unwritable destination or a full disk is one message and leaves nothing behind.
@@ -28,18 +28,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import StoreError, output_errors
-from .progress import Progress
-from .provenance import atomic_dir, sha256_json
-from .store import (BF16_BITS, COMPLETE_NAME, LOCK_NAME, StoreParams, _to_tensor, is_hdf5_file, open_store,
-                    record_name, shard_checksums, verify)
+from ..errors import StoreError, output_errors
+from ..progress import Progress
+from ..provenance import atomic_dir, sha256_json
+from .layout import BF16_BITS, COMPLETE_NAME, H5_META_SHA256, LOCK_NAME, record_name
+from .reader import is_hdf5_file, open_store, to_tensor
+from .verify import verify
+from .writer import StoreWriter
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("zip", "hdf5")
-#: The JSON attributes of an HDF5 export, and the attribute holding their sha256.
-H5_META = ("lenspipe_attrs", "lenspipe_records", "lenspipe_complete")
-H5_META_SHA256 = "lenspipe_meta_sha256"
 
 
 def export_store(src: str | os.PathLike, dest: str | os.PathLike, fmt: str) -> dict:
@@ -204,8 +203,6 @@ def _import_hdf5(src: Path, dest: Path) -> None:
     """Rewrite an HDF5 export (already verified) as a zarr store at ``dest``."""
     import h5py
 
-    from .store_writer import StoreWriter
-
     with h5py.File(src, "r") as f:
         attrs, records = json.loads(f.attrs["lenspipe_attrs"]), json.loads(f.attrs["lenspipe_records"])
         params, encoding = attrs["params"], f["resid"].attrs.get("encoding")
@@ -213,7 +210,7 @@ def _import_hdf5(src: Path, dest: Path) -> None:
                 Progress(params["n_tokens"], "import hdf5", unit="tok") as bar:
             for s in range(0, params["n_tokens"], params["shard_tokens"]):
                 e = min(s + params["shard_tokens"], params["n_tokens"])
-                w.write(_to_tensor(f["resid"][:, s:e, :], encoding), f["tokens"][s:e])
+                w.write(to_tensor(f["resid"][:, s:e, :], encoding), f["tokens"][s:e])
                 bar.update(e - s)
     loc = open_store(dest).location
     mine = [loc.read_json(record_name(i)) for i in range(len(records))]
@@ -222,78 +219,3 @@ def _import_hdf5(src: Path, dest: Path) -> None:
         if any(theirs[k] != ours[k] for k in keys):
             raise StoreError(f"imported shard {theirs['shard']} differs from the exported one; "
                              f"{src} is damaged or was not written by this lenspipe")
-
-
-# ---------------------------------------------------------------- verify an HDF5 export
-
-def verify_hdf5(path: str | os.PathLike) -> dict:
-    """Check an HDF5 export in place, like :func:`pipeline.store_verify.verify` a store:
-    its metadata digest, shapes, every shard's recorded checksums, finiteness.
-
-    Any failure of h5py on this file is reported as damage: a truncated or bit-flipped
-    file makes the HDF5 library fail in many ways (OSError, KeyError, ValueError, ...).
-    """
-    import h5py
-
-    path = os.path.abspath(path)
-    try:
-        f = h5py.File(path, "r")
-    except Exception as e:
-        raise _h5_damage(path, f"cannot be opened as HDF5 ({e})") from e
-    with f:
-        params, records, encoding = _h5_metadata(f, path)
-        for i, record in enumerate(records):
-            _h5_check_shard(f, path, params, i, record, encoding)
-    return {"path": path, "format": "hdf5", "complete": True, "n_shards": len(records),
-            "n_tokens": params.n_tokens, "n_layers": params.n_layers, "d_model": params.d_model,
-            "dtype": params.dtype, "checked_values": (params.n_layers + 1) * params.n_tokens * params.d_model}
-
-
-def _h5_damage(path: str, what: str) -> StoreError:
-    return StoreError(f"{path} {what}: the HDF5 export is damaged or its copy incomplete; download "
-                      "it again, or export it again with lenspipe export STORE --to hdf5")
-
-
-def _h5_metadata(f, path: str) -> tuple[StoreParams, list[dict], str | None]:
-    """Parameters, shard records and encoding, each checked against its digest."""
-    try:
-        if not all(k in f.attrs for k in H5_META):
-            raise StoreError(f"{path} is an HDF5 file but not a lenspipe export (no {', '.join(H5_META)} "
-                             "attributes), or its metadata is damaged")
-        meta = {k: f.attrs[k] for k in H5_META}
-        digest = f.attrs.get(H5_META_SHA256)  # absent from exports made before it existed
-        if digest is not None and digest != sha256_json(meta):
-            raise _h5_damage(path, "has metadata that does not match its sha256")
-        attrs, records, marker = (json.loads(meta[k]) for k in H5_META)
-        params = StoreParams(**attrs["params"])
-        params.validate()
-        shapes = (f["resid"].shape, f["tokens"].shape)
-        want = ((params.n_layers + 1, params.n_tokens, params.d_model), (params.n_tokens,))
-        if shapes != want:
-            raise _h5_damage(path, f"holds arrays of shapes {shapes}, not the {want} its parameters record")
-        if len(records) != params.n_shards or marker.get("records_sha256") != sha256_json(records):
-            raise _h5_damage(path, "has shard records that do not match its completion marker")
-        return params, records, f["resid"].attrs.get("encoding")
-    except StoreError:
-        raise
-    except Exception as e:  # metadata h5py or json cannot read: damage (see verify_hdf5)
-        raise _h5_damage(path, f"has unreadable metadata ({e!r})") from e
-
-
-def _h5_check_shard(f, path: str, params: StoreParams, i: int, record: dict, encoding: str | None) -> None:
-    from .store_verify import _all_finite
-
-    s, e = params.shard_span(i)
-    where = f"shard {i} (tokens {s}..{e})"
-    try:
-        raw, tokens = f["resid"][:, s:e, :], f["tokens"][s:e]  # (L+1, n, d) storage dtype, (n,) int32
-    except Exception as err:  # see verify_hdf5
-        raise _h5_damage(path, f"cannot be read at {where} ({err})") from err
-    sums = shard_checksums(raw, tokens)
-    bad = [layer for layer, (a, b) in enumerate(zip(sums["resid_xxh3"], record["resid_xxh3"])) if a != b]
-    if bad or sums["tokens_xxh3"] != record["tokens_xxh3"]:
-        what = f"layer {bad[0]}" if bad else "token ids"
-        raise _h5_damage(path, f"{where}, {what}: checksum mismatch (the data differs from what was written)")
-    for layer, values in enumerate(raw):
-        if not _all_finite(values, encoding):
-            raise _h5_damage(path, f"{where}, layer {layer}: holds inf/nan values")

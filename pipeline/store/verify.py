@@ -1,4 +1,4 @@
-"""Checking an activation store end to end, and measuring its compression.
+"""Checking an activation store end to end, or an HDF5 export of one in place.
 
 :func:`verify` re-reads every shard and compares it with the checksums the writer recorded
 as it went, so a corrupt download or a damaged disk is caught before training on it.
@@ -6,18 +6,17 @@ as it went, so a corrupt download or a damaged disk is caught before training on
 
 from __future__ import annotations
 
+import json
 import os
-from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import StoreError
-from pipeline.provenance import sha256_json
-from pipeline.store import (BF16_BITS, COMPLETE_NAME, DAMAGED_ADVICE, LOCK_NAME, ActivationStore,
-                            is_hdf5_file, open_store, record_name, shard_checksums)
-
-#: Per-file sha256 of a finished store, in ``sha256sum`` format.
-MANIFEST_NAME = "SHA256SUMS"
+from ..errors import StoreError
+from ..provenance import sha256_json
+from .layout import (COMPLETE_NAME, H5_META, H5_META_SHA256, MANIFEST_NAME, StoreParams, all_finite, record_name,
+                     shard_checksums)
+from .location import DAMAGED_ADVICE
+from .reader import ActivationStore, is_hdf5_file, open_store
 
 
 def verify(path_or_url: str | os.PathLike) -> dict:
@@ -28,8 +27,6 @@ def verify(path_or_url: str | os.PathLike) -> dict:
     An HDF5 export (``lenspipe export --to hdf5``) is checked the same way, in place.
     """
     if _is_hdf5_export(path_or_url):
-        from pipeline.store_export import verify_hdf5  # late: store_export imports this module
-
         return verify_hdf5(path_or_url)
     store = open_store(path_or_url)  # raises StoreError unless complete
     where = store.location.zarr_store
@@ -48,22 +45,6 @@ def _is_hdf5_export(path_or_url: str | os.PathLike) -> bool:
     text = str(path_or_url)
     return ("://" not in text and os.path.isfile(text)
             and (text.endswith((".h5", ".hdf5")) or is_hdf5_file(text)))
-
-
-def write_manifest(root: Path) -> None:
-    """``SHA256SUMS`` (the format of ``sha256sum``) over every file of a finished store.
-
-    A downloaded cache can then be checked with standard tools (``sha256sum -c
-    SHA256SUMS`` in the store directory) as well as by :func:`verify`.
-    """
-    from pipeline.provenance import sha256_file
-
-    skip = {MANIFEST_NAME, COMPLETE_NAME, LOCK_NAME}
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name not in skip)
-    lines = [f"{sha256_file(p)}  {p.relative_to(root).as_posix()}\n" for p in files]
-    tmp = root / f".{MANIFEST_NAME}.tmp"
-    tmp.write_text("".join(lines))
-    tmp.replace(root / MANIFEST_NAME)
 
 
 def check_manifest(store: ActivationStore) -> int:
@@ -143,7 +124,7 @@ def _verify_shard(store: ActivationStore, i: int, record: dict) -> None:
     if sums["tokens_xxh3"] != record["tokens_xxh3"]:
         raise StoreError(f"{what}: token ids checksum mismatch; re-download or re-extract")
     for layer, values in enumerate(raw):
-        if not _all_finite(values, store._encoding):
+        if not all_finite(values, store._encoding):
             raise StoreError(f"{what}, layer {layer}: holds inf/nan values")
 
 
@@ -168,28 +149,74 @@ def _layer_decodes(store: ActivationStore, layer: int, start: int, stop: int) ->
     return True
 
 
-def _all_finite(values: np.ndarray, encoding: str | None) -> bool:
-    if encoding == BF16_BITS:
-        # A bf16 is inf/nan exactly when its 8 exponent bits are all ones.
-        return not np.any((values & 0x7F80) == 0x7F80)
-    return bool(np.isfinite(values).all())
+# ---------------------------------------------------------------- verify an HDF5 export
+
+def verify_hdf5(path: str | os.PathLike) -> dict:
+    """Check an HDF5 export in place, like :func:`verify` a store:
+    its metadata digest, shapes, every shard's recorded checksums, finiteness.
+
+    Any failure of h5py on this file is reported as damage: a truncated or bit-flipped
+    file makes the HDF5 library fail in many ways (OSError, KeyError, ValueError, ...).
+    """
+    import h5py
+
+    path = os.path.abspath(path)
+    try:
+        f = h5py.File(path, "r")
+    except Exception as e:
+        raise _h5_damage(path, f"cannot be opened as HDF5 ({e})") from e
+    with f:
+        params, records, encoding = _h5_metadata(f, path)
+        for i, record in enumerate(records):
+            _h5_check_shard(f, path, params, i, record, encoding)
+    return {"path": path, "format": "hdf5", "complete": True, "n_shards": len(records),
+            "n_tokens": params.n_tokens, "n_layers": params.n_layers, "d_model": params.d_model,
+            "dtype": params.dtype, "checked_values": (params.n_layers + 1) * params.n_tokens * params.d_model}
 
 
-def measure_compression(path: str | os.PathLike) -> dict:
-    """Bytes stored on disk for ``resid`` vs its uncompressed size (local stores and zips)."""
-    store = open_store(path, allow_incomplete=True)
-    stored = _stored_resid_bytes(store)
-    raw = int(np.prod(store._resid.shape)) * store._resid.dtype.itemsize
-    return {"stored_bytes": stored, "raw_bytes": raw, "ratio": raw / stored if stored else float("nan"),
-            "dtype": store.dtype, "compression": store.params.compression, "level": store.params.level}
+def _h5_damage(path: str, what: str) -> StoreError:
+    return StoreError(f"{path} {what}: the HDF5 export is damaged or its copy incomplete; download "
+                      "it again, or export it again with lenspipe export STORE --to hdf5")
 
 
-def _stored_resid_bytes(store: ActivationStore) -> int:
-    loc = store.location
-    if loc.is_url:
-        raise ValueError(f"sizes on disk are unknown for a remote store ({loc.zarr_store})")
-    if loc.is_zip:
-        return sum(i.compress_size for i in loc.fs.zip.infolist()
-                   if i.filename.startswith("resid/") and not i.filename.endswith("zarr.json"))
-    resid_dir = Path(loc.root) / "resid"
-    return sum(f.stat().st_size for f in resid_dir.rglob("*") if f.is_file() and f.name != "zarr.json")
+def _h5_metadata(f, path: str) -> tuple[StoreParams, list[dict], str | None]:
+    """Parameters, shard records and encoding, each checked against its digest."""
+    try:
+        if not all(k in f.attrs for k in H5_META):
+            raise StoreError(f"{path} is an HDF5 file but not a lenspipe export (no {', '.join(H5_META)} "
+                             "attributes), or its metadata is damaged")
+        meta = {k: f.attrs[k] for k in H5_META}
+        digest = f.attrs.get(H5_META_SHA256)  # absent from exports made before it existed
+        if digest is not None and digest != sha256_json(meta):
+            raise _h5_damage(path, "has metadata that does not match its sha256")
+        attrs, records, marker = (json.loads(meta[k]) for k in H5_META)
+        params = StoreParams(**attrs["params"])
+        params.validate()
+        shapes = (f["resid"].shape, f["tokens"].shape)
+        want = ((params.n_layers + 1, params.n_tokens, params.d_model), (params.n_tokens,))
+        if shapes != want:
+            raise _h5_damage(path, f"holds arrays of shapes {shapes}, not the {want} its parameters record")
+        if len(records) != params.n_shards or marker.get("records_sha256") != sha256_json(records):
+            raise _h5_damage(path, "has shard records that do not match its completion marker")
+        return params, records, f["resid"].attrs.get("encoding")
+    except StoreError:
+        raise
+    except Exception as e:  # metadata h5py or json cannot read: damage (see verify_hdf5)
+        raise _h5_damage(path, f"has unreadable metadata ({e!r})") from e
+
+
+def _h5_check_shard(f, path: str, params: StoreParams, i: int, record: dict, encoding: str | None) -> None:
+    s, e = params.shard_span(i)
+    where = f"shard {i} (tokens {s}..{e})"
+    try:
+        raw, tokens = f["resid"][:, s:e, :], f["tokens"][s:e]  # (L+1, n, d) storage dtype, (n,) int32
+    except Exception as err:  # see verify_hdf5
+        raise _h5_damage(path, f"cannot be read at {where} ({err})") from err
+    sums = shard_checksums(raw, tokens)
+    bad = [layer for layer, (a, b) in enumerate(zip(sums["resid_xxh3"], record["resid_xxh3"])) if a != b]
+    if bad or sums["tokens_xxh3"] != record["tokens_xxh3"]:
+        what = f"layer {bad[0]}" if bad else "token ids"
+        raise _h5_damage(path, f"{where}, {what}: checksum mismatch (the data differs from what was written)")
+    for layer, values in enumerate(raw):
+        if not all_finite(values, encoding):
+            raise _h5_damage(path, f"{where}, layer {layer}: holds inf/nan values")

@@ -1,0 +1,124 @@
+"""What a store holds and where: names, parameters, the storage dtypes, shard checksums.
+
+Layout of a store directory (a zarr v3 group)::
+
+    zarr.json            group attributes: format, schema_version, params, provenance, ...
+    resid/               (n_layers+1, n_tokens, d_model); shard = (all layers, shard_tokens,
+                         d_model), inner chunk = (1, chunk_tokens, d_model); bfloat16 is
+                         stored as its raw bits in uint16 (attribute encoding=bfloat16-bits)
+    tokens/              (n_tokens,) int32; one chunk per shard
+    progress/shard-NNNNNN.json   one record per durably written shard (per-layer xxh3-128 checksum)
+    SHA256SUMS           sha256 of every file, in ``sha256sum`` format, written at finalize
+    writer.lock          flock'ed by the one writer
+    COMPLETE             written last by finalize; readers refuse a store without it
+
+Everything the writer, the reader, verify and export must agree on lives here, so none of
+them imports another to learn it. No torch, no zarr.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import xxhash
+
+from ..errors import StoreError
+
+SCHEMA_VERSION = 1
+FORMAT = "lenspipe-activations"
+BF16_BITS = "bfloat16-bits"
+COMPLETE_NAME = "COMPLETE"
+LOCK_NAME = "writer.lock"
+PROGRESS_DIR = "progress"
+#: Per-file sha256 of a finished store, in ``sha256sum`` format.
+MANIFEST_NAME = "SHA256SUMS"
+#: The JSON attributes of an HDF5 export (``lenspipe export --to hdf5``), and the one holding their sha256.
+H5_META = ("lenspipe_attrs", "lenspipe_records", "lenspipe_complete")
+H5_META_SHA256 = "lenspipe_meta_sha256"
+
+#: How each storage dtype is held in numpy (bfloat16 as its raw bits).
+STORED_NP = {"bfloat16": np.dtype("uint16"), "float16": np.dtype("float16"), "float32": np.dtype("float32")}
+COMPRESSIONS = ("zstd", "blosc-zstd", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreParams:
+    """Everything that fixes the store's layout; part of the resume fingerprint."""
+
+    n_layers: int
+    d_model: int
+    n_tokens: int
+    seq_len: int
+    dtype: str
+    shard_tokens: int
+    chunk_tokens: int
+    compression: str
+    level: int
+
+    def validate(self) -> None:
+        for name in ("n_layers", "d_model", "n_tokens", "seq_len", "shard_tokens", "chunk_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise StoreError(f"store parameter {name} must be a positive integer, got {value!r}")
+        if self.dtype not in STORED_NP:
+            raise StoreError(f"store dtype {self.dtype!r} is not one of {sorted(STORED_NP)}")
+        if self.compression not in COMPRESSIONS:
+            raise StoreError(f"store compression {self.compression!r} is not one of {COMPRESSIONS}")
+        if self.compression == "zstd" and not 1 <= self.level <= 22:
+            raise StoreError(f"zstd level must be 1..22, got {self.level}")
+        if self.compression == "blosc-zstd" and not 0 <= self.level <= 9:
+            raise StoreError(f"blosc-zstd level must be 0..9, got {self.level}")
+        for name, multiple_of in (("shard_tokens", "chunk_tokens"), ("shard_tokens", "seq_len"),
+                                  ("n_tokens", "seq_len")):
+            a, b = getattr(self, name), getattr(self, multiple_of)
+            if a % b:
+                raise StoreError(f"{name}={a} must be a multiple of {multiple_of}={b}")
+
+    @property
+    def n_shards(self) -> int:
+        return -(-self.n_tokens // self.shard_tokens)
+
+    def shard_span(self, i: int) -> tuple[int, int]:
+        """Token range [start, stop) of shard i; the last one may be short."""
+        start = i * self.shard_tokens
+        return start, min(start + self.shard_tokens, self.n_tokens)
+
+
+def params_from_attrs(attrs: dict) -> StoreParams:
+    return StoreParams(**attrs["params"])
+
+
+def check_schema(attrs: dict, where: str) -> None:
+    if attrs.get("format") != FORMAT:
+        raise StoreError(f"{where} is a zarr group but not a lenspipe activation store "
+                         f"(attribute format is {attrs.get('format')!r}, expected {FORMAT!r})")
+    version = attrs.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise StoreError(f"store schema version {version}, this lenspipe reads {SCHEMA_VERSION}; "
+                         f"upgrade lenspipe or re-extract ({where})")
+
+
+def record_name(i: int) -> str:
+    return f"{PROGRESS_DIR}/shard-{i:06d}.json"
+
+
+def _array_digest(a: np.ndarray) -> str:
+    # xxh3-128 rather than sha256: these checksums guard against corruption, not tampering,
+    # and sha256 (~0.5 GB/s) cost as much as the whole shard write; xxh3 runs at memory speed.
+    return xxhash.xxh3_128_hexdigest(memoryview(np.ascontiguousarray(a)).cast("B"))
+
+
+def shard_checksums(resid: np.ndarray, tokens: np.ndarray) -> dict[str, Any]:
+    """Checksums of the stored bytes of one shard: per layer (resid (L+1, n, d)) and tokens."""
+    return {"resid_xxh3": [_array_digest(layer) for layer in resid],
+            "tokens_xxh3": _array_digest(tokens)}
+
+
+def all_finite(values: np.ndarray, encoding: str | None) -> bool:
+    """No inf/nan among stored values (one layer of a shard, in the storage dtype)."""
+    if encoding == BF16_BITS:
+        # A bf16 is inf/nan exactly when its 8 exponent bits are all ones.
+        return not np.any((values & 0x7F80) == 0x7F80)
+    return bool(np.isfinite(values).all())

@@ -1,0 +1,192 @@
+"""Reading a store: :func:`open_store` and :class:`ActivationStore` (values as float32 tensors).
+
+The layout is in :mod:`pipeline.store.layout`; a store is reached through a
+:class:`~pipeline.store.location.Location` (local directory, .zip, or URL).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import zarr
+
+from ..errors import StoreError
+from ..model import read_model_info
+from .layout import BF16_BITS, COMPLETE_NAME, check_schema, params_from_attrs
+from .location import DAMAGED_ADVICE, Location, read_failure
+
+
+# ---------------------------------------------------------------- decoding
+
+def to_tensor(raw: np.ndarray, encoding: str | None) -> torch.Tensor:
+    """Stored numpy values -> float32 tensor (bf16 bits are reinterpreted, not converted)."""
+    raw = np.ascontiguousarray(raw)
+    if encoding == BF16_BITS:
+        return torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16).float()
+    return torch.from_numpy(raw).float()
+
+
+def _decode_block(block: np.ndarray, encoding: str | None) -> np.ndarray:
+    """Numpy-only decode for dask: a bf16 is the top half of the float32 with the same bits."""
+    if encoding == BF16_BITS:
+        return (block.astype(np.uint32) << 16).view(np.float32)
+    return block.astype(np.float32)
+
+
+# ---------------------------------------------------------------- opening
+
+def open_store(path_or_url: str | os.PathLike, *, allow_incomplete: bool = False) -> "ActivationStore":
+    """Open a store for reading: a local path or an fsspec URL (file://, https://, s3://...)."""
+    if not _is_url(path_or_url):
+        _check_local(os.path.abspath(path_or_url))
+    loc = Location(path_or_url)
+    where = loc.zarr_store
+    try:
+        # use_consolidated=None: one metadata request when finalize consolidated it.
+        group = zarr.open_group(loc.zarr_target(), mode="r", zarr_format=3, use_consolidated=None,
+                                storage_options=loc.options or None)
+        attrs = group.attrs.asdict()
+    except Exception as e:  # zarr's error types vary by store backend
+        raise read_failure(where, e, "not a lenspipe activation store (no readable zarr group: its "
+                            "zarr.json is missing or damaged) at") from e
+    check_schema(attrs, where)
+    complete = attrs.get("complete") is True and loc.read_json(COMPLETE_NAME) is not None
+    if not complete and loc.is_zip:  # export verifies first: a zip without the marker is damaged
+        raise StoreError(f"{where} holds no valid completion marker ({COMPLETE_NAME}); {DAMAGED_ADVICE}")
+    if not complete and not allow_incomplete:
+        raise StoreError(f"the store at {where} is incomplete (extraction was interrupted or is "
+                         "still running); re-run extract to resume it, or pass "
+                         "allow_incomplete=True to read the shards written so far")
+    try:
+        return ActivationStore(group, attrs, loc, complete)
+    except (KeyError, TypeError, ValueError) as e:
+        # zarr.json parsed, but lacks what every store written by lenspipe has: damage, not a bug.
+        raise StoreError(f"the metadata of the store at {where} is damaged ({e!r}); {DAMAGED_ADVICE}") from e
+
+
+def _is_url(path_or_url: str | os.PathLike) -> bool:
+    return "://" in str(path_or_url)
+
+
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _check_local(where: str) -> None:
+    """A local store is a directory or an exported .zip; say what else the path is."""
+    if os.path.isdir(where) or (where.endswith(".zip") and os.path.isfile(where)):
+        return
+    if not os.path.exists(where):
+        raise StoreError(f"no activation store at {where} (no such directory); run the extract stage")
+    if where.endswith((".h5", ".hdf5")) or is_hdf5_file(where):
+        raise StoreError(f"{where} is an HDF5 export; lenspipe reads a store as zarr (a directory, "
+                         f"or a .zip export in place): rebuild one with `lenspipe import {where} "
+                         f"STORE` (`lenspipe verify {where}` checks the file)")
+    raise StoreError(f"{where} is a file, not an activation store (a zarr directory, or a .zip "
+                     "written by lenspipe export)")
+
+
+def is_hdf5_file(path: str | os.PathLike) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(_HDF5_SIGNATURE)) == _HDF5_SIGNATURE
+    except OSError:
+        return False  # unreadable: the caller's own open says why
+
+
+class ActivationStore:
+    """Read access to a store; values come back as float32 whatever the storage dtype."""
+
+    def __init__(self, group: zarr.Group, attrs: dict, loc: Location, complete: bool):
+        self.attrs = attrs
+        self.provenance: dict = attrs["provenance"]
+        self.params = params_from_attrs(attrs)
+        self.n_layers, self.d_model = self.params.n_layers, self.params.d_model
+        self.n_tokens, self.seq_len = self.params.n_tokens, self.params.seq_len
+        self.dtype: str = self.params.dtype
+        self.is_complete = complete
+        self.location = loc
+        self._resid = group["resid"]  # (L+1, n_tokens, d) in the storage dtype
+        self._tokens = group["tokens"]  # (n_tokens,) int32
+        self._encoding = self._resid.attrs.get("encoding")
+
+    def __repr__(self) -> str:
+        return (f"ActivationStore({self.location.zarr_store!r}, layers={self.n_layers + 1}, "
+                f"tokens={self.n_tokens}, d_model={self.d_model}, dtype={self.dtype})")
+
+    @property
+    def written_tokens(self) -> int:
+        """Tokens durably written: n_tokens when complete, else the recorded shards' span."""
+        if self.is_complete:
+            return self.n_tokens
+        records = self.location.load_records(self.params)
+        return records[-1]["stop"] if records else 0
+
+    def layers(self, layers: int | Sequence[int], start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """(len(layers), n, d_model) float32, or (n, d_model) for one int layer."""
+        start, stop = self._token_range(start, stop)
+        if isinstance(layers, (int, np.integer)):
+            raw = self._read(lambda: self._resid[self._layer(layers), start:stop, :], start, stop)  # (n, d)
+        else:
+            idx = [self._layer(i) for i in layers]
+            raw = self._read(lambda: self._read_layers(idx, start, stop), start, stop)  # (k, n, d)
+        return to_tensor(raw, self._encoding)
+
+    def _read_layers(self, idx: list[int], start: int, stop: int) -> np.ndarray:
+        # Basic slices only: zarr 3.1's orthogonal selection (`oindex`) measured ~30x
+        # slower than a slice over the same shard. Both read only the chosen layers' chunks.
+        if not idx:
+            return np.empty((0, stop - start, self.d_model), self._resid.dtype)
+        if idx == list(range(idx[0], idx[0] + len(idx))):
+            return self._resid[idx[0]:idx[0] + len(idx), start:stop, :]  # (k, n, d)
+        return np.stack([self._resid[i, start:stop, :] for i in idx])  # (k, n, d)
+
+    def tokens(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        start, stop = self._token_range(start, stop)
+        raw = self._read(lambda: self._tokens[start:stop], start, stop)  # (n,) int32
+        return torch.from_numpy(raw.astype(np.int64))
+
+    def dask(self):
+        """Lazy (n_layers+1, n_tokens, d_model) float32 dask array, one block per inner chunk."""
+        import dask.array as da  # ~2 s to import: only for the callers that want it
+
+        raw = da.from_zarr(self._resid, chunks=self._resid.chunks)
+        return raw.map_blocks(_decode_block, self._encoding, dtype=np.float32)
+
+    def _layer(self, i: int) -> int:
+        n = self.n_layers + 1
+        if not -n <= int(i) < n:
+            raise StoreError(f"layer {i} out of range: the store holds layers 0..{n - 1}")
+        return int(i) % n
+
+    def _token_range(self, start: int, stop: int | None) -> tuple[int, int]:
+        stop = self.n_tokens if stop is None else stop
+        if not 0 <= start <= stop <= self.n_tokens:
+            raise StoreError(f"token range [{start}, {stop}) outside the store's 0..{self.n_tokens}")
+        return start, stop
+
+    def _read(self, read, start: int, stop: int):
+        missing = self.location.missing_shard(self.params, start, stop) if self.is_complete else None
+        if missing:
+            raise StoreError(f"{self.location.zarr_store}: shard file {missing} is missing or empty; "
+                             f"{DAMAGED_ADVICE}")
+        try:
+            return read()
+        except Exception as e:  # a decode failure is the data's problem, not a bug here
+            raise read_failure(self.location.zarr_store, e, "cannot read") from e
+
+
+def check_store_model(store: ActivationStore, model_dir: Path) -> dict[str, Any]:
+    """The model info of ``model_dir``, after checking the store was extracted from it."""
+    info = read_model_info(model_dir)
+    theirs = store.provenance.get("model", {}).get("weights_sha256")
+    if theirs != info["weights_sha256"]:
+        raise StoreError(f"the store {store.location.zarr_store} was extracted from model weights "
+                         f"{theirs}, but {model_dir} holds {info['weights_sha256']}: use the model the "
+                         "store was made from")
+    if store.d_model != info["d_model"] or store.n_layers != info["n_layers"]:
+        raise StoreError("the store's d_model/n_layers do not match the model's")
+    return info
