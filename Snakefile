@@ -12,7 +12,7 @@ def _check_config():
     """One message and exit status 2 for a config mistake, before any job (and in -n)."""
     import sys
 
-    from pipeline.config import check_workflow_config
+    from pipeline.workflow import check_workflow_config
     from pipeline.errors import ConfigError
 
     try:

@@ -1,8 +1,8 @@
 """Translator anatomy (seed: "Feature Analysis", "Transformation Interpretability").
 
-Each translator of a linear kind is an affine map h -> A h + b: A = I + W for "affine",
-A = W for "linear", A = I + diag(s) for "scaling" (an "mlp" translator has no single
-matrix and is not analysed). Per layer: the relative distance of A from the identity
+Each translator of a kind registered as a linear map (pipeline.translators: affine,
+linear, scaling) is an affine map h -> A h + b, A = I + W with W from its ``affine_map``
+(an "mlp" translator has no single matrix and is not analysed). Per layer: the relative distance of A from the identity
 ``||A - I||_F / ||I||_F`` (0 = the logit lens), A's singular values and effective rank
 (exp of the entropy of the normalised singular values; d_model for an orthogonal map),
 the bias norm, and the cosine similarity between adjacent layers' *deviations* A - I (the
@@ -17,24 +17,20 @@ import numpy as np
 import pandas as pd
 import torch
 
+from . import translators as kinds
 from .errors import LenspipeError
-from .lenses import AffineTranslator, ScalingTranslator, Translator
+from .lenses import Translator
 from .plots import figure, save
 from .tables import write_table_df
 
 
 def linear_map(t: Translator) -> tuple[torch.Tensor, torch.Tensor]:
     """(A (d, d), b (d,)) with t(h) = A h + b, in float64."""
-    d = t.d_model
-    eye = torch.eye(d, dtype=torch.float64)
-    zero = torch.zeros(d, dtype=torch.float64)
-    bias = t.bias.detach().double() if getattr(t, "bias", None) is not None else zero
-    if isinstance(t, AffineTranslator):
-        w = t.weight.detach().double()
-        return (eye + w if t.residual else w), bias
-    if isinstance(t, ScalingTranslator):
-        return eye + torch.diag(t.scale.detach().double()), bias
-    raise LenspipeError(f"translator anatomy needs a linear translator (affine, linear, scaling), not {t.kind!r}")
+    if not kinds.get(t.kind).linear_map:
+        linear = ", ".join(k.name for k in kinds.KINDS.values() if k.linear_map)
+        raise LenspipeError(f"translator anatomy needs a linear translator ({linear}), not {t.kind!r}")
+    w, bias = t.affine_map(torch.float64)  # t(h) = h + W h + b
+    return torch.eye(t.d_model, dtype=torch.float64) + w, bias
 
 
 def effective_rank(s: torch.Tensor) -> float:

@@ -1,8 +1,9 @@
 """Configuration: one dataclass per component, a docstring per field, checks on construction.
 
-The experiment settings live in ``config/config.yaml`` (validated by Snakemake against
-``config/schema.yaml``); these dataclasses are the typed view the library works with, and
-they repeat the cross-field checks a JSON schema cannot express.
+The experiment settings live in ``config/config.yaml`` (checked against
+``config/schema.yaml`` when the workflow starts, see :mod:`pipeline.workflow`); these
+dataclasses are the typed view the library works with, and hold the cross-field checks a
+JSON schema cannot express. Every default is a field's default here, and nowhere else.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from . import translators
 from .embedded import EMBEDDED_CORPORA, EMBEDDED_MODELS, embedded_name
 from .errors import ConfigError
 
@@ -198,14 +200,12 @@ class ExtractConfig:
         return None if tokens is None else max(1, tokens // seq_len)
 
 
-TRANSLATOR_KINDS = ("affine", "linear", "mlp", "scaling")
-
-
 @dataclass
 class TrainConfig:
     kinds: list[str] = field(default_factory=lambda: ["affine"])
-    """Translator kinds to train, one lens each: affine (h + Wh + b), linear (Wh + b),
-    mlp (h + MLP(h)), scaling (h * s + b)."""
+    """Translator kinds to train, one lens each (registered in pipeline.translators):
+    affine (h + Wh + b), linear (Wh + b), mlp (h + MLP(h)), scaling (h * s + b), and any
+    kind a plugin registers."""
     layers: str | list[int] = "all"
     """Layers that get a translator: ``all`` (0..n_layers-1) or a list."""
     layer_groups: int = 1
@@ -263,9 +263,9 @@ class TrainConfig:
     """``auto`` (CUDA if available), ``cpu``, ``cuda[:N]``."""
 
     def __post_init__(self) -> None:
-        bad = sorted(set(self.kinds) - set(TRANSLATOR_KINDS))
+        bad = sorted(set(self.kinds) - set(translators.names()))
         if bad or not self.kinds:
-            raise ConfigError(f"train.kinds: unknown {bad}; kinds are {list(TRANSLATOR_KINDS)}")
+            raise ConfigError(f"train.kinds: unknown {bad}; kinds are {translators.names()}")
         if not isinstance(self.layer_groups, int) or self.layer_groups < 1:
             raise ConfigError("train.layer_groups must be an integer >= 1")
         if self.layers != "all" and (not isinstance(self.layers, list) or not self.layers):
@@ -274,8 +274,9 @@ class TrainConfig:
         for key, allowed in checks.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"train.{key} must be one of {allowed}, got {getattr(self, key)!r}")
-        if self.init == "lstsq" and set(self.kinds) - {"affine", "linear"}:
-            raise ConfigError("train.init: lstsq applies to affine/linear translators only; use auto")
+        lstsq = [k.name for k in translators.KINDS.values() if k.lstsq]
+        if self.init == "lstsq" and set(self.kinds) - set(lstsq):
+            raise ConfigError(f"train.init: lstsq applies to {'/'.join(lstsq)} translators only; use auto")
         for key in ("batch_tokens", "buffer_shards", "val_tokens", "eval_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1")
@@ -357,7 +358,7 @@ class AnalysesConfig:
     token categories, layer transfer, model comparison) and put them in the report."""
     translator: str | None = None
     """Tuned lens the analyses use; null = the first of ``train.kinds``. Translator
-    anatomy needs a linear kind (affine, linear or scaling)."""
+    anatomy needs a kind registered as a linear map (affine, linear, scaling)."""
     taus: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99])
     """Confidence thresholds of the early-exit curve."""
     skip_tokens: int = 512
@@ -375,8 +376,20 @@ class AnalysesConfig:
         for key in ("skip_tokens", "transfer_tokens", "transfer_stride"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"analyses.{key} must be >= 1")
-        if self.translator is not None and self.translator not in TRANSLATOR_KINDS:
-            raise ConfigError(f"analyses.translator {self.translator!r} is not one of {TRANSLATOR_KINDS}")
+        if self.translator is not None and self.translator not in translators.KINDS:
+            raise ConfigError(f"analyses.translator {self.translator!r} is not one of {translators.names()}")
+
+
+@dataclass
+class ReportConfig:
+    prompts: list[str] = field(default_factory=lambda: ["To be, or not to be, that is the question:",
+                                                        "The capital of France is"])
+    """Prompts whose prediction trajectories the report plots (the model runs on the first
+    24 tokens of each; they are not in the cache)."""
+
+    def __post_init__(self) -> None:
+        if not all(isinstance(p, str) and p for p in self.prompts):
+            raise ConfigError("report.prompts must be a list of non-empty strings")
 
 
 @dataclass
@@ -395,6 +408,12 @@ class PipelineConfig:
     """How lenses are evaluated on held-out data."""
     analyses: AnalysesConfig = field(default_factory=AnalysesConfig)
     """The analyses built on the store, lenses and tables."""
+    report: ReportConfig = field(default_factory=ReportConfig)
+    """What the report shows beyond the tables."""
+    plugins: list[str] = field(default_factory=list)
+    """Python modules (names, or ``.py`` files relative to the working directory) imported
+    before anything else is checked: each may register translator kinds
+    (``pipeline.translators.translator_kind``)."""
     config_file: str | None = None
     """The YAML file this config was loaded from, for messages (None: given as a mapping)."""
 
@@ -407,6 +426,12 @@ class PipelineConfig:
         elif self.analyses.translator not in self.train.kinds:
             raise ConfigError(f"analyses.translator {self.analyses.translator!r} is not trained "
                               f"(train.kinds is {self.train.kinds})")
+        if self.analyses.enabled and not translators.get(self.analyses.translator).linear_map:
+            linear = [k for k in self.train.kinds if translators.get(k).linear_map]
+            raise ConfigError(f"analyses.translator is {self.analyses.translator!r}, which is no linear map, and "
+                              "translator anatomy needs one: set analyses.translator to "
+                              f"{' or '.join(linear) or 'a linear kind you train (affine, linear, scaling)'}, "
+                              "or analyses.enabled to false")
 
     def model(self, name: str) -> ModelConfig:
         if name not in self.models:
@@ -421,18 +446,32 @@ class PipelineConfig:
         return self.corpora[name]
 
 
+#: The config sections that are one dataclass each, by their key in the config.
+SECTIONS = {"extract": ExtractConfig, "train": TrainConfig, "evaluate": EvaluateConfig,
+            "analyses": AnalysesConfig, "report": ReportConfig}
+
+
 def parse_config(raw: dict[str, Any]) -> PipelineConfig:
-    """Typed view of a config mapping (as loaded from YAML or given by Snakemake)."""
+    """Typed view of a config mapping (as loaded from YAML or given by Snakemake).
+
+    Only the keys the mapping has are passed on: every default is the dataclass field's.
+    """
+    plugins = plugins_of(raw)
+    translators.load_plugins(plugins)  # first: they may register the kinds the sections name
     models = {n: _from_dict(ModelConfig, n, m) for n, m in (raw.get("models") or {}).items()}
     corpora = {n: _from_dict(CorpusConfig, n, c) for n, c in (raw.get("corpora") or {}).items()}
     if not models or not corpora:
         raise ConfigError("the config must define at least one model and one corpus")
-    extract = _from_dict(ExtractConfig, "extract", raw.get("extract"))
-    train = _from_dict(TrainConfig, "train", raw.get("train"))
-    evaluate = _from_dict(EvaluateConfig, "evaluate", raw.get("evaluate"))
-    analyses = _from_dict(AnalysesConfig, "analyses", raw.get("analyses"))
-    return PipelineConfig(data_dir=Path(raw.get("data_dir", "data")), models=models, corpora=corpora,
-                          extract=extract, train=train, evaluate=evaluate, analyses=analyses)
+    sections = {key: _from_dict(cls, key, raw.get(key)) for key, cls in SECTIONS.items()}
+    given = {"data_dir": Path(raw["data_dir"])} if raw.get("data_dir") else {}
+    return PipelineConfig(models=models, corpora=corpora, plugins=plugins, **sections, **given)
+
+
+def plugins_of(raw: dict[str, Any]) -> list[str]:
+    plugins = raw.get("plugins") or []
+    if not isinstance(plugins, list):
+        raise ConfigError(f"plugins must be a list of module names or .py files, not {plugins!r}")
+    return plugins
 
 
 def load_config(path: str | Path) -> PipelineConfig:
@@ -451,30 +490,3 @@ def load_config(path: str | Path) -> PipelineConfig:
         raise ConfigError(f"{path}: {e}") from None
     cfg.config_file = str(path)
     return cfg
-
-
-def check_workflow_config(raw: dict[str, Any], schema_path: str | Path) -> PipelineConfig:
-    """Everything a config can get wrong, checked when the workflow starts (dry runs too).
-
-    First the JSON schema (types, unknown keys), with a one-line message naming the key
-    rather than Snakemake's dump of the schema; then the dataclasses' cross-field checks
-    and the embedded sources. Cheap: no torch, no model, no data.
-    """
-    import jsonschema
-
-    schema = yaml.safe_load(Path(schema_path).read_text())
-    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(raw))
-    if error is not None:
-        raise ConfigError(_schema_message(error))
-    return parse_config(raw)
-
-
-def _schema_message(error) -> str:
-    key = ".".join(str(p) for p in error.absolute_path)
-    known = sorted(error.schema.get("properties", {})) if isinstance(error.schema, dict) else []
-    if error.validator == "additionalProperties" and isinstance(error.instance, dict) and known:
-        unknown = sorted(set(error.instance) - set(known))
-        where = f"under {key}" if key else "at the top level"
-        return (f"unknown key {'.'.join(filter(None, [key, str(unknown[0])]))}; known keys {where}: "
-                f"{', '.join(known)}")
-    return f"{key or 'the config'}: {error.message}"

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from . import translators
 from .errors import LenspipeError
 from .model import read_model_info
 from .provenance import atomic_dir, now_utc, package_versions, sha256_file, write_json_atomic
@@ -26,7 +27,6 @@ from .surgery import LAYER_CONVENTION, UnembedHead, load_unembed_head
 
 log = logging.getLogger(__name__)
 
-TRANSLATOR_KINDS = ("affine", "linear", "mlp", "scaling")
 FORMAT_NAME = "lenspipe-tuned-lens"
 FORMAT_VERSION = 1
 WEIGHTS_FILE, META_FILE = "translators.safetensors", "lens.json"
@@ -40,7 +40,11 @@ IDENTITY_KEYS = ("name", "source", "revision", "resolved_commit", "model_type", 
 # --------------------------------------------------------------------------- translators
 
 class Translator(nn.Module):
-    """h (..., d_model) -> h' (..., d_model). ``make_translator(t.kind, d, **t.opts)`` rebuilds t."""
+    """h (..., d_model) -> h' (..., d_model). ``make_translator(t.kind, d, **t.opts)`` rebuilds t.
+
+    A kind is registered in :mod:`pipeline.translators`; what a subclass says about itself
+    there (``linear_map``, ``lstsq``) it implements here (``affine_map``, ``set_affine_map``).
+    """
 
     kind: str
     opts: dict[str, Any]  # a property of each kind: the options that rebuild it
@@ -48,6 +52,21 @@ class Translator(nn.Module):
     def __init__(self, d_model: int):
         super().__init__()
         self.d_model = d_model
+
+    def affine_map(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        """(W (d, d), b (d,)) with translator(h) = h + W h + b exactly, for kinds that are
+        affine maps (translator anatomy, the tuned-lens export); detached, in ``dtype``."""
+        raise LenspipeError(f"a {self.kind!r} translator is no affine map h + W h + b")
+
+    def set_affine_map(self, W: Tensor, b: Tensor) -> None:
+        """Set the translator to h -> W h + b (the least-squares start), for kinds that can."""
+        lstsq = [k.name for k in translators.KINDS.values() if k.lstsq]
+        raise LenspipeError(f"least-squares initialisation is for {'/'.join(lstsq)} translators, not {self.kind!r}")
+
+    def identity_centred(self) -> list[nn.Parameter]:
+        """Parameters whose value at the identity (the logit lens) is not zero: weight decay
+        pulls them toward that value rather than toward 0 (see pipeline.train)."""
+        return []
 
 
 class AffineTranslator(Translator):
@@ -71,6 +90,35 @@ class AffineTranslator(Translator):
     def forward(self, h: Tensor) -> Tensor:
         out = F.linear(h, self.weight, self.bias)  # (..., d)
         return h + out if self.residual else out
+
+    def affine_map(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        w = self.weight.detach().to(dtype or self.weight.dtype)  # (d, d)
+        if not self.residual:  # W h + b = h + (W - I) h + b
+            w = w - torch.eye(self.d_model, dtype=w.dtype, device=w.device)
+        return w, _bias(self.bias, w)
+
+    @torch.no_grad()
+    def set_affine_map(self, W: Tensor, b: Tensor) -> None:
+        d, weight, bias = self.d_model, self.weight, self.bias
+        if tuple(W.shape) != (d, d) or tuple(b.shape) != (d,):
+            raise LenspipeError(f"least-squares solution has shapes {tuple(W.shape)}, {tuple(b.shape)}, "
+                                f"not ({d}, {d}), ({d},)")
+        if bias is None and b.abs().max().item() > 1e-6 * max(1.0, W.abs().max().item()):
+            raise LenspipeError("least-squares solution has a nonzero intercept but the translator has no bias")
+        # residual: h + W' h = W h  <=>  W' = W - I
+        weight.copy_(W.to(weight) - torch.eye(d).to(weight) if self.residual else W)
+        if bias is not None:
+            bias.copy_(b)
+
+    def identity_centred(self) -> list[nn.Parameter]:
+        return [] if self.residual else [self.weight]  # W h + b is the identity at W = I
+
+
+class LinearTranslator(AffineTranslator):
+    """W h + b, W = I and b = 0 at init (the non-residual AffineTranslator)."""
+
+    def __init__(self, d_model: int, *, bias: bool = True):
+        super().__init__(d_model, residual=False, bias=bias)
 
 
 class MLPTranslator(Translator):
@@ -130,14 +178,21 @@ class ScalingTranslator(Translator):
         out = h + h * self.scale  # (..., d)
         return out + self.bias if self.bias is not None else out
 
+    def affine_map(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        w = torch.diag(self.scale.detach().to(dtype or self.scale.dtype))  # (d, d)
+        return w, _bias(self.bias, w)
+
+
+def _bias(bias: nn.Parameter | None, like: Tensor) -> Tensor:
+    """A translator's bias as a detached (d,) tensor like ``like``; zeros when it has none."""
+    if bias is None:
+        return torch.zeros(like.shape[0], dtype=like.dtype, device=like.device)
+    return bias.detach().to(like.dtype)
+
 
 def make_translator(kind: str, d_model: int, **opts) -> Translator:
-    """A fresh translator of ``kind`` (one of TRANSLATOR_KINDS), starting as the identity."""
-    if kind not in TRANSLATOR_KINDS:
-        raise LenspipeError(f"unknown translator kind {kind!r}; choose one of {', '.join(TRANSLATOR_KINDS)}")
-    if kind == "linear" and opts.setdefault("residual", False):
-        raise LenspipeError("translator kind 'linear' is the non-residual affine map; use kind 'affine'")
-    cls = {"mlp": MLPTranslator, "scaling": ScalingTranslator}.get(kind, AffineTranslator)
+    """A fresh translator of a registered ``kind`` (pipeline.translators), starting as the identity."""
+    cls = translators.get(kind).translator_class()
     try:
         return cls(d_model, **opts)
     except TypeError as exc:  # an option this kind does not have
@@ -293,16 +348,12 @@ class TunedLens(nn.Module):
         if self.layers != list(range(self.n_layers)):
             raise LenspipeError(f"the tuned-lens format needs translators for all layers 0..{self.n_layers - 1}; "
                                 f"this lens has {self.layers} (merge the layer groups first)")
-        if self.kind not in ("affine", "linear", "scaling"):
+        if not translators.get(self.kind).linear_map:
             raise LenspipeError(f"the tuned-lens format holds affine translators only, not {self.kind!r}")
         state = {}
         for layer, t in self.translators.items():  # the reference computes h + (W h + b)
-            if self.kind == "scaling":
-                w = torch.diag(t.scale.detach())  # (d, d)
-            else:  # the residual weight itself for "affine", so the round trip is bit-exact
-                w = t.weight.detach() - (0 if t.residual else torch.eye(self.d_model).to(t.weight))
-            b = t.bias.detach() if t.bias is not None else torch.zeros(self.d_model)  # (d,)
-            state[f"{layer}.weight"], state[f"{layer}.bias"] = w.cpu().float(), b.cpu().float()
+            w, b = t.affine_map(torch.float32)  # (d, d), (d,): "affine"'s own W, so the round trip is bit-exact
+            state[f"{layer}.weight"], state[f"{layer}.bias"] = w.cpu(), b.cpu()
         info = self.model_info
         config = {  # exactly the fields of tuned_lens.nn.lenses.TunedLensConfig (0.2.0)
             "base_model_name_or_path": info.get("source") or info.get("name") or "unknown",
@@ -421,18 +472,6 @@ class LeastSquaresAccumulator:
         return w.float(), b.float()
 
 
-@torch.no_grad()
 def init_translator_lstsq(translator: Translator, W: Tensor, b: Tensor) -> None:
-    """Set an affine or linear translator so that translator(h) == W h + b."""
-    if not isinstance(translator, AffineTranslator):
-        raise LenspipeError(f"least-squares initialisation is for affine/linear translators, not {translator.kind!r}")
-    d, weight, bias = translator.d_model, translator.weight, translator.bias
-    if tuple(W.shape) != (d, d) or tuple(b.shape) != (d,):
-        raise LenspipeError(f"least-squares solution has shapes {tuple(W.shape)}, {tuple(b.shape)}, "
-                            f"not ({d}, {d}), ({d},)")
-    if bias is None and b.abs().max().item() > 1e-6 * max(1.0, W.abs().max().item()):
-        raise LenspipeError("least-squares solution has a nonzero intercept but the translator has no bias")
-    # residual: h + W' h = W h  <=>  W' = W - I
-    weight.copy_(W.to(weight) - torch.eye(d).to(weight) if translator.residual else W)
-    if bias is not None:
-        bias.copy_(b)
+    """Set a translator so that translator(h) == W h + b (kinds registered with ``lstsq``)."""
+    translator.set_affine_map(W, b)

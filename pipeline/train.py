@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from . import metrics as M
+from . import translators
 from .config import TrainConfig
 from .devices import resolve_device
 from .lenses import LeastSquaresAccumulator, LogitLens, TunedLens, init_translator_lstsq, read_lens_meta
@@ -93,14 +94,8 @@ def autocast(device: torch.device):
 
 # ----------------------------------------------------------------------------- setup
 
-def _lens_opts(cfg: TrainConfig, kind: str) -> dict[str, Any]:
-    if kind == "mlp":
-        return {"hidden": cfg.mlp_hidden, "depth": cfg.mlp_depth}
-    return {}
-
-
 def _init_kind(cfg: TrainConfig, kind: str) -> str:
-    return ("lstsq" if kind in ("affine", "linear") else "identity") if cfg.init == "auto" else cfg.init
+    return ("lstsq" if translators.get(kind).lstsq else "identity") if cfg.init == "auto" else cfg.init
 
 
 @torch.no_grad()
@@ -121,11 +116,11 @@ def fit_least_squares(lens: TunedLens, store: ActivationStore, cfg: TrainConfig,
 
 
 def _identity_centred(lens: TunedLens) -> list[torch.Tensor]:
-    """Parameters whose identity value is not zero: the weight of a ``linear`` translator
-    (W h + b, W = I at the identity). Plain weight decay would pull it toward the zero
-    map; it is decayed toward I instead (``decay_to_identity``), so weight decay means
-    "toward the logit lens" for every kind."""
-    return [t.weight for t in lens.translators.values() if t.kind == "linear"]
+    """Parameters whose identity value is not zero (``Translator.identity_centred``: the
+    weight of a ``linear`` translator, W h + b, W = I at the identity). Plain weight decay
+    would pull it toward the zero map; it is decayed toward I instead
+    (``decay_to_identity``), so weight decay means "toward the logit lens" for every kind."""
+    return [p for t in lens.translators.values() for p in t.identity_centred()]
 
 
 def make_optimizer(lens: TunedLens, cfg: TrainConfig):
@@ -358,7 +353,7 @@ def _train(store_path, val_store_path, model_dir, out_dir: Path, cfg: TrainConfi
     head = load_unembed_head(model_dir).to(device)
     layers = cfg.layer_list(store.n_layers)
     lens = TunedLens.create(head, kind, d_model=store.d_model, n_layers=store.n_layers, model_info=info,
-                            layers=layers, **_lens_opts(cfg, kind)).to(device)
+                            layers=layers, **translators.get(kind).options_from(cfg)).to(device)
     opt, sched = make_optimizer(lens, cfg)
     fingerprint = sha256_json({"cfg": asdict(cfg), "kind": kind, "store": store.attrs.get("fingerprint"),
                                "checkpoint_format": CHECKPOINT_FORMAT,

@@ -10,10 +10,11 @@ from torch.nn import functional as F
 
 from pipeline.errors import LenspipeError
 from pipeline.lenses import (
-    TRANSLATOR_KINDS, LeastSquaresAccumulator, LogitLens, TunedLens, init_translator_lstsq,
+    LeastSquaresAccumulator, LogitLens, TunedLens, init_translator_lstsq,
     make_translator,
 )
 from pipeline.model import read_model_info
+from pipeline.translators import names
 from pipeline.surgery import load_unembed_head
 from tiny import make_llama, save_prepared, tiny_model
 
@@ -115,12 +116,12 @@ def test_unknown_kind_and_bad_options():
         make_translator("scaling", D, hidden=4)
     with pytest.raises(LenspipeError, match="depth"):
         make_translator("mlp", D, depth=3)
-    assert set(TRANSLATOR_KINDS) == {"affine", "linear", "mlp", "scaling"}
+    assert set(names()) == {"affine", "linear", "mlp", "scaling"}
 
 
 # ------------------------------------------------------------------------ lenses
 
-@pytest.mark.parametrize("kind", TRANSLATOR_KINDS)
+@pytest.mark.parametrize("kind", names())
 def test_only_translators_train(head, info, kind):
     lens = make_lens(head, info, kind)
     trainable = {n for n, p in lens.named_parameters() if p.requires_grad}

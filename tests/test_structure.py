@@ -1,9 +1,14 @@
-"""The code's shape: no import cycle in pipeline/ (lazy imports included)."""
+"""The code's shape: no import cycle in pipeline/ (lazy imports included), and one
+registry per choice that several files need, which those files read."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
+
+import pytest
+
+from pipeline.errors import LenspipeError
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "pipeline"
@@ -75,3 +80,47 @@ def test_no_import_cycle_not_even_through_lazy_imports():
 def test_the_cycle_finder_finds_a_lazy_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+# ------------------------------------------------------------------------ one registry of translator kinds
+
+def test_the_schema_allows_exactly_the_registered_translator_kinds():
+    from pipeline import translators
+    from pipeline.workflow import workflow_schema
+
+    text = (REPO / "config" / "schema.yaml").read_text()
+    assert "scaling" not in text and "affine" not in text  # the file lists none: it cannot drift
+    schema = workflow_schema(REPO / "config" / "schema.yaml")
+    train, analyses = (schema["properties"][k]["properties"] for k in ("train", "analyses"))
+    assert train["kinds"]["items"] == {"$ref": "#/$defs/translator_kind"}
+    assert analyses["translator"] == {"$ref": "#/$defs/translator_kind_or_null"}
+    assert schema["$defs"]["translator_kind"]["enum"] == translators.names()
+    assert schema["$defs"]["translator_kind_or_null"]["enum"] == [*translators.names(), None]
+
+
+def test_every_registered_kind_is_what_the_registry_says():
+    import torch
+
+    from pipeline import translators
+    from pipeline.lenses import make_translator
+
+    for kind in translators.KINDS.values():
+        t = make_translator(kind.name, 4, **({"hidden": 3} if kind.options else {}))
+        assert t.kind == kind.name and set(kind.options) <= set(t.opts)
+        h = torch.randn(5, 4)
+        with torch.no_grad():
+            for p in t.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        if kind.linear_map:  # affine_map is the translator, exactly
+            w, b = t.affine_map(torch.float64)
+            torch.testing.assert_close(h.double() + h.double() @ w.T + b, t(h).double(), rtol=1e-6, atol=1e-6)
+        else:
+            with pytest.raises(LenspipeError, match="no affine map"):
+                t.affine_map()
+        if kind.lstsq:
+            w, b = torch.randn(4, 4), torch.randn(4)
+            t.set_affine_map(w, b)
+            torch.testing.assert_close(t(h), h @ w.T + b, rtol=1e-5, atol=1e-5)
+        else:
+            with pytest.raises(LenspipeError, match="least-squares"):
+                t.set_affine_map(torch.eye(4), torch.zeros(4))
