@@ -1,7 +1,9 @@
-"""``lenspipe``: run the pipeline's stages outside Snakemake.
+"""``lenspipe``: every stage of the pipeline from the command line, outside Snakemake.
 
-Each subcommand calls the same library function as the Snakemake rule of the same name,
-reading the same ``config/config.yaml``; outputs go to the same paths by default.
+Each stage's subcommand has its rule's name (with dashes), calls the same library
+function, reads the same ``config/config.yaml`` and writes the same paths, so a stage run
+here is one the workflow need not run again. A user mistake is one message and exit
+status 2, never a traceback; ``lenspipe SUBCOMMAND --help`` shows an example.
 """
 
 from __future__ import annotations
@@ -12,8 +14,15 @@ import sys
 from pathlib import Path
 
 from . import paths
-from .config import load_config
+from .analyses import ANALYSES
+from .config import SPLITS, load_config
+from .errors import LenspipeError
 from .logs import setup_logging, user_errors
+from .paths import Artifacts
+
+M, C = "--model smollm2-135m", "--corpus shakespeare"  # the examples' names: the default config's
+NAME_HELP = {"model": "a model name from the config (models:)", "corpus": "a corpus name from the config (corpora:)",
+             "kind": "a translator kind (train.kinds; pipeline/translators.py and plugins register them)"}
 
 
 def _config(args):
@@ -30,44 +39,161 @@ def _config(args):
     return cfg
 
 
+def _artifacts(args):
+    cfg = _config(args)
+    return cfg, Artifacts.of(cfg, getattr(args, "model", None), getattr(args, "corpus", None))
+
+
+def _print(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+# ------------------------------------------------------------------------ prepare, extract
+
 def _prepare_model(args) -> None:
     from .model import prepare_model
 
-    cfg = _config(args)
-    data = cfg.data_dir
-    out = args.out or paths.fill(paths.MODEL_DIR, data_dir=data, model=args.model)
-    info = prepare_model(cfg.model(args.model), Path(out), Path(paths.fill(paths.CACHE_DIR, data_dir=data)))
-    print(json.dumps({k: info[k] for k in ("name", "n_layers", "d_model", "vocab", "weights_sha256", "smoke_test")}, indent=2))
+    cfg, a = _artifacts(args)
+    info = prepare_model(cfg.model(args.model), Path(args.out or a.fill(paths.MODEL_DIR)), Path(a.fill(paths.CACHE_DIR)))
+    _print({k: info[k] for k in ("name", "n_layers", "d_model", "vocab", "weights_sha256", "smoke_test")})
 
 
 def _prepare_corpus(args) -> None:
     from .corpus import prepare_corpus
 
-    cfg = _config(args)
-    data = cfg.data_dir
-    model_dir = paths.fill(paths.MODEL_DIR, data_dir=data, model=args.model)
-    out = args.out or paths.fill(paths.CORPUS_DIR, data_dir=data, corpus=args.corpus, model=args.model)
-    manifest = prepare_corpus(cfg.corpus(args.corpus), Path(model_dir), Path(out),
-                              Path(paths.fill(paths.CACHE_DIR, data_dir=data)))
-    print(json.dumps({s: {k: v[k] for k in ("n_seq", "n_tokens", "n_bytes")} for s, v in manifest["splits"].items()}, indent=2))
+    cfg, a = _artifacts(args)
+    manifest = prepare_corpus(cfg.corpus(args.corpus), a.need("model_dir"), Path(args.out or a.fill(paths.CORPUS_DIR)),
+                              Path(a.fill(paths.CACHE_DIR)))
+    _print({s: {k: v[k] for k in ("n_seq", "n_tokens", "n_bytes")} for s, v in manifest["splits"].items()})
 
 
 def _extract(args) -> None:
-    from .extract import extract
+    from .extract import extract, extract_part
+    from .provenance import write_json_atomic
 
-    cfg = _config(args)
-    kw = dict(data_dir=cfg.data_dir, model=args.model, corpus=args.corpus, split=args.split)
-    store = args.out or paths.fill(paths.STORE, **kw)
-    summary = extract(Path(paths.fill(paths.MODEL_DIR, **kw)), Path(paths.fill(paths.CORPUS_SPLIT, **kw)),
-                      Path(store), cfg.extract, args.split)
-    print(json.dumps(summary, indent=2))
+    cfg, a = _artifacts(args)
+    part = {} if args.part is None else {"part": args.part}
+    if args.part is not None and not 0 <= args.part < cfg.extract.parts:
+        raise LenspipeError(f"--part {args.part}: the config's extract.parts is {cfg.extract.parts}, so "
+                            f"parts are 0..{cfg.extract.parts - 1}")
+    store = Path(args.out or a.fill(paths.STORE_PART if part else paths.STORE, split=args.split, **part))
+    inputs = (a.need("model_dir"), a.need("split", split=args.split), store, cfg.extract, args.split)
+    summary = extract(*inputs) if not part else extract_part(*inputs, args.part)
+    if not args.out:  # the rule's output too, so the workflow sees the store as made
+        write_json_atomic(a.fill(paths.STORE_PART_DONE if part else paths.STORE_DONE, split=args.split, **part), summary)
+    _print(summary)
 
+
+def _assemble_store(args) -> None:
+    from .provenance import write_json_atomic
+    from .store.parts import assemble_store
+
+    cfg, a = _artifacts(args)
+    parts = []
+    for i in range(cfg.extract.parts):
+        if not Path(a.fill(paths.STORE_PART_DONE, split=args.split, part=i)).exists():
+            raise LenspipeError(f"part {i} of {cfg.extract.parts} is not extracted yet: run `lenspipe extract "
+                                f"--model {args.model} --corpus {args.corpus} --split {args.split} --part {i}`")
+        parts.append(Path(a.fill(paths.STORE_PART, split=args.split, part=i)))
+    summary = assemble_store(parts, Path(a.fill(paths.STORE, split=args.split)))
+    write_json_atomic(a.fill(paths.STORE_DONE, split=args.split), summary)
+    _print(summary)
+
+
+# ------------------------------------------------------------------------ train, evaluate, report
+
+def _train(args) -> None:
+    from dataclasses import replace
+
+    from .train import train, train_group
+
+    from . import translators
+
+    cfg, a = _artifacts(args)
+    translators.get(args.kind)  # an unknown kind is named (the config's plugins are loaded: theirs count)
+    train_cfg = replace(cfg.train, kinds=[args.kind])
+    stores = (a.need("store", split="train"), a.need("store", split="validation"), a.need("model_dir"))
+    if args.group is None:
+        metrics = train(*stores, Path(a.fill(paths.LENS_DIR, kind=args.kind)), train_cfg, args.kind)
+    else:
+        if not 0 <= args.group < cfg.train.layer_groups:
+            raise LenspipeError(f"--group {args.group}: the config's train.layer_groups is "
+                                f"{cfg.train.layer_groups}, so groups are 0..{cfg.train.layer_groups - 1}")
+        out = Path(a.fill(paths.LENS_GROUP_DIR, kind=args.kind, group=args.group))
+        metrics = train_group(*stores, out, train_cfg, args.kind, args.group)
+    _print({k: metrics[k] for k in ("val_kl", "val_kl_logit_lens", "steps", "seconds", "init")})
+
+
+def _merge_lens(args) -> None:
+    from .merge import merge_lens
+
+    cfg, a = _artifacts(args)
+    groups = []
+    for g in range(cfg.train.layer_groups):
+        if not Path(a.fill(paths.LENS_GROUP_META, kind=args.kind, group=g)).exists():
+            raise LenspipeError(f"layer group {g} of {cfg.train.layer_groups} is not trained yet: run `lenspipe "
+                                f"train --model {args.model} --corpus {args.corpus} --kind {args.kind} --group {g}`")
+        groups.append(Path(a.fill(paths.LENS_GROUP_DIR, kind=args.kind, group=g)))
+    lens = merge_lens(groups, a.need("model_dir"), Path(a.fill(paths.LENS_DIR, kind=args.kind)))
+    _print({"lens": a.fill(paths.LENS_DIR, kind=args.kind), "layers": lens.layers})
+
+
+def _evaluate(args) -> None:
+    from .evaluate import evaluate
+
+    cfg, a = _artifacts(args)
+    lens_dirs = {k: a.need("lens", kind=k) for k in cfg.train.kinds}
+    identity = {"model": args.model, "revision": cfg.model(args.model).revision, "corpus": args.corpus,
+                "split": cfg.evaluate.split}
+    evaluate(a.need("store"), a.need("split"), a.need("model_dir"), lens_dirs, cfg.evaluate,
+             Path(a.fill(paths.TABLES_DIR)), identity, threads=args.threads)
+    from .report import print_summary
+
+    print_summary([a.fill(paths.LAYER_METRICS)], a.fill(paths.REPORT_DIR))
+
+
+def _report(args) -> None:
+    from .report import report
+
+    cfg, a = _artifacts(args)
+    runs = [Artifacts.of(cfg, m, c) for m, c in a.runs]
+    out = report(runs, cfg.train.kinds, Path(a.fill(paths.REPORT_DIR)), cfg.report.prompts, cfg.analyses.enabled)
+    print(f"report: {out} (and report.md)")
+
+
+def _analysis(analysis):
+    def run(args) -> None:
+        cfg, a = _artifacts(args)
+        analysis.run(a, analysis.settings_of(cfg.analyses))
+        for path in analysis.outputs(a.analyses_dir):
+            print(path)
+    return run
+
+
+def _trajectory(args) -> None:
+    from .lenses import read_lens_meta
+    from .trajectory import trajectory
+
+    model_dir = Path(args.model)
+    if not (model_dir / "lenspipe_model.json").is_file():  # not a prepared model dir: a config name
+        cfg, a = _artifacts(args)
+        model_dir = a.need("model_dir")
+    if not args.prompt.strip():
+        raise LenspipeError("the prompt is empty; give the text whose trajectory to show")
+    lens_dirs = {}
+    for d in args.lens:
+        kind = read_lens_meta(Path(d))["kind"]  # a directory without lens.json is named
+        lens_dirs[kind if kind not in lens_dirs else str(d)] = Path(d)
+    print(trajectory(model_dir, lens_dirs, args.prompt, Path(args.out)))
+    print(f"figure: {args.out}", file=sys.stderr)
+
+
+# ------------------------------------------------------------------------ stores and models
 
 def _verify(args) -> None:
     from .store.verify import verify
 
-    summary = verify(args.store)
-    print(json.dumps(summary, indent=2, default=str))
+    _print(verify(args.store))
     print(f"OK: {args.store} is complete and every checksum matches", file=sys.stderr)
 
 
@@ -82,73 +208,97 @@ def _export(args) -> None:
     from .store.export import export_store
 
     out = args.out or str(Path(args.store).with_suffix("." + ("zip" if args.to == "zip" else "h5")))
-    print(json.dumps(export_store(args.store, out, args.to), indent=2))
+    _print(export_store(args.store, out, args.to))
 
 
 def _import(args) -> None:
     from .store.export import import_store
 
-    summary = import_store(args.file, args.store)
-    print(json.dumps(summary, indent=2, default=str))
+    _print(import_store(args.file, args.store))
     print(f"OK: {args.store} rebuilt from {args.file}; every checksum matches", file=sys.stderr)
 
 
 def _export_head(args) -> None:
     from .model import export_head
 
-    print(json.dumps(export_head(args.model_dir, args.out), indent=2))
+    _print(export_head(args.model_dir, args.out))
 
+
+# ------------------------------------------------------------------------ the parser
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lenspipe", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="lenspipe", description="lenspipe: every stage of the pipeline from the "
+                                "command line, outside Snakemake, on the same config and paths.",
+                                epilog="`lenspipe SUBCOMMAND --help` shows each one's options and an example.")
     p.add_argument("-v", "--verbose", action="store_true")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument("--config", default="config/config.yaml", help="the experiment config (default: %(default)s)")
 
-    s = sub.add_parser("prepare-model", help="convert/copy a model into a local HF directory")
-    s.add_argument("--config", default="config/config.yaml")
-    s.add_argument("--model", required=True, help="model name from the config")
+    def add(name, func, text, example, *names, parents=(config,)):
+        """A subcommand: its one-line help, an example, and the config names it takes."""
+        s = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".", parents=list(parents),
+                           epilog=f"example:\n  lenspipe {name} {example}".rstrip(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        for n in names:
+            s.add_argument(f"--{n}", required=True, help=NAME_HELP[n])
+        s.set_defaults(func=func)
+        return s
+
+    s = add("prepare-model", _prepare_model, "convert or copy a model into a local HF directory", M, "model")
     s.add_argument("--out", help="output directory (default: data/models/<model>)")
-    s.set_defaults(func=_prepare_model)
-
-    s = sub.add_parser("prepare-corpus", help="split, tokenize and pack a corpus")
-    s.add_argument("--config", default="config/config.yaml")
-    s.add_argument("--model", required=True, help="model name (its tokenizer is used)")
-    s.add_argument("--corpus", required=True, help="corpus name from the config")
+    s = add("prepare-corpus", _prepare_corpus, "split, tokenize and pack a corpus with a model's tokenizer",
+            f"{M} {C}", "model", "corpus")
     s.add_argument("--out", help="output directory (default: data/corpora/<corpus>/<model>)")
-    s.set_defaults(func=_prepare_corpus)
-
-    s = sub.add_parser("extract", help="store every layer's residual stream of one split")
-    s.add_argument("--config", default="config/config.yaml")
-    s.add_argument("--model", required=True)
-    s.add_argument("--corpus", required=True)
-    s.add_argument("--split", required=True, choices=["train", "validation", "test"])
+    s = add("extract", _extract, "store every layer's residual stream of one split (or of one part of it)",
+            f"{M} {C} --split test", "model", "corpus")
+    s.add_argument("--split", required=True, choices=SPLITS)
+    s.add_argument("--part", type=int, help="extract only part PART of extract.parts (rule extract_part)")
     s.add_argument("--out", help="store path (default: data/stores/<model>/<corpus>/<split>.zarr)")
-    s.set_defaults(func=_extract)
+    s = add("assemble-store", _assemble_store, "link a split's extracted parts into one store",
+            f"{M} {C} --split train", "model", "corpus")
+    s.add_argument("--split", required=True, choices=SPLITS)
+    s = add("train", _train, "train one tuned lens (one translator kind) from the stores",
+            f"{M} {C} --kind affine", "model", "corpus", "kind")
+    s.add_argument("--group", type=int, help="train only layer group GROUP of train.layer_groups (rule train_group)")
+    add("merge-lens", _merge_lens, "merge the layer-group lenses of one kind into one lens",
+        f"{M} {C} --kind affine", "model", "corpus", "kind")
+    s = add("evaluate", _evaluate, "evaluate the logit lens and every trained lens on the held-out split",
+            f"{M} {C}", "model", "corpus")
+    s.add_argument("--threads", type=int, default=2, help="torch/dask threads (default: %(default)s)")
+    add("report", _report, "write the HTML + Markdown report of every run of the config", "")
+    for a in ANALYSES:
+        names = ("model", "corpus") if a.per_run else ()
+        add(a.command, _analysis(a), f"analysis: {a.title[0].lower() + a.title[1:]} (tables: {', '.join(a.tables)})",
+            f"{M} {C}" if a.per_run else "", *names)
+    s = add("trajectory", _trajectory, "print a prompt's top-1 token per layer for the logit and tuned lenses, "
+            "and draw its trajectory", f'{M} --lens data/lenses/smollm2-135m/shakespeare/affine "The capital '
+            'of France is" --out fig.png')
+    s.add_argument("--model", required=True, help="model name from the config, or a prepared model directory")
+    s.add_argument("--lens", required=True, action="append", help="a tuned lens directory (repeat for more)")
+    s.add_argument("prompt", help="the text")
+    s.add_argument("--out", default="trajectory.png", help="the figure (default: %(default)s)")
 
-    s = sub.add_parser("verify", help="check a store end to end (shapes, completeness, checksums, finiteness)")
-    s.add_argument("store", help="store path or URL")
-    s.set_defaults(func=_verify)
-
-    s = sub.add_parser("info", help="summarise a store: model, corpus, tokens, layers, dtype, size, completeness")
+    s = add("verify", _verify, "check a store end to end (shapes, completeness, checksums, finiteness)",
+            "data/stores/smollm2-135m/shakespeare/test.zarr", parents=())
+    s.add_argument("store", help="store path, URL, .zip or .h5 export")
+    s = add("info", _info, "summarise a store: model, corpus, tokens, layers, dtype, size, completeness",
+            "data/stores/smollm2-135m/shakespeare/test.zarr", parents=())
     s.add_argument("store", help="store path or URL")
     s.add_argument("--json", action="store_true", help="print JSON instead of text")
-    s.set_defaults(func=_info)
-
-    s = sub.add_parser("export", help="write a verified store as one file (zip = zarr ZipStore, or HDF5)")
+    s = add("export", _export, "write a verified store as one file (zip = zarr ZipStore, or HDF5)",
+            "data/stores/smollm2-135m/shakespeare/test.zarr --to zip", parents=())
     s.add_argument("store", help="store path")
     s.add_argument("--to", required=True, choices=["zip", "hdf5"])
     s.add_argument("--out", help="output file (default: the store path with .zip or .h5)")
-    s.set_defaults(func=_export)
-
-    s = sub.add_parser("import", help="rebuild a zarr store from an exported .zip or .h5 file, then verify it")
+    s = add("import", _import, "rebuild a zarr store from an exported .zip or .h5 file, then verify it",
+            "test.h5 /elsewhere/test.zarr", parents=())
     s.add_argument("file", help="exported file")
     s.add_argument("store", help="new store path")
-    s.set_defaults(func=_import)
-
-    s = sub.add_parser("export-head", help="a model dir with only the final norm + unembedding (to share with a cache)")
+    s = add("export-head", _export_head, "write a model dir with only the final norm and unembedding "
+            "(to share with a cache)", "data/models/smollm2-135m head/", parents=())
     s.add_argument("model_dir", help="prepared model directory")
     s.add_argument("out", help="output directory")
-    s.set_defaults(func=_export_head)
     return p
 
 

@@ -42,7 +42,15 @@ def _report(message: str, code: int) -> None:
 
 
 def run_stage(snakemake, fn: Callable[[], object]) -> None:
-    """Body of every ``stages/*.py`` script: log to the rule's log, report user errors."""
+    """Body of every ``stages/*.py`` script: log to the rule's log, import the config's
+    plugins, give torch the rule's threads, report user errors as one message."""
+    import torch
+
+    from .translators import load_plugins
+
     setup_logging(snakemake.log[0] if len(snakemake.log) else None)
+    # torch would take every core of the node; the rule asked for `threads`
+    torch.set_num_threads(snakemake.threads)
     with user_errors():
+        load_plugins(snakemake.config.get("plugins"))  # before any param names a kind they add
         fn()

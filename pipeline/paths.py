@@ -1,8 +1,18 @@
 """Where each artifact lives under ``data_dir``; shared by the Snakefile and the CLI.
 
 ``{model}`` and ``{corpus}`` are the names from the config; ``{split}`` is one of
-train / validation / test.
+train / validation / test; ``{kind}`` a translator kind; ``{analysis}`` an analysis table.
+:class:`Artifacts` fills them for one run of a config and says, for a missing input,
+which command makes it.
 """
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import LenspipeError
 
 MODEL_DIR = "{data_dir}/models/{model}"
 MODEL_MARKER = MODEL_DIR + "/lenspipe_model.json"
@@ -11,14 +21,6 @@ CORPUS_SPLIT = CORPUS_DIR + "/{split}.npz"
 CORPUS_MANIFEST = CORPUS_DIR + "/manifest.json"
 CACHE_DIR = "{data_dir}/cache"
 LOG = "{data_dir}/logs/{rule}/{name}.log"
-
-
-def fill(pattern: str, **kw) -> str:
-    """Fill a path pattern; keeps unknown ``{wildcards}`` for Snakemake."""
-    import string
-
-    names = {f for _, f, _, _ in string.Formatter().parse(pattern) if f}
-    return pattern.format(**{n: kw.get(n, "{" + n + "}") for n in names})
 STORE = "{data_dir}/stores/{model}/{corpus}/{split}.zarr"
 STORE_DONE = "{data_dir}/stores/{model}/{corpus}/{split}.extract.json"
 STORE_PART = "{data_dir}/stores/{model}/{corpus}/{split}.parts/{part}.zarr"
@@ -35,16 +37,63 @@ TOKEN_METRICS = TABLES_DIR + "/token_metrics"
 REPORT_DIR = "{data_dir}/report"
 REPORT = REPORT_DIR + "/report.md"
 REPORT_HTML = REPORT_DIR + "/report.html"
-ANALYSES_DIR = "{data_dir}/analyses/{model}/{corpus}"
-ANALYSIS = ANALYSES_DIR + "/{analysis}.parquet"
-ANALYSIS_PNG = ANALYSES_DIR + "/{analysis}.png"
-COMPARE = "{data_dir}/analyses/compare_models.parquet"
+#: Analyses of one run; an analysis across runs (compare_models) writes to ANALYSES_ROOT.
+ANALYSES_ROOT = "{data_dir}/analyses"
+ANALYSES_DIR = ANALYSES_ROOT + "/{model}/{corpus}"
 
-#: analysis rule -> the tables it writes (each rule also writes <rule>.png)
-ANALYSIS_TABLES = {
-    "prediction_depth": ["prediction_depth", "early_exit"],
-    "layer_contributions": ["layer_contributions"],
-    "translator_anatomy": ["translator_anatomy", "translator_spectra"],
-    "token_categories": ["token_categories"],
-    "layer_transfer": ["layer_transfer"],
+
+def fill(pattern: str, **kw) -> str:
+    """Fill a path pattern; keeps unknown ``{wildcards}`` for Snakemake."""
+    names = {f for _, f, _, _ in string.Formatter().parse(pattern) if f}
+    return pattern.format(**{n: kw.get(n, "{" + n + "}") for n in names})
+
+
+#: What a stage reads -> (the path it gets, the file that exists once it is made, the
+#: command that makes it).
+INPUTS = {
+    "model_dir": (MODEL_DIR, MODEL_MARKER, "lenspipe prepare-model --model {model}"),
+    "split": (CORPUS_SPLIT, CORPUS_SPLIT, "lenspipe prepare-corpus --model {model} --corpus {corpus}"),
+    "store": (STORE, STORE, "lenspipe extract --model {model} --corpus {corpus} --split {split}"),
+    "lens": (LENS_DIR, LENS_META, "lenspipe train --model {model} --corpus {corpus} --kind {kind}"),
+    "layer_metrics": (LAYER_METRICS, LAYER_METRICS, "lenspipe evaluate --model {model} --corpus {corpus}"),
+    "calibration": (CALIBRATION, CALIBRATION, "lenspipe evaluate --model {model} --corpus {corpus}"),
+    "token_metrics": (TOKEN_METRICS, TOKEN_METRICS, "lenspipe evaluate --model {model} --corpus {corpus} "
+                      "(with evaluate.token_metrics true, or auto and at most 65,536 tokens)"),
 }
+
+
+@dataclass(frozen=True)
+class Artifacts:
+    """The artifacts of one (model, corpus) run of a config under its ``data_dir``;
+    ``runs`` lists every run of the config, for what spans them (compare_models)."""
+
+    data_dir: str
+    model: str | None = None
+    corpus: str | None = None
+    eval_split: str = "test"
+    """The split evaluation reads (``evaluate.split``): the default ``split`` of :meth:`need`."""
+    runs: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def of(cls, cfg, model: str | None = None, corpus: str | None = None) -> Artifacts:
+        """For a PipelineConfig (names already checked against it)."""
+        return cls(str(cfg.data_dir), model, corpus, cfg.evaluate.split,
+                   tuple((m, c) for m in cfg.models for c in cfg.corpora))
+
+    def fill(self, pattern: str, **kw) -> str:
+        return fill(pattern, **{"data_dir": self.data_dir, "model": self.model, "corpus": self.corpus,
+                                "split": self.eval_split, **kw})
+
+    def need(self, name: str, **kw) -> Path:
+        """The path of input ``name`` (a key of INPUTS), after checking it has been made."""
+        pattern, made, command = INPUTS[name]
+        if not Path(self.fill(made, **kw)).exists():
+            values = {"model": self.model, "corpus": self.corpus, "split": self.eval_split, **kw}
+            raise LenspipeError(f"no {name.replace('_', ' ')} at {self.fill(pattern, **kw)}: run "
+                                f"`{command.format(**values)}` first (with the same --config)")
+        return Path(self.fill(pattern, **kw))
+
+    @property
+    def analyses_dir(self) -> Path:
+        """Where this run's analyses go; the analyses root for an Artifacts of no one run."""
+        return Path(self.fill(ANALYSES_DIR if self.model else ANALYSES_ROOT))

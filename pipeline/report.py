@@ -1,8 +1,9 @@
 """report: plots (PNG) and one self-contained HTML report (+ Markdown) from the tables.
 
 The plots show what is in the tables (per-layer metrics with bootstrap CI bands, the
-calibration table) plus prediction trajectories for a few configurable prompts, for which
-the model runs once on the prompt (a prompt is not in the cache).
+calibration table), a section per analysis (pipeline.analyses.ANALYSES: its title, its
+summary sentence and its figure), and prediction trajectories for the configured prompts
+(pipeline.trajectory: the model runs once on each prompt, which is not in the cache).
 """
 
 from __future__ import annotations
@@ -11,24 +12,21 @@ import base64
 import html
 import json
 import logging
+import shutil
 from pathlib import Path
-from typing import Any
 
-import matplotlib
+import pandas as pd
 
-matplotlib.use("Agg")  # headless: Snakemake jobs and CI have no display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-
-from .tables import read_provenance  # noqa: E402
+from .analyses import ANALYSES
+from .paths import Artifacts
+from .plots import figure, save
+from .tables import read_provenance
+from .trajectory import plot_trajectory, trajectories
 
 log = logging.getLogger(__name__)
 
 PANELS = [("kl", "KL(model || lens) [nats]", True), ("ce", "cross-entropy to next token [nats]", True),
           ("acc", "top-1 accuracy (next token)", False), ("agree_top1", "top-1 agreement with the model", False)]
-DEFAULT_PROMPTS = ["To be, or not to be, that is the question:", "The capital of France is"]
 
 
 def _label(row) -> str:
@@ -37,10 +35,10 @@ def _label(row) -> str:
 
 def plot_layer_metrics(df: pd.DataFrame, path: Path, title: str) -> None:
     """KL, CE, accuracy and agreement per layer, one line per lens, 95% CI bands."""
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8), sharex=True)
+    fig, axes = figure(2, 2, (12, 8), sharex=True)
     lenses = df[df.lens != "model"].assign(name=lambda d: d.apply(_label, axis=1))
     model = df[df.lens == "model"]
-    for ax, (metric, ylabel, log_y) in zip(axes.flat, PANELS):
+    for ax, (metric, ylabel, log_y) in zip(axes, PANELS):
         for name, g in lenses.groupby("name", sort=True):
             g = g.sort_values("layer")
             ax.plot(g.layer, g[metric], marker="o", ms=3, label=name)
@@ -51,13 +49,10 @@ def plot_layer_metrics(df: pd.DataFrame, path: Path, title: str) -> None:
         ax.set_ylabel(ylabel)
         ax.set_yscale("log" if log_y else "linear")
         ax.grid(alpha=0.3)
-    for ax in axes[1]:
+    for ax in axes[2:]:
         ax.set_xlabel("layer (0 = embeddings)")
-    axes[0, 0].legend()
-    fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0, 1, 0.97))  # room for the suptitle
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    axes[0].legend()
+    save(fig, path, title=title)
 
 
 def calibration_by_lens(cal: pd.DataFrame) -> dict[tuple[str, str], pd.DataFrame]:
@@ -71,9 +66,9 @@ def plot_calibration(cal: pd.DataFrame, path: Path, n_layers: int, title: str) -
     """Reliability diagram: accuracy vs confidence at a few depths, per lens."""
     layers = sorted({0, n_layers // 4, n_layers // 2, 3 * n_layers // 4, n_layers - 1})
     lenses = calibration_by_lens(cal)
-    fig, axes = plt.subplots(1, len(lenses), figsize=(5.5 * len(lenses), 5), squeeze=False)
+    fig, axes = figure(1, len(lenses), (5.5 * len(lenses), 5))
     model = cal[cal.lens == "model"]
-    for ax, ((lens, translator), sub) in zip(axes[0], lenses.items()):
+    for ax, ((lens, translator), sub) in zip(axes, lenses.items()):
         for layer in layers:
             g = sub[(sub.layer == layer) & (sub["count"] > 0)]
             ax.plot(g.mean_confidence, g.accuracy, marker="o", ms=3, label=f"layer {layer}")
@@ -84,54 +79,7 @@ def plot_calibration(cal: pd.DataFrame, path: Path, n_layers: int, title: str) -
                title="logit lens" if lens == "logit" else f"tuned lens ({translator})")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0, 1, 0.97))  # room for the suptitle
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-@torch.no_grad()
-def trajectories(model_dir: Path, lens_dirs: dict[str, Path], prompt: str) -> dict[str, Any]:
-    """Top-1 token and its probability per (layer, position) of ``prompt``, per lens."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .lenses import LogitLens, TunedLens
-    from .surgery import residual_stream, unembed_head
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :24]
-    resid, _ = residual_stream(model, ids, with_logits=False)  # (L+1, 1, pos, d_model)
-    head = unembed_head(model)
-    lenses = {"logit lens": LogitLens(head)} | {f"tuned ({k})": TunedLens.load(p, head=head) for k, p in lens_dirs.items()}
-    out = {"inputs": [tok.decode([i]) for i in ids[0]], "lenses": {}}
-    for name, lens in lenses.items():
-        probs = torch.stack([torch.softmax(lens(resid[i, 0], i), -1) for i in range(resid.shape[0])])  # (L+1, pos, V)
-        p, top = probs.max(-1)
-        out["lenses"][name] = {"prob": p.numpy(), "tokens": [[tok.decode([t]) for t in row] for row in top.tolist()]}
-    return out
-
-
-def plot_trajectory(traj: dict[str, Any], path: Path, prompt: str) -> None:
-    names = list(traj["lenses"])
-    n_layers, n_pos = traj["lenses"][names[0]]["prob"].shape
-    # one lens per row, so each panel gets the full width and the token labels stay legible
-    fig, axes = plt.subplots(len(names), 1, figsize=(max(9, 0.95 * n_pos + 2), (0.3 * n_layers + 1.6) * len(names)),
-                             squeeze=False)
-    for ax, name in zip(axes[:, 0], names):
-        data = traj["lenses"][name]
-        im = ax.imshow(data["prob"], aspect="auto", origin="lower", cmap="Blues", vmin=0, vmax=1)
-        for (layer, pos), text in np.ndenumerate(np.array(data["tokens"], dtype=object)):
-            shade = "white" if data["prob"][layer, pos] > 0.6 else "black"
-            ax.text(pos, layer, repr(text)[1:-1][:8], ha="center", va="center", fontsize=7.5, color=shade)
-        ax.set_xticks(range(n_pos), [repr(t)[1:-1][:10] for t in traj["inputs"]], rotation=60, fontsize=8)
-        ax.set_yticks(range(0, n_layers, 2))
-        ax.set(xlabel="input token", ylabel="layer", title=f"{name}: top-1 prediction")
-        fig.colorbar(im, ax=ax, fraction=0.03, label="probability")
-    fig.suptitle(f"prediction trajectory: {prompt!r}")
-    fig.tight_layout(rect=(0, 0, 1, 0.97))  # room for the suptitle
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, title=title)
 
 
 def headline(df: pd.DataFrame) -> pd.DataFrame:
@@ -145,23 +93,27 @@ def _img(path: Path) -> str:
     return f'<img src="data:image/png;base64,{data}" style="max-width:100%">'
 
 
-def write_report(run_dirs: list[dict[str, Any]], out_dir: Path, prompts: list[str], compare: Path | None = None) -> Path:
+def report(runs: list[Artifacts], kinds: list[str], out_dir: Path, prompts: list[str],
+           with_analyses: bool = True) -> Path:
     """Plots for every (model, corpus) run and report.{html,md} in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     md, body = ["# lenspipe report", ""], ["<h1>lenspipe report</h1>"]
-    for run in run_dirs:
-        df = pd.read_parquet(run["layer_metrics"])
-        cal = pd.read_parquet(run["calibration"])
-        prov = read_provenance(Path(run["layer_metrics"]))
-        name = f"{run['model']} on {run['corpus']} ({prov['identity']['split']})"
-        stem = f"{run['model']}-{run['corpus']}"
+    per_run = [a for a in ANALYSES if a.per_run] if with_analyses else []
+    for run in runs:
+        df = pd.read_parquet(run.need("layer_metrics"))
+        cal = pd.read_parquet(run.need("calibration"))
+        prov = read_provenance(run.need("layer_metrics"))
+        name = f"{run.model} on {run.corpus} ({prov['identity']['split']})"
+        stem = f"{run.model}-{run.corpus}"
         figs = {"layer metrics": out_dir / f"{stem}-layers.png", "calibration": out_dir / f"{stem}-calibration.png"}
         plot_layer_metrics(df, figs["layer metrics"], name)
         plot_calibration(cal, figs["calibration"], int(df.layer.max()), name)
+        lens_dirs = {k: run.need("lens", kind=k) for k in kinds}
         for i, prompt in enumerate(prompts):
             figs[f"trajectory {i + 1}"] = out_dir / f"{stem}-trajectory-{i + 1}.png"
-            plot_trajectory(trajectories(Path(run["model_dir"]), run["lens_dirs"], prompt), figs[f"trajectory {i + 1}"], prompt)
-        sections = analysis_sections(Path(run["analyses_dir"])) if run.get("analyses_dir") else []
+            plot_trajectory(trajectories(run.need("model_dir"), lens_dirs, prompt), figs[f"trajectory {i + 1}"], prompt)
+        sections = [(a.title, a.summary(run.analyses_dir), run.analyses_dir / f"{a.rule}.png")
+                    for a in per_run if _written(a, run)]
         figs.update({title: _copy_png(png, out_dir / f"{stem}-{png.name}") for title, _, png in sections})
         table = headline(df)
         md += [f"## {name}", "", _summary_sentence(df), ""] + [f"- **{t}**: {text}" for t, text, _ in sections]
@@ -173,40 +125,28 @@ def write_report(run_dirs: list[dict[str, Any]], out_dir: Path, prompts: list[st
         body += [table.to_html()]
         body += [f"<h3>{html.escape(k)}</h3>{_img(p)}" for k, p in figs.items()]
         body += ["<h3>provenance</h3><pre>", html.escape(json.dumps(prov, indent=1, default=str)), "</pre>"]
-    if compare:
-        from . import compare as C
-
-        cmp_df = pd.read_parquet(compare)
-        png = Path(compare).with_suffix(".png")
-        md += ["## Across models and checkpoints", "", C.summary(cmp_df), "", f"![compare]({png.name})", ""]
-        body += ["<h2>Across models and checkpoints</h2>", f"<p>{html.escape(C.summary(cmp_df))}</p>", _img(png)]
-        _copy_png(png, out_dir / png.name)
+    across = Artifacts(runs[0].data_dir)  # the analyses of all runs together
+    for a in [a for a in ANALYSES if not a.per_run and _written(a, across)] if with_analyses else []:
+        png = _copy_png(across.analyses_dir / f"{a.rule}.png", out_dir / f"{a.rule}.png")
+        text = a.summary(across.analyses_dir)
+        md += [f"## {a.title}", "", text, "", f"![{a.rule}]({png.name})", ""]
+        body += [f"<h2>{html.escape(a.title)}</h2>", f"<p>{html.escape(text)}</p>", _img(png)]
     (out_dir / "report.md").write_text("\n".join(md))
     (out_dir / "report.html").write_text("<!doctype html><meta charset=utf-8><title>lenspipe report</title>"
                                          "<body style='font-family:sans-serif;max-width:1300px'>" + "\n".join(body))
     return out_dir / "report.html"
 
 
-def analysis_sections(adir: Path) -> list[tuple[str, str, Path]]:
-    """(title, headline sentence, figure) for each analysis written under ``adir``."""
-    from . import anatomy, categories, contributions, depth, transfer
-
-    def t(name):
-        return pd.read_parquet(adir / f"{name}.parquet")
-
-    makers = [
-        ("prediction depth and early exit", "prediction_depth", lambda: depth.summary(t("prediction_depth"), t("early_exit"))),
-        ("layer contributions", "layer_contributions", lambda: contributions.summary(t("layer_contributions"))),
-        ("translator anatomy", "translator_anatomy", lambda: anatomy.summary(t("translator_anatomy"))),
-        ("token categories", "token_categories", lambda: categories.summary(t("token_categories"))),
-        ("layer transfer", "layer_transfer", lambda: transfer.summary(t("layer_transfer"))),
-    ]
-    return [(title, make(), adir / f"{name}.png") for title, name, make in makers if (adir / f"{name}.png").exists()]
+def _written(analysis, artifacts: Artifacts) -> bool:
+    """Whether an analysis has written its outputs (the workflow's report always has them;
+    ``lenspipe report`` leaves out, and names, those not run yet)."""
+    missing = [p for p in analysis.outputs(artifacts.analyses_dir) if not Path(p).exists()]
+    if missing:
+        log.warning("the report leaves out %s: no %s (run `lenspipe %s`)", analysis.title, missing[0], analysis.command)
+    return not missing
 
 
 def _copy_png(png: Path, dest: Path) -> Path:
-    import shutil
-
     shutil.copy(png, dest)  # report.md links its figures by name, next to it
     return dest
 

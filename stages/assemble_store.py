@@ -2,8 +2,8 @@
 from pathlib import Path
 
 from pipeline.logs import run_stage
-from pipeline.store.parts import assemble_store
 from pipeline.provenance import write_json_atomic
+from pipeline.store.parts import assemble_store
 
 
 def main() -> None:

@@ -1,21 +1,17 @@
 """Snakemake rule evaluate: logit vs tuned lenses on the held-out split -> Parquet tables."""
 from pathlib import Path
 
-import torch
-
-from pipeline.config import parse_config
 from pipeline.evaluate import evaluate
 from pipeline.logs import run_stage
+from pipeline.workflow import typed
 
 
 def main() -> None:
-    torch.set_num_threads(snakemake.threads)
-    cfg = parse_config(snakemake.config)
     w, p = snakemake.wildcards, snakemake.params
-    model = cfg.model(w.model)
-    identity = {"model": w.model, "revision": model.revision, "corpus": w.corpus, "split": cfg.evaluate.split}
+    cfg = typed(p.evaluate)
+    identity = {"model": w.model, "revision": p.revision, "corpus": w.corpus, "split": cfg.split}
     evaluate(Path(p.store), Path(snakemake.input.split), Path(p.model_dir),
-             {k: Path(v) for k, v in p.lens_dirs.items()}, cfg.evaluate, Path(p.out_dir), identity,
+             {k: Path(v) for k, v in p.lens_dirs.items()}, cfg, Path(p.out_dir), identity,
              threads=snakemake.threads)
 
 

@@ -2,14 +2,13 @@
 from pathlib import Path
 
 from pipeline.logs import run_stage
-from pipeline.report import DEFAULT_PROMPTS, write_report
+from pipeline.report import report
+from pipeline.workflow import typed
 
 
 def main() -> None:
     p = snakemake.params
-    runs = [dict(r, lens_dirs={k: Path(v) for k, v in r["lens_dirs"].items()}) for r in p.runs]
-    write_report(runs, Path(p.out_dir), p.prompts if p.prompts is not None else DEFAULT_PROMPTS,
-                 Path(p.compare) if p.compare else None)
+    report(p.runs, p.kinds, Path(p.out_dir), typed(p.report).prompts, p.with_analyses)
 
 
 run_stage(snakemake, main)  # noqa: F821 (snakemake is injected by the script directive)

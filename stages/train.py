@@ -1,19 +1,20 @@
-"""Snakemake rule train: one tuned lens (one translator kind) from the cached activations."""
+"""Snakemake rules train and train_group: one tuned lens (one translator kind), or one layer
+group of it ({group}: merged by merge_lens), from the cached activations."""
 from pathlib import Path
 
-import torch
-
-from pipeline.config import parse_config
 from pipeline.logs import run_stage
-from pipeline.train import train
+from pipeline.train import train, train_group
+from pipeline.workflow import typed
 
 
 def main() -> None:
-    torch.set_num_threads(snakemake.threads)
-    cfg = parse_config(snakemake.config).train
-    p = snakemake.params
-    train(Path(p.train_store), Path(p.val_store), Path(p.model_dir), Path(p.lens_dir), cfg,
-          snakemake.wildcards.kind)
+    p, w = snakemake.params, snakemake.wildcards
+    args = (Path(p.train_store), Path(p.val_store), Path(p.model_dir), Path(p.lens_dir), typed(p.train), w.kind)
+    group = getattr(w, "group", None)
+    if group is None:
+        train(*args)
+    else:
+        train_group(*args, int(group))
 
 
 run_stage(snakemake, main)  # noqa: F821 (snakemake is injected by the script directive)

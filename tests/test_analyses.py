@@ -9,16 +9,18 @@ import torch
 from slowed_stage import run as run_stage
 from tiny import VOCAB, make_llama, make_tokenizer, save_prepared, write_packed_split
 
-from pipeline.anatomy import anatomy_tables, effective_rank, linear_map, translator_anatomy
-from pipeline.categories import categorise, category_table, token_categories
-from pipeline.compare import compare_models, comparison_table
-from pipeline.config import ExtractConfig
-from pipeline.contributions import kl_drops, layer_contributions, next_token_loss, spearman
-from pipeline.depth import early_exit_of, frequency_buckets, prediction_depth, prediction_depth_of
+from pipeline.analyses.compare_models import compare_models, comparison_table
+from pipeline.analyses.layer_contributions import kl_drops, layer_contributions, next_token_loss, spearman
+from pipeline.analyses.layer_transfer import layer_transfer
+from pipeline.analyses.prediction_depth import early_exit_of, frequency_buckets, prediction_depth, prediction_depth_of
+from pipeline.analyses.token_categories import categorise, category_table, token_categories
+from pipeline.analyses.translator_anatomy import anatomy_tables, effective_rank, linear_map, translator_anatomy
+from pipeline.config import AnalysesConfig, ExtractConfig
 from pipeline.errors import LenspipeError
 from pipeline.extract import extract
 from pipeline.lenses import make_translator
-from pipeline.transfer import layer_transfer
+
+TAUS = AnalysesConfig().taus
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +68,7 @@ def test_frequency_buckets():
 
 
 def test_prediction_depth_tables(setup, tmp_path):
-    tables = prediction_depth(setup / "tables" / "token_metrics", setup / "train.npz", tmp_path)
+    tables = prediction_depth(setup / "tables" / "token_metrics", setup / "train.npz", tmp_path, taus=TAUS)
     depth, exits = tables["prediction_depth"], tables["early_exit"]
     assert set(depth.lens) == {"logit", "tuned"} and (tmp_path / "prediction_depth.png").stat().st_size > 10_000
     all_ = depth[depth.bucket == "all"]
@@ -79,7 +81,7 @@ def test_prediction_depth_tables(setup, tmp_path):
     for _, g in s.groupby("lens"):  # a higher bar exits later: fewer layers saved
         assert (np.diff(g.layers_saved_frac) <= 1e-12).all()
     with pytest.raises(LenspipeError, match="token_metrics"):
-        prediction_depth(tmp_path / "none", setup / "train.npz", tmp_path)
+        prediction_depth(tmp_path / "none", setup / "train.npz", tmp_path, taus=TAUS)
 
 
 # ------------------------------------------------------------------------ layer contributions
@@ -105,7 +107,8 @@ def test_skipping_a_block_equals_zeroing_its_writes():
 
 def test_layer_contributions_table(setup, tmp_path):
     df = layer_contributions(setup / "tables" / "layer_metrics.parquet", setup / "tables" / "token_metrics",
-                             setup / "model", setup / "test.npz", tmp_path, sample_tokens=32)
+                             setup / "model", setup / "test.npz", tmp_path, translator="affine",
+                             skip_tokens=32)
     assert df.block.tolist() == [0, 1] and sorted(df.rank_lens) == [1, 2] and sorted(df.rank_skip) == [1, 2]
     lm = pd.read_parquet(setup / "tables" / "layer_metrics.parquet")
     tuned = lm[lm.lens == "tuned"].sort_values("layer").kl.to_numpy()
@@ -126,7 +129,8 @@ def test_layer_contributions_skip_and_kl_share_tokens(setup, tmp_path):
     from pipeline.tables import read_provenance
 
     df = layer_contributions(setup / "tables" / "layer_metrics.parquet", setup / "tables" / "token_metrics",
-                             setup / "model", setup / "test.npz", tmp_path, sample_tokens=32)
+                             setup / "model", setup / "test.npz", tmp_path, translator="affine",
+                             skip_tokens=32)
     prov = read_provenance(tmp_path / "layer_contributions.parquet")
     evaluated = read_provenance(setup / "tables" / "layer_metrics.parquet")["evaluated"]
     seqs, split_seqs = prov["sample_sequences"], prov["sample_split_sequences"]
@@ -183,7 +187,7 @@ def test_categorise(text, cat):
 
 
 def test_category_table_invariants(setup, tmp_path):
-    df = token_categories(setup / "tables" / "token_metrics", setup / "model", tmp_path)
+    df = token_categories(setup / "tables" / "token_metrics", setup / "model", tmp_path, translator="affine")
     assert np.allclose(df.kl_gap, df.kl_logit - df.kl_tuned) and df.top1_disagree.between(0, 1).all()
     assert (df.groupby("layer").n.sum() == 8 * 15).all()  # every position with a next token, once per layer
     # a "tuned" lens that is the logit lens: no disagreement, no KL gap
@@ -199,7 +203,7 @@ def test_category_table_invariants(setup, tmp_path):
 
 def test_layer_transfer_diagonal_is_the_tuned_lens(setup, tmp_path):
     df = layer_transfer(setup / "test.zarr", setup / "model", setup / "affine", tmp_path,
-                        sample_tokens=10_000, layer_stride=1)  # every token: comparable to evaluate
+                        transfer_tokens=10_000, transfer_stride=1)  # every token: comparable to evaluate
     assert len(df) == 3 * 2 and (df.kl >= 0).all()
     lm = pd.read_parquet(setup / "tables" / "layer_metrics.parquet")
     for lens, layer_key in (("tuned", lambda j: j), ("logit", lambda j: -1)):

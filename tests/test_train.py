@@ -204,7 +204,7 @@ def test_early_stopping_is_per_layer(tiny_run, tmp_path):
 def test_weight_decay_pulls_every_kind_toward_the_identity(tiny_run):
     # W h + b ("linear") starts at W = I; plain L2 decay would pull W toward 0, away
     # from the logit lens.
-    from pipeline.anatomy import linear_map
+    from pipeline.analyses.translator_anatomy import linear_map
     from pipeline.surgery import load_unembed_head
 
     head = load_unembed_head(tiny_run[1])

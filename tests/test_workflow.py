@@ -76,6 +76,54 @@ def test_schema_violation_is_reported(workdir):
     assert proc.returncode != 0 and "seq_len" in proc.stdout + proc.stderr
 
 
+# ------------------------------------------------------------------------ extending it
+
+#: A translator kind from outside lenspipe: one class, registered by its decorator, in a
+#: module the config lists under ``plugins``. h + b: one learned shift per layer.
+SHIFT_PLUGIN = '''
+import torch
+from torch import nn
+
+from pipeline.lenses import Translator
+from pipeline.translators import translator_kind
+
+
+@translator_kind("shift", linear_map=True)
+class ShiftTranslator(Translator):
+    def __init__(self, d_model):
+        super().__init__(d_model)
+        self.bias = nn.Parameter(torch.zeros(d_model))  # (d,): zero, so it starts as the logit lens
+
+    opts = property(lambda self: {})
+
+    def forward(self, h):
+        return h + self.bias
+
+    def affine_map(self, dtype=None):
+        b = self.bias.detach().to(dtype or self.bias.dtype)
+        return torch.zeros(len(b), len(b), dtype=b.dtype), b
+'''
+
+
+def test_a_kind_registered_by_one_class_trains_evaluates_and_is_analysed_through_the_workflow(workdir):
+    import pandas as pd
+
+    (workdir / "shift_kind.py").write_text(SHIFT_PLUGIN)
+    cfg = workdir / "plugin.yaml"
+    text = (REPO / ".test" / "config.yaml").read_text()
+    cfg.write_text(text.replace("kinds: [affine, scaling]", "kinds: [shift]") + "plugins: [shift_kind.py]\n")
+    targets = ["data/tables/tiny/tiny-txt/layer_metrics.parquet", "data/analyses/tiny/tiny-txt/translator_anatomy.png"]
+    proc = snakemake(workdir, *targets, "--configfile", str(cfg))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    lens = json.loads((workdir / "data/lenses/tiny/tiny-txt/shift/lens.json").read_text())
+    assert lens["kind"] == "shift" and lens["layers"] == [0, 1] and lens["metrics"]["init"] == "identity"
+    assert all(lens["metrics"]["val_kl"][k] < lens["metrics"]["val_kl_init"][k] for k in ("0", "1"))  # it learned
+    metrics = pd.read_parquet(workdir / "data/tables/tiny/tiny-txt/layer_metrics.parquet")
+    assert sorted(metrics[metrics.lens == "tuned"].translator.unique()) == ["shift"]
+    anatomy = pd.read_parquet(workdir / "data/analyses/tiny/tiny-txt/translator_anatomy.parquet")
+    assert (anatomy.kind == "shift").all() and (anatomy.rel_dist_identity == 0).all() and (anatomy.bias_norm > 0).all()
+
+
 # ------------------------------------------------------------------------ reproducibility
 
 def _values(data: Path) -> dict[str, object]:

@@ -18,12 +18,12 @@ import pandas as pd
 import torch
 from torch.nn import functional as F
 
-from .errors import LenspipeError
-from .plots import figure, save
-from .progress import Progress
-from .surgery import find_parts
-from .sampling import spread_sequences, token_index
-from .tables import read_provenance, write_table_df
+from ..errors import LenspipeError
+from ..plots import figure, save
+from ..progress import Progress
+from ..surgery import find_parts
+from ..sampling import spread_sequences, token_index
+from ..tables import read_provenance, write_table_df
 
 log = logging.getLogger(__name__)
 
@@ -65,30 +65,36 @@ def _lens_kl(tokens: pd.DataFrame, lens: str, translator: str, n_layers: int) ->
     return kl.to_numpy(np.float64)
 
 
-def skip_sample(layer_metrics: Path, seq_len: int, sample_tokens: int) -> tuple[list[int], list[int]]:
+def skip_sample(layer_metrics: Path, seq_len: int, skip_tokens: int) -> tuple[list[int], list[int]]:
     """(store, packed-split) indices of the sequences to skip blocks on: whole sequences
     spread over the ones the evaluation used, so KL drops and skip costs share tokens."""
     evaluated = read_provenance(layer_metrics).get("evaluated")
     if not evaluated:
         raise LenspipeError(f"{layer_metrics} does not record which sequences were evaluated (an older "
                             "lenspipe wrote it); re-run the evaluate rule")
-    pick = spread_sequences(len(evaluated["sequences"]), max(1, sample_tokens // seq_len), 0)
+    pick = spread_sequences(len(evaluated["sequences"]), max(1, skip_tokens // seq_len), 0)
     return ([evaluated["sequences"][i] for i in pick], [evaluated["split_sequences"][i] for i in pick])
 
 
+def run(inputs, *, translator: str, skip_tokens: int) -> None:
+    """The rule's job (see pipeline.analyses): the evaluation tables, the model, the evaluated split."""
+    layer_contributions(inputs.need("layer_metrics"), inputs.need("token_metrics"), inputs.need("model_dir"),
+                        inputs.need("split"), inputs.analyses_dir, translator=translator, skip_tokens=skip_tokens)
+
+
 def layer_contributions(layer_metrics: Path, token_dir: Path, model_dir: Path, split: Path, out_dir: Path, *,
-                        translator: str = "affine", sample_tokens: int = 512) -> pd.DataFrame:
+                        translator: str, skip_tokens: int) -> pd.DataFrame:
     """Write layer_contributions.parquet and .png; returns the table.
 
-    KL drops and skip costs are measured on the same ``sample_tokens`` held-out tokens
+    KL drops and skip costs are measured on the same ``skip_tokens`` held-out tokens
     (whole evaluated sequences); ``kl_drop_all`` gives the drops over every evaluated token.
     """
     from transformers import AutoModelForCausalLM
 
-    from .corpus import load_split
+    from ..corpus import load_split
 
     packed = load_split(split)
-    store_seqs, split_seqs = skip_sample(layer_metrics, packed.tokens.shape[1], sample_tokens)
+    store_seqs, split_seqs = skip_sample(layer_metrics, packed.tokens.shape[1], skip_tokens)
     tokens = pd.read_parquet(token_dir, columns=["lens", "translator", "layer", "token_index", "kl"])
     tokens = tokens[tokens.token_index.isin(token_index(store_seqs, packed.tokens.shape[1]))]
     tokens = tokens.astype({"lens": str, "translator": str, "kl": np.float64})

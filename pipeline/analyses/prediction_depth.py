@@ -21,13 +21,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .errors import LenspipeError
-from .plots import figure, save
-from .tables import write_table_df
+from ..errors import LenspipeError
+from ..plots import figure, save
+from ..tables import write_table_df
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TAUS = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
 #: Token-frequency buckets by rank of the token id in the training split.
 BUCKETS = ((10, "top 10"), (100, "top 11-100"), (1_000, "top 101-1k"), (10_000, "top 1k-10k"))
 RARE = "rarer or unseen"
@@ -87,9 +86,14 @@ def read_token_table(token_dir: Path) -> tuple[pd.DataFrame, torch.Tensor, int, 
     return tokens, torch.from_numpy(model.top1_id.to_numpy().copy()), n_layers, model.next_token_id.to_numpy()
 
 
-def prediction_depth(token_dir: Path, train_split: Path, out_dir: Path, taus=DEFAULT_TAUS) -> dict[str, pd.DataFrame]:
+def run(inputs, *, taus: list[float]) -> None:
+    """The rule's job (see pipeline.analyses): the token table and the train split of one run."""
+    prediction_depth(inputs.need("token_metrics"), inputs.need("split", split="train"), inputs.analyses_dir, taus=taus)
+
+
+def prediction_depth(token_dir: Path, train_split: Path, out_dir: Path, *, taus: list[float]) -> dict[str, pd.DataFrame]:
     """Write prediction_depth.parquet, early_exit.parquet and prediction_depth.png."""
-    from .corpus import load_split
+    from ..corpus import load_split
 
     tokens, final, n_layers, _ = read_token_table(token_dir)
     buckets = frequency_buckets(final.numpy(), load_split(train_split).tokens)

@@ -17,11 +17,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import translators as kinds
-from .errors import LenspipeError
-from .lenses import Translator
-from .plots import figure, save
-from .tables import write_table_df
+from .. import translators as kinds
+from ..errors import LenspipeError
+from ..lenses import Translator, TunedLens
+from ..plots import figure, save
+from ..tables import write_table_df
 
 
 def linear_map(t: Translator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,10 +65,13 @@ def anatomy_tables(translators: dict[int, Translator]) -> tuple[pd.DataFrame, pd
     return df, pd.DataFrame(spectra)
 
 
+def run(inputs, *, translator: str) -> None:
+    """The rule's job (see pipeline.analyses): the analysed lens of one run."""
+    translator_anatomy(inputs.need("lens", kind=translator), inputs.need("model_dir"), inputs.analyses_dir)
+
+
 def translator_anatomy(lens_dir: Path, model_dir: Path, out_dir: Path) -> pd.DataFrame:
     """Write translator_anatomy.parquet, translator_spectra.parquet and translator_anatomy.png."""
-    from .lenses import TunedLens
-
     lens = TunedLens.load(lens_dir, model_dir=model_dir)
     df, spectra = anatomy_tables({int(k): t for k, t in lens.translators.items()})
     prov = {"analysis": "translator_anatomy", "lens": str(lens_dir)}
@@ -96,7 +99,9 @@ def plot_anatomy(df: pd.DataFrame, spectra: pd.DataFrame, path: Path) -> None:
     save(fig, path, axes)
 
 
-def summary(df: pd.DataFrame) -> str:
+def summary(df: pd.DataFrame, spectra: pd.DataFrame) -> str:
+    """One sentence from the per-layer table (it holds each layer's extreme singular values,
+    so the full spectra add nothing to it)."""
     far = df.loc[df.rel_dist_identity.idxmax()]
     return (f"translators move furthest from the identity at layer {int(far.layer)} "
             f"(relative distance {far.rel_dist_identity:.2f}) and least at layer "

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .plots import figure, save
-from .tables import write_table_df
+from ..plots import figure, save
+from ..tables import write_table_df
 
 COLUMNS = ["model", "revision", "corpus", "split", "lens", "translator", "layer", "depth", "n_layers",
            "kl", "ce", "acc", "agree_top1", "kl_bpb"]
@@ -24,6 +24,11 @@ def comparison_table(frames: list[pd.DataFrame]) -> pd.DataFrame:
         n_layers = int(df.layer.max()) if (df.lens == "model").any() else int(df.layer.max()) + 1
         out.append(df[df.lens != "model"].assign(n_layers=n_layers)[COLUMNS])
     return pd.concat(out, ignore_index=True)
+
+
+def run(inputs) -> None:
+    """The rule's job (see pipeline.analyses): every run's layer_metrics table."""
+    compare_models([inputs.need("layer_metrics", model=m, corpus=c) for m, c in inputs.runs], inputs.analyses_dir)
 
 
 def compare_models(layer_metrics: list[Path], out_dir: Path) -> pd.DataFrame:

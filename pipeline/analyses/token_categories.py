@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .depth import read_token_table
-from .plots import figure, save
-from .tables import write_table_df
+from .prediction_depth import read_token_table
+from ..plots import figure, save
+from ..tables import write_table_df
 
 CATEGORIES = ("whitespace", "punctuation", "number", "all caps", "word start", "word piece", "other")
 
@@ -38,7 +38,12 @@ def categorise(text: str) -> str:
     return "other"
 
 
-def token_categories(token_dir: Path, model_dir: Path, out_dir: Path, *, translator: str = "affine") -> pd.DataFrame:
+def run(inputs, *, translator: str) -> None:
+    """The rule's job (see pipeline.analyses): the token table of one run and its tokenizer."""
+    token_categories(inputs.need("token_metrics"), inputs.need("model_dir"), inputs.analyses_dir, translator=translator)
+
+
+def token_categories(token_dir: Path, model_dir: Path, out_dir: Path, *, translator: str) -> pd.DataFrame:
     """Write token_categories.parquet and .png; returns the table."""
     from transformers import AutoTokenizer
 

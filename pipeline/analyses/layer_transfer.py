@@ -15,14 +15,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .errors import LenspipeError
-from .lenses import LogitLens, TunedLens
-from .metrics import kl_div, log_probs
-from .plots import figure, save
-from .progress import Progress
-from .store.reader import open_store
-from .surgery import load_unembed_head
-from .tables import write_table_df
+from ..errors import LenspipeError
+from ..lenses import LogitLens, TunedLens
+from ..metrics import kl_div, log_probs
+from ..plots import figure, save
+from ..progress import Progress
+from ..store.reader import open_store
+from ..surgery import load_unembed_head
+from ..tables import write_table_df
 
 
 @torch.no_grad()
@@ -44,16 +44,23 @@ def transfer_matrix(lens: TunedLens, hidden: dict[int, torch.Tensor], final_logp
     return pd.DataFrame(rows)
 
 
+def run(inputs, *, translator: str, transfer_tokens: int, transfer_stride: int) -> None:
+    """The rule's job (see pipeline.analyses): the evaluated split's store and the analysed lens."""
+    layer_transfer(inputs.need("store"), inputs.need("model_dir"), inputs.need("lens", kind=translator),
+                   inputs.analyses_dir, transfer_tokens=transfer_tokens, transfer_stride=transfer_stride)
+
+
 def layer_transfer(store_path: Path, model_dir: Path, lens_dir: Path, out_dir: Path, *,
-                   sample_tokens: int = 256, layer_stride: int = 1) -> pd.DataFrame:
-    """Write layer_transfer.parquet and .png; returns the table."""
+                   transfer_tokens: int, transfer_stride: int) -> pd.DataFrame:
+    """Write layer_transfer.parquet and .png; returns the table: ``transfer_tokens`` tokens
+    spread over the store, every ``transfer_stride``-th translator and hidden layer."""
     store = open_store(store_path)
     head = load_unembed_head(model_dir)
     lens = TunedLens.load(lens_dir, head=head, model_dir=model_dir).eval()
-    layers = [layer for layer in lens.layers[::layer_stride]]
+    layers = [layer for layer in lens.layers[::transfer_stride]]
     if not layers:
         raise LenspipeError(f"the lens at {lens_dir} has no translators")
-    n = min(sample_tokens, store.n_tokens)
+    n = min(transfer_tokens, store.n_tokens)
     # evenly spaced tokens across the store (whole-store reads would cost more than this needs)
     idx = np.linspace(0, store.n_tokens - 1, n).astype(int)
     start, stop = int(idx[0]), int(idx[-1]) + 1
@@ -66,7 +73,7 @@ def layer_transfer(store_path: Path, model_dir: Path, lens_dir: Path, out_dir: P
     df["sample_tokens"], df["translator"] = n, lens.kind
     write_table_df(df, Path(out_dir) / "layer_transfer.parquet",
                    {"analysis": "layer_transfer", "store": str(store_path), "lens": str(lens_dir),
-                    "layer_stride": layer_stride})
+                    "layer_stride": transfer_stride})
     plot_transfer(df, Path(out_dir) / "layer_transfer.png")
     return df
 

@@ -1,0 +1,78 @@
+"""The analyses, and the one table of them that the workflow, the CLI and the report read.
+
+Each analysis is a rule (``rules/analyses.smk``), a ``lenspipe`` subcommand (the rule's
+name with dashes) and a module ``pipeline.analyses.<rule>`` holding
+
+- ``<rule>(...)``: the library function, which writes the analysis's tables
+  (``<table>.parquet``) and its figure (``<rule>.png``);
+- ``run(artifacts, **settings)``: the job of the rule and of the subcommand: it takes
+  its inputs from a :class:`pipeline.paths.Artifacts` (one run of the config, or all of
+  them) and its settings (``analyses.*`` of the config) by name;
+- ``summary(*tables)``: the report's sentence, from its tables in ``tables`` order.
+
+A new analysis: its module, its test, one entry in :data:`ANALYSES` and one rule.
+
+- ``prediction_depth``     where each lens settles on the model's top-1; early exit
+- ``layer_contributions``  each block's KL drop under the tuned lens vs the cost of skipping it
+- ``translator_anatomy``   each translator as h -> A h + b: distance from I, spectrum, bias
+- ``token_categories``     logit vs tuned lens by category of the token to predict
+- ``layer_transfer``       translator i on the hidden states of layer j
+- ``compare_models``       every run of the config on a normalised depth axis
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Analysis:
+    rule: str
+    """The rule, the module ``pipeline.analyses.<rule>``, its function and its figure."""
+    tables: tuple[str, ...]
+    """The tables it writes (``<table>.parquet``), in the order ``summary`` takes them."""
+    title: str
+    """Its section title in the report."""
+    settings: tuple[str, ...] = ()
+    """The ``analyses`` config fields ``run`` takes: its rule re-runs when one changes."""
+    per_run: bool = True
+    """One job per (model, corpus) run, or one job across all runs of the config."""
+
+    @property
+    def command(self) -> str:
+        return self.rule.replace("_", "-")
+
+    def module(self):
+        return importlib.import_module(f"{__name__}.{self.rule}")
+
+    def outputs(self, analyses_dir: str | Path) -> list[str]:
+        """Its tables and figure under an analyses directory (or a pattern of one)."""
+        return [f"{analyses_dir}/{t}.parquet" for t in self.tables] + [f"{analyses_dir}/{self.rule}.png"]
+
+    def settings_of(self, analyses_cfg) -> dict[str, Any]:
+        """Its settings, read from an AnalysesConfig."""
+        return {name: getattr(analyses_cfg, name) for name in self.settings}
+
+    def run(self, artifacts, settings: dict[str, Any]) -> None:
+        self.module().run(artifacts, **settings)
+
+    def summary(self, analyses_dir: Path) -> str:
+        import pandas as pd
+
+        return self.module().summary(*(pd.read_parquet(Path(analyses_dir) / f"{t}.parquet") for t in self.tables))
+
+
+ANALYSES = (
+    Analysis("prediction_depth", ("prediction_depth", "early_exit"), "prediction depth and early exit", ("taus",)),
+    Analysis("layer_contributions", ("layer_contributions",), "layer contributions", ("translator", "skip_tokens")),
+    Analysis("translator_anatomy", ("translator_anatomy", "translator_spectra"), "translator anatomy",
+             ("translator",)),
+    Analysis("token_categories", ("token_categories",), "token categories", ("translator",)),
+    Analysis("layer_transfer", ("layer_transfer",), "layer transfer",
+             ("translator", "transfer_tokens", "transfer_stride")),
+    Analysis("compare_models", ("compare_models",), "Across models and checkpoints", per_run=False),
+)
+BY_RULE = {a.rule: a for a in ANALYSES}

@@ -1,0 +1,117 @@
+# The analyses (pipeline/analyses/): the inputs each reads, its threads and resources.
+# Every one runs stages/analysis.py, which calls pipeline.analyses.<rule>.run with the
+# rule's artifacts and its settings from the config; the outputs are the registry's.
+
+rule prediction_depth:
+    input:
+        tables=P(paths.LAYER_METRICS),
+        train_split=P(paths.CORPUS_SPLIT, split="train"),
+    output:
+        analysis_outputs("prediction_depth"),
+    params:
+        **analysis_params("prediction_depth"),
+    log:
+        log_of("prediction_depth", "{model}-{corpus}"),
+    threads: 1
+    resources:
+        **SMALL,
+    conda:
+        ENV
+    script:
+        "../stages/analysis.py"
+
+
+rule layer_contributions:
+    input:
+        tables=P(paths.LAYER_METRICS),
+        model=P(paths.MODEL_MARKER),
+        split=P(paths.CORPUS_SPLIT, split=EVAL_SPLIT),
+    output:
+        analysis_outputs("layer_contributions"),
+    params:
+        **analysis_params("layer_contributions"),
+    log:
+        log_of("layer_contributions", "{model}-{corpus}"),
+    threads: 2
+    resources:
+        **MEDIUM,
+    conda:
+        ENV
+    script:
+        "../stages/analysis.py"
+
+
+rule translator_anatomy:
+    input:
+        lens=P(paths.LENS_META, kind=CFG.analyses.translator),
+        model=P(paths.MODEL_MARKER),
+    output:
+        analysis_outputs("translator_anatomy"),
+    params:
+        **analysis_params("translator_anatomy"),
+    log:
+        log_of("translator_anatomy", "{model}-{corpus}"),
+    threads: 2
+    resources:
+        **SMALL,
+    conda:
+        ENV
+    script:
+        "../stages/analysis.py"
+
+
+rule token_categories:
+    input:
+        tables=P(paths.LAYER_METRICS),
+        model=P(paths.MODEL_MARKER),
+    output:
+        analysis_outputs("token_categories"),
+    params:
+        **analysis_params("token_categories"),
+    log:
+        log_of("token_categories", "{model}-{corpus}"),
+    threads: 1
+    resources:
+        **SMALL,
+    conda:
+        ENV
+    script:
+        "../stages/analysis.py"
+
+
+rule layer_transfer:
+    input:
+        store=P(paths.STORE_DONE, split=EVAL_SPLIT),
+        lens=P(paths.LENS_META, kind=CFG.analyses.translator),
+        model=P(paths.MODEL_MARKER),
+    output:
+        analysis_outputs("layer_transfer"),
+    params:
+        **analysis_params("layer_transfer"),
+    log:
+        log_of("layer_transfer", "{model}-{corpus}"),
+    threads: 2
+    resources:
+        **MEDIUM,
+    conda:
+        ENV
+    script:
+        "../stages/analysis.py"
+
+
+rule compare_models:
+    input:
+        expand(P(paths.LAYER_METRICS), model=MODELS, corpus=CORPORA),
+    output:
+        analysis_outputs("compare_models"),
+    params:
+        **analysis_params("compare_models"),
+    log:
+        log_of("compare_models", "all"),
+    threads: 1
+    resources:
+        **SMALL,
+    conda:
+        ENV
+    script:
+        "../stages/analysis.py"

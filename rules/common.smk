@@ -1,0 +1,84 @@
+# What every file of rules/ shares: the config (parsed once, checked at start), path filling and
+# the defaults for threads, resources and software. No rules here (snakemake --lint).
+import os
+import sys
+
+from pipeline import paths, translators
+from pipeline.analyses import BY_RULE
+from pipeline.config import SPLITS
+from pipeline.paths import Artifacts
+from pipeline.workflow import section
+
+
+def checked_config():
+    """The typed config. A mistake is one message and exit status 2 before any job (-n too)."""
+    from pipeline.errors import ConfigError
+    from pipeline.workflow import check_workflow_config
+
+    try:
+        return check_workflow_config(config, os.path.join(workflow.basedir, "config", "schema.yaml"))
+    except ConfigError as e:
+        files = ", ".join(map(str, workflow.configfiles)) or "config/config.yaml"
+        print(f"lenspipe: error: config ({files}): {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+CFG = checked_config()
+DATA = str(CFG.data_dir)
+MODELS, CORPORA, KINDS = list(CFG.models), list(CFG.corpora), CFG.train.kinds
+EVAL_SPLIT = CFG.evaluate.split
+
+# Every rule's software, and its resources by size of job (mem_mb in MB; runtime in minutes,
+# ~10x what the default config takes on 2 CPU cores). gpu: 0 lets a profile give one to a
+# GPU stage (profiles/slurm). Threads are each rule's own: 2 where torch computes.
+ENV = "../envs/lenspipe.yaml"
+SMALL = dict(mem_mb=4000, runtime=30)
+MEDIUM = dict(mem_mb=6000, runtime=60)
+LARGE = dict(mem_mb=8000, runtime=240, gpu=0)
+
+wildcard_constraints:
+    model="[A-Za-z0-9._-]+",
+    corpus="[A-Za-z0-9._-]+",
+    split="|".join(SPLITS),
+    kind="|".join(translators.names()),
+    group=r"\d+",
+    part=r"\d+",
+
+
+def P(pattern, **kw):
+    return paths.fill(pattern, data_dir=DATA, **kw)
+
+
+def log_of(rule, name):
+    return P(paths.LOG, rule=rule, name=name)
+
+
+def parent_of_input(name):
+    """A directory param derived from an input file (so it can never disagree with it)."""
+    return lambda w, input: os.path.dirname(input[name])
+
+
+def parent_of_output(name):
+    return lambda w, output: os.path.dirname(output[name])
+
+
+def run_artifacts(w):
+    """The artifacts of the job's (model, corpus) run (pipeline.paths.Artifacts)."""
+    return Artifacts.of(CFG, w.model, w.corpus)
+
+
+def analysis_outputs(rule):
+    a = BY_RULE[rule]
+    return a.outputs(P(paths.ANALYSES_DIR if a.per_run else paths.ANALYSES_ROOT))
+
+
+def analysis_params(rule):
+    """What stages/analysis.py hands to pipeline.analyses.<rule>.run."""
+    a = BY_RULE[rule]
+    return dict(artifacts=run_artifacts if a.per_run else Artifacts.of(CFG), settings=a.settings_of(CFG.analyses))
+
+
+def all_analyses(w=None):
+    if not CFG.analyses.enabled:
+        return []
+    return [f for a in BY_RULE.values() for f in expand(analysis_outputs(a.rule), model=MODELS, corpus=CORPORA)]

@@ -1,0 +1,40 @@
+# A model as a local Hugging Face directory; a corpus split, tokenized and packed.
+
+rule prepare_model:
+    output:
+        marker=P(paths.MODEL_MARKER),
+    params:
+        model=lambda w: section(CFG.models[w.model]),
+        model_dir=parent_of_output("marker"),
+        cache_dir=P(paths.CACHE_DIR),
+    log:
+        log_of("prepare_model", "{model}"),
+    threads: 2
+    resources:
+        **SMALL,
+    conda:
+        ENV
+    script:
+        "../stages/prepare_model.py"
+
+
+rule prepare_corpus:
+    input:
+        model=P(paths.MODEL_MARKER),
+    output:
+        splits=expand(P(paths.CORPUS_SPLIT, split="{split}"), split=SPLITS, allow_missing=True),
+        manifest=P(paths.CORPUS_MANIFEST),
+    params:
+        corpus=lambda w: section(CFG.corpora[w.corpus]),
+        model_dir=parent_of_input("model"),
+        out_dir=P(paths.CORPUS_DIR),
+        cache_dir=P(paths.CACHE_DIR),
+    log:
+        log_of("prepare_corpus", "{corpus}-{model}"),
+    threads: 1
+    resources:
+        **SMALL,
+    conda:
+        ENV
+    script:
+        "../stages/prepare_corpus.py"
