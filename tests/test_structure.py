@@ -124,3 +124,38 @@ def test_every_registered_kind_is_what_the_registry_says():
         else:
             with pytest.raises(LenspipeError, match="least-squares"):
                 t.set_affine_map(torch.eye(4), torch.zeros(4))
+
+
+def test_the_package_docstrings_name_every_module():
+    """pipeline/__init__.py names each top-level module and subpackage; a subpackage's
+    __init__ names each of its modules (a new module is listed where a reader looks first)."""
+    import importlib
+
+    for package in [PACKAGE, *[p for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()]]:
+        doc = importlib.import_module(".".join(package.relative_to(REPO).parts)).__doc__
+        listed = {line.split("``")[1] for line in doc.splitlines() if line.startswith("- ``")}
+        present = {p.stem for p in package.glob("*.py") if p.stem != "__init__"}
+        present |= {p.name for p in package.iterdir() if (p / "__init__.py").is_file()}
+        assert listed == present, (package.name, sorted(present - listed), sorted(listed - present))
+
+
+# ------------------------------------------------------------------------ one table of analyses
+
+def test_each_analysis_has_its_rule_module_function_run_and_summary():
+    import dataclasses
+    import inspect
+    import re
+
+    from pipeline.analyses import ANALYSES
+    from pipeline.config import AnalysesConfig
+
+    rules = re.findall(r"^rule (\w+):", (REPO / "rules" / "analyses.smk").read_text(), flags=re.M)
+    assert rules == [a.rule for a in ANALYSES]  # one rule each, in the registry's order
+    fields = {f.name for f in dataclasses.fields(AnalysesConfig)}
+    for a in ANALYSES:
+        module = a.module()
+        assert callable(getattr(module, a.rule)) and callable(module.summary), a.rule
+        run = inspect.signature(module.run).parameters
+        assert [p for p in run if run[p].kind is inspect.Parameter.KEYWORD_ONLY] == list(a.settings), a.rule
+        assert set(a.settings) <= fields, a.rule
+        assert len(inspect.signature(module.summary).parameters) == len(a.tables), a.rule

@@ -3,12 +3,12 @@
 Each analysis is a rule (``rules/analyses.smk``), a ``lenspipe`` subcommand (the rule's
 name with dashes) and a module ``pipeline.analyses.<rule>`` holding
 
-- ``<rule>(...)``: the library function, which writes the analysis's tables
-  (``<table>.parquet``) and its figure (``<rule>.png``);
-- ``run(artifacts, **settings)``: the job of the rule and of the subcommand: it takes
-  its inputs from a :class:`pipeline.paths.Artifacts` (one run of the config, or all of
-  them) and its settings (``analyses.*`` of the config) by name;
-- ``summary(*tables)``: the report's sentence, from its tables in ``tables`` order.
+1. ``<rule>(...)``, the library function, which writes the analysis's tables
+   (``<table>.parquet``) and its figure (``<rule>.png``);
+2. ``run(artifacts, **settings)``, the job of the rule and of the subcommand: it takes
+   its inputs from a :class:`pipeline.paths.Artifacts` (one run of the config, or all of
+   them) and its settings (``analyses.*`` of the config) by name;
+3. ``summary(*tables)``, the report's sentence, from its tables in ``tables`` order.
 
 A new analysis: its module, its test, one entry in :data:`ANALYSES` and one rule.
 
