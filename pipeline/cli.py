@@ -44,6 +44,13 @@ def _artifacts(args):
     return cfg, Artifacts.of(cfg, getattr(args, "model", None), getattr(args, "corpus", None))
 
 
+def _one_of(index: int, count: int, option: str, setting: str) -> int:
+    """A --part or --group index, checked against the config's count of them."""
+    if not 0 <= index < count:
+        raise LenspipeError(f"{option} {index}: the config's {setting} is {count}, so it is one of 0..{count - 1}")
+    return index
+
+
 def _print(obj) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
@@ -72,10 +79,7 @@ def _extract(args) -> None:
     from .provenance import write_json_atomic
 
     cfg, a = _artifacts(args)
-    part = {} if args.part is None else {"part": args.part}
-    if args.part is not None and not 0 <= args.part < cfg.extract.parts:
-        raise LenspipeError(f"--part {args.part}: the config's extract.parts is {cfg.extract.parts}, so "
-                            f"parts are 0..{cfg.extract.parts - 1}")
+    part = {} if args.part is None else {"part": _one_of(args.part, cfg.extract.parts, "--part", "extract.parts")}
     store = Path(args.out or a.fill(paths.STORE_PART if part else paths.STORE, split=args.split, **part))
     inputs = (a.need("model_dir"), a.need("split", split=args.split), store, cfg.extract, args.split)
     summary = extract(*inputs) if not part else extract_part(*inputs, args.part)
@@ -89,12 +93,7 @@ def _assemble_store(args) -> None:
     from .store.parts import assemble_store
 
     cfg, a = _artifacts(args)
-    parts = []
-    for i in range(cfg.extract.parts):
-        if not Path(a.fill(paths.STORE_PART_DONE, split=args.split, part=i)).exists():
-            raise LenspipeError(f"part {i} of {cfg.extract.parts} is not extracted yet: run `lenspipe extract "
-                                f"--model {args.model} --corpus {args.corpus} --split {args.split} --part {i}`")
-        parts.append(Path(a.fill(paths.STORE_PART, split=args.split, part=i)))
+    parts = [a.need("store_part", split=args.split, part=i) for i in range(cfg.extract.parts)]
     summary = assemble_store(parts, Path(a.fill(paths.STORE, split=args.split)))
     write_json_atomic(a.fill(paths.STORE_DONE, split=args.split), summary)
     _print(summary)
@@ -105,9 +104,8 @@ def _assemble_store(args) -> None:
 def _train(args) -> None:
     from dataclasses import replace
 
-    from .train import train, train_group
-
     from . import translators
+    from .train import train, train_group
 
     cfg, a = _artifacts(args)
     translators.get(args.kind)  # an unknown kind is named (the config's plugins are loaded: theirs count)
@@ -116,11 +114,9 @@ def _train(args) -> None:
     if args.group is None:
         metrics = train(*stores, Path(a.fill(paths.LENS_DIR, kind=args.kind)), train_cfg, args.kind)
     else:
-        if not 0 <= args.group < cfg.train.layer_groups:
-            raise LenspipeError(f"--group {args.group}: the config's train.layer_groups is "
-                                f"{cfg.train.layer_groups}, so groups are 0..{cfg.train.layer_groups - 1}")
-        out = Path(a.fill(paths.LENS_GROUP_DIR, kind=args.kind, group=args.group))
-        metrics = train_group(*stores, out, train_cfg, args.kind, args.group)
+        group = _one_of(args.group, cfg.train.layer_groups, "--group", "train.layer_groups")
+        out = Path(a.fill(paths.LENS_GROUP_DIR, kind=args.kind, group=group))
+        metrics = train_group(*stores, out, train_cfg, args.kind, group)
     _print({k: metrics[k] for k in ("val_kl", "val_kl_logit_lens", "steps", "seconds", "init")})
 
 
@@ -128,12 +124,7 @@ def _merge_lens(args) -> None:
     from .merge import merge_lens
 
     cfg, a = _artifacts(args)
-    groups = []
-    for g in range(cfg.train.layer_groups):
-        if not Path(a.fill(paths.LENS_GROUP_META, kind=args.kind, group=g)).exists():
-            raise LenspipeError(f"layer group {g} of {cfg.train.layer_groups} is not trained yet: run `lenspipe "
-                                f"train --model {args.model} --corpus {args.corpus} --kind {args.kind} --group {g}`")
-        groups.append(Path(a.fill(paths.LENS_GROUP_DIR, kind=args.kind, group=g)))
+    groups = [a.need("lens_group", kind=args.kind, group=g) for g in range(cfg.train.layer_groups)]
     lens = merge_lens(groups, a.need("model_dir"), Path(a.fill(paths.LENS_DIR, kind=args.kind)))
     _print({"lens": a.fill(paths.LENS_DIR, kind=args.kind), "layers": lens.layers})
 

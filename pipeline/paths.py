@@ -54,7 +54,11 @@ INPUTS = {
     "model_dir": (MODEL_DIR, MODEL_MARKER, "lenspipe prepare-model --model {model}"),
     "split": (CORPUS_SPLIT, CORPUS_SPLIT, "lenspipe prepare-corpus --model {model} --corpus {corpus}"),
     "store": (STORE, STORE, "lenspipe extract --model {model} --corpus {corpus} --split {split}"),
+    "store_part": (STORE_PART, STORE_PART_DONE,
+                   "lenspipe extract --model {model} --corpus {corpus} --split {split} --part {part}"),
     "lens": (LENS_DIR, LENS_META, "lenspipe train --model {model} --corpus {corpus} --kind {kind}"),
+    "lens_group": (LENS_GROUP_DIR, LENS_GROUP_META,
+                   "lenspipe train --model {model} --corpus {corpus} --kind {kind} --group {group}"),
     "layer_metrics": (LAYER_METRICS, LAYER_METRICS, "lenspipe evaluate --model {model} --corpus {corpus}"),
     "calibration": (CALIBRATION, CALIBRATION, "lenspipe evaluate --model {model} --corpus {corpus}"),
     "token_metrics": (TOKEN_METRICS, TOKEN_METRICS, "lenspipe evaluate --model {model} --corpus {corpus} "

@@ -57,7 +57,7 @@ def test_every_rule_has_a_subcommand_and_every_subcommand_an_example(tmp_path, c
     (["layer-transfer", "--model", "tiny", "--corpus", "tiny-txt"], "no store at data/stores/tiny/tiny-txt/test.zarr"),
     (["report"], "no layer metrics at data/tables/tiny/tiny-txt/layer_metrics.parquet: run `lenspipe evaluate"),
     (["extract", "--model", "tiny", "--corpus", "tiny-txt", "--split", "test", "--part", "3"],
-     "--part 3: the config's extract.parts is 1, so parts are 0..0"),
+     "--part 3: the config's extract.parts is 1, so it is one of 0..0"),
     (["trajectory", "--model", "tiny", "--lens", "data", "some text"], "no model dir at data/models/tiny"),
     (["verify", "nowhere.zarr"], "no activation store at"),
 ])
