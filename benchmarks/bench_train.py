@@ -42,7 +42,7 @@ STORES = ROOT / "data/stores/smollm2-135m/shakespeare"
 
 
 class NoValidation:
-    def kl(self, lens):  # validation is off in this benchmark
+    def kl(self, lens, layers=None):  # validation is off in this benchmark
         return {}
 
 
@@ -55,7 +55,7 @@ def training_rate(head, store, layers, cfg: TrainConfig, device=torch.device("cp
     """Token-layers/s of the real training loop (no setup, no validation)."""
     lens = TunedLens.create(head, "affine", d_model=store.d_model, n_layers=store.n_layers,
                             model_info={}, layers=layers).to(device)
-    opt, sched = make_optimizer(list(lens.translators.parameters()), cfg)
+    opt, sched = make_optimizer(lens, cfg)
     _sync(device)
     t0 = time.perf_counter()
     run_training(lens, store, NoValidation(), cfg, TrainState(), opt, sched, (Path("/dev/null"), ""), device)

@@ -52,18 +52,26 @@ def main() -> None:
     head = load_unembed_head(model_dir).double()
     tuned = TunedLens.load(lens_dir, head=head, model_dir=model_dir).double().eval()
     lenses = {"tuned": tuned, "logit": LogitLens(head)}
-    meta = json.loads((lens_dir / "lens.json").read_text())["metrics"]
+    lens_json = json.loads((lens_dir / "lens.json").read_text())
+    meta = lens_json["metrics"]
     val_store = open_store(data / f"stores/{RUN}/validation.zarr")
+    # lenses from before the sequences were recorded validated on the store's first tokens
+    val_seqs = meta.get("val_sequences") or list(range(lens_json["training_config"]["val_tokens"]
+                                                        // val_store.seq_len))
     err_val = 0.0
     print("validation KL (lens.json vs float64)")
     for layer in layers:
-        exact = mean_kl64(tuned, val_store, meta["val_sequences"], layer)
+        exact = mean_kl64(tuned, val_store, val_seqs, layer)
         got = meta["val_kl"][str(layer)]
         err_val = max(err_val, abs(got - exact))
         print(f"  layer {layer:2d}: recorded {got:.6f}  float64 {exact:.6f}  diff {got - exact:+.2e}")
     tables = data / f"tables/{RUN}/layer_metrics.parquet"
-    lm, ev = pd.read_parquet(tables), read_provenance(tables)["evaluated"]
+    lm, prov = pd.read_parquet(tables), read_provenance(tables)
     test_store = open_store(data / f"stores/{RUN}/test.zarr")
+    # tables from before the sample was recorded evaluated the store's first max_tokens
+    ev = prov.get("evaluated") or {"sequences": list(range(prov["evaluate_config"]["max_tokens"] // test_store.seq_len)),
+                                   "documents": "the store's first sequences"}
+    ev["n_tokens"] = len(ev["sequences"]) * test_store.seq_len
     err_eval = 0.0
     print(f"evaluation KL (layer_metrics vs float64, {ev['n_tokens']} tokens: {ev['documents']})")
     for name, lens in lenses.items():

@@ -63,6 +63,16 @@ def one_run(out: Path, layers: list[int], threads: int, loaded: bool) -> dict:
             "threads": threads, "loaded": loaded}
 
 
+def difference(tmp: Path, i: int, r: dict, ref: dict) -> str:
+    """How far run ``i`` is from run 0: max |dW| relative to max |W|, max |d val_kl|."""
+    from safetensors.torch import load_file
+
+    w, w0 = (load_file(tmp / f"run{j}" / "translators.safetensors") for j in (i, 0))
+    rel = max(float((w[k] - w0[k]).abs().max() / w0[k].abs().max().clamp_min(1e-30)) for k in w0)
+    dkl = max(abs(r["val_kl"][k] - ref["val_kl"][k]) for k in ref["val_kl"])
+    return f"max|dW|/max|W| {rel:.1e}, max|d val_kl| {dkl:.1e} nats"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=10, help="runs with 2 threads (the first is the reference)")
@@ -83,7 +93,7 @@ def main() -> None:
             same = r["sha256"] == ref["sha256"] and r["val_kl"] == ref["val_kl"]
             print(f"run {i:2d}  threads={threads} loaded={str(loaded):5s} {r['seconds']:6.1f} s  "
                   f"weights {r['sha256'][:12]}  val_kl[{layers[-1]}]={r['val_kl'][str(layers[-1])]:.10f}  "
-                  f"{'bitwise equal' if same else 'DIFFERS'}", flush=True)
+                  f"{'bitwise equal' if same else 'DIFFERS: ' + difference(Path(tmp), i, r, ref)}", flush=True)
     ref = results[0]
     two = results[:-1]
     equal = sum(r["sha256"] == ref["sha256"] and r["val_kl"] == ref["val_kl"] for r in two)
