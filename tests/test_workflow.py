@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from repro import assert_same_values, values
 from tiny import save_tiny_model_dir
 
 REPO = Path(__file__).resolve().parent.parent
@@ -126,39 +127,6 @@ def test_a_kind_registered_by_one_class_trains_evaluates_and_is_analysed_through
 
 # ------------------------------------------------------------------------ reproducibility
 
-def _values(data: Path) -> dict[str, object]:
-    """Every Parquet table (as a DataFrame) and every lens's translator bytes under ``data``."""
-    import pandas as pd
-    from safetensors.torch import load_file
-
-    out: dict[str, object] = {}
-    for p in sorted(data.rglob("*.parquet")):
-        out[str(p.relative_to(data))] = pd.read_parquet(p)
-    for p in sorted(data.rglob("translators.safetensors")):
-        out[str(p.relative_to(data))] = {k: v.numpy().tobytes() for k, v in load_file(p).items()}
-    return out
-
-
-def assert_same_values(a: dict, b: dict, rtol: float = 0.0) -> int:
-    """Bitwise equality (NaN equals NaN), or within ``rtol``; returns how many values were compared."""
-    import numpy as np
-    import pandas as pd
-
-    assert a.keys() == b.keys()
-    n = 0
-    for k in a:
-        if isinstance(a[k], pd.DataFrame):
-            pd.testing.assert_frame_equal(a[k], b[k], check_exact=not rtol, rtol=rtol or 1e-5, atol=0, obj=k)
-            n += a[k].size
-        else:
-            assert a[k].keys() == b[k].keys(), k
-            for name in a[k]:
-                x, y = (np.frombuffer(v[name], np.float32) for v in (a[k], b[k]))
-                assert (x.tobytes() == y.tobytes()) if not rtol else np.allclose(x, y, rtol=rtol, atol=rtol), (k, name)
-                n += len(x)
-    return n
-
-
 def _check_provenance(data: Path) -> None:
     import json
 
@@ -187,7 +155,7 @@ def test_two_runs_from_scratch_are_bitwise_equal_and_the_seed_matters(tmp_path):
     for w in runs:
         proc = snakemake(w, "data/tables/tiny/tiny-txt/layer_metrics.parquet")  # all but the report
         assert proc.returncode == 0, proc.stderr[-3000:]
-    a, b = (_values(w / "data") for w in runs)
+    a, b = (values(w / "data") for w in runs)
     assert any("token_metrics" in k for k in a) and any("train_log" in k for k in a)
     n = assert_same_values(a, b)
     print(f"bitwise equal: {n} values in {len(a)} tables and lenses")
@@ -199,7 +167,7 @@ def test_two_runs_from_scratch_are_bitwise_equal_and_the_seed_matters(tmp_path):
     lens = "data/lenses/tiny/tiny-txt/affine/lens.json"
     proc = snakemake(runs[1], lens, "--configfile", str(seeded))  # (--configfile takes several values)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    c = _values(runs[1] / "data")
+    c = values(runs[1] / "data")
     key = "lenses/tiny/tiny-txt/affine/translators.safetensors"
     assert a[key].keys() == c[key].keys() and a[key] != c[key]
 
@@ -218,7 +186,7 @@ def test_default_workflow_on_the_real_model_is_reproducible(tmp_path):
     cfg["train"].update(steps=2, val_tokens=256, eval_every=2)
     cfg["evaluate"].update(max_tokens=512, bootstrap=100)
     cfg["report"]["prompts"] = ["The capital of France is"]
-    values = []
+    outputs = []
     for name in ("a", "b"):
         w = tmp_path / name
         (w / "data").mkdir(parents=True)
@@ -228,7 +196,7 @@ def test_default_workflow_on_the_real_model_is_reproducible(tmp_path):
                "--configfile", str(w / "config.yaml"), "--cores", "2"]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        values.append(_values(w / "data"))
+        outputs.append(values(w / "data"))
     # The activation stores are bitwise equal. Downstream, rare run-to-run differences of
     # ~1e-5 relative were seen on a loaded CPU (see README, Reproducibility), so values
     # are compared to 1e-4 here; the tiny-config test above is bitwise.
@@ -236,7 +204,7 @@ def test_default_workflow_on_the_real_model_is_reproducible(tmp_path):
               for n in ("a", "b") for s in ("train", "validation", "test")]
     for x, y in zip(stores[:3], stores[3:]):
         assert torch.equal(x.layers(range(x.n_layers + 1)), y.layers(range(y.n_layers + 1)))
-    assert assert_same_values(*values, rtol=1e-4) > 10_000
+    assert assert_same_values(*outputs, rtol=1e-4) > 10_000
     _check_provenance(tmp_path / "a" / "data")
 
 
