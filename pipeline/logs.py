@@ -36,7 +36,12 @@ def user_errors() -> Iterator[None]:
 
 
 def _report(message: str, code: int) -> None:
-    logging.getLogger("lenspipe").error("%s", message)
+    # Once on stderr; the rule's log file (if any) gets it too, but not a second copy
+    # through the stderr log handler.
+    record = logging.LogRecord("lenspipe", logging.ERROR, __file__, 0, "%s", (message,), None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
     print(f"lenspipe: error: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
 
