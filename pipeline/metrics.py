@@ -288,11 +288,10 @@ def row_dot(a: Tensor, b: Tensor) -> Tensor:
     return (a * b).sum(-1)
 
 
-def target_stats(final_logits: Tensor, logp: Tensor | None = None) -> dict[str, Tensor]:
-    """The model's side of every KL, computed once per batch: its probabilities p (n, vocab),
-    renormalised to sum to 1 (float32 log_softmax alone is off by ~1e-5), and per row
-    sum_v p log p (n,)."""
-    logp = log_probs(final_logits) if logp is None else logp  # (n, vocab)
+def target_stats(logp: Tensor) -> dict[str, Tensor]:
+    """The model's side of every KL from its log-probabilities (n, vocab), computed once
+    per batch: its probabilities p (n, vocab), renormalised to sum to 1 (float32
+    log_softmax alone is off by ~1e-5), and per row sum_v p log p (n,)."""
     p = logp.exp()
     total = p.sum(-1, keepdim=True)  # (n, 1) = 1 + O(1e-5)
     logp = logp - total.log()
@@ -305,7 +304,7 @@ def final_stats(final_logits: Tensor) -> dict[str, Tensor]:
     """What every lens is compared with, computed once per chunk: ``target_stats`` plus the
     model's top-1 ids (n,) (argmax of the log-probabilities: exp can merge near-ties)."""
     logp = log_probs(final_logits)  # (n, vocab)
-    return target_stats(final_logits, logp) | {"top1": logp.argmax(-1)}
+    return target_stats(logp) | {"top1": logp.argmax(-1)}
 
 
 def kl_rows(z: Tensor, lse: Tensor, target: dict[str, Tensor]) -> Tensor:

@@ -82,7 +82,7 @@ class Targets:
 
 @torch.no_grad()
 def targets(head, h_last: torch.Tensor) -> Targets:
-    t = M.target_stats(head(h_last).float())  # (batch, vocab) logits -> p, per-row sum p log p
+    t = M.target_stats(M.log_probs(head(h_last).float()))  # (batch, vocab) -> p, per-row sum p log p
     return Targets(t["p"], t["neg_entropy"])
 
 
