@@ -16,7 +16,7 @@ import argparse
 # measured (benchmarks/RESULTS.md): SmolLM2-135M, H200, bf16 store with zstd-3
 MEASURED = {
     "bytes_per_value": 1.56,          # bf16 + zstd-3 on SmolLM2 activations (CPU bench_extract)
-    "write_gb_s_per_writer": 0.5,     # zarr write path, one process (store_io_bench, disk and RAM alike)
+    "write_gb_s_per_writer": 0.5,     # zarr write path, one process (store_io_bench, now bench_store_io.py; disk and RAM alike)
     "forward_tok_s": 631_579,         # bare forward, batch 64 x 256 (gpu_bench)
     "train_token_layers_s": 198_535,  # lens training, 8,192-token batches (gpu_bench)
     "nonembed_params": 106e6, "d_model": 576, "vocab": 49_152, "n_layers": 30,

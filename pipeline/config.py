@@ -139,7 +139,7 @@ class CorpusConfig:
 
 
 STORE_DTYPES = ("bfloat16", "float16", "float32")
-COMPRESSIONS = ("zstd", "blosc-zstd", "none")
+COMPRESSIONS = ("zstd", "blosc-zstd", "blosc-lz4", "none")
 
 
 @dataclass
@@ -167,7 +167,7 @@ class ExtractConfig:
     chunk_tokens: int = 512
     """Tokens per inner chunk (one layer): the unit a one-layer read decompresses."""
     compression: str = "zstd"
-    """``zstd``, ``blosc-zstd`` (with byte shuffle) or ``none``."""
+    """``zstd``, ``blosc-zstd`` or ``blosc-lz4`` (both with byte shuffle), or ``none``."""
     level: int = 3
     """Compression level."""
 

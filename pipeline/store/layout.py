@@ -40,7 +40,7 @@ H5_META_SHA256 = "lenspipe_meta_sha256"
 
 #: How each storage dtype is held in numpy (bfloat16 as its raw bits).
 STORED_NP = {"bfloat16": np.dtype("uint16"), "float16": np.dtype("float16"), "float32": np.dtype("float32")}
-COMPRESSIONS = ("zstd", "blosc-zstd", "none")
+COMPRESSIONS = ("zstd", "blosc-zstd", "blosc-lz4", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,8 +68,8 @@ class StoreParams:
             raise StoreError(f"store compression {self.compression!r} is not one of {COMPRESSIONS}")
         if self.compression == "zstd" and not 1 <= self.level <= 22:
             raise StoreError(f"zstd level must be 1..22, got {self.level}")
-        if self.compression == "blosc-zstd" and not 0 <= self.level <= 9:
-            raise StoreError(f"blosc-zstd level must be 0..9, got {self.level}")
+        if self.compression.startswith("blosc") and not 0 <= self.level <= 9:
+            raise StoreError(f"{self.compression} level must be 0..9, got {self.level}")
         for name, multiple_of in (("shard_tokens", "chunk_tokens"), ("shard_tokens", "seq_len"),
                                   ("n_tokens", "seq_len")):
             a, b = getattr(self, name), getattr(self, multiple_of)

@@ -73,8 +73,10 @@ def _compressors(compression: str, level: int) -> list | None:
     if compression == "zstd":
         # checksum=True: a corrupt chunk fails loudly on every read, not only under verify.
         return [ZstdCodec(level=level, checksum=True)]
-    if compression == "blosc-zstd":
-        return [BloscCodec(cname="zstd", clevel=level, shuffle="shuffle")]
+    if compression.startswith("blosc-"):
+        # Byte shuffle puts the bf16s' sign/exponent bytes (low entropy) apart from their
+        # mantissa bytes (noise), which is where all the compression comes from.
+        return [BloscCodec(cname=compression.split("-", 1)[1], clevel=level, shuffle="shuffle", typesize=2)]
     return None
 
 
