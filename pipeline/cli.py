@@ -41,6 +41,8 @@ def _config(args):
 
 def _artifacts(args):
     cfg = _config(args)
+    if getattr(args, "model", None) is not None:
+        cfg = cfg.for_model(args.model)  # its own settings (models.<name>.overrides), as the rules do
     return cfg, Artifacts.of(cfg, getattr(args, "model", None), getattr(args, "corpus", None))
 
 

@@ -8,6 +8,7 @@ JSON schema cannot express. Every default is a field's default here, and nowhere
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,23 @@ def _check_embedded(key: str, source: str, available: dict) -> None:
                           f"{', '.join('embedded:' + n for n in sorted(available))}")
 
 
+#: The sections a model's ``overrides`` may change, and the settings of them that may not:
+#: these decide which rules and jobs exist (kinds, parts, groups, the evaluated split, the
+#: analysed lens), so they are one value for the whole workflow.
+OVERRIDABLE = ("extract", "train", "evaluate", "analyses")
+GLOBAL_ONLY = {"extract": ("parts",), "train": ("kinds", "layer_groups"), "evaluate": ("split",),
+               "analyses": ("enabled", "translator")}
+
+
+def _deep_merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``changes`` merged in, recursively for mappings (one split's budget of
+    ``max_tokens`` changes only that split)."""
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 @dataclass
 class ModelConfig:
     name: str
@@ -65,8 +83,22 @@ class ModelConfig:
     checkpoint, for training-dynamics comparisons that must run offline."""
     init_seed: int = 0
     """Seed of the random initialisation (``init: random`` only)."""
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Settings of the ``extract``, ``train``, ``evaluate`` and ``analyses`` sections for this
+    model only, merged over the config's (e.g. smaller token budgets for a model whose
+    vocabulary makes every lens step dearer): ``{train: {steps: 4}}``. Settings that shape
+    the workflow itself (see ``GLOBAL_ONLY``) cannot differ between models."""
 
     def __post_init__(self) -> None:
+        bad = sorted(set(self.overrides) - set(OVERRIDABLE))
+        if bad:
+            raise ConfigError(f"models.{self.name}.overrides: {bad} cannot be set per model; "
+                              f"the sections that can are {list(OVERRIDABLE)}")
+        for section, keys in GLOBAL_ONLY.items():
+            clash = sorted(set(self.overrides.get(section) or {}) & set(keys))
+            if clash:
+                raise ConfigError(f"models.{self.name}.overrides.{section}: {clash} shape the workflow for "
+                                  f"every model and cannot be set per model; set {section}.{clash[0]} instead")
         if self.init not in ("pretrained", "random"):
             raise ConfigError(f"model {self.name!r}: init must be 'pretrained' or 'random', not {self.init!r}")
         if not self.name or "/" in self.name:
@@ -418,6 +450,16 @@ class PipelineConfig:
     """The YAML file this config was loaded from, for messages (None: given as a mapping)."""
 
     def __post_init__(self) -> None:
+        self._check_sections()
+        for name in self.models:  # every model's overrides, at start
+            merged = self.for_model(name)
+            if merged is not self:
+                try:
+                    merged._check_sections()
+                except ConfigError as e:
+                    raise ConfigError(f"models.{name}.overrides: {e}") from None
+
+    def _check_sections(self) -> None:
         if self.analyses.enabled and self.evaluate.token_metrics is False:
             raise ConfigError("the analyses read the per-token table: set evaluate.token_metrics to auto "
                               "or true, or analyses.enabled to false")
@@ -432,6 +474,24 @@ class PipelineConfig:
                               "translator anatomy needs one: set analyses.translator to "
                               f"{' or '.join(linear) or 'a linear kind you train (affine, linear, scaling)'}, "
                               "or analyses.enabled to false")
+
+    def for_model(self, name: str) -> PipelineConfig:
+        """This config as model ``name`` sees it: its ``overrides`` merged over the sections."""
+        overrides = self.model(name).overrides
+        if not overrides:
+            return self
+        changes = {}
+        for key, raw in overrides.items():
+            merged = _deep_merge(dataclasses.asdict(getattr(self, key)), raw or {})
+            try:
+                changes[key] = _from_dict(SECTIONS[key], key, merged)
+            except (ConfigError, TypeError) as e:
+                raise ConfigError(f"models.{name}.overrides.{key}: {e}") from None
+        # A shallow copy, not dataclasses.replace: __post_init__ would check every model again.
+        out = copy.copy(self)
+        for key, value in changes.items():
+            setattr(out, key, value)
+        return out
 
     def model(self, name: str) -> ModelConfig:
         if name not in self.models:

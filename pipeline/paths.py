@@ -63,6 +63,11 @@ INPUTS = {
     "calibration": (CALIBRATION, CALIBRATION, "lenspipe evaluate --model {model} --corpus {corpus}"),
     "token_metrics": (TOKEN_METRICS, TOKEN_METRICS, "lenspipe evaluate --model {model} --corpus {corpus} "
                       "(with evaluate.token_metrics true, or auto and at most 65,536 tokens)"),
+    # per-run analysis tables that compare_models reads across runs
+    "translator_anatomy": (ANALYSES_DIR + "/translator_anatomy.parquet", ANALYSES_DIR + "/translator_anatomy.parquet",
+                           "lenspipe translator-anatomy --model {model} --corpus {corpus}"),
+    "prediction_depth": (ANALYSES_DIR + "/prediction_depth.parquet", ANALYSES_DIR + "/prediction_depth.parquet",
+                         "lenspipe prediction-depth --model {model} --corpus {corpus}"),
 }
 
 

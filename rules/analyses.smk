@@ -101,7 +101,9 @@ rule layer_transfer:
 
 rule compare_models:
     input:
-        expand(P(paths.LAYER_METRICS), model=MODELS, corpus=CORPORA),
+        layer_metrics=expand(P(paths.LAYER_METRICS), model=MODELS, corpus=CORPORA),
+        anatomy=expand(P(paths.ANALYSES_DIR) + "/translator_anatomy.parquet", model=MODELS, corpus=CORPORA),
+        depth=expand(P(paths.ANALYSES_DIR) + "/prediction_depth.parquet", model=MODELS, corpus=CORPORA),
     output:
         analysis_outputs("compare_models"),
     params:

@@ -73,9 +73,19 @@ def analysis_outputs(rule):
 
 
 def analysis_params(rule):
-    """What stages/analysis.py hands to pipeline.analyses.<rule>.run."""
+    """What stages/analysis.py hands to pipeline.analyses.<rule>.run (a run's own settings:
+    its model may override analyses.*)."""
     a = BY_RULE[rule]
-    return dict(artifacts=run_artifacts if a.per_run else Artifacts.of(CFG), settings=a.settings_of(CFG.analyses))
+    if not a.per_run:
+        return dict(artifacts=Artifacts.of(CFG), settings=a.settings_of(CFG.analyses))
+    return dict(artifacts=run_artifacts, settings=lambda w: a.settings_of(CFG.for_model(w.model).analyses))
+
+
+def extract_section(model, split):
+    """What one split's store depends on: the model's extract settings, with its own budget
+    only (not the other splits')."""
+    cfg = CFG.for_model(model).extract
+    return section(cfg, max_tokens={split: cfg.max_tokens.get(split)})
 
 
 def all_analyses(w=None):

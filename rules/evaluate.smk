@@ -15,7 +15,7 @@ rule evaluate:
         lens_dirs=lambda w: {k: P(paths.LENS_DIR, model=w.model, corpus=w.corpus, kind=k) for k in KINDS},
         out_dir=P(paths.TABLES_DIR),
         revision=lambda w: CFG.models[w.model].revision,
-        evaluate=section(CFG.evaluate),
+        evaluate=lambda w: section(CFG.for_model(w.model).evaluate),
     log:
         log_of("evaluate", "{model}-{corpus}"),
     threads: 2

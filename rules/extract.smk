@@ -13,7 +13,7 @@ rule extract:
         model_dir=parent_of_input("model"),
         store=P(paths.STORE),
         # what this split's store depends on: its own budget, not the other splits'
-        extract=lambda w: section(CFG.extract, max_tokens={w.split: CFG.extract.max_tokens.get(w.split)}),
+        extract=lambda w: extract_section(w.model, w.split),
     log:
         log_of("extract", "{model}-{corpus}-{split}"),
     threads: 2

@@ -4,7 +4,8 @@ rule prepare_model:
     output:
         marker=P(paths.MODEL_MARKER),
     params:
-        model=lambda w: section(CFG.models[w.model]),
+        # its overrides shape later stages only: changing them must not re-make the model
+        model=lambda w: section(CFG.models[w.model], overrides={}),
         model_dir=parent_of_output("marker"),
         cache_dir=P(paths.CACHE_DIR),
     log:

@@ -14,7 +14,7 @@ rule train:
         train_store=P(paths.STORE, split="train"),
         val_store=P(paths.STORE, split="validation"),
         lens_dir=P(paths.LENS_DIR),
-        train=lambda w: section(CFG.train, kinds=[w.kind]),  # a new kind retrains no other
+        train=lambda w: section(CFG.for_model(w.model).train, kinds=[w.kind]),  # a new kind retrains no other
     log:
         log_of("train", "{model}-{corpus}-{kind}"),
     threads: 2

@@ -222,3 +222,39 @@ def test_compare_models_concatenates_runs(setup, tmp_path):
     assert set(df.model) == {"tiny", "other"} and "model" not in set(df.lens)
     assert (df.n_layers == 2).all() and np.allclose(df.depth, df.layer / 2)
     assert len(comparison_table([lm])) == len(lm) - 1 and (tmp_path / "compare_models.png").exists()
+    assert pd.read_parquet(tmp_path / "compare_anatomy.parquet").empty  # not given: empty tables
+
+
+def test_compare_models_puts_anatomy_and_prediction_depth_side_by_side(setup, tmp_path):
+    """Two runs of different depth: anatomy and prediction depth on the normalised axis."""
+    from pipeline.analyses.compare_models import summary
+
+    run_a = tmp_path / "a"
+    translator_anatomy(setup / "affine", setup / "model", run_a)
+    prediction_depth(setup / "tables" / "token_metrics", setup / "train.npz", run_a, taus=TAUS)
+    lm = pd.read_parquet(setup / "tables" / "layer_metrics.parquet")
+    # a second "model" with twice the layers: layer l of it is at depth l / 4
+    deep = pd.concat([lm.assign(layer=lm.layer * 2), lm[lm.lens != "model"].assign(layer=lm.layer * 2 + 1)])
+    deep = deep.assign(model="deep", depth=deep.layer / 4)
+    anat = pd.read_parquet(run_a / "translator_anatomy.parquet")
+    anat = pd.concat([anat.assign(layer=anat.layer * 2), anat.assign(layer=anat.layer * 2 + 1)])
+    pdep = pd.read_parquet(run_a / "prediction_depth.parquet")
+    pdep = pdep.assign(depth=pdep.depth * 2, n_layers=4)  # settling layers of a 4-layer model
+    paths = {}
+    for name, df in {"lm": deep, "anat": anat, "pdep": pdep}.items():
+        paths[name] = tmp_path / f"{name}.parquet"
+        df.to_parquet(paths[name])
+    compare_models([setup / "tables" / "layer_metrics.parquet", paths["lm"]], tmp_path / "out",
+                   [run_a / "translator_anatomy.parquet", paths["anat"]],
+                   [run_a / "prediction_depth.parquet", paths["pdep"]])
+    a = pd.read_parquet(tmp_path / "out" / "compare_anatomy.parquet")
+    assert set(a.model) == {"tiny", "deep"} and dict(a.groupby("model").n_layers.first()) == {"deep": 4, "tiny": 2}
+    assert np.allclose(a.depth, a.layer / a.n_layers) and np.allclose(a.effective_rank_frac, a.effective_rank / a.d_model)
+    d = pd.read_parquet(tmp_path / "out" / "compare_depth.parquet")
+    assert np.allclose(d.depth, d.pred_layer / d.n_layers)
+    last = d.sort_values("pred_layer").groupby(["model", "lens", "bucket"]).cum_frac.last()
+    assert np.allclose(last[last > 0], 1.0)  # every token settles somewhere (or never: n_layers)
+    text = summary(*(pd.read_parquet(tmp_path / "out" / f"{t}.parquet")
+                     for t in ("compare_models", "compare_anatomy", "compare_depth")))
+    assert "deep/" in text and "half the tokens settled by depth" in text and "of d_model" in text
+    assert (tmp_path / "out" / "compare_models.png").stat().st_size > 10_000

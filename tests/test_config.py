@@ -52,3 +52,47 @@ def test_schema_rejects_bad_config():
     raw["corpora"]["shakespeare"]["seq_len"] = "long"
     with pytest.raises(WorkflowError, match="seq_len"):
         validate(raw, str(REPO / "config" / "schema.yaml"))
+
+
+def test_two_architectures_config_gives_gemma_its_own_budgets():
+    """config/two-architectures.yaml merged over the default, as Snakemake's --configfile does:
+    SmolLM2 keeps the default settings (a finished `make run` is reused), Gemma gets its own."""
+    from snakemake.utils import update_config
+
+    raw = _raw()
+    update_config(raw, yaml.safe_load((REPO / "config" / "two-architectures.yaml").read_text()))
+    cfg = parse_config(raw)
+    assert list(cfg.models) == ["smollm2-135m", "gemma-3-270m"]
+    assert cfg.for_model("smollm2-135m") is cfg
+    gemma = cfg.for_model("gemma-3-270m")
+    assert gemma.extract.max_tokens == {"train": 8192, "validation": 2048, "test": 2048}
+    assert gemma.train.steps < cfg.train.steps and gemma.evaluate.max_tokens < cfg.evaluate.max_tokens
+    assert gemma.train.kinds == cfg.train.kinds and gemma.train.lr_scale == cfg.train.lr_scale  # the rest is shared
+    assert cfg.extract.max_tokens["train"] == 24576  # the global section is left alone
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"report": {"prompts": ["x"]}}, r"\['report'\] cannot be set per model"),
+    ({"train": {"kinds": ["linear"]}}, r"overrides.train: \['kinds'\] shape the workflow"),
+    ({"evaluate": {"split": "validation"}}, "set evaluate.split instead"),
+    ({"train": {"stepz": 3}}, r"models.m.overrides.train: .*unknown setting\(s\) \['stepz'\]"),
+    ({"train": {"steps": -1}}, "models.m.overrides.train: train.steps must be >= 0"),
+    ({"evaluate": {"token_metrics": False}}, "models.m.overrides: the analyses read the per-token table"),
+])
+def test_bad_model_overrides_are_named(overrides, match):
+    raw = _raw()
+    raw["models"] = {"m": {"source": "embedded:smollm2-135m-instruct", "overrides": overrides}}
+    with pytest.raises(ConfigError, match=match):
+        parse_config(raw)
+
+
+def test_schema_checks_model_overrides():
+    from pipeline.workflow import check_workflow_config
+
+    raw = _raw()
+    raw["models"]["smollm2-135m"]["overrides"] = {"train": {"steps": "many"}}
+    with pytest.raises(ConfigError, match="models.smollm2-135m.overrides.train.steps"):
+        check_workflow_config(raw, REPO / "config" / "schema.yaml")
+    raw["models"]["smollm2-135m"]["overrides"] = {"extract": {"max_tokens": {"test": 512}}}
+    cfg = check_workflow_config(raw, REPO / "config" / "schema.yaml").for_model("smollm2-135m")
+    assert cfg.extract.max_tokens == {"train": 24576, "validation": 4096, "test": 512}  # one split changed

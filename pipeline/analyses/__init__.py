@@ -17,7 +17,8 @@ A new analysis: its module, its test, one entry in :data:`ANALYSES` and one rule
 - ``translator_anatomy``   each translator as h -> A h + b: distance from I, spectrum, bias
 - ``token_categories``     logit vs tuned lens by category of the token to predict
 - ``layer_transfer``       translator i on the hidden states of layer j
-- ``compare_models``       every run of the config on a normalised depth axis
+- ``compare_models``       every run of the config on a normalised depth axis, with its
+                           translator anatomy and prediction depth side by side
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ ANALYSES = (
     Analysis("token_categories", ("token_categories",), "token categories", ("translator",)),
     Analysis("layer_transfer", ("layer_transfer",), "layer transfer",
              ("translator", "transfer_tokens", "transfer_stride")),
-    Analysis("compare_models", ("compare_models",), "Across models and checkpoints", per_run=False),
+    Analysis("compare_models", ("compare_models", "compare_anatomy", "compare_depth"), "Across models and checkpoints",
+             per_run=False),
 )
 BY_RULE = {a.rule: a for a in ANALYSES}

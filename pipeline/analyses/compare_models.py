@@ -2,12 +2,19 @@
 Dynamics"): every run's per-layer curves on a normalised depth axis (layer / n_layers),
 in one table and one figure. A run is one (model, corpus) of the config; a training
 checkpoint is a model entry with a ``revision``.
+
+Beside the per-layer metrics, two per-run analyses are put side by side on the same axis,
+so that models of different depth and width compare directly: translator anatomy
+(distance of each translator from the identity, its effective rank as a fraction of
+d_model) and prediction depth (the fraction of tokens whose lens top-1 has settled on the
+model's final top-1 by each depth).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from ..plots import figure, save
@@ -15,6 +22,10 @@ from ..tables import write_table_df
 
 COLUMNS = ["model", "revision", "corpus", "split", "lens", "translator", "layer", "depth", "n_layers",
            "kl", "ce", "acc", "agree_top1", "kl_bpb"]
+RUN = ["model", "revision", "corpus"]
+ANATOMY_COLUMNS = [*RUN, "kind", "layer", "depth", "n_layers", "d_model", "rel_dist_identity", "effective_rank",
+                   "effective_rank_frac", "bias_norm", "cos_next"]
+DEPTH_COLUMNS = [*RUN, "lens", "translator", "bucket", "pred_layer", "depth", "n_layers", "count", "frac", "cum_frac"]
 
 
 def comparison_table(frames: list[pd.DataFrame]) -> pd.DataFrame:
@@ -26,17 +37,61 @@ def comparison_table(frames: list[pd.DataFrame]) -> pd.DataFrame:
     return pd.concat(out, ignore_index=True)
 
 
+def _identity(metrics: pd.DataFrame) -> dict:
+    """(model, revision, corpus) and n_layers of one run, from its comparison rows."""
+    row = metrics.iloc[0]
+    return {"model": row.model, "revision": row.revision, "corpus": row.corpus, "n_layers": int(row.n_layers)}
+
+
+def anatomy_table(runs: list[pd.DataFrame], anatomy: list[pd.DataFrame]) -> pd.DataFrame:
+    """Every run's translator_anatomy rows on the normalised depth axis (layer / n_layers)."""
+    out = [a.assign(**_identity(m)) for m, a in zip(runs, anatomy)]
+    if not out:
+        return pd.DataFrame(columns=ANATOMY_COLUMNS)
+    df = pd.concat(out, ignore_index=True)
+    df["depth"] = df.layer / df.n_layers
+    df["effective_rank_frac"] = df.effective_rank / df.d_model  # widths differ between models
+    return df[ANATOMY_COLUMNS]
+
+
+def depth_table(runs: list[pd.DataFrame], depth: list[pd.DataFrame]) -> pd.DataFrame:
+    """Every run's prediction_depth rows; ``pred_layer`` is the settling layer (n_layers = never),
+    ``depth`` it over n_layers, ``cum_frac`` the fraction of tokens settled by then."""
+    out = []
+    for m, d in zip(runs, depth):
+        d = d.rename(columns={"depth": "pred_layer"}).drop(columns="n_layers").assign(**_identity(m))
+        d = d.sort_values(["lens", "translator", "bucket", "pred_layer"])
+        d["cum_frac"] = d.groupby(["lens", "translator", "bucket"], dropna=False).frac.cumsum()
+        out.append(d)
+    if not out:
+        return pd.DataFrame(columns=DEPTH_COLUMNS)
+    df = pd.concat(out, ignore_index=True)
+    df["depth"] = df.pred_layer / df.n_layers
+    return df[DEPTH_COLUMNS]
+
+
 def run(inputs) -> None:
-    """The rule's job (see pipeline.analyses): every run's layer_metrics table."""
-    compare_models([inputs.need("layer_metrics", model=m, corpus=c) for m, c in inputs.runs], inputs.analyses_dir)
+    """The rule's job (see pipeline.analyses): every run's layer_metrics table, and its
+    translator anatomy and prediction depth tables."""
+    need = {name: [inputs.need(name, model=m, corpus=c) for m, c in inputs.runs]
+            for name in ("layer_metrics", "translator_anatomy", "prediction_depth")}
+    compare_models(need["layer_metrics"], inputs.analyses_dir, need["translator_anatomy"], need["prediction_depth"])
 
 
-def compare_models(layer_metrics: list[Path], out_dir: Path) -> pd.DataFrame:
-    """Write compare_models.parquet and .png from every run's layer_metrics.parquet."""
-    df = comparison_table([pd.read_parquet(p) for p in layer_metrics])
-    write_table_df(df, Path(out_dir) / "compare_models.parquet",
-                   {"analysis": "compare_models", "inputs": [str(p) for p in layer_metrics]})
-    plot_compare(df, Path(out_dir) / "compare_models.png")
+def compare_models(layer_metrics: list[Path], out_dir: Path, anatomy: list[Path] | None = None,
+                   depth: list[Path] | None = None) -> pd.DataFrame:
+    """Write compare_models.parquet, compare_anatomy.parquet, compare_depth.parquet and
+    compare_models.png from every run's tables (``anatomy``, ``depth``: one per run, in
+    the order of ``layer_metrics``; None = not compared, the tables are empty)."""
+    runs = [comparison_table([pd.read_parquet(p)]) for p in layer_metrics]
+    df = pd.concat(runs, ignore_index=True)
+    tables = {"compare_models": df,
+              "compare_anatomy": anatomy_table(runs, [pd.read_parquet(p) for p in anatomy or []]),
+              "compare_depth": depth_table(runs, [pd.read_parquet(p) for p in depth or []])}
+    inputs = [str(p) for p in [*layer_metrics, *(anatomy or []), *(depth or [])]]
+    for name, table in tables.items():
+        write_table_df(table, Path(out_dir) / f"{name}.parquet", {"analysis": name, "inputs": inputs})
+    plot_compare(*tables.values(), Path(out_dir) / "compare_models.png")
     return df
 
 
@@ -45,29 +100,77 @@ def _run_name(r) -> str:
     return f"{r.model}{rev} / {r.corpus}"
 
 
-def plot_compare(df: pd.DataFrame, path: Path) -> None:
-    fig, axes = figure(1, 2, (14, 4.8))
+def _lens_name(lens: str, translator) -> str:
+    return "logit lens" if lens == "logit" else f"tuned ({translator})"
+
+
+def plot_compare(df: pd.DataFrame, anatomy: pd.DataFrame, depth: pd.DataFrame, path: Path) -> None:
+    """Top: KL, top-1 agreement and tokens settled against depth; bottom: translator anatomy."""
+    fig, axes = figure(2, 3, (20, 9.5))
     df = df.assign(run=df.apply(_run_name, axis=1))
     colors = {run: f"C{i}" for i, run in enumerate(sorted(df.run.unique()))}
     for (run, lens, tr), g in df.groupby(["run", "lens", "translator"], dropna=False):
         g = g.sort_values("depth")
-        style = "--" if lens == "logit" else "-"
-        label = f"{run}: {'logit lens' if lens == 'logit' else f'tuned ({tr})'}"
+        style, label = ("--" if lens == "logit" else "-"), f"{run}: {_lens_name(lens, tr)}"
         axes[0].plot(g.depth, g.kl, style, marker="o", ms=2.5, color=colors[run], label=label)
         axes[1].plot(g.depth, g.agree_top1, style, marker="o", ms=2.5, color=colors[run], label=label)
     axes[0].set(yscale="log", xlabel="depth (layer / n_layers)", ylabel="KL(model || lens) [nats]",
                 title="KL to the model's output")
     axes[1].set(xlabel="depth (layer / n_layers)", ylabel="top-1 agreement with the model",
                 title="agreement with the model's top-1")
+    if len(depth):
+        depth = depth[depth.bucket == "all"].assign(run=lambda d: d.apply(_run_name, axis=1))
+        for (run, lens, tr), g in depth.groupby(["run", "lens", "translator"], dropna=False):
+            g = g[g.pred_layer < g.n_layers]  # never settled: no depth to draw
+            axes[2].step(g.depth, g.cum_frac, "--" if lens == "logit" else "-", where="post",
+                         color=colors.get(run), label=f"{run}: {_lens_name(lens, tr)}")
+    axes[2].set(xlabel="prediction depth (layer / n_layers)", ylabel="fraction of tokens settled",
+                title="prediction depth: lens top-1 = final top-1 from here on")
+    if len(anatomy):
+        anatomy = anatomy.assign(run=lambda d: d.apply(_run_name, axis=1))
+        for run, g in anatomy.groupby("run"):
+            g = g.sort_values("depth")
+            kw = dict(marker="o", ms=3, color=colors.get(run), label=f"{run} ({g.kind.iloc[0]}, d={g.d_model.iloc[0]})")
+            axes[3].plot(g.depth, g.rel_dist_identity, **kw)
+            axes[4].plot(g.depth, g.effective_rank_frac, **kw)
+            axes[5].plot(g.depth, g.cos_next, **kw)
+    axes[3].set(yscale="log", xlabel="depth (layer / n_layers)", ylabel="||A - I||_F / ||I||_F",
+                title="translator distance from the identity (logit lens)")
+    axes[4].set(xlabel="depth (layer / n_layers)", ylabel="effective rank of A / d_model", title="translator effective rank")
+    axes[5].set(xlabel="depth (layer / n_layers)", ylabel="cos(A_l - I, A_l+1 - I)",
+                title="similarity of adjacent translators")
     save(fig, path, axes)
 
 
-def summary(df: pd.DataFrame) -> str:
+def _median_depth(g: pd.DataFrame) -> float:
+    """Normalised depth by which half of the tokens have settled (1 = only at the output)."""
+    g = g.sort_values("pred_layer")
+    return float(g.depth.iloc[int(np.searchsorted(g.cum_frac.to_numpy(), 0.5))])
+
+
+def summary(df: pd.DataFrame, anatomy: pd.DataFrame | None = None, depth: pd.DataFrame | None = None) -> str:
     parts = []
-    for (model, rev, corpus), g in df.groupby(["model", "revision", "corpus"], dropna=False):
+    for (model, rev, corpus), g in df.groupby(RUN, dropna=False):
         t, lg = g[g.lens == "tuned"], g[g.lens == "logit"]
         name = f"{model}{'@' + rev if isinstance(rev, str) and rev else ''}/{corpus}"
+        mid = g[(g.depth >= 0.25) & (g.depth <= 0.75)]
         half = t[t.depth >= 0.5].kl.mean() if len(t) else float("nan")
-        parts.append(f"{name} ({int(g.n_layers.iloc[0])} layers): mean KL tuned {t.kl.mean():.2f} vs logit "
-                     f"{lg.kl.mean():.2f} nats, tuned {half:.2f} over the second half of the depth")
+        text = (f"{name} ({int(g.n_layers.iloc[0])} layers): mean KL tuned {t.kl.mean():.2f} vs logit "
+                f"{lg.kl.mean():.2f} nats (mid depth 0.25-0.75: {mid[mid.lens == 'tuned'].kl.mean():.2f} vs "
+                f"{mid[mid.lens == 'logit'].kl.mean():.2f}), tuned {half:.2f} over the second half of the depth")
+        rev_key = rev if isinstance(rev, str) else ""  # no revision: None, or NaN once in Parquet
+        same = (lambda x: (x.model == model) & (x.corpus == corpus)
+                & (x.revision.map(lambda v: v if isinstance(v, str) else "") == rev_key))
+        if depth is not None and len(depth):
+            d = depth[same(depth) & (depth.bucket == "all")]
+            med = {lens: _median_depth(h) for lens, h in d.groupby("lens")}
+            if med:
+                text += "; half the tokens settled by depth " + ", ".join(f"{v:.2f} ({k})" for k, v in sorted(med.items()))
+        if anatomy is not None and len(anatomy):
+            a = anatomy[same(anatomy)]
+            if len(a):
+                text += (f"; translators {a.rel_dist_identity.min():.2f}-{a.rel_dist_identity.max():.2f} from the "
+                         f"identity, effective rank {a.effective_rank_frac.min():.0%}-{a.effective_rank_frac.max():.0%} "
+                         "of d_model")
+        parts.append(text)
     return "; ".join(parts) + "."
