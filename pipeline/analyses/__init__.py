@@ -18,6 +18,10 @@ A new analysis: its module, its test, one entry in :data:`ANALYSES` and one rule
 - ``token_categories``     logit vs tuned lens by category of the token to predict
 - ``layer_transfer``       translator i on the hidden states of layer j
 - ``compare_models``       every run of the config on a normalised depth axis
+- ``causal_fidelity``      lens-chosen residual directions ablated in the model: same effect?
+- ``anomaly_detection``    an IsolationForest on lens trajectories: injections, shuffles, code
+- ``fact_localization``    the first layer at which each lens ranks a fact's answer top-1 / top-5
+- ``live``                 (helper) the model and lenses on text outside the cache
 """
 
 from __future__ import annotations
@@ -73,6 +77,12 @@ ANALYSES = (
     Analysis("token_categories", ("token_categories",), "token categories", ("translator",)),
     Analysis("layer_transfer", ("layer_transfer",), "layer transfer",
              ("translator", "transfer_tokens", "transfer_stride")),
+    Analysis("causal_fidelity", ("causal_fidelity", "causal_agreement"), "causal fidelity",
+             ("translator", "causal_layers", "causal_directions", "causal_tokens")),
+    Analysis("anomaly_detection", ("anomaly_detection", "anomaly_scores"), "anomaly detection",
+             ("translator", "anomaly_sequences", "anomaly_tokens", "anomaly_stride")),
+    Analysis("fact_localization", ("fact_prompts", "fact_layers", "fact_depths"), "fact localization",
+             ("translator",)),
     Analysis("compare_models", ("compare_models",), "Across models and checkpoints", per_run=False),
 )
 BY_RULE = {a.rule: a for a in ANALYSES}
