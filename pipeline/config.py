@@ -387,7 +387,8 @@ class EvaluateConfig:
 class AnalysesConfig:
     enabled: bool = True
     """Run the analysis rules (prediction depth, layer contributions, translator anatomy,
-    token categories, layer transfer, model comparison) and put them in the report."""
+    token categories, layer transfer, causal fidelity, anomaly detection, fact localization,
+    model comparison) and put them in the report."""
     translator: str | None = None
     """Tuned lens the analyses use; null = the first of ``train.kinds``. Translator
     anatomy needs a kind registered as a linear map (affine, linear, scaling)."""
@@ -401,11 +402,27 @@ class AnalysesConfig:
     transfer_stride: int = 2
     """Use every n-th layer in the transfer matrix (its cost grows with the square of the
     layers used: all 30 SmolLM2 layers take about 4x the default stride-2 cost of ~25 s on 2 cores)."""
+    causal_layers: int = 3
+    """Layers (spread over the depth) at which causal fidelity extracts and ablates directions."""
+    causal_directions: int = 6
+    """Directions extracted per layer for causal fidelity, and as many random ones (each costs
+    one forward pass of the model on ``causal_tokens`` tokens)."""
+    causal_tokens: int = 256
+    """Held-out tokens (whole sequences) the ablations are measured on; as many others fit
+    the directions."""
+    anomaly_sequences: int = 16
+    """Windows per kind of text for anomaly detection (normal, control and each anomaly
+    type; the detector is fitted on twice as many normal validation windows)."""
+    anomaly_tokens: int = 32
+    """Tokens per window for anomaly detection (at most the corpus's seq_len)."""
+    anomaly_stride: int = 4
+    """Anomaly detection's trajectory features use every n-th lens layer."""
 
     def __post_init__(self) -> None:
         if not self.taus or any(not 0 < t <= 1 for t in self.taus):
             raise ConfigError("analyses.taus must be a non-empty list of numbers in (0, 1]")
-        for key in ("skip_tokens", "transfer_tokens", "transfer_stride"):
+        for key in ("skip_tokens", "transfer_tokens", "transfer_stride", "causal_layers", "causal_directions",
+                    "causal_tokens", "anomaly_sequences", "anomaly_tokens", "anomaly_stride"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"analyses.{key} must be >= 1")
         if self.translator is not None and self.translator not in translators.KINDS:

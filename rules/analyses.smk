@@ -99,6 +99,66 @@ rule layer_transfer:
         "../stages/analysis.py"
 
 
+rule causal_fidelity:
+    input:
+        store=P(paths.STORE_DONE, split=EVAL_SPLIT),
+        lens=P(paths.LENS_META, kind=CFG.analyses.translator),
+        model=P(paths.MODEL_MARKER),
+    output:
+        analysis_outputs("causal_fidelity"),
+    params:
+        **analysis_params("causal_fidelity"),
+    log:
+        log_of("causal_fidelity", "{model}-{corpus}"),
+    threads: 2
+    resources:
+        **MEDIUM,
+    conda:
+        ENV
+    script:
+        "../stages/analysis.py"
+
+
+rule anomaly_detection:
+    input:
+        lens=P(paths.LENS_META, kind=CFG.analyses.translator),
+        model=P(paths.MODEL_MARKER),
+        fit_split=P(paths.CORPUS_SPLIT, split="validation"),
+        split=P(paths.CORPUS_SPLIT, split=EVAL_SPLIT),
+    output:
+        analysis_outputs("anomaly_detection"),
+    params:
+        **analysis_params("anomaly_detection"),
+    log:
+        log_of("anomaly_detection", "{model}-{corpus}"),
+    threads: 2
+    resources:
+        **MEDIUM,
+    conda:
+        ENV
+    script:
+        "../stages/analysis.py"
+
+
+rule fact_localization:
+    input:
+        lens=P(paths.LENS_META, kind=CFG.analyses.translator),
+        model=P(paths.MODEL_MARKER),
+    output:
+        analysis_outputs("fact_localization"),
+    params:
+        **analysis_params("fact_localization"),
+    log:
+        log_of("fact_localization", "{model}-{corpus}"),
+    threads: 2
+    resources:
+        **SMALL,
+    conda:
+        ENV
+    script:
+        "../stages/analysis.py"
+
+
 rule compare_models:
     input:
         layer_metrics=expand(P(paths.LAYER_METRICS), model=MODELS, corpus=CORPORA),

@@ -19,6 +19,10 @@ A new analysis: its module, its test, one entry in :data:`ANALYSES` and one rule
 - ``layer_transfer``       translator i on the hidden states of layer j
 - ``compare_models``       every run of the config on a normalised depth axis, with its
                            translator anatomy and prediction depth side by side
+- ``causal_fidelity``      lens-chosen residual directions ablated in the model: same effect?
+- ``anomaly_detection``    an IsolationForest on lens trajectories: injections, shuffles, code
+- ``fact_localization``    the first layer at which each lens ranks a fact's answer top-1 / top-5
+- ``live``                 (helper) the model and lenses on text outside the cache
 """
 
 from __future__ import annotations
@@ -74,6 +78,12 @@ ANALYSES = (
     Analysis("token_categories", ("token_categories",), "token categories", ("translator",)),
     Analysis("layer_transfer", ("layer_transfer",), "layer transfer",
              ("translator", "transfer_tokens", "transfer_stride")),
+    Analysis("causal_fidelity", ("causal_fidelity", "causal_agreement"), "causal fidelity",
+             ("translator", "causal_layers", "causal_directions", "causal_tokens")),
+    Analysis("anomaly_detection", ("anomaly_detection", "anomaly_scores"), "anomaly detection",
+             ("translator", "anomaly_sequences", "anomaly_tokens", "anomaly_stride")),
+    Analysis("fact_localization", ("fact_prompts", "fact_layers", "fact_depths"), "fact localization",
+             ("translator",)),
     Analysis("compare_models", ("compare_models", "compare_anatomy", "compare_depth"), "Across models and checkpoints",
              per_run=False),
 )

@@ -1,0 +1,185 @@
+"""Fact localization (seed: "Knowledge Localization: precisely locate where factual
+information becomes accessible").
+
+The project ships factual prompts with one-token answers (``data/facts.tsv``: capitals,
+authors, elements, languages, ...). The model runs on each prompt (prompts are not in the
+cache) and only the prompts whose answer the model itself ranks first at its output are
+kept: a lens cannot localise a fact the model does not state; the others are counted and
+their reason recorded. For each kept prompt and each lens, at every layer: the answer's
+rank and probability after the prompt's last token, and the first layer at which the
+answer is the lens's top-1 (``depth_top1``) and within its top 5 (``depth_top5``);
+``n_layers`` = only at the model's output.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..errors import LenspipeError
+from ..plots import figure, save
+from ..tables import write_table_df
+
+FACTS = Path(__file__).parent / "data" / "facts.tsv"
+TOP_K = 5
+
+
+def load_facts(path: Path = FACTS) -> pd.DataFrame:
+    """(fact, category, prompt, answer) rows of a ``category<TAB>prompt<TAB>answer`` file."""
+    rows = [line.rstrip("\n").split("\t") for line in Path(path).read_text().splitlines(True)
+            if line.strip() and not line.startswith("#")]
+    bad = [r for r in rows if len(r) != 3 or not all(r)]
+    if bad:
+        raise LenspipeError(f"{path}: each line must be category<TAB>prompt<TAB>answer; got {bad[0]}")
+    df = pd.DataFrame(rows, columns=["category", "prompt", "answer"])
+    return df.assign(fact=np.arange(len(df)))[["fact", "category", "prompt", "answer"]]
+
+
+def first_layer(rank: np.ndarray, k: int) -> np.ndarray:
+    """rank (n_layers, n) 0-based answer ranks at lens layers 0..n_layers-1 -> (n,) the first
+    layer where rank < k; n_layers where there is none (the answer only at the output)."""
+    hit = rank < k  # (n_layers, n)
+    return np.where(hit.any(0), hit.argmax(0), rank.shape[0])
+
+
+def answer_ids(tok, answers: pd.Series) -> np.ndarray:
+    """(n,) the token id of ' answer', or -1 where it is not exactly one token."""
+    ids = [tok(" " + a, add_special_tokens=False)["input_ids"] for a in answers]
+    return np.array([i[0] if len(i) == 1 else -1 for i in ids], dtype=np.int64)
+
+
+def prompt_states(live, tok, prompts: list[str]):
+    """The residual stream after each prompt's last token (n, n_layers + 1, d_model) and the
+    model's log-probabilities there (n, vocab); one forward per prompt (no padding)."""
+    import torch
+
+    from ..metrics import log_probs
+    from .live import forward
+
+    states, logp = [], []
+    for p in prompts:
+        ids = torch.tensor([tok(p, add_special_tokens=False)["input_ids"]])  # (1, pos)
+        resid, logits = forward(live, ids)  # (L + 1, 1, pos, d), (1, pos, vocab)
+        states.append(resid[:, 0, -1])
+        logp.append(log_probs(logits[0, -1:])[0])
+    return torch.stack(states), torch.stack(logp)
+
+
+def lens_ranks(live, states, answers) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]:
+    """(lens, translator) -> (rank, prob), each (n_layers, n): the answer at every lens layer."""
+    import torch
+
+    from ..metrics import log_probs, rank_of
+
+    missing = sorted(set(range(live.n_layers)) - set(live.tuned.layers))
+    if missing:
+        raise LenspipeError(f"fact localization needs the tuned lens on every layer; it lacks {missing}")
+    ans = torch.tensor(np.asarray(answers, dtype=np.int64))  # (n,) a copy: pandas arrays are read-only
+    out = {}
+    with torch.no_grad():
+        for key, lens in live.lenses.items():
+            rank, prob = [], []
+            for layer in range(live.n_layers):
+                logp = log_probs(lens(states[:, layer], layer))  # (n, vocab)
+                rank.append(rank_of(logp, ans).numpy())
+                prob.append(logp.gather(-1, ans[:, None])[:, 0].exp().numpy())
+            out[key] = (np.stack(rank), np.stack(prob))
+    return out
+
+
+def run(inputs, *, translator: str) -> None:
+    """The rule's job (see pipeline.analyses): the model and the analysed lens."""
+    fact_localization(inputs.need("model_dir"), inputs.need("lens", kind=translator), inputs.analyses_dir)
+
+
+def fact_localization(model_dir: Path, lens_dir: Path, out_dir: Path, facts: Path = FACTS) -> dict[str, pd.DataFrame]:
+    """Write fact_prompts, fact_layers, fact_depths (.parquet) and fact_localization.png."""
+    import torch
+
+    from .live import load_live, tokenizer
+
+    live, tok, df = load_live(model_dir, lens_dir), tokenizer(model_dir), load_facts(facts)
+    df["answer_id"] = answer_ids(tok, df.answer)
+    states, logp = prompt_states(live, tok, df.prompt.tolist())
+    top = logp.argmax(-1).numpy()
+    df["model_top1"] = [tok.decode([int(t)]) for t in top]
+    df["kept"] = (df.answer_id >= 0) & (top == df.answer_id.to_numpy())
+    df["dropped"] = np.where(df.answer_id < 0, "answer is not one token",
+                             np.where(df.kept, "", "not the model's top-1"))
+    kept = df[df.kept]
+    layer_rows, depth_rows = [], []
+    if len(kept):
+        ranks = lens_ranks(live, states[torch.tensor(kept.index.to_list())], kept.answer_id.to_list())
+        for (lens, tr), (rank, prob) in ranks.items():
+            for layer in range(live.n_layers):
+                layer_rows.append(pd.DataFrame({"fact": kept.fact.to_numpy(), "category": kept.category.to_numpy(),
+                                                "lens": lens, "translator": tr, "layer": layer,
+                                                "rank": rank[layer], "prob": prob[layer]}))
+            depth_rows.append(pd.DataFrame({"fact": kept.fact.to_numpy(), "category": kept.category.to_numpy(),
+                                            "lens": lens, "translator": tr, "depth_top1": first_layer(rank, 1),
+                                            f"depth_top{TOP_K}": first_layer(rank, TOP_K)}))
+    layers = _concat(layer_rows, {"fact": "int64", "category": str, "lens": str, "translator": str,
+                                  "layer": "int64", "rank": "int64", "prob": "float64"})
+    depths = _concat(depth_rows, {"fact": "int64", "category": str, "lens": str, "translator": str,
+                                  "depth_top1": "int64", f"depth_top{TOP_K}": "int64"})
+    tables = {"fact_prompts": df.assign(n_layers=live.n_layers), "fact_layers": layers.assign(n_layers=live.n_layers),
+              "fact_depths": depths.assign(n_layers=live.n_layers)}
+    prov = {"analysis": "fact_localization", "model_dir": str(model_dir), "lens": str(lens_dir), "facts": str(facts),
+            "n_prompts": len(df), "n_kept": int(df.kept.sum()), "dropped": df.dropped[~df.kept].value_counts().to_dict()}
+    for name, t in tables.items():
+        write_table_df(t, Path(out_dir) / f"{name}.parquet", prov)
+    plot_facts(*tables.values(), Path(out_dir) / "fact_localization.png")
+    return tables
+
+
+def _concat(parts: list[pd.DataFrame], dtypes: dict) -> pd.DataFrame:
+    """The parts, or an empty table of the same columns (no prompt kept: tiny test models)."""
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame({c: pd.Series(dtype=t) for c, t in dtypes.items()})
+
+
+def _name(lens: str, translator: str) -> str:
+    return "logit lens" if lens == "logit" else f"tuned ({translator})"
+
+
+def plot_facts(prompts: pd.DataFrame, layers: pd.DataFrame, depths: pd.DataFrame, path: Path) -> None:
+    n_layers = int(prompts.n_layers.iloc[0])
+    fig, axes = figure(1, 3, (17, 4.8))
+    bins = np.arange(n_layers + 2) - 0.5
+    for (lens, tr), g in depths.groupby(["lens", "translator"]):
+        axes[0].hist(g.depth_top1, bins=bins, alpha=0.5, label=f"{_name(lens, tr)}: top-1")
+        axes[0].hist(g[f"depth_top{TOP_K}"], bins=bins, histtype="step", lw=2, label=f"{_name(lens, tr)}: top-{TOP_K}")
+    axes[0].set(xlabel=f"first layer with the answer at top-1 / top-{TOP_K} ({n_layers} = only the output)",
+                ylabel="prompts", title=f"fact depth ({int(prompts.kept.sum())} of {len(prompts)} prompts kept)")
+    for (lens, tr), g in layers.groupby(["lens", "translator"]):
+        q = g.groupby("layer")["rank"].quantile([0.25, 0.5, 0.75]).unstack()
+        axes[1].plot(q.index, q[0.5] + 1, marker="o", ms=3, label=_name(lens, tr))
+        axes[1].fill_between(q.index, q[0.25] + 1, q[0.75] + 1, alpha=0.2)
+        m = g.groupby("layer").prob.mean()
+        axes[2].plot(m.index, m, marker="o", ms=3, label=_name(lens, tr))
+    axes[1].set(yscale="log", xlabel="layer", ylabel="answer rank (1 = top-1; median, IQR)", title="answer rank")
+    axes[2].set(xlabel="layer", ylabel="mean answer probability", title="answer probability")
+    if not len(depths):
+        axes[0].text(0.5, 0.5, "no prompt's answer is the model's top-1", ha="center", transform=axes[0].transAxes)
+    save(fig, path, axes)
+
+
+def summary(prompts: pd.DataFrame, layers: pd.DataFrame, depths: pd.DataFrame) -> str:
+    n, kept, n_layers = len(prompts), int(prompts.kept.sum()), int(prompts.n_layers.iloc[0])
+    drops = prompts.dropped[~prompts.kept].value_counts()
+    head = (f"{kept} of {n} factual prompts kept (the model's top-1 is the answer); dropped: "
+            + (", ".join(f"{c} {r}" for r, c in drops.items()) or "none"))
+    if not kept:
+        return head + "."
+    parts = []
+    for (lens, tr), g in depths.groupby(["lens", "translator"]):
+        parts.append(f"{_name(lens, tr)} median first top-1 layer {g.depth_top1.median():g}, top-{TOP_K} "
+                     f"{g[f'depth_top{TOP_K}'].median():g} of {n_layers} "
+                     f"({(g.depth_top1 < n_layers).mean():.0%} top-1 before the output)")
+    wide = depths.pivot_table(index="fact", columns="lens", values="depth_top1")
+    earlier = ""
+    if {"logit", "tuned"} <= set(wide.columns):
+        earlier = (f"; the tuned lens finds the answer earlier than the logit lens for "
+                   f"{int((wide.tuned < wide.logit).sum())} prompts, later for {int((wide.tuned > wide.logit).sum())}")
+    return head + "; " + "; ".join(parts) + earlier + "."

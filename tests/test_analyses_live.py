@@ -1,0 +1,189 @@
+"""The analyses that run the model themselves (causal fidelity, anomaly detection, fact
+localization): invariants on a tiny model whose vocabulary is its tokenizer's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from slowed_stage import run as run_stage
+from tiny import make_llama, make_tokenizer, save_prepared, write_packed_split
+
+from pipeline.analyses.anomaly_detection import (TYPES, anomaly_detection, auroc_ci, detector_scores, splice,
+                                                 windows)
+from pipeline.analyses.causal_fidelity import (ablation, causal_basis, causal_fidelity, derangement, objective,
+                                               random_basis, resample_ablate)
+from pipeline.analyses.fact_localization import fact_localization, first_layer, load_facts
+from pipeline.analyses.live import load_live
+from pipeline.config import ExtractConfig
+from pipeline.extract import extract
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    """A tiny Llama with its own tokenizer, train/validation/test splits and stores, an affine lens."""
+    root = tmp_path_factory.mktemp("live")
+    tok = make_tokenizer()
+    save_prepared(make_llama(len(tok), initializer_range=0.3), root / "model")
+    tok.save_pretrained(root / "model")
+    ecfg = ExtractConfig(batch_size=4, shard_tokens=64, chunk_tokens=32, dtype="float32",
+                         max_tokens={"train": None, "test": None})
+    for split, n_seq, seed in (("train", 16, 0), ("validation", 12, 2), ("test", 24, 1)):
+        write_packed_split(root / f"{split}.npz", n_seq=n_seq, seq_len=16, vocab=len(tok), seed=seed)
+    for split in ("train", "test"):
+        extract(root / "model", root / f"{split}.npz", root / f"{split}.zarr", ecfg, split)
+    run_stage("train", root, root / "affine")
+    return root
+
+
+# ------------------------------------------------------------------------ causal fidelity
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+def test_ablating_zero_directions_changes_nothing(live):
+    model = load_live(live / "model", live / "affine").model
+    ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    base = _logits(model, ids)
+    donor = torch.from_numpy(derangement(24, 0))
+    with ablation(model, 1, torch.zeros(32, 0), donor):
+        assert torch.equal(_logits(model, ids), base)  # bitwise: V V^T = 0
+    with ablation(model, 1, random_basis(32, 1, 0).float(), donor):
+        assert not torch.allclose(_logits(model, ids), base, atol=1e-4)  # one direction does change it
+    assert torch.equal(_logits(model, ids), base)  # the hook is gone afterwards
+
+
+def test_resampling_every_direction_swaps_the_residual():
+    h, other = torch.randn(5, 8, dtype=torch.float64), torch.randn(5, 8, dtype=torch.float64)
+    torch.testing.assert_close(resample_ablate(h, other, random_basis(8, 8, 1)), other)
+    assert torch.equal(resample_ablate(h, other, torch.zeros(8, 0, dtype=torch.float64)), h)
+    perm = derangement(7, 3)
+    assert sorted(perm.tolist()) == list(range(7)) and (perm != np.arange(7)).all()
+
+
+def test_causal_basis_finds_the_sensitive_direction():
+    # the lens responds to coordinate 2 only, and every coordinate varies alike: CBE picks e_2
+    gen = torch.Generator().manual_seed(0)
+    c = torch.randn(400, 6, generator=gen, dtype=torch.float64)
+    g = torch.zeros(400, 6, dtype=torch.float64)
+    g[:, 2] = torch.randn(400, generator=gen, dtype=torch.float64)
+    V = causal_basis(g, c - c.mean(0), 3)
+    torch.testing.assert_close(V.T @ V, torch.eye(3, dtype=torch.float64))  # orthonormal
+    assert abs(V[2, 0]) > 0.99
+    S = c.T @ c / 399
+    e = torch.eye(6, dtype=torch.float64)
+    assert objective(V[:, 0], g, c, S) >= objective(e[2], g, c, S) > 0  # the optimum, at least as good as e_2
+    assert objective(e[0], g, c, S) == 0  # a direction the lens ignores has no effect
+
+
+def test_causal_fidelity_tables(live, tmp_path):
+    tables = causal_fidelity(live / "test.zarr", live / "model", live / "affine", tmp_path, causal_layers=3,
+                             causal_directions=3, causal_tokens=32)
+    df, agree = tables["causal_fidelity"], tables["causal_agreement"]
+    assert sorted(df.layer.unique()) == [0, 1] and len(df) == 2 * 2 * 3
+    assert (df.lens_kl >= 0).all() and (df.model_kl >= 0).all() and (df.sample_tokens == 32).all()
+    assert set(agree.directions) == {"causal", "random", "all"} and agree.spearman.dropna().between(-1, 1).all()
+    assert (tmp_path / "causal_fidelity.png").stat().st_size > 10_000
+
+
+# ------------------------------------------------------------------------ anomaly detection
+
+def test_auroc_of_one_distribution_against_itself_is_one_half_within_its_ci():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=60)
+    assert auroc_ci(a, a)[0] == pytest.approx(0.5, abs=1e-12)  # the very same scores: every pair ties
+    auc, lo, hi = auroc_ci(a, rng.normal(size=60))  # two samples of one distribution
+    assert lo <= 0.5 <= hi and lo < auc < hi
+    auc, lo, hi = auroc_ci(a, a + 5)
+    assert auc == 1 and lo == pytest.approx(1)
+
+
+def test_detector_scores_outliers_higher_and_identical_inputs_alike():
+    rng = np.random.default_rng(0)
+    fit = rng.normal(size=(80, 4))
+    normal, far = rng.normal(size=(30, 4)), rng.normal(size=(30, 4)) + 6
+    s = detector_scores(fit, np.r_[normal, far])
+    assert s[30:].min() > s[:30].mean()
+    assert auroc_ci(detector_scores(fit, normal), detector_scores(fit, normal))[0] == pytest.approx(0.5, abs=1e-12)
+
+
+def test_windows_and_splice():
+    tokens = np.arange(20 * 16).reshape(20, 16)
+    w = windows(tokens, 5, 8, 0)
+    assert w.shape == (5, 8) and (np.diff(w, axis=1) == 1).all()  # contiguous pieces of sequences
+    assert len({r[0] // 16 for r in w}) == 5  # from 5 different sequences
+    out = splice(w, [[-1, -2, -3]], 0)
+    assert out.shape == w.shape
+    for row, base in zip(out, w):
+        at = int(np.flatnonzero(row == -1)[0])
+        assert row[at:at + 3].tolist() == [-1, -2, -3] and row[:at].tolist() == base[:at].tolist()
+
+
+def test_anomaly_detection_tables(live, tmp_path):
+    tables = anomaly_detection(live / "model", live / "affine", live / "validation.npz", live / "test.npz",
+                               tmp_path, anomaly_sequences=4, anomaly_tokens=12, anomaly_stride=1)
+    df, scores = tables["anomaly_detection"], tables["anomaly_scores"]
+    assert len(df) == len(TYPES) * 3 and df.auroc.between(0, 1).all()
+    assert ((df.auroc_lo <= df.auroc + 1e-12) & (df.auroc <= df.auroc_hi + 1e-12)).all()
+    assert (df.n_fit == 8).all() and (df.n_normal == 4).all() and (df.window_tokens == 12).all()
+    assert set(scores.group) == {"fit", "normal", *TYPES}
+    assert (tmp_path / "anomaly_detection.png").stat().st_size > 10_000
+
+
+# ------------------------------------------------------------------------ fact localization
+
+def test_first_layer_by_hand():
+    rank = np.array([[9, 3, 0, 7],   # layer 0
+                     [0, 2, 5, 7],   # layer 1
+                     [0, 0, 0, 7]])  # layer 2 (the last lens layer)
+    assert first_layer(rank, 1).tolist() == [1, 2, 0, 3]  # 3 = n_layers: only at the output
+    assert first_layer(rank, 5).tolist() == [1, 0, 0, 3]
+    # top-1 at the last lens layer: a depth below n_layers; top-5 is never later than top-1
+    assert (first_layer(rank, 1)[rank[-1] == 0] < rank.shape[0]).all()
+    assert (first_layer(rank, 5) <= first_layer(rank, 1)).all()
+
+
+def _facts_file(live, path):
+    """Prompts whose answer the tiny model ranks top-1 (found by search), one it does not,
+    one whose answer is several tokens."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(live / "model")
+    model = load_live(live / "model", live / "affine").model
+    lines = []
+    for w in "fairest creatures desire increase thereby beauty riper should decease tender memory".split():
+        for p in (w, f"But {w}", f"{w} thy", f"Thou art {w}"):
+            top = int(_logits(model, torch.tensor([tok(p, add_special_tokens=False)["input_ids"]]))[0, -1].argmax())
+            text = tok.decode([top])
+            if text.startswith(" ") and len(text) > 1 and tok(text, add_special_tokens=False)["input_ids"] == [top]:
+                lines.append(f"found\t{p}\t{text[1:]}")
+    assert lines, "no prompt of the tiny model has a one-token top-1"
+    path.write_text("\n".join(["# test facts", *lines, "wrong\tFrom fairest\tzzzz", "long\tFrom\tcreatures desire"]))
+    return len(lines)
+
+
+def test_fact_localization_keeps_only_the_models_top1(live, tmp_path):
+    n_found = _facts_file(live, tmp_path / "facts.tsv")
+    assert len(load_facts(tmp_path / "facts.tsv")) == n_found + 2
+    t = fact_localization(live / "model", live / "affine", tmp_path, facts=tmp_path / "facts.tsv")
+    prompts, layers, depths = t["fact_prompts"], t["fact_layers"], t["fact_depths"]
+    assert prompts.kept.sum() == n_found and not prompts.kept[prompts.category != "found"].any()
+    assert set(prompts.dropped[~prompts.kept]) <= {"not the model's top-1", "answer is not one token"}
+    assert len(layers) == n_found * 2 * 2 and len(depths) == n_found * 2  # 2 lenses x 2 lens layers
+    assert depths.depth_top1.between(0, 2).all() and (depths.depth_top5 <= depths.depth_top1).all()
+    last = layers[layers.layer == 1].set_index(["fact", "lens"])["rank"]
+    top1_last = depths.set_index(["fact", "lens"]).depth_top1[last == 0]
+    assert (top1_last < 2).all()  # top-1 at the last lens layer: depth below n_layers
+    assert (tmp_path / "fact_localization.png").stat().st_size > 10_000
+
+
+def test_fact_localization_with_no_prompt_kept_writes_empty_tables(live, tmp_path):
+    t = fact_localization(live / "model", live / "affine", tmp_path)  # the shipped facts: not tiny's
+    assert len(t["fact_prompts"]) >= 50 and not t["fact_prompts"].kept.any()
+    assert len(pd.read_parquet(tmp_path / "fact_layers.parquet")) == 0
+    from pipeline.analyses.fact_localization import summary
+
+    assert summary(*t.values()).startswith("0 of ")
