@@ -2,6 +2,7 @@
 
 - ``layout``    names, parameters, storage dtypes and shard checksums every module shares
 - ``location``  a store on disk, in a .zip, or at a URL; read failures and timeouts as one message
+- ``engine``    which zarr codec pipeline (zarrs or zarr-python's) encodes and decodes the chunks
 - ``reader``    ``open_store`` -> ``ActivationStore`` (float32 tensors); ``check_store_model``
 - ``writer``    ``StoreWriter``: whole shards, one writer, resumable; the SHA256SUMS manifest
 - ``verify``    every checksum and value of a store, or of an HDF5 export in place
@@ -10,6 +11,6 @@
 - ``parts``     ``assemble_store``: extraction parts linked into one store
 - ``batches``   shuffled token batches for training, bounded memory
 
-Each module imports only those above it in this list (``layout`` and ``location`` none):
+Each module imports only those above it in this list (``layout``, ``location`` and ``engine`` none):
 import the one you need, e.g. ``from pipeline.store.reader import open_store``.
 """
