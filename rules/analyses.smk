@@ -162,8 +162,8 @@ rule fact_localization:
 rule compare_models:
     input:
         layer_metrics=expand(P(paths.LAYER_METRICS), model=MODELS, corpus=CORPORA),
-        anatomy=expand(P(paths.ANALYSES_DIR) + "/translator_anatomy.parquet", model=MODELS, corpus=CORPORA),
-        depth=expand(P(paths.ANALYSES_DIR) + "/prediction_depth.parquet", model=MODELS, corpus=CORPORA),
+        anatomy=expand(P(paths.INPUTS["translator_anatomy"][0]), model=MODELS, corpus=CORPORA),
+        depth=expand(P(paths.INPUTS["prediction_depth"][0]), model=MODELS, corpus=CORPORA),
     output:
         analysis_outputs("compare_models"),
     params:
