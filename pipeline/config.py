@@ -18,6 +18,7 @@ import yaml
 
 from . import translators
 from .embedded import EMBEDDED_CORPORA, EMBEDDED_MODELS, embedded_name
+from .store.layout import COMPRESSIONS
 from .errors import ConfigError
 
 SPLITS = ("train", "validation", "test")
@@ -171,7 +172,6 @@ class CorpusConfig:
 
 
 STORE_DTYPES = ("bfloat16", "float16", "float32")
-COMPRESSIONS = ("zstd", "blosc-zstd", "blosc-lz4", "none")
 
 
 @dataclass
