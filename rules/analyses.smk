@@ -101,13 +101,31 @@ rule layer_transfer:
 
 rule compare_models:
     input:
-        expand(P(paths.LAYER_METRICS), model=MODELS, corpus=CORPORA),
+        run_tables(paths.LAYER_METRICS),
     output:
         analysis_outputs("compare_models"),
     params:
         **analysis_params("compare_models"),
     log:
         log_of("compare_models", "all"),
+    threads: 1
+    resources:
+        **SMALL,
+    conda:
+        ENV
+    script:
+        "../stages/analysis.py"
+
+
+rule lens_corpus_matrix:
+    input:
+        all_evaluations("layer_metrics"),
+    output:
+        analysis_outputs("lens_corpus_matrix"),
+    params:
+        **analysis_params("lens_corpus_matrix"),
+    log:
+        log_of("lens_corpus_matrix", "all"),
     threads: 1
     resources:
         **SMALL,

@@ -18,6 +18,7 @@ A new analysis: its module, its test, one entry in :data:`ANALYSES` and one rule
 - ``token_categories``     logit vs tuned lens by category of the token to predict
 - ``layer_transfer``       translator i on the hidden states of layer j
 - ``compare_models``       every run of the config on a normalised depth axis
+- ``lens_corpus_matrix``   every trained lens on every corpus: the tuned/logit KL ratio per layer
 """
 
 from __future__ import annotations
@@ -74,5 +75,6 @@ ANALYSES = (
     Analysis("layer_transfer", ("layer_transfer",), "layer transfer",
              ("translator", "transfer_tokens", "transfer_stride")),
     Analysis("compare_models", ("compare_models",), "Across models and checkpoints", per_run=False),
+    Analysis("lens_corpus_matrix", ("lens_corpus_matrix",), "Lenses across corpora", per_run=False),
 )
 BY_RULE = {a.rule: a for a in ANALYSES}
