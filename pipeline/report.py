@@ -114,7 +114,8 @@ def report(runs: list[Artifacts], kinds: list[str], out_dir: Path, prompts: list
             plot_trajectory(trajectories(run.need("model_dir"), lens_dirs, prompt), figs[f"trajectory {i + 1}"], prompt)
         sections = [(a.title, a.summary(run.analyses_dir), run.analyses_dir / f"{a.rule}.png")
                     for a in per_run if _written(a, run)]
-        figs.update({title: _copy_png(png, out_dir / f"{stem}-{png.name}") for title, _, png in sections})
+        sections += _other_corpora(run, out_dir, stem, figs)
+        figs.update({title: _copy_png(png, out_dir / f"{stem}-{png.name}") for title, _, png in sections if png})
         table = headline(df)
         md += [f"## {name}", "", _summary_sentence(df), ""] + [f"- **{t}**: {text}" for t, text, _ in sections]
         md += ["", table.to_markdown(), ""]
@@ -135,6 +136,19 @@ def report(runs: list[Artifacts], kinds: list[str], out_dir: Path, prompts: list
     (out_dir / "report.html").write_text("<!doctype html><meta charset=utf-8><title>lenspipe report</title>"
                                          "<body style='font-family:sans-serif;max-width:1300px'>" + "\n".join(body))
     return out_dir / "report.html"
+
+
+def _other_corpora(run: Artifacts, out_dir: Path, stem: str, figs: dict) -> list[tuple[str, str, None]]:
+    """The run's lenses on the held-out split of every other corpus (evaluate_across): a
+    sentence and a layer-metrics figure each."""
+    out = []
+    for model, train, corpus in run.evaluations:
+        if model == run.model and train == run.corpus and corpus != train:
+            df = pd.read_parquet(run.layer_metrics(model, train, corpus))
+            figs[f"layer metrics on {corpus}"] = out_dir / f"{stem}-on-{corpus}-layers.png"
+            plot_layer_metrics(df, figs[f"layer metrics on {corpus}"], f"{model}: {train} lenses on {corpus}")
+            out.append((f"on {corpus} (another corpus)", _summary_sentence(df), None))
+    return out
 
 
 def _written(analysis, artifacts: Artifacts) -> bool:

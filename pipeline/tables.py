@@ -1,7 +1,9 @@
 """Tidy Parquet tables of the evaluation (schemas documented in the README).
 
-``layer_metrics.parquet``: one row per (model, revision, corpus, split, lens, translator,
-layer); ``calibration.parquet``: one row per (..., lens, translator, layer, bin). Provenance
+``layer_metrics.parquet``: one row per (model, revision, corpus, train_corpus, split, lens,
+translator, layer); ``calibration.parquet``: one row per (..., lens, translator, layer, bin).
+``corpus`` is the corpus evaluated, ``train_corpus`` the one a tuned lens was trained on
+(null for the logit lens and the model, which are trained on nothing). Provenance
 (run config, store fingerprint, lens hashes, package versions) lives in the schema
 metadata under the key ``lenspipe``. ``layer`` stays a plain int64 column.
 """
@@ -19,7 +21,7 @@ LOGIT = "logit"
 MODEL = "model"  # the model's own output distribution: the baseline row at layer n_layers
 
 IDENTITY = [("model", pa.string()), ("revision", pa.string()), ("corpus", pa.string()),
-            ("split", pa.string()), ("lens", pa.string()), ("translator", pa.string()),
+            ("train_corpus", pa.string()), ("split", pa.string()), ("lens", pa.string()), ("translator", pa.string()),
             ("layer", pa.int64()), ("depth", pa.float64())]
 METRICS = ["kl", "kl_bpb", "ce", "ppl", "bpb", "acc", "agree_top1", "agree_topk", "entropy", "ece",
            "consistency"]
@@ -42,8 +44,9 @@ def lens_identity(name: str) -> tuple[str, str | None]:
 
 def _identity(ident: dict[str, Any], name: str, layer: int, n_layers: int) -> dict[str, Any]:
     lens, translator = lens_identity(name)
+    train_corpus = ident.get("train_corpus", ident["corpus"]) if lens == "tuned" else None
     return {"model": ident["model"], "revision": ident.get("revision"), "corpus": ident["corpus"],
-            "split": ident["split"], "lens": lens, "translator": translator, "layer": layer,
+            "train_corpus": train_corpus, "split": ident["split"], "lens": lens, "translator": translator, "layer": layer,
             "depth": layer / n_layers}
 
 

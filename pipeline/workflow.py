@@ -21,11 +21,17 @@ from .errors import ConfigError
 _TYPES = {cls.__name__: cls for cls in (*C.SECTIONS.values(), C.ModelConfig, C.CorpusConfig)}
 
 
-def section(cfg: Any, **changes) -> dict[str, Any]:
+def section(cfg: Any, without: tuple[str, ...] = (), **changes) -> dict[str, Any]:
     """A config section as a Snakemake param: a plain dict, because Snakemake compares
     plain values between runs (a changed setting re-runs the rule) but ignores objects.
-    ``changes`` narrow it to what one job's output depends on (e.g. one split's budget)."""
-    return {"section": type(cfg).__name__, **dataclasses.asdict(dataclasses.replace(cfg, **changes))}
+    ``changes`` narrow it to what one job's output depends on (e.g. one split's budget);
+    ``without`` leaves out fields it does not depend on (the stage sees their defaults)."""
+    fields = dataclasses.asdict(dataclasses.replace(cfg, **changes))
+    return {"section": type(cfg).__name__, **{k: v for k, v in fields.items() if k not in without}}
+
+
+#: What preparing a corpus does not depend on: whether and how much of it is evaluated.
+CORPUS_EVALUATION_FIELDS = ("evaluate_only", "evaluate_tokens")
 
 
 def typed(param: dict[str, Any]):

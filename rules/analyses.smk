@@ -161,15 +161,33 @@ rule fact_localization:
 
 rule compare_models:
     input:
-        layer_metrics=expand(P(paths.LAYER_METRICS), model=MODELS, corpus=CORPORA),
-        anatomy=expand(P(paths.INPUTS["translator_anatomy"][0]), model=MODELS, corpus=CORPORA),
-        depth=expand(P(paths.INPUTS["prediction_depth"][0]), model=MODELS, corpus=CORPORA),
+        layer_metrics=run_tables(paths.LAYER_METRICS),
+        anatomy=run_tables(paths.INPUTS["translator_anatomy"][0]),
+        depth=run_tables(paths.INPUTS["prediction_depth"][0]),
     output:
         analysis_outputs("compare_models"),
     params:
         **analysis_params("compare_models"),
     log:
         log_of("compare_models", "all"),
+    threads: 1
+    resources:
+        **SMALL,
+    conda:
+        ENV
+    script:
+        "../stages/analysis.py"
+
+
+rule lens_corpus_matrix:
+    input:
+        all_evaluations("layer_metrics"),
+    output:
+        analysis_outputs("lens_corpus_matrix"),
+    params:
+        **analysis_params("lens_corpus_matrix"),
+    log:
+        log_of("lens_corpus_matrix", "all"),
     threads: 1
     resources:
         **SMALL,

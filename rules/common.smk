@@ -1,13 +1,14 @@
 # What every file of rules/ shares: the config (parsed once, checked at start), path filling and
 # the defaults for threads, resources and software. No rules here (snakemake --lint).
 import os
+import re
 import sys
 
 from pipeline import paths, translators
 from pipeline.analyses import BY_RULE
 from pipeline.config import SPLITS
 from pipeline.paths import Artifacts
-from pipeline.workflow import section
+from pipeline.workflow import CORPUS_EVALUATION_FIELDS, section
 
 
 def checked_config():
@@ -27,6 +28,8 @@ CFG = checked_config()
 DATA = str(CFG.data_dir)
 MODELS, CORPORA, KINDS = list(CFG.models), list(CFG.corpora), CFG.train.kinds
 EVAL_SPLIT = CFG.evaluate.split
+RUNS = Artifacts.of(CFG).runs  # (model, corpus) where lenses are trained: the per-run rules
+EVALUATIONS = Artifacts.of(CFG).evaluations  # (model, train corpus, evaluated corpus)
 
 # Every rule's software, and its resources by size of job (mem_mb in MB; runtime in minutes,
 # ~10x what the default config takes on 2 CPU cores). gpu: 0 lets a profile give one to a
@@ -39,6 +42,7 @@ LARGE = dict(mem_mb=8000, runtime=240, gpu=0)
 wildcard_constraints:
     model="[A-Za-z0-9._-]+",
     corpus="[A-Za-z0-9._-]+",
+    train_corpus="|".join(re.escape(c) for c in CFG.train_corpora),
     split="|".join(SPLITS),
     kind="|".join(translators.names()),
     group=r"\d+",
@@ -88,7 +92,30 @@ def extract_section(model, split):
     return section(cfg, max_tokens={split: cfg.max_tokens.get(split)})
 
 
+def all_stores():
+    """Every store the config needs: every split of a corpus lenses train on, the held-out
+    split of an evaluation-only one."""
+    return [P(paths.STORE_DONE, model=m, corpus=c, split=s) for m in MODELS for c in CORPORA
+            for s in CFG.splits_of(c)]
+
+
+def run_tables(pattern):
+    """A table of every run (a model's lenses on the corpus they were trained on)."""
+    return [P(pattern, model=m, corpus=c) for m, c in RUNS]
+
+
+def all_evaluations(name="layer_metrics"):
+    """The layer_metrics (or calibration) table of every cell of the lens x corpus matrix."""
+    across = paths.ACROSS_LAYER_METRICS if name == "layer_metrics" else paths.ACROSS_CALIBRATION
+    own = paths.LAYER_METRICS if name == "layer_metrics" else paths.CALIBRATION
+    return [P(own if t == e else across, model=m, corpus=e, train_corpus=t) for m, t, e in EVALUATIONS]
+
+
 def all_analyses(w=None):
     if not CFG.analyses.enabled:
         return []
-    return [f for a in BY_RULE.values() for f in expand(analysis_outputs(a.rule), model=MODELS, corpus=CORPORA)]
+    out = []
+    for a in BY_RULE.values():
+        out += [f for m, c in RUNS for f in expand(analysis_outputs(a.rule), model=m, corpus=c)] if a.per_run \
+            else analysis_outputs(a.rule)
+    return out

@@ -1,4 +1,6 @@
-# Every lens at every layer on the held-out split: the Parquet tables.
+# Every lens at every layer on the held-out split: the Parquet tables. `evaluate`: a run's
+# lenses on its own corpus; `evaluate_across`: the lenses trained on {train_corpus} on
+# another corpus's held-out split (the lens x corpus matrix). Both evaluate the logit lens.
 
 rule evaluate:
     input:
@@ -12,10 +14,11 @@ rule evaluate:
     params:
         model_dir=parent_of_input("model"),
         store=P(paths.STORE, split=EVAL_SPLIT),
+        train_corpus="{corpus}",
         lens_dirs=lambda w: {k: P(paths.LENS_DIR, model=w.model, corpus=w.corpus, kind=k) for k in KINDS},
         out_dir=P(paths.TABLES_DIR),
         revision=lambda w: CFG.models[w.model].revision,
-        evaluate=lambda w: section(CFG.for_model(w.model).evaluate),
+        evaluate=lambda w: section(CFG.for_model(w.model).evaluate_config(w.corpus)),
     log:
         log_of("evaluate", "{model}-{corpus}"),
     threads: 2
@@ -25,3 +28,24 @@ rule evaluate:
         ENV
     script:
         "../stages/evaluate.py"
+
+
+use rule evaluate as evaluate_across with:
+    input:
+        model=P(paths.MODEL_MARKER),
+        store=P(paths.STORE_DONE, split=EVAL_SPLIT),
+        split=P(paths.CORPUS_SPLIT, split=EVAL_SPLIT),
+        lenses=expand(P(paths.LENS_META, corpus="{train_corpus}", kind="{kind}"), kind=KINDS, allow_missing=True),
+    output:
+        layer_metrics=P(paths.ACROSS_LAYER_METRICS),
+        calibration=P(paths.ACROSS_CALIBRATION),
+    params:
+        model_dir=parent_of_input("model"),
+        store=P(paths.STORE, split=EVAL_SPLIT),
+        train_corpus="{train_corpus}",
+        lens_dirs=lambda w: {k: P(paths.LENS_DIR, model=w.model, corpus=w.train_corpus, kind=k) for k in KINDS},
+        out_dir=P(paths.ACROSS_DIR),
+        revision=lambda w: CFG.models[w.model].revision,
+        evaluate=lambda w: section(CFG.for_model(w.model).evaluate_config(w.corpus)),
+    log:
+        log_of("evaluate_across", "{model}-{train_corpus}-on-{corpus}"),

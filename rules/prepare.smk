@@ -26,7 +26,8 @@ rule prepare_corpus:
         splits=expand(P(paths.CORPUS_SPLIT, split="{split}"), split=SPLITS, allow_missing=True),
         manifest=P(paths.CORPUS_MANIFEST),
     params:
-        corpus=lambda w: section(CFG.corpora[w.corpus]),
+        # not what is evaluated on it: making a corpus evaluation-only re-prepares nothing
+        corpus=lambda w: section(CFG.corpora[w.corpus], without=CORPUS_EVALUATION_FIELDS),
         model_dir=parent_of_input("model"),
         out_dir=P(paths.CORPUS_DIR),
         cache_dir=P(paths.CACHE_DIR),

@@ -2,14 +2,14 @@
 
 rule report:
     input:
-        layer_metrics=expand(P(paths.LAYER_METRICS), model=MODELS, corpus=CORPORA),
-        calibration=expand(P(paths.CALIBRATION), model=MODELS, corpus=CORPORA),
+        layer_metrics=all_evaluations("layer_metrics"),
+        calibration=all_evaluations("calibration"),
         analyses=all_analyses,
     output:
         report=P(paths.REPORT),
         html=P(paths.REPORT_HTML),
     params:
-        runs=[Artifacts.of(CFG, m, c) for m in MODELS for c in CORPORA],
+        runs=[Artifacts.of(CFG, m, c) for m, c in RUNS],
         kinds=KINDS,
         out_dir=parent_of_output("report"),
         report=section(CFG.report),

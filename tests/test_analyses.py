@@ -10,6 +10,7 @@ from slowed_stage import run as run_stage
 from tiny import VOCAB, make_llama, make_tokenizer, save_prepared, write_packed_split
 
 from pipeline.analyses.compare_models import compare_models, comparison_table
+from pipeline.analyses.lens_corpus_matrix import lens_corpus_matrix, summary as matrix_summary
 from pipeline.analyses.layer_contributions import kl_drops, layer_contributions, next_token_loss, spearman
 from pipeline.analyses.layer_transfer import layer_transfer
 from pipeline.analyses.prediction_depth import early_exit_of, frequency_buckets, prediction_depth, prediction_depth_of
@@ -258,3 +259,20 @@ def test_compare_models_puts_anatomy_and_prediction_depth_side_by_side(setup, tm
                      for t in ("compare_models", "compare_anatomy", "compare_depth")))
     assert "deep/" in text and "half the tokens settled by depth" in text and "of d_model" in text
     assert (tmp_path / "out" / "compare_models.png").stat().st_size > 10_000
+
+
+def test_lens_corpus_matrix_ratios(setup, tmp_path):
+    """A cross-corpus table (same rows, tuned KL doubled) gives twice the diagonal's ratio."""
+    lm = pd.read_parquet(setup / "tables" / "layer_metrics.parquet")
+    corpus = lm.corpus.iloc[0]
+    other = lm.assign(corpus="other", kl=np.where(lm.lens == "tuned", 2 * lm.kl, lm.kl))
+    p = tmp_path / "other.parquet"
+    other.to_parquet(p)
+    df = lens_corpus_matrix([setup / "tables" / "layer_metrics.parquet", p], tmp_path)
+    own, cross = df[df.in_domain], df[~df.in_domain]
+    assert set(df.train_corpus) == {corpus} and set(cross.corpus) == {"other"} and len(own) == len(cross)
+    tuned, logit = lm[lm.lens == "tuned"].set_index(["translator", "layer"]), lm[lm.lens == "logit"].set_index("layer")
+    for r in own.itertuples():
+        assert r.kl_ratio == tuned.kl[(r.translator, r.layer)] / logit.kl[r.layer]
+    assert np.allclose(cross.kl_ratio.to_numpy(), 2 * own.kl_ratio.to_numpy())
+    assert (tmp_path / "lens_corpus_matrix.png").exists() and "on other" in matrix_summary(df)

@@ -39,7 +39,8 @@ def test_every_rule_has_a_subcommand_and_every_subcommand_an_example(tmp_path, c
     rules = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--configfile", TINY,
                             str(scale), "--list-rules"], capture_output=True, text=True, cwd=REPO).stdout.split()
     assert {"extract_part", "assemble_store", "train_group", "merge_lens", "compare_models", "report"} <= set(rules)
-    twins = {"extract_part": "extract", "train_group": "train"}  # `lenspipe extract --part`, `train --group`
+    twins = {"extract_part": "extract", "train_group": "train", "evaluate_across": "evaluate"}
+    # `lenspipe extract --part`, `train --group`, `evaluate --train-corpus`
     commands = _subcommands()
     assert {twins.get(r, r).replace("_", "-") for r in rules if r != "all"} <= set(commands), rules
     for name in commands:

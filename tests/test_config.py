@@ -28,6 +28,8 @@ def test_default_config_parses():
     (lambda r: r["corpora"]["shakespeare"].update(validation_docs=["hamlet"]), "both validation and test"),
     (lambda r: r["corpora"]["shakespeare"].update(test_fraction=0.6, validation_fraction=0.5), "leave"),
     (lambda r: r.update(models={}), "at least one model"),
+    (lambda r: r["corpora"]["shakespeare"].update(evaluate_only=True), "every corpus is evaluate_only"),
+    (lambda r: r["corpora"]["python-code"].update(evaluate_tokens=0), "evaluate_tokens must be positive"),
 ])
 def test_bad_config_is_a_config_error(mutate, match):
     raw = copy.deepcopy(_raw())
@@ -96,3 +98,10 @@ def test_schema_checks_model_overrides():
     raw["models"]["smollm2-135m"]["overrides"] = {"extract": {"max_tokens": {"test": 512}}}
     cfg = check_workflow_config(raw, REPO / "config" / "schema.yaml").for_model("smollm2-135m")
     assert cfg.extract.max_tokens == {"train": 24576, "validation": 4096, "test": 512}  # one split changed
+def test_the_default_evaluates_the_shakespeare_lens_on_both_corpora():
+    cfg = load_config(REPO / "config" / "config.yaml")
+    assert cfg.train_corpora == ["shakespeare"]
+    assert cfg.evaluations() == [("shakespeare", "shakespeare"), ("shakespeare", "python-code")]
+    assert cfg.splits_of("python-code") == ("test",) and len(cfg.splits_of("shakespeare")) == 3
+    assert cfg.evaluate_config("python-code").max_tokens == 2048
+    assert cfg.evaluate_config("shakespeare") is cfg.evaluate  # within-corpus: as before

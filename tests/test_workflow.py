@@ -36,7 +36,7 @@ def test_workflow_runs_and_rerun_is_noop(workdir):
     from pipeline.analyses import ANALYSES
 
     report = (workdir / "data" / "report" / "report.md").read_text()
-    assert len(ANALYSES) == 9
+    assert len(ANALYSES) == 10
     for a in ANALYSES:  # every analysis of the registry wrote its outputs and its report section
         where = workdir / "data" / "analyses" / ("tiny/tiny-txt" if a.per_run else "")
         assert all(Path(p).is_file() for p in a.outputs(where)), a.rule
@@ -57,6 +57,77 @@ def test_workflow_runs_and_rerun_is_noop(workdir):
     dry = snakemake(workdir, "--configfile", str(budget), "-n")
     jobs = dry.stdout + dry.stderr
     assert jobs.count("rule extract:") == 1 and "split=test" in jobs and "rule train:" not in jobs
+    _adding_an_evaluation_only_corpus_evaluates_it_and_retrains_nothing(workdir)
+
+
+#: A second tiny corpus from another "domain", evaluation-only: its test split alone is
+#: extracted and the tiny-txt lenses are evaluated on it.
+CODE_CORPUS = """  tiny-code:
+    source: tiny/code/*.txt
+    seq_len: 32
+    validation_docs: [code1]
+    test_docs: [code2]
+    evaluate_only: true
+    evaluate_tokens: 64
+"""
+
+
+def _with_code_corpus(workdir: Path, evaluate_only: bool = True) -> Path:
+    code = workdir / "tiny" / "code"
+    code.mkdir(parents=True, exist_ok=True)
+    for i in range(4):
+        code.joinpath(f"code{i}.txt").write_text("\n".join(f"def f{(i + j) % 7}(x):\n    return x + {j}"
+                                                           for j in range(60)))
+    cfg = workdir / "code.yaml"
+    corpus = CODE_CORPUS if evaluate_only else CODE_CORPUS.replace("    evaluate_only: true\n", "")
+    text = (REPO / ".test" / "config.yaml").read_text()
+    cfg.write_text(text.replace("    test_docs: [doc2]\n", "    test_docs: [doc2]\n" + corpus))
+    return cfg
+
+
+def _adding_an_evaluation_only_corpus_evaluates_it_and_retrains_nothing(workdir: Path) -> None:
+    import pandas as pd
+
+    cfg = _with_code_corpus(workdir)
+    dry = snakemake(workdir, "--configfile", str(cfg), "-n")
+    jobs = dry.stdout + dry.stderr
+    assert dry.returncode == 0, jobs[-3000:]
+    # the new corpus is prepared, its test split alone extracted, the existing lenses
+    # evaluated on it: nothing of tiny-txt runs again but what spans all corpora
+    assert jobs.count("rule prepare_corpus:") == 1 and "corpus=tiny-code" in jobs
+    assert jobs.count("rule extract:") == 1 and "split=test" in jobs
+    assert "rule train:" not in jobs and "rule evaluate:" not in jobs and jobs.count("rule evaluate_across:") == 1
+    assert "rule lens_corpus_matrix:" in jobs and "rule report:" in jobs
+    assert "rule prediction_depth:" not in jobs and "rule compare_models:" not in jobs
+    before = (workdir / "data/tables/tiny/tiny-txt/layer_metrics.parquet").read_bytes()
+    proc = snakemake(workdir, "--configfile", str(cfg))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert (workdir / "data/tables/tiny/tiny-txt/layer_metrics.parquet").read_bytes() == before
+    assert not (workdir / "data/stores/tiny/tiny-code/train.zarr").exists()
+    across = pd.read_parquet(workdir / "data/tables/tiny/tiny-code/trained-on-tiny-txt/layer_metrics.parquet")
+    assert set(across.corpus) == {"tiny-code"} and across.n_tokens.max() == 64
+    tuned = across[across.lens == "tuned"]
+    assert set(tuned.train_corpus) == {"tiny-txt"} and across[across.lens != "tuned"].train_corpus.isna().all()
+    matrix = pd.read_parquet(workdir / "data/analyses/lens_corpus_matrix.parquet")
+    pairs = set(zip(matrix.train_corpus, matrix.corpus, matrix.translator))
+    assert pairs == {("tiny-txt", c, k) for c in ("tiny-txt", "tiny-code") for k in ("affine", "scaling")}
+    assert matrix.in_domain.sum() == len(matrix) // 2 and (matrix.kl_ratio > 0).all()
+    own = pd.read_parquet(workdir / "data/tables/tiny/tiny-txt/layer_metrics.parquet")
+    row = own[(own.lens == "tuned") & (own.translator == "affine") & (own.layer == 1)].kl.item()
+    assert matrix.query("in_domain and translator == 'affine' and layer == 1").kl_tuned.item() == row
+    assert "Lenses across corpora" in (workdir / "data/report/report.md").read_text()
+    again = snakemake(workdir, "--configfile", str(cfg), "-n")
+    assert "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_two_trained_corpora_make_a_full_matrix(workdir):
+    """Both corpora train lenses: each kind is trained twice, and each lens evaluated on both."""
+    dry = snakemake(workdir, "--configfile", str(_with_code_corpus(workdir, evaluate_only=False)), "-n")
+    jobs = dry.stdout + dry.stderr
+    assert dry.returncode == 0, jobs[-3000:]
+    assert jobs.count("rule extract:") == 6 and jobs.count("rule train:") == 4
+    assert jobs.count("rule evaluate:") == 2 and jobs.count("rule evaluate_across:") == 2
+    assert "train_corpus=tiny-code" in jobs and "train_corpus=tiny-txt" in jobs
 
 
 def test_workflow_bad_input_fails_cleanly(workdir):

@@ -23,6 +23,7 @@ A new analysis: its module, its test, one entry in :data:`ANALYSES` and one rule
 - ``anomaly_detection``    an IsolationForest on lens trajectories: injections, shuffles, code
 - ``fact_localization``    the first layer at which each lens ranks a fact's answer top-1 / top-5
 - ``live``                 (helper) the model and lenses on text outside the cache
+- ``lens_corpus_matrix``   every trained lens on every corpus: the tuned/logit KL ratio per layer
 """
 
 from __future__ import annotations
@@ -86,5 +87,6 @@ ANALYSES = (
              ("translator",)),
     Analysis("compare_models", ("compare_models", "compare_anatomy", "compare_depth"), "Across models and checkpoints",
              per_run=False),
+    Analysis("lens_corpus_matrix", ("lens_corpus_matrix",), "Lenses across corpora", per_run=False),
 )
 BY_RULE = {a.rule: a for a in ANALYSES}

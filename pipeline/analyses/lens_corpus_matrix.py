@@ -1,0 +1,97 @@
+"""The lens x corpus matrix (seed: "Training Data Dependency", "Validate results on multiple
+datasets and domains"): every trained lens on the held-out split of every corpus of its
+model, as the tuned/logit KL ratio per layer of each (train corpus -> evaluated corpus)
+pair. The ratio is the fraction of the logit lens's KL the tuned lens leaves (1 = no
+better than the logit lens); the diagonal pairs are the runs' own evaluations.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..plots import figure, save
+from ..tables import write_table_df
+
+KEYS = ["model", "revision", "train_corpus", "corpus", "split", "translator", "layer"]
+
+
+def run(inputs) -> None:
+    """The rule's job (see pipeline.analyses): the layer_metrics table of every pair."""
+    tables = [inputs.layer_metrics(m, t, e) for m, t, e in inputs.evaluations]
+    lens_corpus_matrix(tables, inputs.analyses_dir)
+
+
+def matrix_table(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """One row per (model, train corpus, evaluated corpus, translator, layer): the tuned
+    lens's KL and CI, the logit lens's KL on the same tokens, and their ratio."""
+    out = []
+    for df in frames:
+        logit = df[df.lens == "logit"].set_index("layer")
+        tuned = df[df.lens == "tuned"]
+        n_layers = int(df.layer.max()) if (df.lens == "model").any() else int(df.layer.max()) + 1
+        kl_logit = logit.kl.reindex(tuned.layer).to_numpy()  # same tokens, same layer
+        out.append(tuned.assign(kl_tuned=tuned.kl, kl_tuned_lo=tuned.kl_lo, kl_tuned_hi=tuned.kl_hi,
+                                kl_logit=kl_logit, kl_ratio=tuned.kl.to_numpy() / kl_logit,
+                                in_domain=tuned.train_corpus == tuned.corpus, n_layers=n_layers))
+    cols = KEYS + ["depth", "n_layers", "in_domain", "n_tokens", "kl_logit", "kl_tuned", "kl_tuned_lo",
+                   "kl_tuned_hi", "kl_ratio"]
+    return pd.concat(out, ignore_index=True)[cols].sort_values(KEYS, ignore_index=True)
+
+
+def lens_corpus_matrix(layer_metrics: list[Path], out_dir: Path) -> pd.DataFrame:
+    """Write lens_corpus_matrix.parquet and .png from every pair's layer_metrics.parquet."""
+    df = matrix_table([pd.read_parquet(p) for p in layer_metrics])
+    write_table_df(df, Path(out_dir) / "lens_corpus_matrix.parquet",
+                   {"analysis": "lens_corpus_matrix", "inputs": [str(p) for p in layer_metrics]})
+    plot_matrix(df, Path(out_dir) / "lens_corpus_matrix.png")
+    return df
+
+
+def _pair(r) -> str:
+    rev = f"@{r.revision}" if isinstance(r.revision, str) and r.revision else ""
+    return f"{r.model}{rev}: {r.train_corpus} -> {r.corpus} ({r.translator})"
+
+
+def plot_matrix(df: pd.DataFrame, path: Path) -> None:
+    """Left: the ratio per layer, one line per pair (solid: in domain). Right: its mean
+    over layers as a matrix, one per model and translator (rows: trained on)."""
+    grids = list(df.groupby(["model", "revision", "translator"], dropna=False))
+    fig, axes = figure(1, 1 + len(grids), (7 + 4.5 * len(grids), 4.8))
+    df = df.assign(pair=df.apply(_pair, axis=1))
+    for i, (pair, g) in enumerate(df.groupby("pair", sort=True)):
+        g = g.sort_values("layer")
+        axes[0].plot(g.layer, g.kl_ratio, "-" if g.in_domain.iloc[0] else "--", marker="o", ms=2.5,
+                     color=f"C{i}", label=pair)
+    axes[0].axhline(1.0, color="grey", lw=1, ls=":")
+    axes[0].set(yscale="log", xlabel="layer (0 = embeddings)", ylabel="KL tuned / KL logit lens",
+                title="tuned/logit KL ratio per layer (dashed: another corpus)")
+    for ax, ((model, rev, tr), g) in zip(axes[1:], grids):
+        mean = g.pivot_table(index="train_corpus", columns="corpus", values="kl_ratio", aggfunc="mean")
+        im = ax.imshow(mean.to_numpy(), cmap="viridis_r", vmin=0, vmax=max(1.0, float(np.nanmax(mean.to_numpy()))))
+        ax.set(xticks=range(len(mean.columns)), xticklabels=mean.columns, yticks=range(len(mean.index)),
+               yticklabels=mean.index, xlabel="evaluated on", ylabel="trained on",
+               title=f"{model}{'@' + rev if isinstance(rev, str) and rev else ''} ({tr}): mean ratio")
+        for (r, c), v in np.ndenumerate(mean.to_numpy()):
+            ax.text(c, r, f"{v:.3f}", ha="center", va="center", color="white" if v < 0.5 else "black")
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    save(fig, path, axes[:1])
+
+
+def summary(df: pd.DataFrame) -> str:
+    """Per pair the mean ratio; per cross-corpus pair the share of the in-domain KL
+    reduction it keeps, and the layers where it keeps the least."""
+    parts = []
+    for (model, rev, tr, train, corpus), g in df.groupby(
+            ["model", "revision", "translator", "train_corpus", "corpus"], dropna=False, sort=False):
+        text = f"{model} {tr} lens trained on {train}, on {corpus}: mean KL ratio {g.kl_ratio.mean():.3f}"
+        own = df[(df.model == model) & (df.translator == tr) & (df.train_corpus == train) & (df.corpus == train)]
+        if train != corpus and len(own):
+            kept = (1 - g.set_index("layer").kl_ratio) / (1 - own.set_index("layer").kl_ratio)
+            worst = kept.nsmallest(3)
+            text += (f", keeping {kept.median():.0%} of the in-domain KL reduction (median over layers; least "
+                     f"at layers {', '.join(f'{k} ({v:.0%})' for k, v in worst.items())})")
+        parts.append(text)
+    return "; ".join(parts) + "."
