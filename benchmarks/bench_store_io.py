@@ -1,7 +1,7 @@
 """The store's write and read paths against raw files and against the codec alone.
 
     python benchmarks/bench_store_io.py [--layers 30 --tokens 16384 --d-model 576]
-        [--compressions none,zstd-1,zstd-3,blosc-lz4] [--pipelines zarrs,zarr] [--dir DIR]
+        [--compressions none,zstd:1,zstd:3,blosc-zstd:1,blosc-lz4:5] [--pipelines zarrs,zarr] [--dir DIR]
 
 The same activations ((layers+1) x tokens x d_model, bf16, float32 at the input as the
 model hands them over) are written and read back, side by side in one run:

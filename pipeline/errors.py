@@ -54,11 +54,13 @@ UNWRITABLE_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENO
 
 
 def disk_full(e: BaseException) -> bool:
+    if isinstance(e, RuntimeError):  # zarrs (Rust) reports an OS error as "... (os error 28)"
+        return any(f"(os error {n})" in str(e) for n in DISK_FULL_ERRNOS)
     return isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS
 
 
-def disk_full_message(e: OSError, what: str) -> str:
-    where = f" ({e.filename})" if e.filename else ""
+def disk_full_message(e: BaseException, what: str) -> str:
+    where = f" ({e.filename})" if getattr(e, "filename", None) else ""
     return (f"no space left on the device while writing {what}{where}: free some space or "
             "point data_dir at a larger disk, then re-run; work already completed is kept "
             "and nothing half-written is taken as finished")

@@ -118,13 +118,29 @@ def _evaluate_one(result: ChunkResult, key, z, chunk: Chunk, job: Job, tokens: l
     return st["top1"]
 
 
+def _logits(lens, h: torch.Tensor, layer: int) -> torch.Tensor:
+    """(n, vocab) logits of ``lens`` at ``layer``, written into this thread's reused buffer."""
+    h = lens.translate(h, layer)  # (n, d_model)
+    vocab = getattr(lens.head.unembed, "out_features", None)  # None: a head without a buffer path
+    w = lens.head.unembed.weight
+    out = None if vocab is None else M.workspace().take("z", (h.shape[0], vocab), w.dtype, w.device)
+    return lens.head(h, out=out)
+
+
 @torch.no_grad()
 def evaluate_chunk(job: Job, seqs: tuple[int, ...], token_bytes: np.ndarray, part: int) -> ChunkResult:
     """All lenses x all layers on the whole store sequences ``seqs``."""
     store = open_store(job.store)
-    lenses = _lenses(job.model_dir, job.lens_dirs)
     x = read_sequences(store, range(job.n_layers + 1), seqs)  # (L+1, n, d_model)
     ids = read_sequence_tokens(store, seqs)  # (n,)
+    return evaluate_tensors(job, _lenses(job.model_dir, job.lens_dirs), x, ids, seqs, token_bytes, part)
+
+
+@torch.no_grad()
+def evaluate_tensors(job: Job, lenses: dict[str, Any], x: torch.Tensor, ids: torch.Tensor,
+                     seqs: tuple[int, ...], token_bytes: np.ndarray, part: int) -> ChunkResult:
+    """The compute of :func:`evaluate_chunk` on residuals ``x`` (L+1, n, d_model) and token
+    ids (n,) already read (benchmarks/bench_evaluate.py times it alone)."""
     next_ids, mask = M.next_token_targets(ids, job.seq_len)  # (n,), (n,)
     final_logits = lenses[LOGIT].head(x[-1])  # (n, vocab)
     nbytes = torch.from_numpy(np.roll(token_bytes, -1)).double()  # bytes of the next token
@@ -134,7 +150,7 @@ def evaluate_chunk(job: Job, seqs: tuple[int, ...], token_bytes: np.ndarray, par
     _evaluate_one(result, (MODEL, job.n_layers), final_logits, chunk, job, tokens)
     for name, lens in lenses.items():
         layers = list(range(job.n_layers)) if name == LOGIT else lens.layers
-        tops = [_evaluate_one(result, (name, layer), lens(x[layer], layer), chunk, job, tokens)
+        tops = [_evaluate_one(result, (name, layer), _logits(lens, x[layer], layer), chunk, job, tokens)
                 for layer in layers]
         tops.append(chunk.final["top1"])  # the last layer's successor is the model's output
         for layer, a, b in zip(layers, tops, tops[1:]):  # consistency: top-1 kept by the next layer

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import logging
 import sys
 from pathlib import Path
@@ -49,13 +50,17 @@ def _report(message: str, code: int) -> None:
 def run_stage(snakemake, fn: Callable[[], object]) -> None:
     """Body of every ``stages/*.py`` script: log to the rule's log, import the config's
     plugins, give torch the rule's threads, report user errors as one message."""
-    import torch
-
+    from .allocator import keep_freed_memory
     from .translators import load_plugins
 
+    keep_freed_memory()  # before the first large tensor
     setup_logging(snakemake.log[0] if len(snakemake.log) else None)
-    # torch would take every core of the node; the rule asked for `threads`
-    torch.set_num_threads(snakemake.threads)
+    # torch would take every core of the node; the rule asked for `threads`. A stage that
+    # never imports torch (report, verify) does not pay its ~2-4 s import for this: torch
+    # reads OMP_NUM_THREADS when it is first imported.
+    os.environ["OMP_NUM_THREADS"] = str(snakemake.threads)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(snakemake.threads)
     with user_errors():
         load_plugins(snakemake.config.get("plugins"))  # before any param names a kind they add
         fn()

@@ -12,6 +12,7 @@ masks, never anything larger.
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 from torch import Tensor
@@ -86,7 +87,7 @@ def top1(logp: Tensor) -> tuple[Tensor, Tensor]:
     return ids, values.exp().clamp_(0.0, 1.0)
 
 
-def rank_of(logp: Tensor, ids: Tensor) -> Tensor:
+def rank_of(logp: Tensor, ids: Tensor, buf: Tensor | None = None) -> Tensor:
     """(n,) int64 0-based rank of token ``ids[i]`` in row i, most likely first.
 
     Ties are broken by token id (lower id ranks first), the order torch.argmax uses, so the
@@ -98,10 +99,14 @@ def rank_of(logp: Tensor, ids: Tensor) -> Tensor:
         raise ValueError(f"logp {tuple(logp.shape)} and ids {tuple(ids.shape)} disagree")
     ids = ids.long()[:, None]                                    # (n, 1)
     target = logp.gather(-1, ids)                                # (n, 1)
-    rank = (logp > target).sum(-1)                               # strictly more likely
+    # ``buf``: an (n, vocab) float32 buffer for the comparisons (a Workspace's). Counting
+    # 0/1 floats is exact (counts < 2^24) and needs no temporary, where summing a bool
+    # tensor first builds an int64 copy of it: 8 bytes per entry, 8x slower here.
+    count = (lambda m: m.sum(-1)) if buf is None else (lambda m: m.sum(-1).long())
+    rank = count(torch.gt(logp, target, out=buf))                # strictly more likely
     # Exact ties are rare in float logits: count equal entries in one pass, and break ties
     # by id only in the rows that have any.
-    tied = (logp == target).sum(-1) > 1
+    tied = count(torch.eq(logp, target, out=buf)) > 1
     if tied.any():
         cols = torch.arange(logp.shape[-1], device=logp.device)  # (vocab,)
         rank[tied] += ((logp[tied] == target[tied]) & (cols < ids[tied])).sum(-1)
@@ -282,10 +287,11 @@ def bits_per_byte(nats_sum: float, n_bytes: int) -> float:
 # to 1 +- ~1e-5, which shifts lse-based KL by ~1e-5 x lse ~ 3e-4 nats. Both sums are now
 # measured with a cascade reduction and folded back in.
 
-def row_dot(a: Tensor, b: Tensor) -> Tensor:
+def row_dot(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
     """(n, vocab) x (n, vocab) -> (n,) sum_v a_v b_v, one cascade-summed reduction per row
-    (bmm/einsum measured ~700x less accurate here: they accumulate long float32 runs)."""
-    return (a * b).sum(-1)
+    (bmm/einsum measured ~700x less accurate here: they accumulate long float32 runs).
+    ``out``: an (n, vocab) buffer for the products (a fresh one otherwise)."""
+    return torch.mul(a, b, out=out).sum(-1)
 
 
 def target_stats(logp: Tensor) -> dict[str, Tensor]:
@@ -307,15 +313,65 @@ def final_stats(final_logits: Tensor) -> dict[str, Tensor]:
     return target_stats(logp) | {"top1": logp.argmax(-1)}
 
 
-def kl_rows(z: Tensor, lse: Tensor, target: dict[str, Tensor]) -> Tensor:
+def kl_rows(z: Tensor, lse: Tensor, target: dict[str, Tensor], out: Tensor | None = None) -> Tensor:
     """(n,) float64 KL(p || softmax(z)) per row from the lens logits z (n, vocab), their
     exact logsumexp (n,) and ``target_stats``: sum p log p - <p, z> + lse."""
     f64 = torch.float64
-    return target["neg_entropy"].to(f64) - row_dot(target["p"], z).to(f64) + lse.to(f64)
+    return target["neg_entropy"].to(f64) - row_dot(target["p"], z, out).to(f64) + lse.to(f64)
+
+
+class Workspace:
+    """Reusable (n, vocab) buffers for :func:`logit_stats`, one set per thread.
+
+    Every fresh (1,024 x 49,152) float32 temporary is a 200 MB allocation, which glibc
+    serves with mmap and returns with munmap: the kernel zero-fills it page by page on
+    first touch (~1 GB/s here), so allocating was slower than the arithmetic. Writing into
+    buffers kept across lenses and layers (``out=``) removes those page faults.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, Tensor] = {}
+
+    def take(self, name: str, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype = torch.float32,
+             device: torch.device | str = "cpu") -> Tensor:
+        """An uninitialised buffer of this shape and dtype, the same one while they do not change."""
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape != tuple(shape) or buf.dtype != dtype or buf.device != torch.device(device):
+            self._buffers.pop(name, None)  # free the old one first: peak memory stays one buffer
+            buf = self._buffers[name] = torch.empty(shape, dtype=dtype, device=device)
+        return buf
+
+    def like(self, name: str, t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        return self.take(name, t.shape, t.dtype if dtype is None else dtype, t.device)
+
+
+_LOCAL = threading.local()
+
+
+def workspace() -> Workspace:
+    """This thread's :class:`Workspace` (dask runs evaluation chunks in threads)."""
+    if not hasattr(_LOCAL, "ws"):
+        _LOCAL.ws = Workspace()
+    return _LOCAL.ws
+
+
+def _top(z: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(top-1 ids (n,), max z (n,), k-th largest z (n,)) from one topk pass (no separate
+    max pass). Top-1 is argmax's: the lowest id among the maxima. topk returns an arbitrary
+    subset among ties, so a row whose returned values all tie is settled by argmax."""
+    kk = min(max(k, 2), z.shape[-1])  # two values at least: a tie at the top is visible
+    vals, idx = z.topk(kk, dim=-1, sorted=True)  # (n, kk), descending
+    zmax = vals[:, 0]
+    at_max = vals == zmax[:, None]
+    top = torch.where(at_max, idx, z.shape[-1]).amin(-1)
+    full = at_max.all(-1)
+    if full.any():
+        top[full] = z[full].argmax(-1)
+    return top, zmax, vals[:, min(k, kk) - 1]
 
 
 def logit_stats(z: Tensor, final: dict[str, Tensor], next_ids: Tensor, k: int,
-                with_rank: bool = False) -> dict[str, Tensor]:
+                with_rank: bool = False, ws: Workspace | None = None) -> dict[str, Tensor]:
     """Every per-token metric of one lens from its logits z (n, vocab), in ~7 passes.
 
     Same values as the functions above (tests check it), but from the logits directly:
@@ -324,34 +380,34 @@ def logit_stats(z: Tensor, final: dict[str, Tensor], next_ids: Tensor, k: int,
     No log_softmax tensor is built and the model's side is shared across lenses
     (``final_stats``): on SmolLM2's 49,152-token vocabulary this made evaluation ~3x
     faster than composing the functions above. KL and entropy are float64 per token.
+    Temporaries go to ``ws`` (default: this thread's :func:`workspace`).
     """
     z = _floating(z)
-    zmax, top = z.max(dim=-1)  # (n,), (n,)
-    q = torch.softmax(z, dim=-1)  # (n, vocab): one fused pass
+    ws = workspace() if ws is None else ws
+    top, zmax, kth = _top(z, k)  # (n,) x 3
+    q = torch.softmax(z, dim=-1, out=ws.like("q", z))  # (n, vocab): one fused pass
     q_top = q.gather(-1, top[:, None]).squeeze(-1)  # (n,) = exp(zmax - lse) >= 1/vocab
     # softmax's own normaliser is inexact; its output's cascade sum measures the error
     q_sum = q.sum(-1)  # (n,) = 1 + O(1e-5)
     lse = zmax - q_top.log() + q_sum.log()  # exact logsumexp without another exp pass
+    tmp = ws.like("tmp", z)
     out = {
         "top1": top, "top1_prob": (q_top / q_sum).clamp(0.0, 1.0),
-        # H(q) = lse - E_q[z], with E_q over the renormalised q; q is consumed here
-        "entropy": lse.double() - q.mul_(z).sum(-1).double() / q_sum.double(),
-        "kl": kl_rows(z, lse, final).clamp_(min=0.0),
+        # H(q) = lse - E_q[z], with E_q over the renormalised q
+        "entropy": lse.double() - torch.mul(q, z, out=tmp).sum(-1).double() / q_sum.double(),
+        "kl": kl_rows(z, lse, final, tmp).clamp_(min=0.0),
         "ce": lse - z.gather(-1, next_ids[:, None]).squeeze(-1),
     }
-    del q
-    k = min(k, z.shape[-1])
-    target = z.gather(-1, final["top1"][:, None])  # (n, 1)
+    target = z.gather(-1, final["top1"][:, None]).squeeze(-1)  # (n,)
     out["agree_top1"] = top == final["top1"]
     if k >= z.shape[-1]:
         out["agree_topk"] = torch.ones_like(out["agree_top1"])
     else:
-        kth = z.topk(k, dim=-1, sorted=False).values.amin(-1)  # (n,)
-        agree = target.squeeze(-1) > kth
-        tied = target.squeeze(-1) == kth
+        agree = target > kth
+        tied = target == kth
         if tied.any():
             agree[tied] = rank_of(z[tied], final["top1"][tied]) < k
         out["agree_topk"] = agree
     if with_rank:
-        out["rank"] = rank_of(z, next_ids)
+        out["rank"] = rank_of(z, next_ids, ws.like("tmp", z, torch.float32))
     return out

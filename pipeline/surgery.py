@@ -222,14 +222,26 @@ class UnembedHead(nn.Module):
     def from_parts(cls, parts: ModelParts) -> UnembedHead:
         return cls(parts.final_norm, parts.projection, parts.unembed, parts.softcap, parts.logit_scale)
 
-    def forward(self, h: Tensor) -> Tensor:
+    def forward(self, h: Tensor, out: Tensor | None = None) -> Tensor:
+        """Logits (..., vocab). ``out``: an (n, vocab) buffer to write them into, for 2-D
+        ``h`` without autograd (evaluation reuses one per lens and layer: a fresh 200 MB
+        tensor per call was mostly page faults)."""
         # Residuals are cached in float32; run the head in its own dtype, as the model does.
         h = h.to(self.unembed.weight.dtype)  # (..., d_model)
-        logits = self.unembed(self.projection(self.final_norm(h)))  # (..., vocab)
+        x = self.projection(self.final_norm(h))
+        if out is None or x.ndim != 2 or type(self.unembed) is not nn.Linear:
+            logits = self.unembed(x)  # (..., vocab)
+            if self.logit_scale != 1.0:
+                logits = logits * self.logit_scale
+            if self.softcap is not None:
+                logits = torch.tanh(logits / self.softcap) * self.softcap
+            return logits
+        w, b = self.unembed.weight, self.unembed.bias  # the same BLAS call as F.linear
+        logits = torch.mm(x, w.t(), out=out) if b is None else torch.addmm(b, x, w.t(), out=out)
         if self.logit_scale != 1.0:
-            logits = logits * self.logit_scale
+            logits.mul_(self.logit_scale)
         if self.softcap is not None:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
+            logits.div_(self.softcap).tanh_().mul_(self.softcap)
         return logits
 
 

@@ -310,3 +310,33 @@ def test_kl_rows_do_not_depend_on_the_thread_count():
     finally:
         torch.set_num_threads(before)
     assert torch.equal(out[0], out[1])
+
+
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_logit_stats_top1_is_argmax_on_ties(k):
+    """Top-1 comes from the topk pass: with tied maxima it must still be argmax's (lowest id),
+    whether the ties fit in the k values topk returns or not."""
+    from pipeline.metrics import final_stats, logit_stats
+
+    z = torch.zeros(4, 40)
+    z[0, [3, 17, 30]] = 5.0                # three tied maxima
+    z[1] = 1.0                             # every entry tied
+    z[2, [39, 38]] = 2.0                   # two at the end
+    z[3, 9] = 3.0                          # unique
+    final = final_stats(torch.randn(4, 40, generator=torch.Generator().manual_seed(0)))
+    got = logit_stats(z, final, torch.zeros(4, dtype=torch.long), k=k, with_rank=True)
+    assert torch.equal(got["top1"], z.argmax(-1)), got["top1"]
+    assert torch.equal(got["rank"], M.rank_of(z, torch.zeros(4, dtype=torch.long)))
+
+
+def test_logit_stats_with_a_reused_workspace_equal_fresh_buffers():
+    from pipeline.metrics import Workspace, final_stats, logit_stats
+
+    g = torch.Generator().manual_seed(5)
+    z, zf = torch.randn(6, 300, generator=g) * 4, torch.randn(6, 300, generator=g) * 4
+    nxt = torch.randint(0, 300, (6,), generator=g)
+    ws, final = Workspace(), final_stats(zf)
+    logit_stats(z * 2, final, nxt, k=5, with_rank=True, ws=ws)  # fills the buffers with other values
+    again = logit_stats(z, final, nxt, k=5, with_rank=True, ws=ws)
+    fresh = logit_stats(z, final, nxt, k=5, with_rank=True, ws=Workspace())
+    assert again.keys() == fresh.keys() and all(torch.equal(again[key], fresh[key]) for key in fresh)

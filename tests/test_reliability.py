@@ -61,8 +61,13 @@ def _same_store(a: Path, b: Path) -> None:
 # ------------------------------------------------------------------------ disk full
 
 def test_disk_full_during_extract_keeps_a_resumable_store(setup, tmp_path, monkeypatch):
+    """A full disk at shard 1, injected in zarr-python's file writes (so through its own
+    codec pipeline; test_disk_full_on_a_real_small_tmpfs fills a real disk under the default)."""
     import zarr.storage._local as local
 
+    from pipeline.store import engine
+
+    monkeypatch.setattr(engine, "_chosen", "zarr")
     real = local._put
 
     def full_at_second_shard(path, value, exclusive=False):
@@ -510,7 +515,7 @@ def test_export_head_refuses_a_non_empty_directory_and_an_unwritable_one(tmp_pat
 
 @pytest.mark.parametrize("argv, message", [
     (["extract", "--model", "nosuch", "--corpus", "shakespeare", "--split", "test"], "no model 'nosuch' in {c}; known: smollm2-135m"),
-    (["extract", "--model", "smollm2-135m", "--corpus", "nosuch", "--split", "test"], "no corpus 'nosuch' in {c}; known: shakespeare"),
+    (["extract", "--model", "smollm2-135m", "--corpus", "nosuch", "--split", "test"], "no corpus 'nosuch' in {c}; known: python-code, shakespeare"),
     (["prepare-corpus", "--model", "nosuch", "--corpus", "shakespeare"], "no model 'nosuch' in {c}; known: smollm2-135m"),
     (["prepare-model", "--model", "nosuch"], "no model 'nosuch' in {c}; known: smollm2-135m"),
 ])
@@ -525,7 +530,7 @@ def test_names_not_in_the_config_are_named_first(capsys, argv, message):
     (("source: tiny/model", 'source: "embedded:nope"'),
      "models.tiny.source: unknown embedded source 'embedded:nope'; available: embedded:gemma-3-270m, embedded:smollm2-135m-instruct"),
     (("source: tiny/corpus/*.txt", 'source: "embedded:nope"'),
-     "corpora.tiny-txt.source: unknown embedded source 'embedded:nope'; available: embedded:shakespeare"),
+     "corpora.tiny-txt.source: unknown embedded source 'embedded:nope'; available: embedded:python-code, embedded:shakespeare"),
     (("  bootstrap: 50", "  bootstrap: 50\n  bootstrp: 5"),
      "unknown key evaluate.bootstrp; known keys under evaluate: bootstrap, calibration_bins, "),
 ])

@@ -5,8 +5,9 @@ The store is plain zarr v3 whichever pipeline runs; only the engine differs.
 file I/O of a shard's chunks in parallel outside the GIL; zarr-python's own
 ``BatchedCodecPipeline`` does them chunk by chunk in Python. ``benchmarks/bench_store_io.py``
 measures both against raw file I/O; the numbers are in ``benchmarks/RESULTS.md``.
-Where zarrs cannot serve an array (a store type it does not know, e.g. a remote URL or a
-.zip), it hands the array back to zarr-python's pipeline by itself.
+zarrs serves local directories only here: with an fsspec URL it fails on the storage
+options (zarrs 0.2.3: "Unsupported storage option for HTTPFileSystem"), so remote stores
+and .zip exports are read through zarr-python's pipeline (:func:`for_location`).
 """
 
 from __future__ import annotations
@@ -18,10 +19,35 @@ PIPELINES = {
 DEFAULT = "zarrs"
 
 
+_chosen: str | None = None
+
+
 def configure(pipeline: str = DEFAULT, threads: int | None = None) -> None:
     """Select the codec pipeline (and its thread count) for every zarr array opened after."""
+    global _chosen
     import zarr
 
     if pipeline not in PIPELINES:
         raise ValueError(f"unknown codec pipeline {pipeline!r}; one of {sorted(PIPELINES)}")
-    zarr.config.set({"codec_pipeline.path": PIPELINES[pipeline], "threading.max_workers": threads})
+    settings = {"codec_pipeline.path": PIPELINES[pipeline]}
+    if threads is not None:
+        settings["threading.max_workers"] = threads
+    zarr.config.set(settings)
+    _chosen = pipeline
+
+
+def activate() -> str:
+    """The default pipeline, unless one was chosen already (the store's readers and writers
+    call this before opening arrays). Returns the pipeline in use."""
+    if _chosen is None:
+        configure(DEFAULT)
+    return _chosen
+
+
+def for_location(local_dir: bool):
+    """Context in which to open a store's arrays: the chosen pipeline for a local directory,
+    zarr-python's for a URL or a .zip (an array keeps the pipeline it was opened with)."""
+    import zarr
+
+    chosen = activate()
+    return zarr.config.set({"codec_pipeline.path": PIPELINES[chosen if local_dir else "zarr"]})

@@ -24,6 +24,7 @@ from zarr.codecs import BloscCodec, ZstdCodec
 
 from ..errors import StoreError, disk_full, disk_full_message
 from ..provenance import acquire_lock, now_utc, package_versions, sha256_file, sha256_json, write_json_atomic
+from . import engine
 from .layout import (BF16_BITS, COMPLETE_NAME, FORMAT, LOCK_NAME, MANIFEST_NAME, PROGRESS_DIR, SCHEMA_VERSION,
                      STORED_NP, StoreParams, check_schema, record_name, shard_checksums)
 from .location import Location
@@ -80,17 +81,24 @@ def _compressors(compression: str, level: int) -> list | None:
     return None
 
 
+#: Fill values no written chunk can equal (values are checked finite before they are stored;
+#: token ids are >= 0), so every inner chunk and every shard is a file whatever the codec
+#: pipeline: zarrs skips chunks equal to the fill value even when told to write them.
+FILL = {"bfloat16": 0x7FC0, "float16": float("nan"), "float32": float("nan")}  # 0x7FC0: bf16 NaN
+TOKEN_FILL = -1
+
+
 def _create_arrays(group: zarr.Group, p: StoreParams) -> None:
     encoding = BF16_BITS if p.dtype == "bfloat16" else None
     group.create_array(
         "resid", shape=(p.n_layers + 1, p.n_tokens, p.d_model), dtype=STORED_NP[p.dtype],
         shards=(p.n_layers + 1, p.shard_tokens, p.d_model), chunks=(1, p.chunk_tokens, p.d_model),
-        compressors=_compressors(p.compression, p.level), fill_value=0,
+        compressors=_compressors(p.compression, p.level), fill_value=FILL[p.dtype],
         dimension_names=("layer", "token", "feature"),
         attributes={"encoding": encoding, "dtype": p.dtype}, overwrite=True)
     group.create_array(
         "tokens", shape=(p.n_tokens,), dtype="int32", chunks=(p.shard_tokens,),
-        compressors=_compressors(p.compression, p.level), fill_value=0,
+        compressors=_compressors(p.compression, p.level), fill_value=TOKEN_FILL,
         dimension_names=("token",), overwrite=True)
 
 
@@ -205,22 +213,28 @@ class StoreWriter:
         root.mkdir(parents=True, exist_ok=True)
         lock_fd = _acquire_lock(root)
         try:
-            if (root / "zarr.json").exists():
-                group = zarr.open_group(str(root), mode="r+", zarr_format=3, use_consolidated=False)
-                _check_resumable(root, group.attrs.asdict(), params, provenance)
-            else:
-                group = zarr.create_group(str(root), attributes=_initial_attrs(params, provenance, fingerprint))
-            _ensure_arrays(group, params)
-            loc = Location(root)
-            complete = loc.read_json(COMPLETE_NAME) is not None and group.attrs.get("complete") is True
-            records = loc.load_records(params)
-            writer = cls(root, params, group, lock_fd, records, complete, background)
-            if not complete:
-                writer._discard_unrecorded()
-            return writer
+            with engine.for_location(local_dir=True):
+                return cls._open(root, params, provenance, fingerprint, lock_fd, background)
         except BaseException:
             os.close(lock_fd)
             raise
+
+    @classmethod
+    def _open(cls, root: Path, params: StoreParams, provenance: dict, fingerprint: str, lock_fd: int,
+              background: bool) -> "StoreWriter":
+        if (root / "zarr.json").exists():
+            group = zarr.open_group(str(root), mode="r+", zarr_format=3, use_consolidated=False)
+            _check_resumable(root, group.attrs.asdict(), params, provenance)
+        else:
+            group = zarr.create_group(str(root), attributes=_initial_attrs(params, provenance, fingerprint))
+        _ensure_arrays(group, params)
+        loc = Location(root)
+        complete = loc.read_json(COMPLETE_NAME) is not None and group.attrs.get("complete") is True
+        records = loc.load_records(params)
+        writer = cls(root, params, group, lock_fd, records, complete, background)
+        if not complete:
+            writer._discard_unrecorded()
+        return writer
 
     # -- appending ------------------------------------------------------------------
 
@@ -315,7 +329,7 @@ class StoreWriter:
             self._tokens[start:stop] = tbuf
             for arr, coords in ((self._resid, (0, shard, 0)), (self._tokens, (shard,))):
                 _fsync_file(self.root / arr.basename / arr.metadata.encode_chunk_key(coords))
-        except OSError as e:
+        except (OSError, RuntimeError) as e:
             if not disk_full(e):
                 raise
             # The shard is not recorded, so the store stays incomplete and a resume rewrites it.

@@ -1,0 +1,54 @@
+"""Process-level behaviour: the allocator setting, lazy imports of torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+FAULTS = """
+import resource, sys, torch
+if sys.argv[1] == "keep":
+    from pipeline.allocator import keep_freed_memory
+    assert keep_freed_memory()
+z = torch.ones(512, 49152)  # a lens step's (tokens x vocab) logits: 100 MB
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(6):
+    q = torch.softmax(z, -1)
+    del q
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def _faults(mode: str) -> int:
+    out = subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_keep_freed_memory_stops_refaulting_large_temporaries():
+    """Six 100 MB temporaries: page faults on each without the setting, on the first with it."""
+    plain, kept = _faults("plain"), _faults("keep")
+    assert plain > 6 * 20_000  # ~25,000 4-KiB pages per 100 MB tensor
+    assert kept < plain / 3, (plain, kept)
+
+
+def test_store_summary_and_cli_do_not_import_torch():
+    code = "import sys, pipeline.cli, pipeline.store.info, pipeline.store.verify; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_decode_bf16_equals_torch_conversion_bit_for_bit():
+    from pipeline.store.reader import decode_bf16
+
+    x = torch.randn(3, 50, 7) * 1e4
+    x[0, 0, :5] = torch.tensor([float("inf"), -float("inf"), float("nan"), -0.0, 1e-40])
+    raw = x.bfloat16().view(torch.int16).numpy()
+    want = torch.from_numpy(raw).view(torch.bfloat16).float().numpy()
+    got = decode_bf16(raw)
+    assert got.dtype == np.float32 and np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    assert np.array_equal(decode_bf16(raw[:, ::2]).view(np.uint32), want[:, ::2].view(np.uint32))  # strided
