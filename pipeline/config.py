@@ -155,8 +155,9 @@ class CorpusConfig:
     matrix). Its splits are the same as when it trains, so turning this off later adds
     its lens without changing what was evaluated on it."""
     evaluate_tokens: int | None = None
-    """Tokens of this corpus's held-out split to evaluate, instead of ``evaluate.max_tokens``
-    (e.g. fewer for an evaluation-only corpus); null = ``evaluate.max_tokens``."""
+    """At most this many tokens of this corpus's held-out split are evaluated: a cap on
+    ``evaluate.max_tokens`` (e.g. fewer for an evaluation-only corpus); null = no cap. A cap,
+    so that a model's smaller ``evaluate.max_tokens`` (its ``overrides``) still applies."""
 
     def __post_init__(self) -> None:
         if self.evaluate_tokens is not None and self.evaluate_tokens < 1:
@@ -538,9 +539,11 @@ class PipelineConfig:
         return [(t, e) for t in self.train_corpora for e in [t, *(c for c in self.corpora if c != t)]]
 
     def evaluate_config(self, corpus: str) -> EvaluateConfig:
-        """``evaluate`` for evaluations on ``corpus`` (its ``evaluate_tokens`` budget, if any)."""
-        tokens = self.corpora[corpus].evaluate_tokens
-        return self.evaluate if tokens is None else dataclasses.replace(self.evaluate, max_tokens=tokens)
+        """``evaluate`` for evaluations on ``corpus``: ``max_tokens`` capped at its ``evaluate_tokens``."""
+        cap, tokens = self.corpora[corpus].evaluate_tokens, self.evaluate.max_tokens
+        if cap is None or (tokens is not None and tokens <= cap):
+            return self.evaluate
+        return dataclasses.replace(self.evaluate, max_tokens=cap)
 
     def model(self, name: str) -> ModelConfig:
         if name not in self.models:

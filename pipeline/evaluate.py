@@ -26,7 +26,7 @@ from . import metrics as M
 from .config import EvaluateConfig
 from .corpus import load_split
 from .errors import StoreError
-from .lenses import LogitLens, TunedLens
+from .lenses import LogitLens, TunedLens, logits_into
 from .lenses import read_lens_meta
 from .progress import Progress
 from .provenance import exclusive_output, package_versions
@@ -118,15 +118,6 @@ def _evaluate_one(result: ChunkResult, key, z, chunk: Chunk, job: Job, tokens: l
     return st["top1"]
 
 
-def _logits(lens, h: torch.Tensor, layer: int) -> torch.Tensor:
-    """(n, vocab) logits of ``lens`` at ``layer``, written into this thread's reused buffer."""
-    h = lens.translate(h, layer)  # (n, d_model)
-    vocab = getattr(lens.head.unembed, "out_features", None)  # None: a head without a buffer path
-    w = lens.head.unembed.weight
-    out = None if vocab is None else M.workspace().take("z", (h.shape[0], vocab), w.dtype, w.device)
-    return lens.head(h, out=out)
-
-
 @torch.no_grad()
 def evaluate_chunk(job: Job, seqs: tuple[int, ...], token_bytes: np.ndarray, part: int) -> ChunkResult:
     """All lenses x all layers on the whole store sequences ``seqs``."""
@@ -150,7 +141,7 @@ def evaluate_tensors(job: Job, lenses: dict[str, Any], x: torch.Tensor, ids: tor
     _evaluate_one(result, (MODEL, job.n_layers), final_logits, chunk, job, tokens)
     for name, lens in lenses.items():
         layers = list(range(job.n_layers)) if name == LOGIT else lens.layers
-        tops = [_evaluate_one(result, (name, layer), _logits(lens, x[layer], layer), chunk, job, tokens)
+        tops = [_evaluate_one(result, (name, layer), logits_into(lens, x[layer], layer), chunk, job, tokens)
                 for layer in layers]
         tops.append(chunk.final["top1"])  # the last layer's successor is the model's output
         for layer, a, b in zip(layers, tops, tops[1:]):  # consistency: top-1 kept by the next layer

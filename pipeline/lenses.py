@@ -389,6 +389,21 @@ class TunedLens(nn.Module):
         return cls(head, translators, kind="affine", d_model=d, n_layers=n, model_info=model_info, origin=origin)
 
 
+@torch.no_grad()
+def logits_into(lens: LogitLens | TunedLens, h: Tensor, layer: int) -> Tensor:
+    """(n, vocab) logits of ``lens`` at ``layer`` for h (n, d_model), no gradient, written
+    into this thread's reused buffer (``metrics.workspace``): evaluation and validation run
+    every lens at every layer, and a fresh (n, vocab) tensor per call was mostly page faults.
+    The result is overwritten by the next call in this thread."""
+    from .metrics import workspace
+
+    h = lens.translate(h, layer)  # (n, d_model)
+    w = lens.head.unembed.weight
+    vocab = getattr(lens.head.unembed, "out_features", None)  # None: a head without a buffer path
+    out = None if vocab is None else workspace().take("logits", (h.shape[0], vocab), w.dtype, w.device)
+    return lens.head(h, out=out)
+
+
 def reference_unembed_hash(head: UnembedHead) -> str:
     """tuned-lens 0.2.0's ``Unembed.unembedding_hash``: sha256 of the printed lm_head weight."""
     w = head.unembed.weight.detach().cpu().float().numpy()

@@ -313,6 +313,14 @@ def final_stats(final_logits: Tensor) -> dict[str, Tensor]:
     return target_stats(logp) | {"top1": logp.argmax(-1)}
 
 
+def logsumexp_rows(z: Tensor, buf: Tensor) -> Tensor:
+    """(n,) log sum_v exp(z_v) per row, as torch.logsumexp computes it (max + log of the
+    cascade sum of exp(z - max)), with ``buf`` (n, vocab) as its temporary."""
+    zmax = z.amax(-1)  # (n,)
+    torch.sub(z, zmax[:, None], out=buf).exp_()
+    return zmax + buf.sum(-1).log()
+
+
 def kl_rows(z: Tensor, lse: Tensor, target: dict[str, Tensor], out: Tensor | None = None) -> Tensor:
     """(n,) float64 KL(p || softmax(z)) per row from the lens logits z (n, vocab), their
     exact logsumexp (n,) and ``target_stats``: sum p log p - <p, z> + lse."""

@@ -23,7 +23,8 @@ from . import metrics as M
 from . import translators
 from .config import TrainConfig
 from .devices import resolve_device
-from .lenses import LeastSquaresAccumulator, LogitLens, TunedLens, init_translator_lstsq, read_lens_meta
+from .lenses import (LeastSquaresAccumulator, LogitLens, TunedLens, init_translator_lstsq, logits_into,
+                     read_lens_meta)
 from .model import read_model_info
 from .progress import Progress
 from .sampling import read_sequences, spread_sequences
@@ -41,24 +42,34 @@ class KLFromLogits(torch.autograd.Function):
     dKL/dz = softmax(z) - p.
 
     Autograd through log_softmax + multiply + sum would keep several (batch, vocab)
-    tensors; here only z is saved. The target's side (``metrics.target_stats``: p and
-    per-row sum p log p) is computed once per batch for all layers. Each row's KL is one
-    cascade-summed reduction and rows are summed in float64 (``metrics.kl_rows``): exact
-    to ~1e-7 and independent of the thread count (see pipeline.metrics).
+    tensors; here only z is saved. When z is an intermediate result (the head's output in
+    training) the gradient is computed in z's own storage: the head's matmul needs its
+    inputs, not its output, for its backward, and anything else that saved z would make
+    autograd refuse (an error, never a wrong gradient). So backward runs once per graph,
+    and z holds the gradient afterwards. The forward's one
+    (batch, vocab) temporary is this thread's reused buffer (``metrics.workspace``): each
+    fresh one was a 100 MB allocation, page-faulted in by the kernel. The target's side
+    (``metrics.target_stats``: p and per-row sum p log p) is computed once per batch for all
+    layers. Each row's KL is one cascade-summed reduction and rows are summed in float64
+    (``metrics.kl_rows``): exact to ~1e-7 and independent of the thread count (see
+    pipeline.metrics).
     """
 
     @staticmethod
     def forward(ctx, z: torch.Tensor, p: torch.Tensor, neg_entropy: torch.Tensor) -> torch.Tensor:
+        ctx.in_place = z.grad_fn is not None  # not a leaf: the graph's own tensor
         if z.dtype in (torch.bfloat16, torch.float16):
-            z = z.float()  # (batch, vocab); float32 softmax even under bf16 autocast
-        lse = torch.logsumexp(z, dim=-1)  # (batch,)
+            z, ctx.in_place = z.float(), True  # (batch, vocab); float32 softmax even under bf16 autocast
+        tmp = M.workspace().like("train_tmp", z)
+        lse = M.logsumexp_rows(z, tmp)  # (batch,)
         ctx.save_for_backward(z, p, lse)
-        return M.kl_rows(z, lse, {"p": p, "neg_entropy": neg_entropy}).sum() / z.shape[0]
+        return M.kl_rows(z, lse, {"p": p, "neg_entropy": neg_entropy}, tmp).sum() / z.shape[0]
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         z, p, lse = ctx.saved_tensors
-        g = torch.exp(z - lse[:, None])  # softmax(z): (batch, vocab)
+        g = z.sub_(lse[:, None]) if ctx.in_place else z - lse[:, None]
+        g.exp_()  # softmax(z): (batch, vocab)
         g.sub_(p).mul_(float(grad) / z.shape[0])
         return g, None, None
 
@@ -77,7 +88,8 @@ class Targets:
     def kl(self, z: torch.Tensor) -> torch.Tensor:
         """(batch,) float64 KL(p || softmax(z)) per row, no gradient."""
         z = z.float()
-        return M.kl_rows(z, torch.logsumexp(z, dim=-1), {"p": self.p, "neg_entropy": self.neg_entropy})
+        tmp = M.workspace().like("train_tmp", z)
+        return M.kl_rows(z, M.logsumexp_rows(z, tmp), {"p": self.p, "neg_entropy": self.neg_entropy}, tmp)
 
 
 @torch.no_grad()
@@ -199,7 +211,7 @@ class Validation:
                 continue
             total = 0.0
             for c, t in enumerate(self.targets):
-                total += t.kl(lens(self.x[j, c * self.chunk:(c + 1) * self.chunk], layer)).sum().item()
+                total += t.kl(logits_into(lens, self.x[j, c * self.chunk:(c + 1) * self.chunk], layer)).sum().item()
             out[layer] = total / self.x.shape[1]
         return out
 

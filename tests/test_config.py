@@ -105,3 +105,15 @@ def test_the_default_evaluates_the_shakespeare_lens_on_both_corpora():
     assert cfg.splits_of("python-code") == ("test",) and len(cfg.splits_of("shakespeare")) == 3
     assert cfg.evaluate_config("python-code").max_tokens == 2048
     assert cfg.evaluate_config("shakespeare") is cfg.evaluate  # within-corpus: as before
+
+
+def test_a_corpus_evaluate_tokens_caps_a_model_budget_without_raising_it():
+    """python-code caps evaluation at 2,048 tokens; Gemma's own 1,024 (its overrides) stays 1,024."""
+    from snakemake.utils import update_config
+
+    raw = _raw()
+    update_config(raw, yaml.safe_load((REPO / "config" / "two-architectures.yaml").read_text()))
+    cfg = parse_config(raw)
+    assert cfg.evaluate_config("python-code").max_tokens == 2048 < cfg.evaluate.max_tokens
+    gemma = cfg.for_model("gemma-3-270m")
+    assert gemma.evaluate_config("python-code").max_tokens == gemma.evaluate.max_tokens < 2048

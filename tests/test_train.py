@@ -53,6 +53,20 @@ def test_fused_kl_matches_autograd_and_distributions():
     assert torch.autograd.gradcheck(lambda x: KLFromLogits.apply(x, p, (p * target).sum(-1)), (z,))
 
 
+def test_fused_kl_in_place_backward_gives_the_autograd_gradient():
+    """Logits that are an intermediate result (as the head's output in training) get their
+    gradient computed in their own storage: same gradient upstream as plain autograd."""
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(6, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(13, 8, generator=g, dtype=torch.float64)
+    target = torch.log_softmax(torch.randn(6, 13, generator=g, dtype=torch.float64), -1)
+    (fused,) = torch.autograd.grad(kl_loss(h @ W.T, target), h)
+    ref = torch.distributions.kl_divergence(torch.distributions.Categorical(logits=target),
+                                            torch.distributions.Categorical(logits=h @ W.T)).mean()
+    (want,) = torch.autograd.grad(ref, h)
+    torch.testing.assert_close(fused, want)
+
+
 @pytest.mark.parametrize("kind", ["affine", "linear", "mlp", "scaling"])
 def test_every_kind_trains_saves_and_logs(tiny_run, tmp_path, kind):
     # from the logit lens (no least-squares start), so every step's progress is the optimiser's
