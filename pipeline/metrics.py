@@ -378,6 +378,13 @@ def _top(z: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     return top, zmax, vals[:, min(k, kk) - 1]
 
 
+def kl_from_logits(z: Tensor, target: dict[str, Tensor], ws: Workspace | None = None) -> Tensor:
+    """(n,) float64 KL(p || softmax(z)) per row from lens logits z (n, vocab) and
+    ``target_stats``, with one temporary from ``ws`` (default: this thread's workspace)."""
+    tmp = (workspace() if ws is None else ws).like("kl_tmp", z)
+    return kl_rows(z, logsumexp_rows(z, tmp), target, tmp)
+
+
 def logit_stats(z: Tensor, final: dict[str, Tensor], next_ids: Tensor, k: int,
                 with_rank: bool = False, ws: Workspace | None = None) -> dict[str, Tensor]:
     """Every per-token metric of one lens from its logits z (n, vocab), in ~7 passes.

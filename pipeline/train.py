@@ -87,9 +87,7 @@ class Targets:
 
     def kl(self, z: torch.Tensor) -> torch.Tensor:
         """(batch,) float64 KL(p || softmax(z)) per row, no gradient."""
-        z = z.float()
-        tmp = M.workspace().like("train_tmp", z)
-        return M.kl_rows(z, M.logsumexp_rows(z, tmp), {"p": self.p, "neg_entropy": self.neg_entropy}, tmp)
+        return M.kl_from_logits(z.float(), {"p": self.p, "neg_entropy": self.neg_entropy})
 
 
 @torch.no_grad()

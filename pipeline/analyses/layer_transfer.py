@@ -16,8 +16,8 @@ import pandas as pd
 import torch
 
 from ..errors import LenspipeError
-from ..lenses import LogitLens, TunedLens
-from ..metrics import kl_div, log_probs
+from ..lenses import LogitLens, TunedLens, logits_into
+from ..metrics import kl_from_logits, log_probs, target_stats
 from ..plots import figure, save
 from ..progress import Progress
 from ..store.reader import open_store
@@ -34,12 +34,14 @@ def transfer_matrix(lens: TunedLens, hidden: dict[int, torch.Tensor], final_logp
     """
     rows = []
     logit = LogitLens(lens.head)
-    sources = [(-1, None)] + [(i, i) for i in lens.layers]
-    with Progress(len(sources) * len(hidden), "layer transfer", unit="pair") as bar:
-        for i, layer in sources:
+    target = target_stats(final_logp)  # the model's side, once
+    with Progress((len(lens.layers) + 1) * len(hidden), "layer transfer", unit="pair") as bar:
+        for i in [-1, *lens.layers]:
             for j, h in hidden.items():
-                z = logit(h, j) if layer is None else lens.head(lens.translators[str(layer)](h))  # (n, vocab)
-                rows.append({"lens_layer": i, "hidden_layer": j, "kl": kl_div(final_logp, log_probs(z)).mean().item()})
+                # translator i on the hidden states of layer j (the logit lens for i = -1)
+                z = logits_into(logit, h, j) if i < 0 else logits_into(lens, h, i)  # (n, vocab)
+                kl = kl_from_logits(z, target).clamp_(min=0.0).mean().item()
+                rows.append({"lens_layer": i, "hidden_layer": j, "kl": kl})
                 bar.update(1)
     return pd.DataFrame(rows)
 
