@@ -35,7 +35,6 @@ What they share:
 - ``progress``     a progress bar on a terminal, periodic log lines in a job's log
 - ``plots``        the shared matplotlib setup
 - ``devices``      CPU or CUDA for the stages that may use a GPU
-- ``allocator``    keep freed memory in a stage: no page faults for large temporaries
 - ``cli``          the ``lenspipe`` command
 """
 
