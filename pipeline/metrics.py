@@ -99,7 +99,7 @@ def rank_of(logp: Tensor, ids: Tensor, buf: Tensor | None = None) -> Tensor:
         raise ValueError(f"logp {tuple(logp.shape)} and ids {tuple(ids.shape)} disagree")
     ids = ids.long()[:, None]                                    # (n, 1)
     target = logp.gather(-1, ids)                                # (n, 1)
-    # ``buf``: an (n, vocab) float32 buffer for the comparisons (a Workspace's). Counting
+    # ``buf``: an (n, vocab) float buffer for the comparisons (a Workspace's). Counting
     # 0/1 floats is exact (counts < 2^24) and needs no temporary, where summing a bool
     # tensor first builds an int64 copy of it: 8 bytes per entry, 8x slower here.
     count = (lambda m: m.sum(-1)) if buf is None else (lambda m: m.sum(-1).long())
@@ -318,7 +318,11 @@ def logsumexp_rows(z: Tensor, buf: Tensor) -> Tensor:
     cascade sum of exp(z - max)), with ``buf`` (n, vocab) as its temporary."""
     zmax = z.amax(-1)  # (n,)
     torch.sub(z, zmax[:, None], out=buf).exp_()
-    return zmax + buf.sum(-1).log()
+    lse = zmax + buf.sum(-1).log()
+    bad = ~torch.isfinite(zmax)  # a row of -inf, or with +inf / NaN: torch's own answer
+    if bad.any():
+        lse[bad] = torch.logsumexp(z[bad], dim=-1)
+    return lse
 
 
 def kl_rows(z: Tensor, lse: Tensor, target: dict[str, Tensor], out: Tensor | None = None) -> Tensor:
@@ -342,7 +346,11 @@ class Workspace:
 
     def take(self, name: str, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype = torch.float32,
              device: torch.device | str = "cpu") -> Tensor:
-        """An uninitialised buffer of this shape and dtype, the same one while they do not change."""
+        """An uninitialised buffer of this shape and dtype, the same one while they do not change.
+        On a GPU a fresh tensor: the caching allocator already reuses memory without page
+        faults, and buffers held here would keep GBs of device memory for the whole run."""
+        if torch.device(device).type != "cpu":
+            return torch.empty(shape, dtype=dtype, device=device)
         buf = self._buffers.get(name)
         if buf is None or buf.shape != tuple(shape) or buf.dtype != dtype or buf.device != torch.device(device):
             self._buffers.pop(name, None)  # free the old one first: peak memory stays one buffer
@@ -372,7 +380,9 @@ def _top(z: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     zmax = vals[:, 0]
     at_max = vals == zmax[:, None]
     top = torch.where(at_max, idx, z.shape[-1]).amin(-1)
-    full = at_max.all(-1)
+    # every returned value a maximum (more ties may lie outside), or none (a NaN row: NaN
+    # is never equal to itself): argmax settles these rows, as the old max pass did
+    full = at_max.all(-1) | ~at_max.any(-1)
     if full.any():
         top[full] = z[full].argmax(-1)
     return top, zmax, vals[:, min(k, kk) - 1]
@@ -381,6 +391,7 @@ def _top(z: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
 def kl_from_logits(z: Tensor, target: dict[str, Tensor], ws: Workspace | None = None) -> Tensor:
     """(n,) float64 KL(p || softmax(z)) per row from lens logits z (n, vocab) and
     ``target_stats``, with one temporary from ``ws`` (default: this thread's workspace)."""
+    z = _floating(z)  # a bf16 head's logits are summed in float32
     tmp = (workspace() if ws is None else ws).like("kl_tmp", z)
     return kl_rows(z, logsumexp_rows(z, tmp), target, tmp)
 
@@ -424,5 +435,5 @@ def logit_stats(z: Tensor, final: dict[str, Tensor], next_ids: Tensor, k: int,
             agree[tied] = rank_of(z[tied], final["top1"][tied]) < k
         out["agree_topk"] = agree
     if with_rank:
-        out["rank"] = rank_of(z, next_ids, ws.like("tmp", z, torch.float32))
+        out["rank"] = rank_of(z, next_ids, ws.like("tmp", z))
     return out

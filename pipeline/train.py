@@ -57,7 +57,8 @@ class KLFromLogits(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z: torch.Tensor, p: torch.Tensor, neg_entropy: torch.Tensor) -> torch.Tensor:
-        ctx.in_place = z.grad_fn is not None  # not a leaf: the graph's own tensor
+        # the graph's own tensor: neither a leaf nor a view of one (or of anything)
+        ctx.in_place = z.grad_fn is not None and z._base is None
         if z.dtype in (torch.bfloat16, torch.float16):
             z, ctx.in_place = z.float(), True  # (batch, vocab); float32 softmax even under bf16 autocast
         tmp = M.workspace().like("train_tmp", z)

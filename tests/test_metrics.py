@@ -340,3 +340,14 @@ def test_logit_stats_with_a_reused_workspace_equal_fresh_buffers():
     again = logit_stats(z, final, nxt, k=5, with_rank=True, ws=ws)
     fresh = logit_stats(z, final, nxt, k=5, with_rank=True, ws=Workspace())
     assert again.keys() == fresh.keys() and all(torch.equal(again[key], fresh[key]) for key in fresh)
+
+
+def test_logit_stats_on_a_row_with_nan_gives_nan_metrics_not_an_error():
+    """A diverged lens (NaN logits) must give NaN metrics, as before, not an index error."""
+    from pipeline.metrics import final_stats, logit_stats
+
+    z = torch.randn(3, 20, generator=torch.Generator().manual_seed(0))
+    z[1, 4] = float("nan")
+    final = final_stats(torch.randn(3, 20, generator=torch.Generator().manual_seed(1)))
+    got = logit_stats(z, final, torch.zeros(3, dtype=torch.long), k=5, with_rank=True)
+    assert torch.equal(got["top1"], z.argmax(-1)) and got["kl"][1].isnan() and not got["kl"][[0, 2]].isnan().any()

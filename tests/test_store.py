@@ -399,3 +399,23 @@ def test_verify_detects_missing_marker_and_altered_records(tmp_path):
     (tmp_path / "s" / "COMPLETE").unlink()
     with pytest.raises(StoreError, match="incomplete"):
         verify(tmp_path / "s")
+
+
+def test_a_store_begun_with_fill_value_zero_resumes_with_every_shard_a_file(tmp_path, monkeypatch):
+    """Stores begun before the NaN / -1 fill values have fill 0. zarrs writes no file for a
+    chunk equal to the fill value, so resuming one through zarrs would lose an all-zero
+    token shard: such a store is written through zarr-python's pipeline."""
+    import pipeline.store.writer as writer
+
+    path, n = tmp_path / "old.zarr", 2 * SHARD
+    resid, _ = make_data(n)
+    toks = np.zeros(n, np.int64)  # token id 0 everywhere: equal to the old fill value
+    with monkeypatch.context() as m:  # begin it as before: fill values 0
+        m.setattr(writer, "FILL", {k: 0 for k in writer.FILL})
+        m.setattr(writer, "TOKEN_FILL", 0)
+        StoreWriter.open(path, **params(n)).abort()
+    assert zarr.open_group(str(path), mode="r")["tokens"].metadata.fill_value == 0
+    write_store(path, resid, toks)
+    store = open_store(path)
+    assert (store.tokens().numpy() == 0).all()
+    verify(path)  # raises on a missing shard file

@@ -241,3 +241,12 @@ def test_validation_sequences_spread_over_the_store(tiny_run, tmp_path):
     metrics, _ = run(tiny_run, tmp_path / "v", steps=0, val_tokens=32)  # 2 of the test store's 8 sequences
     first, second = metrics["val_sequences"]
     assert first < 4 <= second
+
+
+def test_fused_kl_never_writes_into_a_view_of_the_callers_tensor():
+    """Logits that are a view (here of a leaf) get a fresh gradient: the caller's values stay."""
+    w = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
+    before = w.detach().clone()
+    target = torch.log_softmax(torch.randn(4, 7, dtype=torch.float64), -1)
+    kl_loss(w[:, :7], target).backward()
+    assert torch.equal(w.detach(), before)

@@ -12,6 +12,10 @@ and .zip exports are read through zarr-python's pipeline (:func:`for_location`).
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from typing import Iterator
+
 PIPELINES = {
     "zarrs": "zarrs.ZarrsCodecPipeline",
     "zarr": "zarr.core.codec_pipeline.BatchedCodecPipeline",
@@ -20,6 +24,7 @@ DEFAULT = "zarrs"
 
 
 _chosen: str | None = None
+_LOCK = threading.RLock()
 
 
 def configure(pipeline: str = DEFAULT, threads: int | None = None) -> None:
@@ -44,10 +49,19 @@ def activate() -> str:
     return _chosen
 
 
-def for_location(local_dir: bool):
+@contextlib.contextmanager
+def for_location(local_dir: bool, fill_ok: bool = True) -> Iterator[None]:
     """Context in which to open a store's arrays: the chosen pipeline for a local directory,
-    zarr-python's for a URL or a .zip (an array keeps the pipeline it was opened with)."""
+    zarr-python's for a URL or a .zip (an array keeps the pipeline it was opened with).
+    ``fill_ok=False``: arrays of a store written before the fill values of
+    ``pipeline.store.writer.FILL`` (fill 0), which zarrs could leave without a chunk file
+    when a chunk is all zeros: zarr-python's pipeline.
+
+    zarr's config is one process-wide dict, and dask opens stores from several threads: a
+    lock keeps one thread's setting from being restored under another's open."""
     import zarr
 
     chosen = activate()
-    return zarr.config.set({"codec_pipeline.path": PIPELINES[chosen if local_dir else "zarr"]})
+    name = chosen if local_dir and fill_ok else "zarr"
+    with _LOCK, zarr.config.set({"codec_pipeline.path": PIPELINES[name]}):
+        yield

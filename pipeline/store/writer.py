@@ -102,6 +102,14 @@ def _create_arrays(group: zarr.Group, p: StoreParams) -> None:
         dimension_names=("token",), overwrite=True)
 
 
+def _own_fill_values(group: zarr.Group, p: StoreParams) -> bool:
+    """Whether the arrays have the fill values above (False: a store begun before them)."""
+    resid, tokens = group["resid"].metadata.fill_value, group["tokens"].metadata.fill_value
+    want = np.array(FILL[p.dtype], dtype=STORED_NP[p.dtype])
+    same = np.array_equal(np.asarray(resid, want.dtype), want, equal_nan=want.dtype.kind == "f")
+    return bool(same and int(tokens) == TOKEN_FILL)
+
+
 def _initial_attrs(p: StoreParams, provenance: dict, fingerprint: str) -> dict:
     return {
         "format": FORMAT, "schema_version": SCHEMA_VERSION, "fingerprint": fingerprint,
@@ -231,7 +239,8 @@ class StoreWriter:
         loc = Location(root)
         complete = loc.read_json(COMPLETE_NAME) is not None and group.attrs.get("complete") is True
         records = loc.load_records(params)
-        writer = cls(root, params, group, lock_fd, records, complete, background)
+        with engine.for_location(local_dir=True, fill_ok=_own_fill_values(group, params)):
+            writer = cls(root, params, group, lock_fd, records, complete, background)
         if not complete:
             writer._discard_unrecorded()
         return writer
