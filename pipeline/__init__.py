@@ -35,6 +35,7 @@ What they share:
 - ``progress``     a progress bar on a terminal, periodic log lines in a job's log
 - ``plots``        the shared matplotlib setup
 - ``devices``      CPU or CUDA for the stages that may use a GPU
+- ``allocator``    keep freed memory in a stage: fewer page faults for its temporaries
 - ``cli``          the ``lenspipe`` command
 """
 

@@ -17,6 +17,7 @@ from . import paths
 from .analyses import ANALYSES
 from .config import SPLITS, load_config
 from .errors import LenspipeError
+from .allocator import keep_freed_memory
 from .logs import setup_logging, user_errors
 from .paths import Artifacts
 
@@ -309,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # see pipeline.allocator
     setup_logging(level=10 if args.verbose else 20)
     with user_errors():
         args.func(args)

@@ -50,8 +50,10 @@ def _report(message: str, code: int) -> None:
 def run_stage(snakemake, fn: Callable[[], object]) -> None:
     """Body of every ``stages/*.py`` script: log to the rule's log, import the config's
     plugins, give torch the rule's threads, report user errors as one message."""
+    from .allocator import keep_freed_memory
     from .translators import load_plugins
 
+    keep_freed_memory()  # before the first large tensor
     setup_logging(snakemake.log[0] if len(snakemake.log) else None)
     # torch would take every core of the node; the rule asked for `threads`. A stage that
     # never imports torch (report, verify) does not pay its ~2-4 s import for this: torch
