@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 
 from . import paths
+from .allocator import keep_freed_memory
 from .analyses import ANALYSES
 from .config import SPLITS, load_config
 from .errors import LenspipeError
-from .allocator import keep_freed_memory
 from .logs import setup_logging, user_errors
 from .paths import Artifacts
 

@@ -61,7 +61,7 @@ class KLFromLogits(torch.autograd.Function):
         ctx.in_place = z.grad_fn is not None and z._base is None
         if z.dtype in (torch.bfloat16, torch.float16):
             z, ctx.in_place = z.float(), True  # (batch, vocab); float32 softmax even under bf16 autocast
-        tmp = M.workspace().like("train_tmp", z)
+        tmp = M.workspace().like("kl_tmp", z)  # the buffer of metrics.kl_from_logits: never two at once
         lse = M.logsumexp_rows(z, tmp)  # (batch,)
         ctx.save_for_backward(z, p, lse)
         return M.kl_rows(z, lse, {"p": p, "neg_entropy": neg_entropy}, tmp).sum() / z.shape[0]
