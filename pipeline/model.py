@@ -63,19 +63,21 @@ def _load(cfg: ModelConfig, where: dict[str, Any]):
     kw = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
     if where["gguf_file"]:
         kw["gguf_file"] = where["gguf_file"]
-    try:
-        config = AutoConfig.from_pretrained(where["path"], **kw)
-    except (OSError, ValueError) as e:
-        hint = (" HF_HUB_OFFLINE is set, so only models already in the local cache can be "
-                "used: download it on a connected machine (`hf download "
-                f"{cfg.source}`) or set 'source' to a local directory.") if _offline() else ""
-        raise ModelNotAvailable(
-            f"model {cfg.name!r}: could not load {cfg.source!r}"
-            f"{' at revision ' + cfg.revision if cfg.revision else ''}: {e}.{hint}"
-        ) from None
+    # The model first, its config only to explain a failure: every from_pretrained of a GGUF
+    # file parses all of its metadata again (~20 s for Gemma-3's 262k-token vocabulary).
     try:
         model = AutoModelForCausalLM.from_pretrained(where["path"], dtype=torch.float32, **kw)
-    except ValueError as e:
+    except (OSError, ValueError) as e:
+        try:
+            config = AutoConfig.from_pretrained(where["path"], **kw)
+        except (OSError, ValueError) as e2:
+            hint = (" HF_HUB_OFFLINE is set, so only models already in the local cache can be "
+                    "used: download it on a connected machine (`hf download "
+                    f"{cfg.source}`) or set 'source' to a local directory.") if _offline() else ""
+            raise ModelNotAvailable(
+                f"model {cfg.name!r}: could not load {cfg.source!r}"
+                f"{' at revision ' + cfg.revision if cfg.revision else ''}: {e2}.{hint}"
+            ) from None
         raise ModelNotAvailable(
             f"model {cfg.name!r}: {cfg.source!r} (model_type {config.model_type!r}) is not a "
             f"causal language model that transformers can load: {e}"

@@ -101,6 +101,20 @@ def test_auroc_of_one_distribution_against_itself_is_one_half_within_its_ci():
     assert auc == 1 and lo == pytest.approx(1)
 
 
+def test_auroc_ci_matches_sklearn_resample_by_resample():
+    """The pair-matrix AUROC and its bootstrap give sklearn's values on the same draws."""
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(1)
+    normal, anomalous = rng.integers(0, 6, 17).astype(float), rng.integers(2, 9, 11).astype(float)  # ties
+    y = np.r_[np.zeros(17), np.ones(11)]
+    draws = np.random.default_rng(3)
+    boot = [roc_auc_score(y, np.r_[draws.choice(normal, 17), draws.choice(anomalous, 11)]) for _ in range(200)]
+    auc, lo, hi = auroc_ci(normal, anomalous, n_boot=200, seed=3)
+    assert auc == pytest.approx(roc_auc_score(y, np.r_[normal, anomalous]), abs=1e-12)
+    assert (lo, hi) == pytest.approx(tuple(np.percentile(boot, [2.5, 97.5])), abs=1e-12)
+
+
 def test_detector_scores_outliers_higher_and_identical_inputs_alike():
     rng = np.random.default_rng(0)
     fit = rng.normal(size=(80, 4))

@@ -37,18 +37,33 @@ FEATURE_SETS = ("final", "trajectory", "trajectory+final")
 BOOTSTRAP = 1000
 
 
+def auroc(normal: np.ndarray, anomalous: np.ndarray) -> float:
+    """P(anomalous score > normal score) + 1/2 P(tie) over all pairs: the Mann-Whitney form
+    of the area under the ROC curve, the value sklearn's roc_auc_score gives."""
+    return float(_pair_wins(normal, anomalous).mean())
+
+
+def _pair_wins(normal: np.ndarray, anomalous: np.ndarray) -> np.ndarray:
+    """(n_normal, n_anomalous): 1 where the anomalous score is higher, 1/2 on a tie, else 0."""
+    n, a = np.asarray(normal, float)[:, None], np.asarray(anomalous, float)[None, :]
+    return (a > n) + 0.5 * (a == n)
+
+
 def auroc_ci(normal: np.ndarray, anomalous: np.ndarray, n_boot: int = BOOTSTRAP, seed: int = 0):
     """(AUROC, lo, hi): anomaly scores (higher = more anomalous) against normal ones, with a
     95% percentile CI from resampling each group's sequences with replacement."""
-    from sklearn.metrics import roc_auc_score
-
-    y = np.r_[np.zeros(len(normal)), np.ones(len(anomalous))]
-    auc = float(roc_auc_score(y, np.r_[normal, anomalous]))
+    # A resample's AUROC is the mean of the pair matrix over the drawn rows and columns, so
+    # the matrix is built once: sklearn's roc_auc_score per resample spent ~4 ms validating
+    # its input, 12,000 times per run (most of this rule's time). Same draws as
+    # rng.choice(normal), rng.choice(anomalous) per resample, so the same CI as before.
+    wins = _pair_wins(normal, anomalous)
     rng = np.random.default_rng(seed)
-    boot = [roc_auc_score(y, np.r_[rng.choice(normal, len(normal)), rng.choice(anomalous, len(anomalous))])
-            for _ in range(n_boot)]
+    boot = np.empty(n_boot)
+    for b in range(n_boot):
+        rows, cols = rng.integers(0, len(normal), len(normal)), rng.integers(0, len(anomalous), len(anomalous))
+        boot[b] = wins[rows][:, cols].mean()
     lo, hi = np.percentile(boot, [2.5, 97.5])
-    return auc, float(lo), float(hi)
+    return float(wins.mean()), float(lo), float(hi)
 
 
 def detector_scores(fit: np.ndarray, score: np.ndarray, seed: int = 0) -> np.ndarray:
