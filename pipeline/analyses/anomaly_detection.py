@@ -37,14 +37,9 @@ FEATURE_SETS = ("final", "trajectory", "trajectory+final")
 BOOTSTRAP = 1000
 
 
-def auroc(normal: np.ndarray, anomalous: np.ndarray) -> float:
-    """P(anomalous score > normal score) + 1/2 P(tie) over all pairs: the Mann-Whitney form
-    of the area under the ROC curve, the value sklearn's roc_auc_score gives."""
-    return float(_pair_wins(normal, anomalous).mean())
-
-
 def _pair_wins(normal: np.ndarray, anomalous: np.ndarray) -> np.ndarray:
-    """(n_normal, n_anomalous): 1 where the anomalous score is higher, 1/2 on a tie, else 0."""
+    """(n_normal, n_anomalous): 1 where the anomalous score is higher, 1/2 on a tie, else 0.
+    Its mean is the AUROC in its Mann-Whitney form, the value sklearn's roc_auc_score gives."""
     n, a = np.asarray(normal, float)[:, None], np.asarray(anomalous, float)[None, :]
     return (a > n) + 0.5 * (a == n)
 
