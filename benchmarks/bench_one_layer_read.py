@@ -43,9 +43,8 @@ def main() -> None:
         raw = best(lambda: B.raw_read_layer(root / "raw", SHAPE, LAYER))
         print(f"raw one layer {raw * 1e3:.1f} ms")
         for chunk in (512, 4096):
-            B.CHUNK = chunk  # the inner chunk the store writer is given
             path = root / f"chunk-{chunk}.zarr"
-            B.store_write(path, x, N_TOKENS, "none")
+            B.store_write(path, x, N_TOKENS, "none", chunk_tokens=chunk)
             opened = open_store(path)
             read = best(lambda: opened.layers(LAYER))
             both = best(lambda: open_store(path).layers(LAYER))

@@ -98,10 +98,10 @@ def raw_read_all(root: Path, shape: tuple[int, int, int]) -> None:
 
 # ---------------------------------------------------------------- the store
 
-def store_write(path: Path, x: torch.Tensor, n_tokens: int, compression: str) -> None:
+def store_write(path: Path, x: torch.Tensor, n_tokens: int, compression: str, chunk_tokens: int = CHUNK) -> None:
     name, level = parse(compression)
     with StoreWriter.open(path, n_layers=x.shape[0] - 1, d_model=x.shape[2], n_tokens=n_tokens,
-                          seq_len=256, shard_tokens=SHARD, chunk_tokens=CHUNK, compression=name,
+                          seq_len=256, shard_tokens=SHARD, chunk_tokens=chunk_tokens, compression=name,
                           level=level, provenance={}) as w:
         tokens = torch.arange(1, BATCH + 1)  # never all fill_value
         for _ in range(0, n_tokens, BATCH):

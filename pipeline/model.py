@@ -71,19 +71,23 @@ def _load(cfg: ModelConfig, where: dict[str, Any]):
         try:
             config = AutoConfig.from_pretrained(where["path"], **kw)
         except (OSError, ValueError) as e2:
-            hint = (" HF_HUB_OFFLINE is set, so only models already in the local cache can be "
-                    "used: download it on a connected machine (`hf download "
-                    f"{cfg.source}`) or set 'source' to a local directory.") if _offline() else ""
-            raise ModelNotAvailable(
-                f"model {cfg.name!r}: could not load {cfg.source!r}"
-                f"{' at revision ' + cfg.revision if cfg.revision else ''}: {e2}.{hint}"
-            ) from None
+            raise _not_available(cfg, e2) from None
+        if isinstance(e, OSError):  # a readable config, but its weights are missing or unreadable
+            raise _not_available(cfg, e) from None
         raise ModelNotAvailable(
             f"model {cfg.name!r}: {cfg.source!r} (model_type {config.model_type!r}) is not a "
             f"causal language model that transformers can load: {e}"
         ) from None
     tokenizer = AutoTokenizer.from_pretrained(where["path"], **kw)
     return _dequantized(model) if where["gguf_file"] else model, tokenizer
+
+
+def _not_available(cfg: ModelConfig, e: Exception) -> ModelNotAvailable:
+    hint = (" HF_HUB_OFFLINE is set, so only models already in the local cache can be "
+            "used: download it on a connected machine (`hf download "
+            f"{cfg.source}`) or set 'source' to a local directory.") if _offline() else ""
+    return ModelNotAvailable(f"model {cfg.name!r}: could not load {cfg.source!r}"
+                             f"{' at revision ' + cfg.revision if cfg.revision else ''}: {e}.{hint}")
 
 
 def _dequantized(model):
