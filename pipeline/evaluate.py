@@ -133,7 +133,7 @@ def evaluate_tensors(job: Job, lenses: dict[str, Any], x: torch.Tensor, ids: tor
     """The compute of :func:`evaluate_chunk` on residuals ``x`` (L+1, n, d_model) and token
     ids (n,) already read (benchmarks/bench_evaluate.py times it alone)."""
     next_ids, mask = M.next_token_targets(ids, job.seq_len)  # (n,), (n,)
-    final_logits = lenses[LOGIT].head(x[-1])  # (n, vocab)
+    final_logits = logits_into(lenses[LOGIT], x[-1], job.n_layers)  # (n, vocab), a reused buffer
     nbytes = torch.from_numpy(np.roll(token_bytes, -1)).double()  # bytes of the next token
     chunk = Chunk(x, ids, next_ids, mask, M.final_stats(final_logits), token_index(seqs, job.seq_len),
                   _per_seq(nbytes, mask, job.seq_len)[0])

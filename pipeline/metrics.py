@@ -294,23 +294,69 @@ def row_dot(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
     return torch.mul(a, b, out=out).sum(-1)
 
 
+#: On the CPU the row-wise passes over (n, vocab) run on blocks of rows of about this many
+#: bytes (float32: 21 rows of SmolLM2's 49,152-token vocabulary), so that every pass after
+#: a block's first reads it from the cache, not from memory. Every reduction is per row,
+#: so the results are bitwise those of one pass over all rows (tested); logit_stats on
+#: 1,024 x 49,152 logits measured 140 -> 87 ms here (benchmarks/bench_evaluate.py).
+CACHE_BLOCK_BYTES = 4 << 20
+
+
+def row_blocks(z: Tensor) -> list[slice]:
+    """Row slices of z (n, vocab) for the blocked passes: cache-sized blocks on the CPU,
+    all rows at once elsewhere (a GPU wants few large kernels)."""
+    n = z.shape[0]
+    if z.device.type != "cpu" or n == 0:
+        return [slice(0, n)]
+    # Never a block of one row (unless n is 1): torch splits a lone row's reduction across
+    # threads, which changes its bits; from two rows on, threads split rows (tested).
+    # The first block is the largest (callers size their buffers by it).
+    rows = max(2, CACHE_BLOCK_BYTES // max(1, z[0].numel() * z.element_size()))
+    first = rows + 1 if n > rows and n % rows == 1 else rows  # a lone last row joins the first block
+    starts = [0, *range(first, n, rows)]
+    return [slice(i, min(j, n)) for i, j in zip(starts, starts[1:] + [n])]
+
+
+def _target_block(logp: Tensor, p: Tensor, tmp: Tensor) -> Tensor:
+    """target_stats of one block: fills p (rows, vocab) and returns sum p log p (rows,),
+    with tmp (rows, vocab) as scratch."""
+    torch.exp(logp, out=p)
+    total = p.sum(-1, keepdim=True)  # (rows, 1) = 1 + O(1e-5)
+    torch.sub(logp, total.log(), out=tmp)  # renormalised log p
+    p.div_(total)
+    return tmp.mul_(p).nan_to_num_(0.0).sum(-1)  # 0 log 0 = 0
+
+
 def target_stats(logp: Tensor) -> dict[str, Tensor]:
     """The model's side of every KL from its log-probabilities (n, vocab), computed once
     per batch: its probabilities p (n, vocab), renormalised to sum to 1 (float32
     log_softmax alone is off by ~1e-5), and per row sum_v p log p (n,)."""
-    p = logp.exp()
-    total = p.sum(-1, keepdim=True)  # (n, 1) = 1 + O(1e-5)
-    logp = logp - total.log()
-    p.div_(total)
-    neg_entropy = (p * logp).nan_to_num_(0.0).sum(-1)  # 0 log 0 = 0
+    p = torch.empty_like(logp)
+    tmp = workspace().like("target_tmp", logp[row_blocks(logp)[0]])
+    neg_entropy = torch.cat([_target_block(logp[b], p[b], tmp[:b.stop - b.start]) for b in row_blocks(logp)])
     return {"p": p, "neg_entropy": neg_entropy}
 
 
 def final_stats(final_logits: Tensor) -> dict[str, Tensor]:
     """What every lens is compared with, computed once per chunk: ``target_stats`` plus the
     model's top-1 ids (n,) (argmax of the log-probabilities: exp can merge near-ties)."""
-    logp = log_probs(final_logits)  # (n, vocab)
-    return target_stats(logp) | {"top1": logp.argmax(-1)}
+    z = final_logits  # bf16 stays bf16: log_softmax upcasts inside the kernel
+    dtype = z.dtype if z.dtype == torch.float64 else torch.float32
+    p = torch.empty(z.shape, dtype=dtype, device=z.device)
+    blocks = row_blocks(p)
+    ws = workspace()
+    logp, tmp = ws.like("final_logp", p[blocks[0]]), ws.like("target_tmp", p[blocks[0]])
+    neg_entropy, top1 = [], []
+    for b in blocks:
+        lp = log_probs_into(z[b], logp[:b.stop - b.start])
+        top1.append(lp.argmax(-1))
+        neg_entropy.append(_target_block(lp, p[b], tmp[:b.stop - b.start]))
+    return {"p": p, "neg_entropy": torch.cat(neg_entropy), "top1": torch.cat(top1)}
+
+
+def log_probs_into(logits: Tensor, out: Tensor) -> Tensor:
+    """:func:`log_probs` written into ``out`` (a buffer of the result's shape and dtype)."""
+    return torch.log_softmax(logits, dim=-1, dtype=out.dtype, out=out)
 
 
 def logsumexp_rows(z: Tensor, buf: Tensor) -> Tensor:
@@ -346,15 +392,19 @@ class Workspace:
 
     def take(self, name: str, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype = torch.float32,
              device: torch.device | str = "cpu") -> Tensor:
-        """An uninitialised buffer of this shape and dtype, the same one while they do not change.
+        """An uninitialised buffer of this shape and dtype, the same one while they do not change
+        (or while only its leading dimension shrinks: then a leading view of it).
         On a GPU a fresh tensor: the caching allocator already reuses memory without page
         faults, and buffers held here would keep GBs of device memory for the whole run."""
         if torch.device(device).type != "cpu":
             return torch.empty(shape, dtype=dtype, device=device)
+        shape = tuple(shape)
         buf = self._buffers.get(name)
-        if buf is None or buf.shape != tuple(shape) or buf.dtype != dtype or buf.device != torch.device(device):
-            self._buffers.pop(name, None)  # free the old one first: peak memory stays one buffer
-            buf = self._buffers[name] = torch.empty(shape, dtype=dtype, device=device)
+        if (buf is not None and buf.dtype == dtype and buf.device == torch.device(device) and buf.ndim == len(shape)
+                and buf.shape[1:] == shape[1:] and buf.shape[0] >= shape[0]):
+            return buf[:shape[0]]  # fewer rows (a last, partial block): a leading view, contiguous
+        self._buffers.pop(name, None)  # free the old one first: peak memory stays one buffer
+        buf = self._buffers[name] = torch.empty(shape, dtype=dtype, device=device)
         return buf
 
     def like(self, name: str, t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
@@ -371,34 +421,53 @@ def workspace() -> Workspace:
     return _LOCAL.ws
 
 
-def _top(z: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(top-1 ids (n,), max z (n,), k-th largest z (n,)) from one topk pass (no separate
-    max pass). Top-1 is argmax's: the lowest id among the maxima. topk returns an arbitrary
-    subset among ties, so a row whose returned values all tie is settled by argmax."""
-    kk = min(max(k, 2), z.shape[-1])  # two values at least: a tie at the top is visible
-    vals, idx = z.topk(kk, dim=-1, sorted=True)  # (n, kk), descending
-    zmax = vals[:, 0]
-    at_max = vals == zmax[:, None]
-    top = torch.where(at_max, idx, z.shape[-1]).amin(-1)
-    # every returned value a maximum (more ties may lie outside), or none (a NaN row: NaN
-    # is never equal to itself): argmax settles these rows, as the old max pass did
-    full = at_max.all(-1) | ~at_max.any(-1)
-    if full.any():
-        top[full] = z[full].argmax(-1)
-    return top, zmax, vals[:, min(k, kk) - 1]
+#: :func:`_argmax_rows` takes the maxima of segments of this many entries first.
+ARGMAX_SEGMENT = 256
+
+
+def _argmax_rows(z: Tensor) -> tuple[Tensor, Tensor]:
+    """(argmax (n,), max (n,)) of each row of z (n, vocab), with argmax's tie rule (the
+    lowest id among the maxima). torch's amax is vectorised and its argmax is not (~4x
+    slower here, and topk ~6x), so: the maxima of segments of the row, then argmax within
+    the first segment that holds the row's maximum. NaN counts as the maximum, as in
+    argmax and amax (tested)."""
+    n, vocab = z.shape
+    seg = min(ARGMAX_SEGMENT, vocab)
+    whole = vocab // seg * seg
+    m = z[:, :whole].view(n, whole // seg, seg).amax(-1)  # (n, segments)
+    if whole < vocab:
+        m = torch.cat([m, z[:, whole:].amax(-1, keepdim=True)], 1)
+    zmax = m.amax(-1)  # (n,)
+    cols = (m.argmax(-1, keepdim=True) * seg + torch.arange(seg, device=z.device)).clamp_(max=vocab - 1)  # (n, seg)
+    top = cols.gather(-1, z.gather(-1, cols).argmax(-1, keepdim=True)).squeeze(-1)  # clamped repeats come last
+    return top, zmax
 
 
 def kl_from_logits(z: Tensor, target: dict[str, Tensor], ws: Workspace | None = None) -> Tensor:
     """(n,) float64 KL(p || softmax(z)) per row from lens logits z (n, vocab) and
-    ``target_stats``, with one temporary from ``ws`` (default: this thread's workspace)."""
+    ``target_stats``, with one temporary from ``ws`` (default: this thread's workspace);
+    ``kl_and_lse`` also returns the logsumexp (training's backward needs it)."""
+    return kl_and_lse(z, target, ws)[0]
+
+
+def kl_and_lse(z: Tensor, target: dict[str, Tensor], ws: Workspace | None = None) -> tuple[Tensor, Tensor]:
+    """(KL (n,) float64, logsumexp (n,)) of lens logits z (n, vocab) against ``target_stats``,
+    in cache-sized row blocks (:func:`row_blocks`)."""
     z = _floating(z)  # a bf16 head's logits are summed in float32
-    tmp = (workspace() if ws is None else ws).like("kl_tmp", z)
-    return kl_rows(z, logsumexp_rows(z, tmp), target, tmp)
+    blocks = row_blocks(z)
+    tmp = (workspace() if ws is None else ws).like("kl_tmp", z[blocks[0]])
+    kl, lse = [], []
+    for b in blocks:
+        t = tmp[:b.stop - b.start]
+        lse.append(logsumexp_rows(z[b], t))
+        kl.append(kl_rows(z[b], lse[-1], {key: target[key][b] for key in ("p", "neg_entropy")}, t))
+    return torch.cat(kl), torch.cat(lse)
 
 
 def logit_stats(z: Tensor, final: dict[str, Tensor], next_ids: Tensor, k: int,
                 with_rank: bool = False, ws: Workspace | None = None) -> dict[str, Tensor]:
-    """Every per-token metric of one lens from its logits z (n, vocab), in ~7 passes.
+    """Every per-token metric of one lens from its logits z (n, vocab), in ~7 passes over
+    each cache-sized block of rows (:func:`row_blocks`).
 
     Same values as the functions above (tests check it), but from the logits directly:
     with lse = logsumexp(z), KL(p || q) = sum p log p - <p, z> + lse, H(q) = lse - E_q[z],
@@ -410,7 +479,15 @@ def logit_stats(z: Tensor, final: dict[str, Tensor], next_ids: Tensor, k: int,
     """
     z = _floating(z)
     ws = workspace() if ws is None else ws
-    top, zmax, kth = _top(z, k)  # (n,) x 3
+    parts = [_logit_stats_rows(z[b], {key: v[b] for key, v in final.items()}, next_ids[b], k, with_rank, ws)
+             for b in row_blocks(z)]
+    return parts[0] if len(parts) == 1 else {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+
+
+def _logit_stats_rows(z: Tensor, final: dict[str, Tensor], next_ids: Tensor, k: int, with_rank: bool,
+                      ws: Workspace) -> dict[str, Tensor]:
+    """:func:`logit_stats` of one block of rows."""
+    top, zmax = _argmax_rows(z)  # (n,) x 2
     q = torch.softmax(z, dim=-1, out=ws.like("q", z))  # (n, vocab): one fused pass
     q_top = q.gather(-1, top[:, None]).squeeze(-1)  # (n,) = exp(zmax - lse) >= 1/vocab
     # softmax's own normaliser is inexact; its output's cascade sum measures the error
@@ -424,16 +501,10 @@ def logit_stats(z: Tensor, final: dict[str, Tensor], next_ids: Tensor, k: int,
         "kl": kl_rows(z, lse, final, tmp).clamp_(min=0.0),
         "ce": lse - z.gather(-1, next_ids[:, None]).squeeze(-1),
     }
-    target = z.gather(-1, final["top1"][:, None]).squeeze(-1)  # (n,)
     out["agree_top1"] = top == final["top1"]
-    if k >= z.shape[-1]:
-        out["agree_topk"] = torch.ones_like(out["agree_top1"])
-    else:
-        agree = target > kth
-        tied = target == kth
-        if tied.any():
-            agree[tied] = rank_of(z[tied], final["top1"][tied]) < k
-        out["agree_topk"] = agree
+    # in the lens's top k: its rank (ties by id), by two counting passes that read the
+    # block from the cache; topk itself was the slowest pass of all
+    out["agree_topk"] = (rank_of(z, final["top1"], tmp) < k) & ~zmax.isnan()  # a NaN row agrees with nothing
     if with_rank:
         out["rank"] = rank_of(z, next_ids, ws.like("tmp", z))
     return out

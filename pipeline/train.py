@@ -46,9 +46,10 @@ class KLFromLogits(torch.autograd.Function):
     training) the gradient is computed in z's own storage: the head's matmul needs its
     inputs, not its output, for its backward, and anything else that saved z would make
     autograd refuse (an error, never a wrong gradient). So backward runs once per graph,
-    and z holds the gradient afterwards. The forward's one
-    (batch, vocab) temporary is this thread's reused buffer (``metrics.workspace``): each
-    fresh one was a 100 MB allocation, page-faulted in by the kernel. The target's side
+    and z holds the gradient afterwards. Forward and backward run over cache-sized blocks
+    of rows (``metrics.row_blocks``), the forward's temporary being this thread's reused
+    buffer (``metrics.workspace``): each fresh (batch, vocab) one was a 100 MB allocation,
+    page-faulted in by the kernel. The target's side
     (``metrics.target_stats``: p and per-row sum p log p) is computed once per batch for all
     layers. Each row's KL is one cascade-summed reduction and rows are summed in float64
     (``metrics.kl_rows``): exact to ~1e-7 and independent of the thread count (see
@@ -61,17 +62,17 @@ class KLFromLogits(torch.autograd.Function):
         ctx.in_place = z.grad_fn is not None and z._base is None
         if z.dtype in (torch.bfloat16, torch.float16):
             z, ctx.in_place = z.float(), True  # (batch, vocab); float32 softmax even under bf16 autocast
-        tmp = M.workspace().like("kl_tmp", z)  # the buffer of metrics.kl_from_logits: never two at once
-        lse = M.logsumexp_rows(z, tmp)  # (batch,)
+        kl, lse = M.kl_and_lse(z, {"p": p, "neg_entropy": neg_entropy})  # (batch,) x 2
         ctx.save_for_backward(z, p, lse)
-        return M.kl_rows(z, lse, {"p": p, "neg_entropy": neg_entropy}, tmp).sum() / z.shape[0]
+        return kl.sum() / z.shape[0]
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         z, p, lse = ctx.saved_tensors
-        g = z.sub_(lse[:, None]) if ctx.in_place else z - lse[:, None]
-        g.exp_()  # softmax(z): (batch, vocab)
-        g.sub_(p).mul_(float(grad) / z.shape[0])
+        g = z if ctx.in_place else torch.empty_like(z)  # (batch, vocab)
+        scale = float(grad) / z.shape[0]
+        for b in M.row_blocks(z):  # cache-sized blocks: one trip to memory for all four passes
+            torch.sub(z[b], lse[b, None], out=g[b]).exp_().sub_(p[b]).mul_(scale)  # softmax(z) - p
         return g, None, None
 
 

@@ -351,3 +351,49 @@ def test_logit_stats_on_a_row_with_nan_gives_nan_metrics_not_an_error():
     final = final_stats(torch.randn(3, 20, generator=torch.Generator().manual_seed(1)))
     got = logit_stats(z, final, torch.zeros(3, dtype=torch.long), k=5, with_rank=True)
     assert torch.equal(got["top1"], z.argmax(-1)) and got["kl"][1].isnan() and not got["kl"][[0, 2]].isnan().any()
+
+
+def test_row_blocks_give_the_bits_of_one_pass_over_all_rows(monkeypatch):
+    """logit_stats, final_stats and kl_and_lse run in cache-sized row blocks on the CPU; the
+    results must be bitwise those of one pass over all rows, also where the rows do not
+    divide into blocks (a lone last row would be reduced across threads: other bits)."""
+    from pipeline.metrics import final_stats, kl_and_lse, logit_stats, row_blocks
+
+    vocab, n = 49152, 7  # rows long enough for torch to split a lone row across threads
+    z, zf = _peaked_logits(n, vocab, 5), _peaked_logits(n, vocab, 6)
+    nxt = torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(7))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runs = []
+        for block_rows in (3, n):  # 4 + 3 rows (the lone last row joins the first block), then all
+            monkeypatch.setattr(M, "CACHE_BLOCK_BYTES", block_rows * vocab * 4)
+            runs.append((row_blocks(z), final_stats(zf)))
+            final = runs[-1][1]
+            runs[-1] += (logit_stats(z, final, nxt, k=5, with_rank=True, ws=M.Workspace()),
+                         dict(zip(("kl", "lse"), kl_and_lse(z, final))))
+    finally:
+        torch.set_num_threads(before)
+    (blocks, *blocked), (whole, *one_pass) = runs
+    assert [b.stop - b.start for b in blocks] == [4, 3] and len(whole) == 1
+    for got, want in zip(blocked, one_pass):
+        assert got.keys() == want.keys()
+        for key in want:
+            assert torch.equal(got[key], want[key]), key
+
+
+@pytest.mark.parametrize("vocab", [40, 256, 1000, 1024])
+def test_argmax_rows_is_torch_argmax_with_its_tie_rule(vocab):
+    from pipeline.metrics import _argmax_rows
+
+    g = torch.Generator().manual_seed(vocab)
+    z = torch.randn(8, vocab, generator=g)
+    z[0, [vocab - 1, 3]] = 9.0                      # tied maxima in the first and last segment
+    z[1, [vocab // 2, vocab - 2]] = 9.0             # in two later segments
+    z[2] = -float("inf")                            # nothing but -inf
+    z[3, vocab - 1] = float("inf")                  # the very last entry
+    z[4, [5, vocab - 3]] = float("nan")             # NaN: argmax's own answer
+    z[5] = 1.0                                      # every entry tied
+    top, zmax = _argmax_rows(z)
+    assert torch.equal(top, z.argmax(-1)), (top, z.argmax(-1))
+    assert torch.equal(zmax, z.amax(-1)) or torch.equal(zmax.isnan(), z.amax(-1).isnan())
