@@ -3,10 +3,12 @@
     .venv/bin/python benchmarks/bench_one_layer_read.py
 
 The same synthetic stream as bench_store_io.py (31 layers x 16,384 tokens x 576 bf16, shard
-4,096 tokens, uncompressed, zarrs pipeline), written once as raw files and once per inner
-chunk size (512, the default, and 4,096 = one chunk per layer and shard). Best of 5 reads of
+4,096 tokens, zarrs pipeline), written once as raw files and once per store layout
+(uncompressed with inner chunks of 512 tokens, the default, and of 4,096 = one chunk per
+layer and shard; zstd-3 at 512). Each store is read by both one-layer readers: zarr, and
+TensorStore (``engine.layer_array``, the default for local stores). Best of 5 reads of
 layer 15 each, from the page cache; store reads with the store already open and, apart,
-with its opening. Ratios are raw time / store time.
+with its opening. Ratios are raw time / store time (zstd: the codec's own cost included).
 """
 from __future__ import annotations
 
@@ -42,14 +44,16 @@ def main() -> None:
         B.raw_write(root / "raw", x, N_TOKENS)
         raw = best(lambda: B.raw_read_layer(root / "raw", SHAPE, LAYER))
         print(f"raw one layer {raw * 1e3:.1f} ms")
-        for chunk in (512, 4096):
-            path = root / f"chunk-{chunk}.zarr"
-            B.store_write(path, x, N_TOKENS, "none", chunk_tokens=chunk)
-            opened = open_store(path)
-            read = best(lambda: opened.layers(LAYER))
-            both = best(lambda: open_store(path).layers(LAYER))
-            print(f"chunk {chunk}: read (opened) {read * 1e3:.1f} ms, ratio {raw / read:.2f}; "
-                  f"open + read {both * 1e3:.1f} ms, ratio {raw / both:.2f}")
+        for compression, chunk in (("none", 512), ("none", 4096), ("zstd:3", 512)):
+            path = root / f"{compression}-{chunk}.zarr"
+            B.store_write(path, x, N_TOKENS, compression, chunk_tokens=chunk)
+            for reader in ("zarr", "tensorstore"):
+                engine.configure("zarrs", threads=2, layer_reads=reader == "tensorstore")
+                opened = open_store(path)
+                read = best(lambda: opened.layers(LAYER))
+                both = best(lambda: open_store(path).layers(LAYER))
+                print(f"{compression} chunk {chunk} {reader:11s}: read (opened) {read * 1e3:.1f} ms, ratio "
+                      f"{raw / read:.2f}; open + read {both * 1e3:.1f} ms, ratio {raw / both:.2f}")
     finally:
         shutil.rmtree(root)
 

@@ -110,6 +110,27 @@ def test_short_last_shard_and_partial_reads(tmp_path):
     assert verify(tmp_path / "s")["n_shards"] == 4
 
 
+@pytest.mark.parametrize("dtype,compression", [("bfloat16", "zstd"), ("float16", "none"),
+                                               ("float32", "blosc-zstd")])
+def test_one_layer_reads_through_tensorstore_equal_zarr(tmp_path, dtype, compression, monkeypatch):
+    """A complete local store reads single layers with TensorStore (engine.layer_array);
+    the values must be zarr's, bit for bit, for every dtype, codec and partial range."""
+    from pipeline.store import engine
+
+    resid, toks = make_data(3 * SHARD + 2 * SEQ)  # a short last shard
+    write_store(tmp_path / "s", resid, toks, dtype=dtype, compression=compression)
+    reads = (lambda s: s.layers(1, 50, 210), lambda s: s.layers([2, 0], 10, 200), lambda s: s.layers(-1))
+    fast = open_store(tmp_path / "s")
+    got = [read(fast) for read in reads]
+    assert fast._layer_array is not False  # TensorStore read them
+    monkeypatch.setattr(engine, "_layer_reads", False)
+    slow = open_store(tmp_path / "s")
+    want = [read(slow) for read in reads]
+    assert slow._layer_array is False
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert torch.equal(got[0], torch.from_numpy(resid[1, 50:210]).to(getattr(torch, dtype)).float())
+
+
 def test_file_url(tmp_path):
     resid, toks = make_data(SHARD)
     write_store(tmp_path / "s", resid, toks)
@@ -308,6 +329,9 @@ def test_reader_refuses_incomplete_store(tmp_path):
         open_store(tmp_path / "s")
     with pytest.raises(StoreError, match="incomplete"):
         verify(tmp_path / "s")
+    partial = open_store(tmp_path / "s", allow_incomplete=True)
+    partial.layers(0, 0, 0)
+    assert partial._layer_array is False  # a store being written is read through zarr only
     w.abort()
 
 

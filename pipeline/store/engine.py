@@ -13,6 +13,7 @@ and .zip exports are read through zarr-python's pipeline (:func:`for_location`).
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from typing import Iterator
 
@@ -24,12 +25,14 @@ DEFAULT = "zarrs"
 
 
 _chosen: str | None = None
+_layer_reads = True
 _LOCK = threading.RLock()
 
 
-def configure(pipeline: str = DEFAULT, threads: int | None = None) -> None:
-    """Select the codec pipeline (and its thread count) for every zarr array opened after."""
-    global _chosen
+def configure(pipeline: str = DEFAULT, threads: int | None = None, layer_reads: bool = True) -> None:
+    """Select the codec pipeline (and its thread count) for every zarr array opened after,
+    and whether local stores read single layers through TensorStore (:func:`layer_array`)."""
+    global _chosen, _layer_reads
     import zarr
 
     if pipeline not in PIPELINES:
@@ -38,7 +41,27 @@ def configure(pipeline: str = DEFAULT, threads: int | None = None) -> None:
     if threads is not None:
         settings["threading.max_workers"] = threads
     zarr.config.set(settings)
-    _chosen = pipeline
+    _chosen, _layer_reads = pipeline, layer_reads
+
+
+def layer_array(array_dir: str):
+    """A read-only TensorStore handle on the zarr v3 array in the local directory
+    ``array_dir``, or None where layer reads go through zarr (``configure(layer_reads=False)``).
+
+    Why a second reader: a one-layer read touches one inner chunk per ``chunk_tokens`` in
+    every shard, and zarr-python spends ~0.3 ms of indexing on each, which held such reads
+    at 0.44-0.52x of raw file reads; TensorStore (Google's C++ library, on PyPI) reads the
+    same shards at ~1x (benchmarks/bench_one_layer_read.py). Reads of a contiguous range of
+    layers stay with zarr (zarrs), which is the faster of the two there. No cache: every
+    read comes from the files."""
+    if not _layer_reads:
+        return None
+    import tensorstore as ts  # ~1 s to import: only where a layer is read
+
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    context = ts.Context({"data_copy_concurrency": {"limit": threads}, "file_io_concurrency": {"limit": threads}})
+    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": array_dir}}
+    return ts.open(spec, read=True, open=True, context=context).result()
 
 
 def activate() -> str:

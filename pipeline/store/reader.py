@@ -130,6 +130,7 @@ class ActivationStore:
         self._resid = group["resid"]  # (L+1, n_tokens, d) in the storage dtype
         self._tokens = group["tokens"]  # (n_tokens,) int32
         self._encoding = self._resid.attrs.get("encoding")
+        self._layer_array: Any = None  # engine.layer_array's handle, opened on first use (False: none)
 
     def __repr__(self) -> str:
         return (f"ActivationStore({self.location.zarr_store!r}, layers={self.n_layers + 1}, "
@@ -147,7 +148,7 @@ class ActivationStore:
         """(len(layers), n, d_model) float32, or (n, d_model) for one int layer."""
         start, stop = self._token_range(start, stop)
         if isinstance(layers, (int, np.integer)):
-            raw = self._read(lambda: self._resid[self._layer(layers), start:stop, :], start, stop)  # (n, d)
+            raw = self._read(lambda: self._one_layer(self._layer(layers), start, stop), start, stop)  # (n, d)
         else:
             idx = [self._layer(i) for i in layers]
             raw = self._read(lambda: self._read_layers(idx, start, stop), start, stop)  # (k, n, d)
@@ -160,7 +161,18 @@ class ActivationStore:
             return np.empty((0, stop - start, self.d_model), self._resid.dtype)
         if idx == list(range(idx[0], idx[0] + len(idx))):
             return self._resid[idx[0]:idx[0] + len(idx), start:stop, :]  # (k, n, d)
-        return np.stack([self._resid[i, start:stop, :] for i in idx])  # (k, n, d)
+        return np.stack([self._one_layer(i, start, stop) for i in idx])  # (k, n, d)
+
+    def _one_layer(self, layer: int, start: int, stop: int) -> np.ndarray:
+        """(n, d) stored values of one layer: through TensorStore for a complete store in a
+        local directory (:func:`engine.layer_array`: ~2x faster), else through zarr."""
+        if self._layer_array is None:
+            local = self.is_complete and not (self.location.is_url or self.location.is_zip)
+            handle = engine.layer_array(os.path.join(self.location.zarr_store, "resid")) if local else None
+            self._layer_array = False if handle is None else handle
+        if self._layer_array is False:
+            return self._resid[layer, start:stop, :]
+        return self._layer_array[layer, start:stop, :].read().result()
 
     def tokens(self, start: int = 0, stop: int | None = None) -> "torch.Tensor":
         import torch
