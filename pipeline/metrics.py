@@ -297,8 +297,9 @@ def row_dot(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
 #: On the CPU the row-wise passes over (n, vocab) run on blocks of rows of about this many
 #: bytes (float32: 21 rows of SmolLM2's 49,152-token vocabulary), so that every pass after
 #: a block's first reads it from the cache, not from memory. Every reduction is per row,
-#: so the results are bitwise those of one pass over all rows (tested); logit_stats on
-#: 1,024 x 49,152 logits measured 140 -> 87 ms here (benchmarks/bench_evaluate.py).
+#: so the results are bitwise those of one pass over all rows (tested). With this and the
+#: segment argmax below, logit_stats on 1,024 x 49,152 logits went from 124 to 86 ms here
+#: (benchmarks/bench_evaluate.py; RESULTS.md, fourth round).
 CACHE_BLOCK_BYTES = 4 << 20
 
 
