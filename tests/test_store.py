@@ -131,6 +131,21 @@ def test_one_layer_reads_through_tensorstore_equal_zarr(tmp_path, dtype, compres
     assert torch.equal(got[0], torch.from_numpy(resid[1, 50:210]).to(getattr(torch, dtype)).float())
 
 
+def test_reads_in_token_pieces_equal_one_read(tmp_path, monkeypatch):
+    """Contiguous layer ranges are read in pieces of READ_TOKENS tokens (at multiples of
+    it, straddling inner chunks and shards here); the values must be one read's."""
+    from pipeline.store import reader
+
+    resid, toks = make_data(3 * SHARD + 2 * SEQ)
+    write_store(tmp_path / "s", resid, toks, compression="zstd")
+    store = open_store(tmp_path / "s")
+    want = [store.layers([0, 1, 2]), store.layers([1, 2], 7, 150)]
+    monkeypatch.setattr(reader, "READ_TOKENS", 48)  # not a multiple of the 32-token chunks
+    got = [store.layers([0, 1, 2]), store.layers([1, 2], 7, 150)]
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert torch.equal(got[1], torch.from_numpy(resid[1:, 7:150]).bfloat16().float())
+
+
 def test_file_url(tmp_path):
     resid, toks = make_data(SHARD)
     write_store(tmp_path / "s", resid, toks)
