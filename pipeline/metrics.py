@@ -332,9 +332,8 @@ def target_stats(logp: Tensor) -> dict[str, Tensor]:
     """The model's side of every KL from its log-probabilities (n, vocab), computed once
     per batch: its probabilities p (n, vocab), renormalised to sum to 1 (float32
     log_softmax alone is off by ~1e-5), and per row sum_v p log p (n,)."""
-    p = torch.empty_like(logp)
-    tmp = workspace().like("target_tmp", logp[row_blocks(logp)[0]])
-    neg_entropy = torch.cat([_target_block(logp[b], p[b], tmp[:b.stop - b.start]) for b in row_blocks(logp)])
+    p, ws = torch.empty_like(logp), workspace()
+    neg_entropy = torch.cat([_target_block(logp[b], p[b], ws.like("target_tmp", logp[b])) for b in row_blocks(logp)])
     return {"p": p, "neg_entropy": neg_entropy}
 
 
@@ -344,14 +343,12 @@ def final_stats(final_logits: Tensor) -> dict[str, Tensor]:
     z = final_logits  # bf16 stays bf16: log_softmax upcasts inside the kernel
     dtype = z.dtype if z.dtype == torch.float64 else torch.float32
     p = torch.empty(z.shape, dtype=dtype, device=z.device)
-    blocks = row_blocks(p)
-    ws = workspace()
-    logp, tmp = ws.like("final_logp", p[blocks[0]]), ws.like("target_tmp", p[blocks[0]])
+    ws = workspace()  # the first block is the largest: later blocks get views of its buffers
     neg_entropy, top1 = [], []
-    for b in blocks:
-        lp = log_probs_into(z[b], logp[:b.stop - b.start])
+    for b in row_blocks(p):
+        lp = log_probs_into(z[b], ws.like("final_logp", p[b]))
         top1.append(lp.argmax(-1))
-        neg_entropy.append(_target_block(lp, p[b], tmp[:b.stop - b.start]))
+        neg_entropy.append(_target_block(lp, p[b], ws.like("target_tmp", p[b])))
     return {"p": p, "neg_entropy": torch.cat(neg_entropy), "top1": torch.cat(top1)}
 
 
@@ -455,11 +452,10 @@ def kl_and_lse(z: Tensor, target: dict[str, Tensor], ws: Workspace | None = None
     """(KL (n,) float64, logsumexp (n,)) of lens logits z (n, vocab) against ``target_stats``,
     in cache-sized row blocks (:func:`row_blocks`)."""
     z = _floating(z)  # a bf16 head's logits are summed in float32
-    blocks = row_blocks(z)
-    tmp = (workspace() if ws is None else ws).like("kl_tmp", z[blocks[0]])
+    ws = workspace() if ws is None else ws
     kl, lse = [], []
-    for b in blocks:
-        t = tmp[:b.stop - b.start]
+    for b in row_blocks(z):
+        t = ws.like("kl_tmp", z[b])  # a view of the first (largest) block's buffer
         lse.append(logsumexp_rows(z[b], t))
         kl.append(kl_rows(z[b], lse[-1], {key: target[key][b] for key in ("p", "neg_entropy")}, t))
     return torch.cat(kl), torch.cat(lse)
