@@ -1,27 +1,34 @@
 """The store's write and read paths against raw files and against the codec alone.
 
     python benchmarks/bench_store_io.py [--layers 30 --tokens 16384 --d-model 576]
-        [--compressions none,zstd:1,zstd:3,blosc-zstd:1,blosc-lz4:5] [--pipelines zarrs,zarr] [--dir DIR]
+        [--compressions none,zstd:1,zstd:3,blosc-zstd:1,blosc-lz4:5] [--pipelines zarrs,zarr]
+        [--writers tensorstore,zarr] [--rounds 3] [--dir DIR]
 
 The same activations ((layers+1) x tokens x d_model, bf16, float32 at the input as the
 model hands them over) are written and read back, side by side in one run:
 
 - **raw**: one file per shard, the shard's (layer, token, feature) block as bytes, written
   with ``write`` + ``fsync`` as the store writes its shard files; read with ``readinto``.
-- **store**: :class:`StoreWriter` / :func:`open_store`, for each compression setting and
-  each zarr codec pipeline (``zarrs``, the Rust pipeline, or zarr-python's own).
+- **store**: :class:`StoreWriter` / :func:`open_store`, for each compression setting, each
+  zarr codec pipeline (``zarrs``, the Rust pipeline, or zarr-python's own) and each shard
+  writer (``tensorstore``, the default, or ``zarr``: the codec pipeline's own writes).
+  A store write includes all its guarantees: the checksums, fsync, the progress records,
+  and finalize's SHA256SUMS over every file.
 - **codec**: the compressor alone on the same inner chunks, with the same thread count
   (the bound a compressed store cannot beat however good its I/O).
 
-Reads (best of 3 each): one layer over all tokens (what training a layer group and the
-analyses do; the store open, through the store's one-layer reader: TensorStore for a local
-store), and all layers in one-shard token batches (what evaluation does; through zarr and
-the chosen pipeline). Reads follow the writes, so both arms read from the page cache: this measures
+Every store measurement is paired with the raw one it is divided by: ``--rounds`` rounds
+alternate raw and store (writes after ``os.sync()``, so neither arm pays for the other's
+dirty pages), and each takes its best round; the machine's drift then cancels in the ratio.
+Reads: one layer over all tokens (what training a layer group and the analyses do; the
+store open, through the store's one-layer reader: TensorStore for a local store), and all
+layers in one-shard token batches (what evaluation does; through zarr and the chosen
+pipeline). Reads follow the writes, so both arms read from the page cache: this measures
 the code path, not the disk.
 
 Ratios printed are store / raw (and, compressed, store / min(raw, codec)). The last line
-is ``write_ratio=X read_ratio=Y codec=NAME`` for the default compression and pipeline,
-``read_ratio`` the lower of the two read patterns.
+is ``write_ratio=X read_ratio=Y codec=NAME`` for the default compression, pipeline and
+writer, ``read_ratio`` the lower of the two read patterns.
 """
 from __future__ import annotations
 
@@ -116,8 +123,7 @@ def store_write(path: Path, x: torch.Tensor, n_tokens: int, compression: str, ch
             w.write(x, tokens)
 
 
-def store_read_all(path: Path) -> None:
-    store = open_store(path)
+def store_read_all(store) -> None:
     for s in range(0, store.n_tokens, SHARD):
         store.layers(range(store.n_layers + 1), s, s + SHARD)  # (L+1, shard, d)
 
@@ -169,17 +175,49 @@ def default_compression() -> str:
 
 # ---------------------------------------------------------------- one arm
 
-def measure(root: Path, x: torch.Tensor, n_tokens: int, compression: str, pipeline: str) -> dict:
-    engine.configure(pipeline, threads=torch.get_num_threads())
-    path = root / f"{pipeline}-{compression.replace(':', '-')}.zarr"
-    w = timed(lambda: store_write(path, x, n_tokens, compression))
+def paired(rounds: int, arms: dict, before=None) -> dict:
+    """Best time of each arm over ``rounds`` rounds that run the arms in turn."""
+    times: dict = {name: [] for name in arms}
+    for _ in range(rounds):
+        for name, fn in arms.items():
+            if before:
+                before(name)
+            times[name].append(timed(fn))
+    return {name: min(t) for name, t in times.items()}
+
+
+def measure(root: Path, x: torch.Tensor, shape: tuple[int, int, int], compression: str, pipeline: str,
+            writer: str, rounds: int) -> dict:
+    engine.configure(pipeline, threads=torch.get_num_threads(), shard_writes=writer == "tensorstore")
+    n_tokens, mid = shape[1], shape[0] // 2
+    raw, path = root / "raw", root / f"{pipeline}-{writer}-{compression.replace(':', '-')}.zarr"
+
+    def fresh(name: str) -> None:
+        shutil.rmtree(raw if name == "raw_write" else path, ignore_errors=True)
+        os.sync()  # the other arm's dirty pages are on disk before this one starts
+
+    t = paired(rounds, {"raw_write": lambda: raw_write(raw, x, n_tokens),
+                        "write": lambda: store_write(path, x, n_tokens, compression)}, fresh)
     store = open_store(path)
     store.layers(0)  # opens the one-layer reader (TensorStore: ~1 s of import, once per process)
-    r1 = best_of(3, lambda: store.layers(x.shape[0] // 2))
-    ra = best_of(3, lambda: store_read_all(path))
-    size = sum(p.stat().st_size for p in (path / "resid").rglob("*") if p.is_file())
+    t |= paired(2 * rounds, {"raw_read_layer": lambda: raw_read_layer(raw, shape, mid),
+                             "read_layer": lambda: store.layers(mid),
+                             "raw_read_all": lambda: raw_read_all(raw, shape),
+                             "read_all": lambda: store_read_all(store)})
+    t["size"] = sum(p.stat().st_size for p in (path / "resid").rglob("*") if p.is_file())
     shutil.rmtree(path)
-    return {"write": w, "read_layer": r1, "read_all": ra, "size": size}
+    return t
+
+
+def sha256_rate(x: torch.Tensor, threads: int) -> float:
+    """GB/s of SHA-256 over the stored bytes, one buffer per thread (finalize's SHA256SUMS)."""
+    import hashlib
+
+    bits = x.to(torch.bfloat16).view(torch.int16).numpy()
+    parts = [bits[i].tobytes() for i in range(bits.shape[0])]
+    with ThreadPoolExecutor(threads) as pool:
+        t = best_of(3, lambda: list(pool.map(lambda b: hashlib.sha256(b).digest(), parts)))
+    return bits.nbytes / t / 1e9
 
 
 def main() -> None:
@@ -189,6 +227,8 @@ def main() -> None:
     ap.add_argument("--d-model", type=int, default=576)
     ap.add_argument("--compressions", default="none,zstd:1,zstd:3,blosc-zstd:1,blosc-lz4:5")
     ap.add_argument("--pipelines", default="zarrs,zarr")
+    ap.add_argument("--writers", default="tensorstore,zarr")
+    ap.add_argument("--rounds", type=int, default=3, help="paired rounds per write (reads: twice as many)")
     ap.add_argument("--dir", default=None, help="where to write (default: the system temp dir)")
     args = ap.parse_args()
     keep_freed_memory()  # as every stage does: reads into fresh arrays without page faults
@@ -201,34 +241,32 @@ def main() -> None:
     gb = np.prod(shape) * 2 / 1e9  # stored bf16 bytes, uncompressed
     root = Path(tempfile.mkdtemp(dir=args.dir, prefix="bench_store_io-"))
     print(f"{shape[0]} layers x {args.tokens} tokens x {args.d_model} bf16 = {gb:.3f} GB; "
-          f"shard {SHARD} tokens, chunk {CHUNK}; {threads} threads; in {root}")
+          f"shard {SHARD} tokens, chunk {CHUNK}; {threads} threads; {args.rounds} paired rounds; in {root}")
+    print(f"sha256 ({threads} threads): {sha256_rate(x, threads):.2f} GB/s")
+    print("| pipeline | writer | compression | bytes/value | codec enc/dec GB/s | raw write / read 1 / read all GB/s | "
+          "write GB/s | ratio | vs bound | read 1 layer GB/s | ratio | read all GB/s | ratio | vs bound |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    last = None
     try:
-        raw = {"write": timed(lambda: raw_write(root / "raw", x, args.tokens)),
-               "read_layer": best_of(3, lambda: raw_read_layer(root / "raw", shape, shape[0] // 2)),
-               "read_all": best_of(3, lambda: raw_read_all(root / "raw", shape))}
-        rate = {k: gb / v for k, v in raw.items()}
-        rate["read_layer"] /= shape[0]
-        print(f"raw files: write {rate['write']:.2f} GB/s, read one layer {rate['read_layer']:.2f} GB/s, "
-              f"read all layers {rate['read_all']:.2f} GB/s")
-        print("| pipeline | compression | bytes/value | codec enc/dec GB/s | write GB/s | ratio | "
-              "vs bound | read 1 layer GB/s | ratio | read all GB/s | ratio | vs bound |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-        last = None
         for pipeline in args.pipelines.split(","):
-            for comp in args.compressions.split(","):
-                enc, dec, frac = codec_rates(x, comp, threads)
-                m = measure(root, x, args.tokens, comp, pipeline)
-                w = gb / m["write"]
-                r1 = gb / shape[0] / m["read_layer"]
-                ra = gb / m["read_all"]
-                wr, r1r, rar = w / rate["write"], r1 / rate["read_layer"], ra / rate["read_all"]
-                wb = w / min(rate["write"], enc)
-                rb = min(r1 / min(rate["read_layer"], dec), ra / min(rate["read_all"], dec))
-                print(f"| {pipeline} | {comp} | {2 * m['size'] / (gb * 1e9):.3f} | {enc:.2f} / {dec:.2f} | "
-                      f"{w:.2f} | {wr:.2f} | {wb:.2f} | {r1:.2f} | {r1r:.2f} | {ra:.2f} | {rar:.2f} | {rb:.2f} |",
-                      flush=True)
-                if pipeline == engine.DEFAULT and comp == default:
-                    last = (wr, min(r1r, rar), comp)
+            for writer in args.writers.split(","):
+                for comp in args.compressions.split(","):
+                    enc, dec, frac = codec_rates(x, comp, threads)
+                    m = measure(root, x, shape, comp, pipeline, writer, args.rounds)
+                    rate = {k: gb / v for k, v in m.items() if k != "size"}
+                    for k in ("read_layer", "raw_read_layer"):
+                        rate[k] /= shape[0]
+                    wr, r1r, rar = (rate[k] / rate[f"raw_{k}"] for k in ("write", "read_layer", "read_all"))
+                    wb = rate["write"] / min(rate["raw_write"], enc)
+                    rb = min(rate["read_layer"] / min(rate["raw_read_layer"], dec),
+                             rate["read_all"] / min(rate["raw_read_all"], dec))
+                    print(f"| {pipeline} | {writer} | {comp} | {2 * m['size'] / (gb * 1e9):.3f} | "
+                          f"{enc:.2f} / {dec:.2f} | {rate['raw_write']:.2f} / {rate['raw_read_layer']:.2f} / "
+                          f"{rate['raw_read_all']:.2f} | {rate['write']:.2f} | {wr:.2f} | {wb:.2f} | "
+                          f"{rate['read_layer']:.2f} | {r1r:.2f} | {rate['read_all']:.2f} | {rar:.2f} | {rb:.2f} |",
+                          flush=True)
+                    if pipeline == engine.DEFAULT and writer == "tensorstore" and comp == default:
+                        last = (wr, min(r1r, rar), comp)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     if last:

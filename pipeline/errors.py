@@ -54,8 +54,11 @@ UNWRITABLE_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENO
 
 
 def disk_full(e: BaseException) -> bool:
-    if isinstance(e, RuntimeError):  # zarrs (Rust) reports an OS error as "... (os error 28)"
-        return any(f"(os error {n})" in str(e) for n in DISK_FULL_ERRNOS)
+    if isinstance(e, (RuntimeError, ValueError)):
+        # zarrs (Rust) reports an OS error as "... (os error 28)", TensorStore (a ValueError)
+        # as "... [os_error_code='28']"
+        text = str(e)
+        return any(f"(os error {n})" in text or f"os_error_code='{n}'" in text for n in DISK_FULL_ERRNOS)
     return isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS
 
 

@@ -62,12 +62,14 @@ def _same_store(a: Path, b: Path) -> None:
 
 def test_disk_full_during_extract_keeps_a_resumable_store(setup, tmp_path, monkeypatch):
     """A full disk at shard 1, injected in zarr-python's file writes (so through its own
-    codec pipeline; test_disk_full_on_a_real_small_tmpfs fills a real disk under the default)."""
+    codec pipeline, shards written through zarr; test_disk_full_on_a_real_small_tmpfs
+    fills a real disk under the default, TensorStore's shard writes)."""
     import zarr.storage._local as local
 
     from pipeline.store import engine
 
     monkeypatch.setattr(engine, "_chosen", "zarr")
+    monkeypatch.setattr(engine, "_shard_writes", False)
     real = local._put
 
     def full_at_second_shard(path, value, exclusive=False):

@@ -131,19 +131,46 @@ def test_one_layer_reads_through_tensorstore_equal_zarr(tmp_path, dtype, compres
     assert torch.equal(got[0], torch.from_numpy(resid[1, 50:210]).to(getattr(torch, dtype)).float())
 
 
-def test_reads_in_token_pieces_equal_one_read(tmp_path, monkeypatch):
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_reads_in_token_pieces_equal_one_read(tmp_path, monkeypatch, dtype):
     """Contiguous layer ranges are read in pieces of READ_TOKENS tokens (at multiples of
-    it, straddling inner chunks and shards here); the values must be one read's."""
+    it, straddling inner chunks and shards here), each decoded into the output while the
+    next is read; the values must be one read's, and the source's cast to the dtype."""
     from pipeline.store import reader
 
     resid, toks = make_data(3 * SHARD + 2 * SEQ)
-    write_store(tmp_path / "s", resid, toks, compression="zstd")
+    write_store(tmp_path / "s", resid, toks, compression="zstd", dtype=dtype)
     store = open_store(tmp_path / "s")
     want = [store.layers([0, 1, 2]), store.layers([1, 2], 7, 150)]
     monkeypatch.setattr(reader, "READ_TOKENS", 48)  # not a multiple of the 32-token chunks
-    got = [store.layers([0, 1, 2]), store.layers([1, 2], 7, 150)]
+    got = [store.layers([0, 1, 2]), store.layers([1, 2], 7, 150), store.layers([2, 0], 7, 150)]
     assert all(torch.equal(g, w) for g, w in zip(got, want))
-    assert torch.equal(got[1], torch.from_numpy(resid[1:, 7:150]).bfloat16().float())
+    source = torch.from_numpy(resid).to(getattr(torch, dtype)).float()
+    assert torch.equal(got[0], source)
+    assert torch.equal(got[1], source[1:, 7:150])
+    assert torch.equal(got[2], source[[2, 0], 7:150])
+
+
+PLAIN_READ = """
+import sys, numpy as np, zarr
+group = zarr.open_group(sys.argv[1], mode="r")
+np.save(sys.argv[2], group["resid"][...])
+np.save(sys.argv[3], group["tokens"][...])
+"""
+
+
+@pytest.mark.parametrize("compression", ["zstd", "none"])
+def test_store_is_plain_zarr_that_zarr_python_alone_reads(tmp_path, compression):
+    """Shards written through TensorStore, read by zarr-python with its own codec pipeline
+    in a process that never imports lenspipe: the stored bf16 bits of the source."""
+    resid, toks = make_data(2 * SHARD + SEQ)  # a short last shard
+    write_store(tmp_path / "s", resid, toks, compression=compression)
+    out = [tmp_path / "resid.npy", tmp_path / "tokens.npy"]
+    subprocess.run([sys.executable, "-c", PLAIN_READ, str(tmp_path / "s"), *map(str, out)],
+                   check=True, cwd=tmp_path, timeout=120)
+    want = torch.from_numpy(resid).bfloat16().view(torch.int16).numpy().view(np.uint16)
+    assert np.array_equal(np.load(out[0]), want)
+    assert np.array_equal(np.load(out[1]), toks)
 
 
 def test_file_url(tmp_path):
@@ -206,7 +233,12 @@ def test_http_url_few_requests(tmp_path):
 
 # ---------------------------------------------------------------- resume
 
-def test_resume_after_dropped_writer_matches_uninterrupted(tmp_path):
+@pytest.mark.parametrize("shard_writes", [True, False], ids=["tensorstore", "zarr"])
+def test_resume_after_dropped_writer_matches_uninterrupted(tmp_path, monkeypatch, shard_writes):
+    """Also: a killed TensorStore write's temp file goes, whichever engine resumes."""
+    from pipeline.store import engine
+
+    monkeypatch.setattr(engine, "_shard_writes", shard_writes)
     resid, toks = make_data(4 * SHARD)
     write_store(tmp_path / "ref", resid, toks)
     w = StoreWriter.open(tmp_path / "s", **params(), background=False)
@@ -218,10 +250,15 @@ def test_resume_after_dropped_writer_matches_uninterrupted(tmp_path):
         open_store(tmp_path / "s")
     partial = open_store(tmp_path / "s", allow_incomplete=True)
     assert not partial.is_complete and partial.written_tokens == 2 * SHARD
+    torn = tmp_path / "s" / "resid" / "c" / "0" / "2" / "0.__lock"  # a killed TensorStore write's temp
+    torn.parent.mkdir(parents=True, exist_ok=True)
+    torn.write_bytes(b"torn")
     write_store(tmp_path / "s", resid, toks, start=2 * SHARD)
     for a, b in zip(all_values(tmp_path / "s"), all_values(tmp_path / "ref")):
         assert torch.equal(a, b)
     verify(tmp_path / "s")
+    assert not list((tmp_path / "s").rglob("*.__lock"))
+    assert "__lock" not in (tmp_path / "s" / "SHA256SUMS").read_text()
 
 
 def test_exception_in_context_keeps_written_shards(tmp_path):
