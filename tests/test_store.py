@@ -173,6 +173,26 @@ def test_store_is_plain_zarr_that_zarr_python_alone_reads(tmp_path, compression)
     assert np.array_equal(np.load(out[1]), toks)
 
 
+def test_manifest_takes_a_digest_from_the_write_only_while_the_file_is_unchanged(tmp_path):
+    """Shard files are hashed as they are written; finalize's SHA256SUMS reuses a digest
+    only while the file keeps its size and mtime, and hashes it again otherwise."""
+    from pipeline.provenance import sha256_file
+    from pipeline.store.writer import file_digest, write_manifest
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_bytes(b"first")
+    b.write_bytes(b"second")
+    known = {a: file_digest(a), b: file_digest(b)}
+    assert known[a][2] == sha256_file(a)
+    known[a] = (*known[a][:2], "0" * 64)  # what a reused digest would show
+    st = os.stat(b)
+    b.write_bytes(b"SECOND")  # same size, new content
+    os.utime(b, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    write_manifest(tmp_path, known)
+    lines = dict(line.split("  ")[::-1] for line in (tmp_path / "SHA256SUMS").read_text().splitlines())
+    assert lines == {"a": "0" * 64, "b": sha256_file(b)}
+
+
 def test_file_url(tmp_path):
     resid, toks = make_data(SHARD)
     write_store(tmp_path / "s", resid, toks)

@@ -199,6 +199,10 @@ class StoreWriter:
         self._which = 0
         self._pending: Future | None = None
         self._executor = ThreadPoolExecutor(1, "lenspipe-store") if background else None
+        # SHA256SUMS digests of the shard files, hashed while later shards are written
+        # (finalize hashes only what is missing or changed: see write_manifest)
+        self._hasher = ThreadPoolExecutor(1, "lenspipe-sha256") if background else None
+        self._digests: dict[Path, Future] = {}
         self._broken = False
         self._closed = False
 
@@ -338,8 +342,10 @@ class StoreWriter:
         try:
             self._write_resid(start, stop, buf)  # (L+1, n, d): covers the shard, no merge needed
             self._tokens[start:stop] = tbuf
-            for arr, coords in ((self._resid, (0, shard, 0)), (self._tokens, (shard,))):
-                _fsync_file(self.root / arr.basename / arr.metadata.encode_chunk_key(coords))
+            files = [self.root / arr.basename / arr.metadata.encode_chunk_key(coords)
+                     for arr, coords in ((self._resid, (0, shard, 0)), (self._tokens, (shard,)))]
+            for path in files:
+                _fsync_file(path)
         except (OSError, RuntimeError, ValueError) as e:
             if not disk_full(e):
                 raise
@@ -348,6 +354,8 @@ class StoreWriter:
         record = {"shard": shard, "start": start, "stop": stop, **shard_checksums(buf, tbuf),
                   "written": now_utc()}
         write_json_atomic(self.root / record_name(shard), record)
+        if self._hasher is not None:
+            self._digests.update((path, self._hasher.submit(file_digest, path)) for path in files)
         return record
 
     def _write_resid(self, start: int, stop: int, buf: np.ndarray) -> None:
@@ -437,11 +445,23 @@ class StoreWriter:
         finished = now_utc()
         self._group.update_attributes({"complete": True, "finished": finished})
         _consolidate(self.root)
-        write_manifest(self.root)
+        write_manifest(self.root, self._known_digests())
         write_json_atomic(self.root / COMPLETE_NAME, {
             "n_tokens": p.n_tokens, "n_shards": p.n_shards, "finished": finished,
             "fingerprint": self._group.attrs["fingerprint"],
             "records_sha256": sha256_json(self._records)})
+
+    def _known_digests(self) -> dict[Path, tuple[int, int, str]]:
+        """The shard files hashed so far; those still queued are left to write_manifest's
+        parallel pass (cancelled here, so the one hashing thread is no tail)."""
+        known = {}
+        for path, future in self._digests.items():
+            if future.cancel():
+                continue
+            with contextlib.suppress(Exception):  # e.g. the file vanished: hashed again, or missed
+                if (digest := future.result()) is not None:
+                    known[path] = digest
+        return known
 
     def abort(self) -> None:
         """Stop without marking complete; shards already written stay for a resume."""
@@ -457,6 +477,8 @@ class StoreWriter:
         self._closed = True
         if self._executor is not None:
             self._executor.shutdown(wait=True)
+        if self._hasher is not None:
+            self._hasher.shutdown(wait=True, cancel_futures=True)
         self._buffers = [None, None]
         if self._lock_fd >= 0:
             os.close(self._lock_fd)  # releases the flock
@@ -478,18 +500,35 @@ class StoreWriter:
             self._lock_fd = -1
 
 
-def write_manifest(root: Path) -> None:
+def file_digest(path: Path) -> tuple[int, int, str] | None:
+    """(size, mtime_ns, sha256) of a file, or None if it changed while it was hashed."""
+    before = os.stat(path)
+    digest = sha256_file(path)
+    after = os.stat(path)
+    same = (before.st_size, before.st_mtime_ns) == (after.st_size, after.st_mtime_ns)
+    return (after.st_size, after.st_mtime_ns, digest) if same else None
+
+
+def write_manifest(root: Path, known: dict[Path, tuple[int, int, str]] | None = None) -> None:
     """``SHA256SUMS`` (the format of ``sha256sum``) over every file of a finished store.
 
     A downloaded cache can then be checked with standard tools (``sha256sum -c
     SHA256SUMS`` in the store directory) as well as by :func:`pipeline.store.verify.verify`.
+    ``known``: digests from :func:`file_digest` taken as the files were written; each is
+    used only while the file keeps that size and mtime, else the file is hashed again.
     """
     skip = {MANIFEST_NAME, COMPLETE_NAME, LOCK_NAME}
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.name not in skip)
+    known = known or {}
+
+    def digest(path: Path) -> str:
+        st, seen = os.stat(path), known.get(path)
+        return seen[2] if seen and seen[:2] == (st.st_size, st.st_mtime_ns) else sha256_file(path)
+
     # One file per thread (hashlib releases the GIL): SHA-256 runs at ~1.6 GB/s on one
     # core here, and a serial pass over a large store was most of finalize's time.
     with ThreadPoolExecutor(engine.io_threads(), "lenspipe-sha256") as pool:
-        digests = list(pool.map(sha256_file, files))
+        digests = list(pool.map(digest, files))
     lines = [f"{digest}  {p.relative_to(root).as_posix()}\n" for digest, p in zip(digests, files)]
     tmp = root / f".{MANIFEST_NAME}.tmp"
     tmp.write_text("".join(lines))
