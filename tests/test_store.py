@@ -135,7 +135,8 @@ def test_one_layer_reads_through_tensorstore_equal_zarr(tmp_path, dtype, compres
 def test_reads_in_token_pieces_equal_one_read(tmp_path, monkeypatch, dtype):
     """Contiguous layer ranges are read in pieces of READ_TOKENS tokens (at multiples of
     it, straddling inner chunks and shards here), each decoded into the output while the
-    next is read; the values must be one read's, and the source's cast to the dtype."""
+    next is read, through zarr (layer ranges) and TensorStore (single layers); the values
+    must be one read's, and the source's cast to the dtype."""
     from pipeline.store import reader
 
     resid, toks = make_data(3 * SHARD + 2 * SEQ)
@@ -143,12 +144,16 @@ def test_reads_in_token_pieces_equal_one_read(tmp_path, monkeypatch, dtype):
     store = open_store(tmp_path / "s")
     want = [store.layers([0, 1, 2]), store.layers([1, 2], 7, 150)]
     monkeypatch.setattr(reader, "READ_TOKENS", 48)  # not a multiple of the 32-token chunks
-    got = [store.layers([0, 1, 2]), store.layers([1, 2], 7, 150), store.layers([2, 0], 7, 150)]
+    got = [store.layers([0, 1, 2]), store.layers([1, 2], 7, 150), store.layers([2, 0], 7, 150),
+           store.layers(1, 7, 150), store.layers([1], 0, 0)]
+    assert store._layer_array is not False  # the single layers read through TensorStore
     assert all(torch.equal(g, w) for g, w in zip(got, want))
     source = torch.from_numpy(resid).to(getattr(torch, dtype)).float()
     assert torch.equal(got[0], source)
     assert torch.equal(got[1], source[1:, 7:150])
     assert torch.equal(got[2], source[[2, 0], 7:150])
+    assert torch.equal(got[3], source[1, 7:150])
+    assert got[4].shape == (1, 0, D)
 
 
 PLAIN_READ = """

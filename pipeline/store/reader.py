@@ -124,7 +124,7 @@ def is_hdf5_file(path: str | os.PathLike) -> bool:
 
 
 #: Reads of a contiguous range of layers go through zarr in token pieces of at most this
-#: size (``ActivationStore._layer_range``; benchmarks/RESULTS.md, fourth round).
+#: size (``ActivationStore._read_layers``; benchmarks/RESULTS.md, fourth and fifth rounds).
 READ_TOKENS = 1024
 
 
@@ -159,63 +159,71 @@ class ActivationStore:
 
     def layers(self, layers: int | Sequence[int], start: int = 0, stop: int | None = None) -> "torch.Tensor":
         """(len(layers), n, d_model) float32, or (n, d_model) for one int layer."""
-        start, stop = self._token_range(start, stop)
-        if isinstance(layers, (int, np.integer)):
-            raw = self._read(lambda: self._one_layer(self._layer(layers), start, stop), start, stop)  # (n, d)
-            return to_tensor(raw, self._encoding)
         import torch
 
+        start, stop = self._token_range(start, stop)
+        if isinstance(layers, (int, np.integer)):
+            return torch.from_numpy(self._read(lambda: self._read_layers([self._layer(layers)], start, stop)[0],
+                                               start, stop))  # (n, d)
         idx = [self._layer(i) for i in layers]
         return torch.from_numpy(self._read(lambda: self._read_layers(idx, start, stop), start, stop))
 
     def _read_layers(self, idx: list[int], start: int, stop: int) -> np.ndarray:
-        """(k, n, d) float32 values of the layers ``idx``, decoded into one array."""
-        out = np.empty((len(idx), stop - start, self.d_model), np.float32)
-        # Basic slices only: zarr 3.1's orthogonal selection (`oindex`) measured ~30x
-        # slower than a slice over the same shard. Both read only the chosen layers' chunks.
-        if idx and idx == list(range(idx[0], idx[0] + len(idx))):
-            self._layer_range(idx[0], len(idx), start, stop, out)
-        else:
-            for i, layer in enumerate(idx):
-                decode_into(self._one_layer(layer, start, stop), out[i], self._encoding)
-        return out
+        """(k, n, d) float32 values of the layers ``idx``, decoded into one array.
 
-    def _layer_range(self, first: int, k: int, start: int, stop: int, out: np.ndarray) -> None:
-        """Decode layers first..first+k-1 into ``out`` (k, n, d) float32. Read through zarr
-        in pieces of at most READ_TOKENS tokens (cut at multiples of it): zarr with zarrs
-        read a whole shard of all layers ~3.4x slower than the same bytes in 1,024-token
-        pieces. The next piece is read in a second thread (zarrs and numpy both release the
-        GIL) while this one is decoded straight into ``out``: reading and decoding overlap,
-        and no undecoded copy of the whole range is made."""
+        Reads go in pieces of at most READ_TOKENS tokens (cut at multiples of it), the next
+        piece's read in flight while this one is decoded straight into the output: reading
+        and decoding overlap (zarrs, TensorStore and numpy all release the GIL), and no
+        undecoded copy of the whole range is made."""
+        out = np.empty((len(idx), stop - start, self.d_model), np.float32)
         cuts = [start, *range((start // READ_TOKENS + 1) * READ_TOKENS, stop, READ_TOKENS), stop]
         pieces = list(zip(cuts, cuts[1:]))
+        # Basic slices only: zarr 3.1's orthogonal selection (`oindex`) measured ~30x
+        # slower than a slice over the same shard. Both read only the chosen layers' chunks.
+        if len(idx) > 1 and idx == list(range(idx[0], idx[0] + len(idx))):
+            self._layer_range(idx[0], len(idx), pieces, out)
+        else:
+            for i, layer in enumerate(idx):
+                self._one_layer(layer, pieces, out[i])
+        return out
 
-        def read(piece: tuple[int, int]) -> np.ndarray:
-            return self._resid[first:first + k, piece[0]:piece[1], :]  # (k, piece, d) stored
+    def _layer_range(self, first: int, k: int, pieces: list[tuple[int, int]], out: np.ndarray) -> None:
+        """Layers first..first+k-1 into ``out`` (k, n, d), through zarr (zarrs): it read a
+        whole shard of all layers ~3.4x slower than the same bytes in 1,024-token pieces."""
+        def read(a: int, b: int) -> np.ndarray:
+            return self._resid[first:first + k, a:b, :]  # (k, piece, d) stored
 
-        if len(pieces) == 1:
-            decode_into(read(pieces[0]), out, self._encoding)
+        if len(pieces) == 1:  # no second thread for a short read
+            decode_into(read(*pieces[0]), out, self._encoding)
             return
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(1, "lenspipe-read") as pool:
-            pending = pool.submit(read, pieces[0])
-            for i, (a, b) in enumerate(pieces):
-                raw = pending.result()
-                if i + 1 < len(pieces):
-                    pending = pool.submit(read, pieces[i + 1])
-                decode_into(raw, out[:, a - start:b - start], self._encoding)
+            self._pipelined(pieces, lambda a, b: pool.submit(read, a, b), lambda a, b: out[:, a:b])
 
-    def _one_layer(self, layer: int, start: int, stop: int) -> np.ndarray:
-        """(n, d) stored values of one layer: through TensorStore for a complete store in a
-        local directory (:func:`engine.layer_array`: ~2x faster), else through zarr."""
+    def _one_layer(self, layer: int, pieces: list[tuple[int, int]], out: np.ndarray) -> None:
+        """One layer into ``out`` (n, d): through TensorStore for a complete store in a local
+        directory (:func:`engine.layer_array`: ~2x faster), else through zarr."""
         if self._layer_array is None:
             local = self.is_complete and not (self.location.is_url or self.location.is_zip)
             handle = engine.layer_array(os.path.join(self.location.zarr_store, "resid")) if local else None
             self._layer_array = False if handle is None else handle
         if self._layer_array is False:
-            return self._resid[layer, start:stop, :]
-        return self._layer_array[layer, start:stop, :].read().result()
+            decode_into(self._resid[layer, pieces[0][0]:pieces[-1][1], :], out, self._encoding)
+            return
+        handle = self._layer_array
+        self._pipelined(pieces, lambda a, b: handle[layer, a:b, :].read(), lambda a, b: out[a:b])
+
+    def _pipelined(self, pieces: list[tuple[int, int]], submit, out_of) -> None:
+        """Decode each piece into ``out_of(a, b)`` (offsets from the first piece's start)
+        while ``submit(a, b)`` (a future of its stored values) reads the next."""
+        origin = pieces[0][0]
+        pending = submit(*pieces[0])
+        for i, (a, b) in enumerate(pieces):
+            raw = pending.result()
+            if i + 1 < len(pieces):
+                pending = submit(*pieces[i + 1])
+            decode_into(raw, out_of(a - origin, b - origin), self._encoding)
 
     def tokens(self, start: int = 0, stop: int | None = None) -> "torch.Tensor":
         import torch
