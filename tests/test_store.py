@@ -83,7 +83,7 @@ def test_round_trip_each_dtype(tmp_path, dtype, torch_dtype):
     assert store.tokens().dtype == torch.int64
 
 
-@pytest.mark.parametrize("compression", ["blosc-zstd", "none"])
+@pytest.mark.parametrize("compression", ["blosc-zstd", "blosc-lz4-bitshuffle", "none"])
 def test_other_compressions_round_trip(tmp_path, compression):
     resid, toks = make_data(2 * SHARD)
     write_store(tmp_path / "s", resid, toks, compression=compression, level=5, dtype="float32")
@@ -156,6 +156,23 @@ def test_reads_in_token_pieces_equal_one_read(tmp_path, monkeypatch, dtype):
     assert got[4].shape == (1, 0, D)
 
 
+@pytest.mark.parametrize("compression", ["zstd", "blosc-lz4-bitshuffle", "blosc-zstd"])
+def test_a_flipped_byte_in_a_compressed_chunk_fails_every_read(tmp_path, compression):
+    """Every compressed store checks each chunk as it is read (zstd's own checksum, crc32c
+    after blosc, which has none): one flipped byte fails one-layer reads (TensorStore) and
+    layer ranges (zarr) with the store's message, not with silently wrong values."""
+    resid, toks = make_data(SHARD)
+    write_store(tmp_path / "s", resid, toks, compression=compression, level=5)
+    shard = tmp_path / "s" / "resid" / "c" / "0" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3] ^= 0x10  # inside a chunk of layer 0 or 1, not the index at the end
+    shard.write_bytes(bytes(data))
+    store = open_store(tmp_path / "s")
+    for read in (lambda: store.layers(range(N_LAYERS + 1)), lambda: [store.layers(i) for i in range(N_LAYERS + 1)]):
+        with pytest.raises(StoreError, match="may be corrupt"):
+            read()
+
+
 PLAIN_READ = """
 import sys, numpy as np, zarr
 group = zarr.open_group(sys.argv[1], mode="r")
@@ -164,7 +181,7 @@ np.save(sys.argv[3], group["tokens"][...])
 """
 
 
-@pytest.mark.parametrize("compression", ["zstd", "none"])
+@pytest.mark.parametrize("compression", ["zstd", "blosc-lz4-bitshuffle", "none"])
 def test_store_is_plain_zarr_that_zarr_python_alone_reads(tmp_path, compression):
     """Shards written through TensorStore, read by zarr-python with its own codec pipeline
     in a process that never imports lenspipe: the stored bf16 bits of the source."""
@@ -182,7 +199,7 @@ def test_manifest_takes_a_digest_from_the_write_only_while_the_file_is_unchanged
     """Shard files are hashed as they are written; finalize's SHA256SUMS reuses a digest
     only while the file keeps its size and mtime, and hashes it again otherwise."""
     from pipeline.provenance import sha256_file
-    from pipeline.store.writer import file_digest, write_manifest
+    from pipeline.store.manifest import file_digest, write_manifest
 
     a, b = tmp_path / "a", tmp_path / "b"
     a.write_bytes(b"first")
@@ -358,6 +375,47 @@ def test_background_failure_reraised_in_caller(tmp_path, monkeypatch):
         w.write(resid[:, :32], toks[:32])
     w.abort()
     assert resume_token(tmp_path / "s", params()) == SHARD
+
+
+def test_failed_fsync_records_no_later_shard_and_resume_matches(tmp_path, monkeypatch):
+    """Shards are made durable (fsync, then their record) on a thread of their own while
+    the next shard is written: a failed fsync surfaces in the caller as the store's own
+    disk-full message, and neither that shard nor any later one is recorded, even one
+    whose write went through; a resume then gives the uninterrupted store."""
+    from pipeline.store import writer as writer_module
+
+    resid, toks = make_data(4 * SHARD)
+    write_store(tmp_path / "ref", resid, toks)
+    real, real_write = writer_module._fsync_file, StoreWriter._write_resid
+    shard_2_written = threading.Event()
+
+    def write_resid(self, start, stop, buf):
+        real_write(self, start, stop, buf)
+        if start == 2 * SHARD:
+            shard_2_written.set()
+
+    def failing(path):
+        if path.parts[-2:] == ("1", "0"):  # resid/c/0/1/0: shard 1's activations
+            assert shard_2_written.wait(30)  # fail only once the next shard is on disk
+            raise OSError(28, "No space left on device", str(path))
+        real(path)
+
+    monkeypatch.setattr(StoreWriter, "_write_resid", write_resid)
+    monkeypatch.setattr(writer_module, "_fsync_file", failing)
+    w = StoreWriter.open(tmp_path / "s", **params())
+    with pytest.raises(StoreError, match=r"no space left on the device while writing shard 1 "):
+        for s in range(0, 4 * SHARD, 32):
+            w.write(resid[:, s:s + 32], toks[s:s + 32])
+        w.finalize()
+    w.abort()
+    assert (tmp_path / "s" / "resid" / "c" / "0" / "2" / "0").exists()  # written, never recorded
+    assert [p.name for p in sorted((tmp_path / "s" / "progress").glob("shard-*.json"))] == ["shard-000000.json"]
+    assert resume_token(tmp_path / "s", params()) == SHARD
+    monkeypatch.setattr(writer_module, "_fsync_file", real)
+    write_store(tmp_path / "s", resid, toks, start=SHARD)
+    for a, b in zip(all_values(tmp_path / "s"), all_values(tmp_path / "ref")):
+        assert torch.equal(a, b)
+    verify(tmp_path / "s")
 
 
 def test_reopening_a_complete_store_has_nothing_to_do(tmp_path):

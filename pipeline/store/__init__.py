@@ -3,14 +3,16 @@
 - ``layout``    names, parameters, storage dtypes and shard checksums every module shares
 - ``location``  a store on disk, in a .zip, or at a URL; read failures and timeouts as one message
 - ``engine``    which zarr codec pipeline (zarrs or zarr-python's) encodes and decodes the chunks
+- ``encoding``  values into stored chunks: the range check, the cast, the codecs, fill values
+- ``manifest``  the SHA256SUMS manifest, and the digests taken as shard files are written
 - ``reader``    ``open_store`` -> ``ActivationStore`` (float32 tensors); ``check_store_model``
-- ``writer``    ``StoreWriter``: whole shards, one writer, resumable; the SHA256SUMS manifest
+- ``writer``    ``StoreWriter``: whole shards, one writer, resumable
 - ``verify``    every checksum and value of a store, or of an HDF5 export in place
 - ``export``    one-file exports (.zip, .h5) and their import
 - ``info``      the summary of ``lenspipe info``; compression on disk
 - ``parts``     ``assemble_store``: extraction parts linked into one store
 - ``batches``   shuffled token batches for training, bounded memory
 
-Each module imports only those above it in this list (``layout``, ``location`` and ``engine`` none):
-import the one you need, e.g. ``from pipeline.store.reader import open_store``.
+Each module imports only those above it in this list (``layout``, ``location``, ``engine``
+and ``encoding`` none): import the one you need, e.g. ``from pipeline.store.reader import open_store``.
 """

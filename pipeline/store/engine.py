@@ -80,7 +80,10 @@ def _tensorstore(array_dir: str, write: bool):
     import tensorstore as ts  # ~1 s to import: only where a layer is read or a shard written
 
     threads = io_threads()
-    context = ts.Context({"data_copy_concurrency": {"limit": threads}, "file_io_concurrency": {"limit": threads}})
+    # file_io_sync off: the store writer fsyncs each shard file itself, once its SHA-256 is
+    # under way, so that hashing overlaps the disk write (writer._write_shard).
+    context = ts.Context({"data_copy_concurrency": {"limit": threads}, "file_io_concurrency": {"limit": threads},
+                          "file_io_sync": not write})
     # Chunks equal to the fill value are written too: a store begun before the writer's
     # own fill values (fill 0) must still get a file for an all-zero chunk.
     spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": array_dir},
@@ -108,7 +111,7 @@ def for_location(local_dir: bool, fill_ok: bool = True) -> Iterator[None]:
     """Context in which to open a store's arrays: the chosen pipeline for a local directory,
     zarr-python's for a URL or a .zip (an array keeps the pipeline it was opened with).
     ``fill_ok=False``: arrays of a store written before the fill values of
-    ``pipeline.store.writer.FILL`` (fill 0), which zarrs could leave without a chunk file
+    ``pipeline.store.encoding.FILL`` (fill 0), which zarrs could leave without a chunk file
     when a chunk is all zeros: zarr-python's pipeline.
 
     zarr's config is one process-wide dict, and dask opens stores from several threads: a

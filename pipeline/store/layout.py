@@ -40,7 +40,7 @@ H5_META_SHA256 = "lenspipe_meta_sha256"
 
 #: How each storage dtype is held in numpy (bfloat16 as its raw bits).
 STORED_NP = {"bfloat16": np.dtype("uint16"), "float16": np.dtype("float16"), "float32": np.dtype("float32")}
-COMPRESSIONS = ("zstd", "blosc-zstd", "blosc-lz4", "none")
+COMPRESSIONS = ("zstd", "blosc-zstd", "blosc-lz4", "blosc-lz4-bitshuffle", "none")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,6 +6,7 @@ The layout is in :mod:`pipeline.store.layout`; a store is reached through a
 
 from __future__ import annotations
 
+import collections
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -35,15 +36,20 @@ def to_tensor(raw: np.ndarray, encoding: str | None) -> "torch.Tensor":
 
 def decode_bf16(raw: np.ndarray) -> np.ndarray:
     """bf16 bit patterns (int16) -> float32: a bf16 is the top half of the float32 with the
-    same bits. One numpy shift into the output (~5 GB/s here), where torch's bfloat16 ->
-    float32 conversion ran at ~1.1 GB/s and was most of an all-layer read."""
+    same bits. One numpy shift into the output (~5 GB/s of float32 out here), where torch's
+    bfloat16 -> float32 conversion into a fresh tensor ran at ~1.1 GB/s (page faults)."""
     out = np.empty(raw.shape, np.float32)
     decode_into(raw, out, BF16_BITS)
     return out
 
 
 def decode_into(raw: np.ndarray, out: np.ndarray, encoding: str | None) -> None:
-    """Stored values -> float32 written into ``out`` (same shape; it may be a strided view)."""
+    """Stored values -> float32 written into ``out`` (same shape; it may be a strided view).
+
+    bf16 as one numpy shift into ``out`` (~2.2 GB/s of bf16 per core here). torch's own
+    conversion into a preallocated output runs ~1.7x faster per core, but its two OpenMP
+    threads then contend with the reading threads of zarrs and TensorStore: one-layer reads
+    with zstd lost ~25% (benchmarks/RESULTS.md, fifth round)."""
     if encoding == BF16_BITS:
         # int16 -> uint32 sign-extends; the shift pushes those extension bits out of the word
         np.left_shift(raw, 16, out=out.view(np.uint32), dtype=np.uint32, casting="unsafe")
@@ -126,6 +132,10 @@ def is_hdf5_file(path: str | os.PathLike) -> bool:
 #: Reads of a contiguous range of layers go through zarr in token pieces of at most this
 #: size (``ActivationStore._read_layers``; benchmarks/RESULTS.md, fourth and fifth rounds).
 READ_TOKENS = 1024
+#: Pieces in flight while one is decoded. One-layer reads through TensorStore touch only
+#: 2 inner chunks a piece: with one piece ahead its 2 threads idled between pieces, and
+#: zstd one-layer reads ran ~1.5x slower than with two (RESULTS.md, fifth round).
+READ_AHEAD = 2
 
 
 class ActivationStore:
@@ -216,13 +226,13 @@ class ActivationStore:
 
     def _pipelined(self, pieces: list[tuple[int, int]], submit, out_of) -> None:
         """Decode each piece into ``out_of(a, b)`` (offsets from the first piece's start)
-        while ``submit(a, b)`` (a future of its stored values) reads the next."""
+        while ``submit(a, b)`` (a future of its stored values) reads the next READ_AHEAD."""
         origin = pieces[0][0]
-        pending = submit(*pieces[0])
+        pending = collections.deque(submit(a, b) for a, b in pieces[:READ_AHEAD])
         for i, (a, b) in enumerate(pieces):
-            raw = pending.result()
-            if i + 1 < len(pieces):
-                pending = submit(*pieces[i + 1])
+            raw = pending.popleft().result()
+            if i + READ_AHEAD < len(pieces):
+                pending.append(submit(*pieces[i + READ_AHEAD]))
             decode_into(raw, out_of(a - origin, b - origin), self._encoding)
 
     def tokens(self, start: int = 0, stop: int | None = None) -> "torch.Tensor":

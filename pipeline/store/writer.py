@@ -3,12 +3,19 @@
 Zarr 3 writes a shard by reading the existing shard back, merging, and re-encoding all of
 it, and concurrent partial writes to one shard silently lose data; so the writer buffers
 incoming batches and only ever writes whole shards, one writer per store (an flock), and
-records each durably written shard before the next. The layout is in
+records each shard, in order, only once it is durable. The layout is in
 :mod:`pipeline.store.layout`.
+
+Where work runs, so that a GPU's extraction is not held up by it: the caller casts each
+batch straight into one of two shard buffers; one thread writes full shards (TensorStore
+encodes their chunks on its own threads); one fsyncs them and writes their records; a pool
+hashes their files for SHA256SUMS. A shard's fsync, its hashing and the next shard's write
+overlap.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import os
@@ -21,72 +28,15 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import BloscCodec, ZstdCodec
 
 from ..errors import StoreError, disk_full, disk_full_message
-from ..provenance import acquire_lock, now_utc, package_versions, sha256_file, sha256_json, write_json_atomic
+from ..provenance import acquire_lock, now_utc, package_versions, sha256_json, write_json_atomic
 from . import engine
-from .layout import (BF16_BITS, COMPLETE_NAME, FORMAT, LOCK_NAME, MANIFEST_NAME, PROGRESS_DIR, SCHEMA_VERSION,
+from .encoding import FILL, TOKEN_FILL, cast_into, check_finite, compressors
+from .layout import (BF16_BITS, COMPLETE_NAME, FORMAT, LOCK_NAME, PROGRESS_DIR, SCHEMA_VERSION,
                      STORED_NP, StoreParams, check_schema, record_name, shard_checksums)
 from .location import Location
-
-
-_TORCH = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-#: Largest magnitude each storage dtype holds; beyond it the exact (slow) check runs.
-_MAX = {"float16": 65504.0, "bfloat16": 3.3895313892515355e38, "float32": float("inf")}
-
-
-def _encode(x: torch.Tensor, dtype: str, first_index: int, seq_len: int) -> np.ndarray:
-    """(L+1, n, d) float tensor -> numpy array in the storage dtype; refuse inf/nan.
-
-    The range check is one min/max reduction on the source tensor, on its own device (the
-    GPU when extraction runs there), and the cast happens there too, so only the compact
-    storage dtype crosses to the host. Only a suspicious batch pays for the exact check
-    of the cast copy (bf16 elementwise ops are slow on CPUs).
-    """
-    lo, hi = torch.aminmax(x)
-    peak = max(-float(lo), float(hi))
-    cast = x.to(_TORCH[dtype])
-    if not peak <= _MAX[dtype]:  # also true for nan
-        bad = ~torch.isfinite(cast)
-        if bool(bad.any()):
-            _raise_nonfinite(x, bad, dtype, first_index, seq_len)
-    cast = cast.cpu()
-    if dtype == "bfloat16":
-        return cast.view(torch.int16).numpy().view(np.uint16)  # the raw bf16 bits
-    return cast.numpy()
-
-
-def _raise_nonfinite(x: torch.Tensor, bad: torch.Tensor, dtype: str, first_index: int,
-                     seq_len: int) -> None:
-    layer, t, feature = (int(v) for v in bad.nonzero()[0])
-    index = first_index + t
-    seq, pos = divmod(index, seq_len)
-    where = f"layer {layer}, token index {index} (sequence {seq}, position {pos}), feature {feature}"
-    value = float(x[layer, t, feature])
-    if not np.isfinite(value):
-        raise StoreError(f"non-finite activation {value} at {where}: the model itself produced "
-                         "inf/nan; run it in bfloat16 or float32 rather than float16")
-    raise StoreError(f"activation {value:g} at {where} overflows store dtype {dtype}; "
-                     "use store dtype 'bfloat16' or 'float32'")
-
-
-def _compressors(compression: str, level: int) -> list | None:
-    if compression == "zstd":
-        # checksum=True: a corrupt chunk fails loudly on every read, not only under verify.
-        return [ZstdCodec(level=level, checksum=True)]
-    if compression.startswith("blosc-"):
-        # Byte shuffle puts the bf16s' sign/exponent bytes (low entropy) apart from their
-        # mantissa bytes (noise), which is where all the compression comes from.
-        return [BloscCodec(cname=compression.split("-", 1)[1], clevel=level, shuffle="shuffle", typesize=2)]
-    return None
-
-
-#: Fill values no written chunk can equal (values are checked finite before they are stored;
-#: token ids are >= 0), so every inner chunk and every shard is a file whatever the codec
-#: pipeline: zarrs skips chunks equal to the fill value even when told to write them.
-FILL = {"bfloat16": 0x7FC0, "float16": float("nan"), "float32": float("nan")}  # 0x7FC0: bf16 NaN
-TOKEN_FILL = -1
+from .manifest import file_digest, write_manifest
 
 
 def _create_arrays(group: zarr.Group, p: StoreParams) -> None:
@@ -94,12 +44,12 @@ def _create_arrays(group: zarr.Group, p: StoreParams) -> None:
     group.create_array(
         "resid", shape=(p.n_layers + 1, p.n_tokens, p.d_model), dtype=STORED_NP[p.dtype],
         shards=(p.n_layers + 1, p.shard_tokens, p.d_model), chunks=(1, p.chunk_tokens, p.d_model),
-        compressors=_compressors(p.compression, p.level), fill_value=FILL[p.dtype],
+        compressors=compressors(p.compression, p.level), fill_value=FILL[p.dtype],
         dimension_names=("layer", "token", "feature"),
         attributes={"encoding": encoding, "dtype": p.dtype}, overwrite=True)
     group.create_array(
         "tokens", shape=(p.n_tokens,), dtype="int32", chunks=(p.shard_tokens,),
-        compressors=_compressors(p.compression, p.level), fill_value=TOKEN_FILL,
+        compressors=compressors(p.compression, p.level), fill_value=TOKEN_FILL,
         dimension_names=("token",), overwrite=True)
 
 
@@ -197,11 +147,15 @@ class StoreWriter:
         self._pos = self.resume_token  # next token index to receive
         self._buffers: list[tuple[np.ndarray, np.ndarray] | None] = [None, None]
         self._which = 0
-        self._pending: Future | None = None
+        self._pending: Future | None = None  # the shard being written
+        self._syncing: collections.deque[Future] = collections.deque()  # written, being made durable
+        self._sync_failed = False
         self._executor = ThreadPoolExecutor(1, "lenspipe-store") if background else None
+        self._syncer = ThreadPoolExecutor(1, "lenspipe-fsync") if background else None
         # SHA256SUMS digests of the shard files, hashed while later shards are written
-        # (finalize hashes only what is missing or changed: see write_manifest)
-        self._hasher = ThreadPoolExecutor(1, "lenspipe-sha256") if background else None
+        # (finalize hashes only what is missing or changed: see write_manifest); one thread
+        # per CPU, since one thread hashes ~1.3 GB/s, less than a GPU's extraction writes.
+        self._hasher = ThreadPoolExecutor(engine.io_threads(), "lenspipe-sha256") if background else None
         self._digests: dict[Path, Future] = {}
         self._broken = False
         self._closed = False
@@ -265,11 +219,11 @@ class StoreWriter:
             x = x.float()
         tokens = torch.as_tensor(tokens).cpu().numpy()  # (n,)
         n = self._check_batch(x, tokens)
-        stored = _encode(x, self.params.dtype, self._pos, self.params.seq_len)  # (L+1, n, d)
+        check_finite(x, self.params.dtype, self._pos, self.params.seq_len)
         toks = tokens.astype(np.int32)  # (n,)
         done = 0
         while done < n:
-            done += self._buffer_some(stored[:, done:], toks[done:])
+            done += self._buffer_some(x[:, done:], toks[done:])
 
     def _check_writable(self) -> None:
         if self.already_complete:
@@ -292,14 +246,15 @@ class StoreWriter:
                              f"store's n_tokens={p.n_tokens}")
         return n
 
-    def _buffer_some(self, stored: np.ndarray, toks: np.ndarray) -> int:
-        """Copy as much of the batch as fits in the current shard; submit it when full."""
+    def _buffer_some(self, x: torch.Tensor, toks: np.ndarray) -> int:
+        """Cast as much of the batch (L+1, n, d) as fits into the current shard's buffer;
+        submit the shard when full."""
         shard = self._pos // self.params.shard_tokens
         start, stop = self.params.shard_span(shard)
-        take = min(stored.shape[1], stop - self._pos)
+        take = min(x.shape[1], stop - self._pos)
         buf, tbuf = self._current_buffers()  # (L+1, shard_tokens, d), (shard_tokens,)
         at = self._pos - start
-        buf[:, at:at + take] = stored[:, :take]
+        cast_into(buf[:, at:at + take], x[:, :take], self.params.dtype)
         tbuf[at:at + take] = toks[:take]
         self._pos += take
         if self._pos == stop:
@@ -316,8 +271,7 @@ class StoreWriter:
         return self._buffers[self._which]
 
     def _submit(self, shard: int, buf: np.ndarray, tbuf: np.ndarray) -> None:
-        # Waiting for the previous shard first bounds memory at two shards and keeps
-        # shards recorded strictly in order.
+        # Waiting for the previous shard's write first bounds memory at two shard buffers.
         self._collect()
         if self._executor is None:
             self._records.append(self._write_shard(shard, buf, tbuf))
@@ -325,38 +279,65 @@ class StoreWriter:
         self._pending = self._executor.submit(self._write_shard, shard, buf, tbuf)
         self._which ^= 1
 
-    def _collect(self) -> None:
-        """Wait for the in-flight shard; re-raise its exception in the caller's thread."""
-        if self._pending is None:
-            return
-        pending, self._pending = self._pending, None
+    def _collect(self, everything: bool = False) -> None:
+        """Wait for the shard being written (its buffer is needed again), record the shards
+        made durable since, in order, and re-raise a background failure in the caller's
+        thread. At most one shard is left waiting for its fsync; ``everything``: none."""
         try:
-            self._records.append(pending.result())
+            if self._pending is not None:
+                pending, self._pending = self._pending, None
+                self._syncing.append(pending.result())
+            while self._syncing and (everything or len(self._syncing) > 1 or self._syncing[0].done()):
+                self._records.append(self._syncing.popleft().result())
         except BaseException:
             self._broken = True
             raise
 
-    def _write_shard(self, shard: int, buf: np.ndarray, tbuf: np.ndarray) -> dict:
-        """Write one whole shard, make it durable, and only then record it as done."""
+    def _write_shard(self, shard: int, buf: np.ndarray, tbuf: np.ndarray) -> "dict | Future":
+        """Write one whole shard; its buffer is free again on return. It is made durable
+        and only then recorded as done by :meth:`_make_durable`: inline without background
+        threads, else on the fsync thread, whose future this returns.
+
+        Three stages overlap on separate threads, as a GPU's extraction needs: this shard's
+        fsync, its SHA-256 (from the page cache), and the next shard's write."""
         start, stop = self.params.shard_span(shard)
         try:
             self._write_resid(start, stop, buf)  # (L+1, n, d): covers the shard, no merge needed
             self._tokens[start:stop] = tbuf
-            files = [self.root / arr.basename / arr.metadata.encode_chunk_key(coords)
-                     for arr, coords in ((self._resid, (0, shard, 0)), (self._tokens, (shard,)))]
-            for path in files:
-                _fsync_file(path)
         except (OSError, RuntimeError, ValueError) as e:
-            if not disk_full(e):
-                raise
-            # The shard is not recorded, so the store stays incomplete and a resume rewrites it.
-            raise StoreError(disk_full_message(e, f"shard {shard} of the store at {self.root}")) from e
-        record = {"shard": shard, "start": start, "stop": stop, **shard_checksums(buf, tbuf),
-                  "written": now_utc()}
-        write_json_atomic(self.root / record_name(shard), record)
+            raise self._failure(e, shard) from e
+        files = [self.root / arr.basename / arr.metadata.encode_chunk_key(coords)
+                 for arr, coords in ((self._resid, (0, shard, 0)), (self._tokens, (shard,)))]
         if self._hasher is not None:
             self._digests.update((path, self._hasher.submit(file_digest, path)) for path in files)
+        record = {"shard": shard, "start": start, "stop": stop, **shard_checksums(buf, tbuf)}
+        if self._syncer is None:
+            return self._make_durable(files, record)
+        return self._syncer.submit(self._make_durable, files, record)
+
+    def _make_durable(self, files: list[Path], record: dict) -> dict:
+        """fsync the shard's files, then write its record. The fsync thread takes shards in
+        order, and after a failure it records none: records stay a contiguous prefix."""
+        if self._sync_failed:
+            raise StoreError(f"shard {record['shard']} of {self.root} was not recorded: an earlier one failed")
+        try:
+            for path in files:
+                _fsync_file(path)
+            record["written"] = now_utc()
+            write_json_atomic(self.root / record_name(record["shard"]), record)
+        except BaseException as e:
+            self._sync_failed = True
+            if isinstance(e, (OSError, RuntimeError, ValueError)):
+                raise self._failure(e, record["shard"]) from e
+            raise
         return record
+
+    def _failure(self, e: BaseException, shard: int) -> BaseException:
+        """A disk-full error as the store's own message; any other error as it is. The shard
+        is not recorded, so the store stays incomplete and a resume rewrites it."""
+        if not disk_full(e):
+            return e
+        return StoreError(disk_full_message(e, f"shard {shard} of the store at {self.root}"))
 
     def _write_resid(self, start: int, stop: int, buf: np.ndarray) -> None:
         """One whole shard of activations: through TensorStore (:func:`engine.shard_writer`),
@@ -438,7 +419,7 @@ class StoreWriter:
         if self._pos != p.n_tokens:
             raise StoreError(f"finalize called after {self._pos} of {p.n_tokens} tokens; the "
                              f"store at {self.root} stays incomplete (resumable)")
-        self._collect()
+        self._collect(everything=True)
         if [r["shard"] for r in self._records] != list(range(p.n_shards)):
             raise StoreError(f"progress records under {self.root / PROGRESS_DIR} were changed "
                              "while writing; delete the store and extract again")
@@ -469,14 +450,15 @@ class StoreWriter:
             return
         try:
             with contextlib.suppress(Exception):
-                self._collect()  # let the in-flight shard land: one less to redo
+                self._collect(everything=True)  # let the in-flight shards land: fewer to redo
         finally:
             self._release()
 
     def _release(self) -> None:
         self._closed = True
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
+        for executor in (self._executor, self._syncer):
+            if executor is not None:
+                executor.shutdown(wait=True)
         if self._hasher is not None:
             self._hasher.shutdown(wait=True, cancel_futures=True)
         self._buffers = [None, None]
@@ -498,41 +480,6 @@ class StoreWriter:
         if getattr(self, "_lock_fd", -1) >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
-
-
-def file_digest(path: Path) -> tuple[int, int, str] | None:
-    """(size, mtime_ns, sha256) of a file, or None if it changed while it was hashed."""
-    before = os.stat(path)
-    digest = sha256_file(path)
-    after = os.stat(path)
-    same = (before.st_size, before.st_mtime_ns) == (after.st_size, after.st_mtime_ns)
-    return (after.st_size, after.st_mtime_ns, digest) if same else None
-
-
-def write_manifest(root: Path, known: dict[Path, tuple[int, int, str]] | None = None) -> None:
-    """``SHA256SUMS`` (the format of ``sha256sum``) over every file of a finished store.
-
-    A downloaded cache can then be checked with standard tools (``sha256sum -c
-    SHA256SUMS`` in the store directory) as well as by :func:`pipeline.store.verify.verify`.
-    ``known``: digests from :func:`file_digest` taken as the files were written; each is
-    used only while the file keeps that size and mtime, else the file is hashed again.
-    """
-    skip = {MANIFEST_NAME, COMPLETE_NAME, LOCK_NAME}
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name not in skip)
-    known = known or {}
-
-    def digest(path: Path) -> str:
-        st, seen = os.stat(path), known.get(path)
-        return seen[2] if seen and seen[:2] == (st.st_size, st.st_mtime_ns) else sha256_file(path)
-
-    # One file per thread (hashlib releases the GIL): SHA-256 runs at ~1.6 GB/s on one
-    # core here, and a serial pass over a large store was most of finalize's time.
-    with ThreadPoolExecutor(engine.io_threads(), "lenspipe-sha256") as pool:
-        digests = list(pool.map(digest, files))
-    lines = [f"{digest}  {p.relative_to(root).as_posix()}\n" for digest, p in zip(digests, files)]
-    tmp = root / f".{MANIFEST_NAME}.tmp"
-    tmp.write_text("".join(lines))
-    tmp.replace(root / MANIFEST_NAME)
 
 
 def _ensure_arrays(group: zarr.Group, params: StoreParams) -> None:
