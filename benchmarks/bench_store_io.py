@@ -20,11 +20,11 @@ model hands them over) are written and read back, side by side in one run:
 Every store measurement is paired with the raw one it is divided by: ``--rounds`` rounds
 alternate raw and store (writes after ``os.sync()``, so neither arm pays for the other's
 dirty pages), and each takes its best round; the machine's drift then cancels in the ratio.
-Reads: one layer over all tokens (what training a layer group and the analyses do; the
-store open, through the store's one-layer reader: TensorStore for a local store), and all
-layers in one-shard token batches (what evaluation does; through zarr and the chosen
-pipeline). Reads follow the writes, so both arms read from the page cache: this measures
-the code path, not the disk.
+Reads: one layer over all tokens (what training a layer group and the analyses do) and
+all layers in one-shard token batches (what evaluation does), both through the store's
+reader, the store open (TensorStore for a complete local store; ``--pipelines`` then
+matters for the token ids and the ``zarr`` writer only). Reads follow the writes, so both
+arms read from the page cache: this measures the code path, not the disk.
 
 Ratios printed are store / raw and, compressed, store / min(raw, codec): the issue's
 targets. A compressed store cannot reach the codec's own rate on few cores, since the same
@@ -155,9 +155,10 @@ def codec_rates(x: torch.Tensor, compression: str, threads: int) -> dict:
               for c in range(0, bits.shape[1], CHUNK)]
     gb = bits.nbytes / 1e9
     with ThreadPoolExecutor(threads) as pool:
-        enc: list = []
-        t_enc, c_enc = timed_cpu(lambda: enc.extend(pool.map(numcodec.encode, chunks)))
-        t_dec, c_dec = timed_cpu(lambda: list(pool.map(numcodec.decode, enc)))
+        enc = list(pool.map(numcodec.encode, chunks))
+        # best of 3, as the store's arms are: the bound is the codec at its fastest
+        t_enc, c_enc = min(timed_cpu(lambda: list(pool.map(numcodec.encode, chunks))) for _ in range(3))
+        t_dec, c_dec = min(timed_cpu(lambda: list(pool.map(numcodec.decode, enc))) for _ in range(3))
     return {"enc": gb / t_enc, "dec": gb / t_dec, "enc_cpu": c_enc / gb, "dec_cpu": c_dec / gb,
             "frac": sum(len(e) for e in enc) / bits.nbytes}
 
@@ -326,9 +327,16 @@ def main() -> None:
                           f"{rb:.2f} |", flush=True)
                     if pipeline == engine.DEFAULT and writer == "tensorstore" and comp == default:
                         last = (wr, min(r1r, rar), comp)
+                        # the target is 0.8 of min(raw, codec): how close the work
+                        # bound itself comes to it
+                        reach = {"write": wb / vs["write"]} | {
+                            arm: rate[arm] / min(rate[f"raw_{arm}"], codec["dec"]) / vs[arm]
+                            for arm in ("read_layer", "read_all")}
     finally:
         shutil.rmtree(root, ignore_errors=True)
     if last:
+        print(f"{last[2]} on {threads} threads, of min(raw, codec): the work bound reaches "
+              + ", ".join(f"{arm} {v:.2f}" for arm, v in reach.items()))
         print(f"write_ratio={last[0]:.2f} read_ratio={last[1]:.2f} codec={last[2]}")
 
 

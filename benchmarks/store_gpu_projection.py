@@ -29,14 +29,13 @@ import argparse
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_store_io import activations, store_read_all, store_write  # noqa: E402
+from bench_store_io import activations, store_read_all, store_write, timed_cpu  # noqa: E402
 from pipeline.allocator import keep_freed_memory  # noqa: E402
 from pipeline.store import engine  # noqa: E402
 from pipeline.store.reader import open_store  # noqa: E402
@@ -44,12 +43,7 @@ from pipeline.store.reader import open_store  # noqa: E402
 
 def cpu_seconds(fn, rounds: int = 2) -> float:
     """Least CPU seconds (every thread's) of ``rounds`` calls."""
-    best = float("inf")
-    for _ in range(rounds):
-        c0 = time.process_time()
-        fn()
-        best = min(best, time.process_time() - c0)
-    return best
+    return min(timed_cpu(fn)[1] for _ in range(rounds))
 
 
 def store_costs(root: Path, x: torch.Tensor, n_tokens: int, compression: str) -> dict[str, float]:

@@ -112,33 +112,37 @@ def test_short_last_shard_and_partial_reads(tmp_path):
 
 @pytest.mark.parametrize("dtype,compression", [("bfloat16", "zstd"), ("float16", "none"),
                                                ("float32", "blosc-zstd")])
-def test_one_layer_reads_through_tensorstore_equal_zarr(tmp_path, dtype, compression, monkeypatch):
-    """A complete local store reads single layers with TensorStore (engine.layer_array);
-    the values must be zarr's, bit for bit, for every dtype, codec and partial range."""
+def test_reads_through_tensorstore_equal_zarr(tmp_path, dtype, compression, monkeypatch):
+    """A complete local store is read with TensorStore (engine.layer_array): single layers,
+    lists of layers and contiguous ranges; the values must be zarr's, bit for bit, for every
+    dtype, codec and partial range."""
     from pipeline.store import engine
 
     resid, toks = make_data(3 * SHARD + 2 * SEQ)  # a short last shard
     write_store(tmp_path / "s", resid, toks, dtype=dtype, compression=compression)
-    reads = (lambda s: s.layers(1, 50, 210), lambda s: s.layers([2, 0], 10, 200), lambda s: s.layers(-1))
+    reads = (lambda s: s.layers(1, 50, 210), lambda s: s.layers([2, 0], 10, 200), lambda s: s.layers(-1),
+             lambda s: s.layers(range(N_LAYERS + 1), 30, 3 * SHARD + 2 * SEQ), lambda s: s.layers([1, 2], 0, 190))
     fast = open_store(tmp_path / "s")
     got = [read(fast) for read in reads]
-    assert fast._layer_array is not False  # TensorStore read them
+    assert fast._ts_handle is not False  # TensorStore read them
     monkeypatch.setattr(engine, "_layer_reads", False)
     slow = open_store(tmp_path / "s")
     want = [read(slow) for read in reads]
-    assert slow._layer_array is False
+    assert slow._ts_handle is False
     assert all(torch.equal(g, w) for g, w in zip(got, want))
     assert torch.equal(got[0], torch.from_numpy(resid[1, 50:210]).to(getattr(torch, dtype)).float())
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_reads_in_token_pieces_equal_one_read(tmp_path, monkeypatch, dtype):
-    """Contiguous layer ranges are read in pieces of READ_TOKENS tokens (at multiples of
-    it, straddling inner chunks and shards here), each decoded into the output while the
-    next is read, through zarr (layer ranges) and TensorStore (single layers); the values
-    must be one read's, and the source's cast to the dtype."""
-    from pipeline.store import reader
+@pytest.mark.parametrize("dtype,engine_name", [("bfloat16", "tensorstore"), ("float16", "tensorstore"),
+                                               ("bfloat16", "zarr")])
+def test_reads_in_token_pieces_equal_one_read(tmp_path, monkeypatch, dtype, engine_name):
+    """Reads go in pieces of READ_TOKENS tokens (at multiples of it, straddling inner
+    chunks and shards here), each decoded into the output while the next ones are read,
+    through TensorStore or zarr; the values must be one read's, and the source's cast to
+    the dtype."""
+    from pipeline.store import engine, reader
 
+    monkeypatch.setattr(engine, "_layer_reads", engine_name == "tensorstore")
     resid, toks = make_data(3 * SHARD + 2 * SEQ)
     write_store(tmp_path / "s", resid, toks, compression="zstd", dtype=dtype)
     store = open_store(tmp_path / "s")
@@ -146,7 +150,7 @@ def test_reads_in_token_pieces_equal_one_read(tmp_path, monkeypatch, dtype):
     monkeypatch.setattr(reader, "READ_TOKENS", 48)  # not a multiple of the 32-token chunks
     got = [store.layers([0, 1, 2]), store.layers([1, 2], 7, 150), store.layers([2, 0], 7, 150),
            store.layers(1, 7, 150), store.layers([1], 0, 0)]
-    assert store._layer_array is not False  # the single layers read through TensorStore
+    assert (store._ts_handle is not False) == (engine_name == "tensorstore")
     assert all(torch.equal(g, w) for g, w in zip(got, want))
     source = torch.from_numpy(resid).to(getattr(torch, dtype)).float()
     assert torch.equal(got[0], source)
@@ -466,7 +470,7 @@ def test_reader_refuses_incomplete_store(tmp_path):
         verify(tmp_path / "s")
     partial = open_store(tmp_path / "s", allow_incomplete=True)
     partial.layers(0, 0, 0)
-    assert partial._layer_array is False  # a store being written is read through zarr only
+    assert partial._ts_handle is False  # a store being written is read through zarr only
     w.abort()
 
 

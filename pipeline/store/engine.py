@@ -1,13 +1,15 @@
-"""Which zarr codec pipeline encodes and decodes the store's chunks.
+"""Which engine reads and writes the store's chunks.
 
-The store is plain zarr v3 whichever pipeline runs; only the engine differs.
-``zarrs`` (the Rust codec pipeline for zarr-python, on PyPI) encodes, decodes and does the
-file I/O of a shard's chunks in parallel outside the GIL; zarr-python's own
-``BatchedCodecPipeline`` does them chunk by chunk in Python. ``benchmarks/bench_store_io.py``
-measures both against raw file I/O; the numbers are in ``benchmarks/RESULTS.md``.
-zarrs serves local directories only here: with an fsspec URL it fails on the storage
-options (zarrs 0.2.3: "Unsupported storage option for HTTPFileSystem"), so remote stores
-and .zip exports are read through zarr-python's pipeline (:func:`for_location`).
+The store is plain zarr v3 whichever engine runs. Three are used, each where it measured
+fastest (``benchmarks/bench_store_io.py``; the numbers are in ``benchmarks/RESULTS.md``):
+
+- TensorStore (Google's C++ zarr library, on PyPI) writes every activation shard
+  (:func:`shard_writer`) and reads complete local stores (:func:`layer_array`);
+- ``zarrs`` (the Rust codec pipeline for zarr-python, on PyPI) serves every other zarr
+  array operation on a local directory: the token ids, stores still being written, dask;
+- zarr-python's own ``BatchedCodecPipeline`` reads remote stores and .zip exports: zarrs
+  0.2.3 fails on fsspec storage options ("Unsupported storage option for
+  HTTPFileSystem"), see :func:`for_location`.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ _LOCK = threading.RLock()
 def configure(pipeline: str = DEFAULT, threads: int | None = None, layer_reads: bool = True,
               shard_writes: bool = True) -> None:
     """Select the codec pipeline (and its thread count) for every zarr array opened after,
-    whether local stores read single layers through TensorStore (:func:`layer_array`), and
+    whether complete local stores are read through TensorStore (:func:`layer_array`), and
     whether the store writer writes its activation shards through it (:func:`shard_writer`)."""
     global _chosen, _layer_reads, _shard_writes
     import zarr
@@ -49,14 +51,14 @@ def configure(pipeline: str = DEFAULT, threads: int | None = None, layer_reads: 
 
 def layer_array(array_dir: str):
     """A read-only TensorStore handle on the zarr v3 array in the local directory
-    ``array_dir``, or None where layer reads go through zarr (``configure(layer_reads=False)``).
+    ``array_dir``, or None where reads go through zarr (``configure(layer_reads=False)``).
 
-    Why a second reader: a one-layer read touches one inner chunk per ``chunk_tokens`` in
-    every shard, and zarr-python spends ~0.3 ms of indexing on each, which held such reads
-    at 0.44-0.52x of raw file reads; TensorStore (Google's C++ library, on PyPI) reads the
-    same shards at ~1x (benchmarks/bench_one_layer_read.py). Reads of a contiguous range of
-    layers stay with zarr (zarrs), which is the faster of the two there. No cache: every
-    read comes from the files."""
+    Why: a one-layer read touches one inner chunk per ``chunk_tokens`` in every shard, and
+    zarr-python spends ~0.3 ms of indexing on each, which held such reads at 0.44-0.52x of
+    raw file reads; TensorStore reads the same shards at ~1x
+    (benchmarks/bench_one_layer_read.py). With zstd it also read ranges of all layers
+    1.2-1.35x faster than zarrs (uncompressed, within ~10% either way; RESULTS.md, fifth
+    round). No cache: every read comes from the files."""
     if not _layer_reads:
         return None
     return _tensorstore(array_dir, write=False)

@@ -153,7 +153,7 @@ class ActivationStore:
         self._resid = group["resid"]  # (L+1, n_tokens, d) in the storage dtype
         self._tokens = group["tokens"]  # (n_tokens,) int32
         self._encoding = self._resid.attrs.get("encoding")
-        self._layer_array: Any = None  # engine.layer_array's handle, opened on first use (False: none)
+        self._ts_handle: Any = None  # engine.layer_array's handle, opened on first use (False: none)
 
     def __repr__(self) -> str:
         return (f"ActivationStore({self.location.zarr_store!r}, layers={self.n_layers + 1}, "
@@ -182,24 +182,49 @@ class ActivationStore:
         """(k, n, d) float32 values of the layers ``idx``, decoded into one array.
 
         Reads go in pieces of at most READ_TOKENS tokens (cut at multiples of it), the next
-        piece's read in flight while this one is decoded straight into the output: reading
-        and decoding overlap (zarrs, TensorStore and numpy all release the GIL), and no
-        undecoded copy of the whole range is made."""
+        READ_AHEAD pieces' reads in flight while one is decoded straight into the output:
+        reading and decoding overlap (TensorStore, zarrs and numpy all release the GIL), and
+        no undecoded copy of the whole range is made. A complete store in a local directory
+        is read through TensorStore (:func:`engine.layer_array`), any other through zarr."""
         out = np.empty((len(idx), stop - start, self.d_model), np.float32)
         cuts = [start, *range((start // READ_TOKENS + 1) * READ_TOKENS, stop, READ_TOKENS), stop]
         pieces = list(zip(cuts, cuts[1:]))
+        handle = self._tensorstore()
         # Basic slices only: zarr 3.1's orthogonal selection (`oindex`) measured ~30x
         # slower than a slice over the same shard. Both read only the chosen layers' chunks.
         if len(idx) > 1 and idx == list(range(idx[0], idx[0] + len(idx))):
-            self._layer_range(idx[0], len(idx), pieces, out)
-        else:
-            for i, layer in enumerate(idx):
-                self._one_layer(layer, pieces, out[i])
+            first, k = idx[0], len(idx)
+            if handle is None:
+                self._zarr_range(first, k, pieces, out)
+            else:
+                self._pipelined(pieces, lambda a, b: handle[first:first + k, a:b, :].read(), lambda a, b: out[:, a:b])
+            return out
+        for i, layer in enumerate(idx):
+            if handle is None:
+                decode_into(self._resid[layer, start:stop, :], out[i], self._encoding)
+            else:
+                self._pipelined(pieces, lambda a, b, layer=layer: handle[layer, a:b, :].read(),
+                                lambda a, b, i=i: out[i, a:b])
         return out
 
-    def _layer_range(self, first: int, k: int, pieces: list[tuple[int, int]], out: np.ndarray) -> None:
-        """Layers first..first+k-1 into ``out`` (k, n, d), through zarr (zarrs): it read a
-        whole shard of all layers ~3.4x slower than the same bytes in 1,024-token pieces."""
+    def _tensorstore(self) -> Any:
+        """TensorStore's handle on ``resid`` of a complete store in a local directory, opened
+        on first use; None where reads go through zarr (a URL, a .zip, an incomplete store,
+        or ``engine.configure(layer_reads=False)``).
+
+        Why: zarr-python spends ~0.3 ms of indexing on each inner chunk, which held one-layer
+        reads at ~0.5x of raw file reads (TensorStore: ~1x); and with zstd, TensorStore read
+        ranges of all layers 1.2-1.35x faster than zarrs (benchmarks/RESULTS.md, fourth and
+        fifth rounds)."""
+        if self._ts_handle is None:
+            local = self.is_complete and not (self.location.is_url or self.location.is_zip)
+            handle = engine.layer_array(os.path.join(self.location.zarr_store, "resid")) if local else None
+            self._ts_handle = False if handle is None else handle
+        return None if self._ts_handle is False else self._ts_handle
+
+    def _zarr_range(self, first: int, k: int, pieces: list[tuple[int, int]], out: np.ndarray) -> None:
+        """Layers first..first+k-1 into ``out`` (k, n, d), through zarr: it read a whole shard
+        of all layers ~3.4x slower than the same bytes in 1,024-token pieces."""
         def read(a: int, b: int) -> np.ndarray:
             return self._resid[first:first + k, a:b, :]  # (k, piece, d) stored
 
@@ -210,19 +235,6 @@ class ActivationStore:
 
         with ThreadPoolExecutor(1, "lenspipe-read") as pool:
             self._pipelined(pieces, lambda a, b: pool.submit(read, a, b), lambda a, b: out[:, a:b])
-
-    def _one_layer(self, layer: int, pieces: list[tuple[int, int]], out: np.ndarray) -> None:
-        """One layer into ``out`` (n, d): through TensorStore for a complete store in a local
-        directory (:func:`engine.layer_array`: ~2x faster), else through zarr."""
-        if self._layer_array is None:
-            local = self.is_complete and not (self.location.is_url or self.location.is_zip)
-            handle = engine.layer_array(os.path.join(self.location.zarr_store, "resid")) if local else None
-            self._layer_array = False if handle is None else handle
-        if self._layer_array is False:
-            decode_into(self._resid[layer, pieces[0][0]:pieces[-1][1], :], out, self._encoding)
-            return
-        handle = self._layer_array
-        self._pipelined(pieces, lambda a, b: handle[layer, a:b, :].read(), lambda a, b: out[a:b])
 
     def _pipelined(self, pieces: list[tuple[int, int]], submit, out_of) -> None:
         """Decode each piece into ``out_of(a, b)`` (offsets from the first piece's start)
