@@ -94,6 +94,8 @@ def output_errors(dest: str | os.PathLike, what: str) -> Iterator[None]:
 
 
 def _causes(e: BaseException | None) -> Iterator[BaseException]:
-    while e is not None:
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:  # a cause chain can loop back on itself
+        seen.add(id(e))
         yield e
         e = e.__cause__

@@ -529,6 +529,77 @@ def test_nan_input_refused(tmp_path):
         w.abort()
 
 
+def test_inf_input_refused_in_every_dtype_and_an_empty_batch_is_nothing(tmp_path):
+    """inf is refused whatever the storage dtype (float32 took it once: its largest value
+    was taken as inf), and an empty batch writes nothing."""
+    resid, toks = make_data(SHARD)
+    resid[1, 40, 2] = -np.inf
+    for dtype in ("float32", "bfloat16", "float16"):
+        with StoreWriter.open(tmp_path / dtype, **params(SHARD, dtype=dtype)) as w:
+            w.write(resid[:, :0], toks[:0])
+            assert w.resume_token == 0
+            with pytest.raises(StoreError, match=r"non-finite activation -inf at layer 1, token index 40"):
+                w.write(resid, toks)
+            w.abort()
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_an_io_error_in_a_shard_write_is_raised_as_it_is_and_stops_the_writer(tmp_path, monkeypatch, background):
+    """An I/O error other than a full disk reaches the caller unchanged (not as its own
+    cause: a loop there once hung the error reporting), and no later shard is written,
+    with background threads or without."""
+    from pipeline.errors import _causes
+    from pipeline.store import writer as writer_module
+
+    real = writer_module._fsync_file
+
+    def failing(path):
+        if path.parts[-2:] == ("1", "0"):
+            raise OSError(5, "Input/output error", str(path))
+        real(path)
+
+    monkeypatch.setattr(writer_module, "_fsync_file", failing)
+    resid, toks = make_data(4 * SHARD)
+    w = StoreWriter.open(tmp_path / "s", **params(), background=background)
+    with pytest.raises(OSError, match="Input/output error") as raised:
+        for s in range(0, 4 * SHARD, 32):
+            w.write(resid[:, s:s + 32], toks[s:s + 32])
+        w.finalize()
+    assert raised.value.__cause__ is not raised.value and len(list(_causes(raised.value))) < 5
+    with pytest.raises(StoreError, match="failed"):
+        w.write(resid[:, :32], toks[:32])
+    w.abort()
+    assert resume_token(tmp_path / "s", params()) == SHARD
+
+
+def test_a_shard_record_follows_the_fsync_of_its_files_and_of_their_directories(tmp_path, monkeypatch):
+    """A shard's directory is new: its entry must be durable too, before the record that
+    says the shard is done (TensorStore writes without fsync; the writer syncs)."""
+    from pipeline.store import writer as writer_module
+
+    real, synced = writer_module._fsync_file, []
+
+    def recording(path):  # (what is synced, how many shards are recorded at that moment)
+        synced.append((path.relative_to(tmp_path / "s").as_posix(),
+                       len(list((tmp_path / "s" / "progress").glob("shard-*.json")))))
+        real(path)
+
+    monkeypatch.setattr(writer_module, "_fsync_file", recording)
+    resid, toks = make_data(2 * SHARD)
+    write_store(tmp_path / "s", resid, toks)
+    for shard in (0, 1):
+        for path in (f"resid/c/0/{shard}/0", f"resid/c/0/{shard}", "resid/c/0", f"tokens/c/{shard}", "tokens/c"):
+            assert (path, shard) in synced, (path, synced)
+
+
+def test_a_cause_chain_that_loops_ends():
+    from pipeline.errors import _causes
+
+    e = OSError(5, "Input/output error")
+    e.__cause__ = e
+    assert list(_causes(e)) == [e]
+
+
 # ---------------------------------------------------------------- verify
 
 @pytest.mark.parametrize("compression", ["zstd", "none"])

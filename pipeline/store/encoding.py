@@ -12,7 +12,7 @@ from ..errors import StoreError
 
 _TORCH = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 #: Largest magnitude each storage dtype holds; beyond it the exact (slow) check runs.
-_MAX = {"float16": 65504.0, "bfloat16": 3.3895313892515355e38, "float32": float("inf")}
+_MAX = {"float16": 65504.0, "bfloat16": 3.3895313892515355e38, "float32": float(np.finfo(np.float32).max)}
 
 
 def check_finite(x: torch.Tensor, dtype: str, first_index: int, seq_len: int) -> None:

@@ -219,6 +219,8 @@ class StoreWriter:
             x = x.float()
         tokens = torch.as_tensor(tokens).cpu().numpy()  # (n,)
         n = self._check_batch(x, tokens)
+        if n == 0:
+            return
         check_finite(x, self.params.dtype, self._pos, self.params.seq_len)
         toks = tokens.astype(np.int32)  # (n,)
         done = 0
@@ -274,7 +276,11 @@ class StoreWriter:
         # Waiting for the previous shard's write first bounds memory at two shard buffers.
         self._collect()
         if self._executor is None:
-            self._records.append(self._write_shard(shard, buf, tbuf))
+            try:
+                self._records.append(self._write_shard(shard, buf, tbuf))
+            except BaseException:
+                self._broken = True  # as in the background: no later shard may follow
+                raise
             return
         self._pending = self._executor.submit(self._write_shard, shard, buf, tbuf)
         self._which ^= 1
@@ -305,7 +311,7 @@ class StoreWriter:
             self._write_resid(start, stop, buf)  # (L+1, n, d): covers the shard, no merge needed
             self._tokens[start:stop] = tbuf
         except (OSError, RuntimeError, ValueError) as e:
-            raise self._failure(e, shard) from e
+            self._raise_failure(e, shard)
         files = [self.root / arr.basename / arr.metadata.encode_chunk_key(coords)
                  for arr, coords in ((self._resid, (0, shard, 0)), (self._tokens, (shard,)))]
         if self._hasher is not None:
@@ -321,23 +327,27 @@ class StoreWriter:
         if self._sync_failed:
             raise StoreError(f"shard {record['shard']} of {self.root} was not recorded: an earlier one failed")
         try:
-            for path in files:
+            # The files, then the directories that name them (the shard's own directory is
+            # new): a record must never outlive its shard, even after a power loss.
+            dirs = dict.fromkeys(d for path in files for d in (path.parent, path.parent.parent))
+            for path in [*files, *dirs]:
                 _fsync_file(path)
             record["written"] = now_utc()
             write_json_atomic(self.root / record_name(record["shard"]), record)
         except BaseException as e:
             self._sync_failed = True
             if isinstance(e, (OSError, RuntimeError, ValueError)):
-                raise self._failure(e, record["shard"]) from e
+                self._raise_failure(e, record["shard"])
             raise
         return record
 
-    def _failure(self, e: BaseException, shard: int) -> BaseException:
-        """A disk-full error as the store's own message; any other error as it is. The shard
-        is not recorded, so the store stays incomplete and a resume rewrites it."""
+    def _raise_failure(self, e: BaseException, shard: int) -> None:
+        """Re-raise a failed shard write: a full disk as the store's own message, any other
+        error as it is. The shard is not recorded, so the store stays incomplete and a
+        resume rewrites it."""
         if not disk_full(e):
-            return e
-        return StoreError(disk_full_message(e, f"shard {shard} of the store at {self.root}"))
+            raise e
+        raise StoreError(disk_full_message(e, f"shard {shard} of the store at {self.root}")) from e
 
     def _write_resid(self, start: int, stop: int, buf: np.ndarray) -> None:
         """One whole shard of activations: through TensorStore (:func:`engine.shard_writer`),
