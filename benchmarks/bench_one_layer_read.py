@@ -6,7 +6,7 @@ The same synthetic stream as bench_store_io.py (31 layers x 16,384 tokens x 576 
 4,096 tokens, zarrs pipeline), written once as raw files and once per store layout
 (uncompressed with inner chunks of 512 tokens, the default, and of 4,096 = one chunk per
 layer and shard; zstd-3 at 512). Each store is read by both one-layer readers: zarr, and
-TensorStore (``engine.layer_array``, the default for local stores). Best of 5 reads of
+TensorStore (``engine.read_array``, the default for local stores). Best of 5 reads of
 layer 15 each, from the page cache; store reads with the store already open and, apart,
 with its opening. Ratios are raw time / store time (zstd: the codec's own cost included).
 """
@@ -48,7 +48,7 @@ def main() -> None:
             path = root / f"{compression}-{chunk}.zarr"
             B.store_write(path, x, N_TOKENS, compression, chunk_tokens=chunk)
             for reader in ("zarr", "tensorstore"):
-                engine.configure("zarrs", threads=2, layer_reads=reader == "tensorstore")
+                engine.configure("zarrs", threads=2, tensorstore_reads=reader == "tensorstore")
                 opened = open_store(path)
                 read = best(lambda: opened.layers(LAYER))
                 both = best(lambda: open_store(path).layers(LAYER))

@@ -113,7 +113,7 @@ def test_short_last_shard_and_partial_reads(tmp_path):
 @pytest.mark.parametrize("dtype,compression", [("bfloat16", "zstd"), ("float16", "none"),
                                                ("float32", "blosc-zstd")])
 def test_reads_through_tensorstore_equal_zarr(tmp_path, dtype, compression, monkeypatch):
-    """A complete local store is read with TensorStore (engine.layer_array): single layers,
+    """A complete local store is read with TensorStore (engine.read_array): single layers,
     lists of layers and contiguous ranges; the values must be zarr's, bit for bit, for every
     dtype, codec and partial range."""
     from pipeline.store import engine
@@ -125,7 +125,7 @@ def test_reads_through_tensorstore_equal_zarr(tmp_path, dtype, compression, monk
     fast = open_store(tmp_path / "s")
     got = [read(fast) for read in reads]
     assert fast._ts_handle is not False  # TensorStore read them
-    monkeypatch.setattr(engine, "_layer_reads", False)
+    monkeypatch.setattr(engine, "_tensorstore_reads", False)
     slow = open_store(tmp_path / "s")
     want = [read(slow) for read in reads]
     assert slow._ts_handle is False
@@ -142,7 +142,7 @@ def test_reads_in_token_pieces_equal_one_read(tmp_path, monkeypatch, dtype, engi
     the dtype."""
     from pipeline.store import engine, reader
 
-    monkeypatch.setattr(engine, "_layer_reads", engine_name == "tensorstore")
+    monkeypatch.setattr(engine, "_tensorstore_reads", engine_name == "tensorstore")
     resid, toks = make_data(3 * SHARD + 2 * SEQ)
     write_store(tmp_path / "s", resid, toks, compression="zstd", dtype=dtype)
     store = open_store(tmp_path / "s")

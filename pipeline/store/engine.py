@@ -4,7 +4,7 @@ The store is plain zarr v3 whichever engine runs. Three are used, each where it 
 fastest (``benchmarks/bench_store_io.py``; the numbers are in ``benchmarks/RESULTS.md``):
 
 - TensorStore (Google's C++ zarr library, on PyPI) writes every activation shard
-  (:func:`shard_writer`) and reads complete local stores (:func:`layer_array`);
+  (:func:`shard_writer`) and reads complete local stores (:func:`read_array`);
 - ``zarrs`` (the Rust codec pipeline for zarr-python, on PyPI) serves every other zarr
   array operation on a local directory: the token ids, stores still being written, dask;
 - zarr-python's own ``BatchedCodecPipeline`` reads remote stores and .zip exports: zarrs
@@ -27,17 +27,17 @@ DEFAULT = "zarrs"
 
 
 _chosen: str | None = None
-_layer_reads = True
+_tensorstore_reads = True
 _shard_writes = True
 _LOCK = threading.RLock()
 
 
-def configure(pipeline: str = DEFAULT, threads: int | None = None, layer_reads: bool = True,
+def configure(pipeline: str = DEFAULT, threads: int | None = None, tensorstore_reads: bool = True,
               shard_writes: bool = True) -> None:
     """Select the codec pipeline (and its thread count) for every zarr array opened after,
-    whether complete local stores are read through TensorStore (:func:`layer_array`), and
+    whether complete local stores are read through TensorStore (:func:`read_array`), and
     whether the store writer writes its activation shards through it (:func:`shard_writer`)."""
-    global _chosen, _layer_reads, _shard_writes
+    global _chosen, _tensorstore_reads, _shard_writes
     import zarr
 
     if pipeline not in PIPELINES:
@@ -46,12 +46,12 @@ def configure(pipeline: str = DEFAULT, threads: int | None = None, layer_reads: 
     if threads is not None:
         settings["threading.max_workers"] = threads
     zarr.config.set(settings)
-    _chosen, _layer_reads, _shard_writes = pipeline, layer_reads, shard_writes
+    _chosen, _tensorstore_reads, _shard_writes = pipeline, tensorstore_reads, shard_writes
 
 
-def layer_array(array_dir: str):
+def read_array(array_dir: str):
     """A read-only TensorStore handle on the zarr v3 array in the local directory
-    ``array_dir``, or None where reads go through zarr (``configure(layer_reads=False)``).
+    ``array_dir``, or None where reads go through zarr (``configure(tensorstore_reads=False)``).
 
     Why: a one-layer read touches one inner chunk per ``chunk_tokens`` in every shard, and
     zarr-python spends ~0.3 ms of indexing on each, which held such reads at 0.44-0.52x of
@@ -59,7 +59,7 @@ def layer_array(array_dir: str):
     (benchmarks/bench_one_layer_read.py). With zstd it also read ranges of all layers
     1.2-1.35x faster than zarrs (uncompressed, within ~10% either way; RESULTS.md, fifth
     round). No cache: every read comes from the files."""
-    if not _layer_reads:
+    if not _tensorstore_reads:
         return None
     return _tensorstore(array_dir, write=False)
 

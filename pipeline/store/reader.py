@@ -153,7 +153,7 @@ class ActivationStore:
         self._resid = group["resid"]  # (L+1, n_tokens, d) in the storage dtype
         self._tokens = group["tokens"]  # (n_tokens,) int32
         self._encoding = self._resid.attrs.get("encoding")
-        self._ts_handle: Any = None  # engine.layer_array's handle, opened on first use (False: none)
+        self._ts_handle: Any = None  # engine.read_array's handle, opened on first use (False: none)
 
     def __repr__(self) -> str:
         return (f"ActivationStore({self.location.zarr_store!r}, layers={self.n_layers + 1}, "
@@ -185,7 +185,7 @@ class ActivationStore:
         READ_AHEAD pieces' reads in flight while one is decoded straight into the output:
         reading and decoding overlap (TensorStore, zarrs and numpy all release the GIL), and
         no undecoded copy of the whole range is made. A complete store in a local directory
-        is read through TensorStore (:func:`engine.layer_array`), any other through zarr."""
+        is read through TensorStore (:func:`engine.read_array`), any other through zarr."""
         out = np.empty((len(idx), stop - start, self.d_model), np.float32)
         cuts = [start, *range((start // READ_TOKENS + 1) * READ_TOKENS, stop, READ_TOKENS), stop]
         pieces = list(zip(cuts, cuts[1:]))
@@ -210,7 +210,7 @@ class ActivationStore:
     def _tensorstore(self) -> Any:
         """TensorStore's handle on ``resid`` of a complete store in a local directory, opened
         on first use; None where reads go through zarr (a URL, a .zip, an incomplete store,
-        or ``engine.configure(layer_reads=False)``).
+        or ``engine.configure(tensorstore_reads=False)``).
 
         Why: zarr-python spends ~0.3 ms of indexing on each inner chunk, which held one-layer
         reads at ~0.5x of raw file reads (TensorStore: ~1x); and with zstd, TensorStore read
@@ -218,7 +218,7 @@ class ActivationStore:
         fifth rounds)."""
         if self._ts_handle is None:
             local = self.is_complete and not (self.location.is_url or self.location.is_zip)
-            handle = engine.layer_array(os.path.join(self.location.zarr_store, "resid")) if local else None
+            handle = engine.read_array(os.path.join(self.location.zarr_store, "resid")) if local else None
             self._ts_handle = False if handle is None else handle
         return None if self._ts_handle is False else self._ts_handle
 
