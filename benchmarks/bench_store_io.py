@@ -261,17 +261,24 @@ def work_cpu(x: torch.Tensor) -> dict[str, float]:
     return {name: min(timed_cpu(job)[1] for _ in range(3)) / gb for name, job in jobs.items()}
 
 
-def bounds(m: dict, codec: dict, work: dict, gb: float, threads: int) -> dict[str, float]:
-    """Store time / bound time of each arm (``vs work``): the CPU the arm needs spread over
-    ``threads``, or the raw arm's time for the stored bytes if that is longer (module doc)."""
+def arm_ratios(m: dict, codec: dict, work: dict, gb: float, threads: int, layers: int) -> dict[str, dict]:
+    """Per arm (write, read_layer, read_all): the store's GB/s and its ratios to raw files
+    (``raw``), to min(raw, the codec alone) (``bound``: the issue's target) and to the work
+    bound (``work``): the CPU the arm needs spread over ``threads``, or the raw arm's time
+    for the stored bytes if that is longer (module doc)."""
     frac = m["size"] / 1e9 / gb
-    write_cpu = m["raw_write_cpu"] + gb * (codec["enc_cpu"] + work["check"] + work["xxh3"] + frac * work["sha256"])
-    write = max(write_cpu / threads, m["raw_write"] * frac)
-    out = {"write": write / m["write"]}
-    for arm in ("read_layer", "read_all"):
-        share = 1 / m["layers"] if arm == "read_layer" else 1.0  # one layer is this share of the bytes
-        cpu = m[f"raw_{arm}_cpu"] + gb * share * codec["dec_cpu"]
-        out[arm] = max(cpu / threads, m[f"raw_{arm}"] * frac) / m[arm]
+    out = {}
+    for arm in ("write", "read_layer", "read_all"):
+        share = 1 / layers if arm == "read_layer" else 1.0  # one layer is this share of the bytes
+        rate, raw_rate = gb * share / m[arm], gb * share / m[f"raw_{arm}"]
+        if arm == "write":
+            codec_rate = codec["enc"]
+            extra = codec["enc_cpu"] + work["check"] + work["xxh3"] + frac * work["sha256"]
+        else:
+            codec_rate, extra = codec["dec"], codec["dec_cpu"]
+        bound_time = max((m[f"raw_{arm}_cpu"] + gb * share * extra) / threads, m[f"raw_{arm}"] * frac)
+        out[arm] = {"rate": rate, "raw_rate": raw_rate, "raw": rate / raw_rate,
+                    "bound": rate / min(raw_rate, codec_rate), "work": bound_time / m[arm]}
     return out
 
 
@@ -309,38 +316,27 @@ def main() -> None:
             for writer in args.writers.split(","):
                 for comp in args.compressions.split(","):
                     codec = codec_rates(x, comp, threads)
-                    m = measure(root, x, shape, comp, pipeline, writer, args.rounds) | {"layers": shape[0]}
-                    rate = {k: gb / v for k, v in m.items() if k in ARMS}
-                    for k in ("read_layer", "raw_read_layer"):
-                        rate[k] /= shape[0]
-                    wr, r1r, rar = (rate[k] / rate[f"raw_{k}"] for k in ("write", "read_layer", "read_all"))
-                    wb = rate["write"] / min(rate["raw_write"], codec["enc"])
-                    rb = min(rate["read_layer"] / min(rate["raw_read_layer"], codec["dec"]),
-                             rate["read_all"] / min(rate["raw_read_all"], codec["dec"]))
-                    vs = bounds(m, codec, work, gb, threads)
+                    m = measure(root, x, shape, comp, pipeline, writer, args.rounds)
+                    r = arm_ratios(m, codec, work, gb, threads, shape[0])
+                    w, r1, ra = r["write"], r["read_layer"], r["read_all"]
                     enc_cpu = f"{codec['enc_cpu']:.2f} / {codec['dec_cpu']:.2f}" if comp != "none" else "-"
                     print(f"| {pipeline} | {writer} | {comp} | {2 * m['size'] / (gb * 1e9):.3f} | "
-                          f"{codec['enc']:.2f} / {codec['dec']:.2f} | {enc_cpu} | {rate['raw_write']:.2f} / "
-                          f"{rate['raw_read_layer']:.2f} / {rate['raw_read_all']:.2f} | {rate['write']:.2f} | "
-                          f"{wr:.2f} | {wb:.2f} | {vs['write']:.2f} | {rate['read_layer']:.2f} | {r1r:.2f} | "
-                          f"{vs['read_layer']:.2f} | {rate['read_all']:.2f} | {rar:.2f} | {vs['read_all']:.2f} | "
-                          f"{rb:.2f} |", flush=True)
+                          f"{codec['enc']:.2f} / {codec['dec']:.2f} | {enc_cpu} | {w['raw_rate']:.2f} / "
+                          f"{r1['raw_rate']:.2f} / {ra['raw_rate']:.2f} | {w['rate']:.2f} | {w['raw']:.2f} | "
+                          f"{w['bound']:.2f} | {w['work']:.2f} | {r1['rate']:.2f} | {r1['raw']:.2f} | "
+                          f"{r1['work']:.2f} | {ra['rate']:.2f} | {ra['raw']:.2f} | {ra['work']:.2f} | "
+                          f"{min(r1['bound'], ra['bound']):.2f} |", flush=True)
                     if pipeline == engine.DEFAULT and writer == "tensorstore" and comp == default:
-                        last = (wr, min(r1r, rar), comp)
+                        last = (w["raw"], min(r1["raw"], ra["raw"]), comp)
                         # the issue's target is 0.8 of min(raw, codec): how close the work
                         # bound itself comes to it
-                        reach = {"write": wb / vs["write"]} | {
-                            arm: rate[arm] / min(rate[f"raw_{arm}"], codec["dec"]) / vs[arm]
-                            for arm in ("read_layer", "read_all")}
+                        reach = {arm: v["bound"] / v["work"] for arm, v in r.items()}
     finally:
         shutil.rmtree(root, ignore_errors=True)
     if last:
         print(f"{last[2]} on {threads} threads, of min(raw, codec): the work bound reaches "
               + ", ".join(f"{arm} {v:.2f}" for arm, v in reach.items()))
         print(f"write_ratio={last[0]:.2f} read_ratio={last[1]:.2f} codec={last[2]}")
-
-
-ARMS = ("write", "raw_write", "read_layer", "raw_read_layer", "read_all", "raw_read_all")
 
 
 if __name__ == "__main__":

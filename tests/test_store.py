@@ -6,6 +6,7 @@ import functools
 import gc
 import http.server
 import io
+import itertools
 import json
 import os
 import re
@@ -597,7 +598,7 @@ def test_a_cause_chain_that_loops_ends():
 
     e = OSError(5, "Input/output error")
     e.__cause__ = e
-    assert list(_causes(e)) == [e]
+    assert list(itertools.islice(_causes(e), 3)) == [e]  # islice: without the fix, no hang
 
 
 # ---------------------------------------------------------------- verify

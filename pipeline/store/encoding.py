@@ -64,7 +64,7 @@ def _raise_nonfinite(x: torch.Tensor, bad: torch.Tensor, dtype: str, first_index
 #: puts each bit of the 16 in a plane of its own, so that the nearly constant high exponent
 #: bits become runs that LZ4, which has no entropy coder, can shorten.
 BLOSC = {"blosc-zstd": ("zstd", "shuffle"), "blosc-lz4": ("lz4", "shuffle"),
-          "blosc-lz4-bitshuffle": ("lz4", "bitshuffle")}
+         "blosc-lz4-bitshuffle": ("lz4", "bitshuffle")}
 
 
 def compressors(compression: str, level: int) -> list | None:

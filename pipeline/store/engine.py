@@ -82,8 +82,9 @@ def _tensorstore(array_dir: str, write: bool):
     import tensorstore as ts  # ~1 s to import: only where a layer is read or a shard written
 
     threads = io_threads()
-    # file_io_sync off: the store writer fsyncs each shard file itself, once its SHA-256 is
-    # under way, so that hashing overlaps the disk write (writer._write_shard).
+    # file_io_sync off for writes: the writer's fsync thread syncs each shard file and its
+    # directories itself, while the file is hashed and the next shard written
+    # (writer.StoreWriter._make_durable).
     context = ts.Context({"data_copy_concurrency": {"limit": threads}, "file_io_concurrency": {"limit": threads},
                           "file_io_sync": not write})
     # Chunks equal to the fill value are written too: a store begun before the writer's

@@ -129,8 +129,8 @@ def is_hdf5_file(path: str | os.PathLike) -> bool:
         return False  # unreadable: the caller's own open says why
 
 
-#: Reads of a contiguous range of layers go through zarr in token pieces of at most this
-#: size (``ActivationStore._read_layers``; benchmarks/RESULTS.md, fourth and fifth rounds).
+#: Reads go in token pieces of at most this size, through TensorStore or zarr alike
+#: (``ActivationStore._read_layers``; benchmarks/RESULTS.md, fourth and fifth rounds).
 READ_TOKENS = 1024
 #: Pieces in flight while one is decoded. One-layer reads through TensorStore touch only
 #: 2 inner chunks a piece: with one piece ahead its 2 threads idled between pieces, and
