@@ -34,8 +34,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipeline import metrics as M  # noqa: E402
 from pipeline.evaluate import Job, evaluate_tensors  # noqa: E402
-from pipeline.lenses import LogitLens, TunedLens  # noqa: E402
-from pipeline.surgery import UnembedHead  # noqa: E402
+from pipeline.lens.tuned import LogitLens, TunedLens  # noqa: E402
+from pipeline.metrics import fused  # noqa: E402
+from pipeline.model.head import UnembedHead  # noqa: E402
 from pipeline.tables import LOGIT  # noqa: E402
 
 SEQ_LEN = 256
@@ -84,11 +85,11 @@ def main() -> None:
             evaluate_tensors(job, lens, x, ids, seqs, token_bytes, 0)
 
         def unblocked() -> None:  # the same, each pass over all rows at once (before issue 13's blocks)
-            blocks, M.CACHE_BLOCK_BYTES = M.CACHE_BLOCK_BYTES, 1 << 62
+            blocks, fused.CACHE_BLOCK_BYTES = fused.CACHE_BLOCK_BYTES, 1 << 62
             try:
                 evaluate()
             finally:
-                M.CACHE_BLOCK_BYTES = blocks
+                fused.CACHE_BLOCK_BYTES = blocks
 
         arms = {"bare": bare, "evaluate": evaluate, "unblocked": unblocked}
         best = dict.fromkeys(arms, float("inf"))
@@ -126,7 +127,7 @@ def passes(lens: dict, x: torch.Tensor, ids: torch.Tensor, z: torch.Tensor) -> N
     steps = {
         "head (matmul)": lambda b: head(x[0], out=z) if b == blocks[0] else None,
         "softmax": lambda b: torch.softmax(z[b], -1, out=q[:rows(b)]),
-        "argmax (segment maxima)": lambda b: M._argmax_rows(z[b]),
+        "argmax (segment maxima)": lambda b: fused._argmax_rows(z[b]),
         "sum q": lambda b: q[:rows(b)].sum(-1),
         "<q, z> (entropy)": lambda b: torch.mul(q[:rows(b)], z[b], out=tmp[:rows(b)]).sum(-1),
         "<p, z> (KL)": lambda b: torch.mul(final["p"][b], z[b], out=tmp[:rows(b)]).sum(-1),

@@ -32,9 +32,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pipeline.config import TrainConfig, load_config  # noqa: E402
-from pipeline.lenses import TunedLens  # noqa: E402
+from pipeline.lens.tuned import TunedLens  # noqa: E402
+from pipeline.model.head import load_unembed_head  # noqa: E402
 from pipeline.store.reader import open_store  # noqa: E402
-from pipeline.surgery import load_unembed_head  # noqa: E402
 from pipeline.train import TrainState, autocast, make_optimizer, run_training, train  # noqa: E402
 
 MODEL = ROOT / "data/models/smollm2-135m"

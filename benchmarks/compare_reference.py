@@ -43,7 +43,7 @@ Driven by ``benchmarks/compare_reference.sh`` (which builds the reference's venv
     a second reference training back to back, so both wall times see the same machine load).
 
 ``evaluate`` (main venv)
-    Our lens (``TunedLens.load``) and the reference's (``TunedLens.import_reference``) and
+    Our lens (``TunedLens.load``) and the reference's (``import_reference``) and
     the logit lens, on every token of the TEST store: per-layer mean KL(final || lens), the
     target being the model's own distribution from the stored last layer through the frozen
     head. Prints the table, the means and the wall times; writes JSON.
@@ -272,10 +272,11 @@ def cmd_evaluate(args) -> None:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from pipeline.lenses import LogitLens, TunedLens
-    from pipeline.model import read_model_info
+    from pipeline.lens.reference import import_reference
+    from pipeline.lens.tuned import LogitLens, TunedLens
+    from pipeline.model.head import load_unembed_head
+    from pipeline.model.prepare import read_model_info
     from pipeline.store.reader import open_store
-    from pipeline.surgery import load_unembed_head
     from pipeline.train import kl_loss
 
     model_dir, store = Path(args.model), open_store(args.store)
@@ -284,7 +285,7 @@ def cmd_evaluate(args) -> None:
     if store.provenance.get("model", {}).get("weights_sha256") != info["weights_sha256"]:
         raise SystemExit(f"{args.store} was not extracted from {model_dir}")
     ours = TunedLens.load(args.ours, head=head, model_dir=model_dir)
-    ref = TunedLens.import_reference(args.reference, head, info)
+    ref = import_reference(args.reference, head, info)
     lenses = {"logit": LogitLens(head), "reference": ref, "ours": ours}
     layers = list(range(store.n_layers))  # layer n_layers is the model's output: KL 0 for all
     sums = {name: [0.0] * len(layers) for name in lenses}

@@ -19,10 +19,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from pipeline.lenses import LogitLens, TunedLens
+from pipeline.lens.tuned import LogitLens, TunedLens
+from pipeline.model.head import load_unembed_head
 from pipeline.sampling import read_sequences
 from pipeline.store.reader import open_store
-from pipeline.surgery import load_unembed_head
 from pipeline.tables import read_provenance
 
 DATA = Path(__file__).resolve().parents[1] / "data"

@@ -29,10 +29,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from pipeline.config import ExtractConfig, TrainConfig  # noqa: E402
 from pipeline.extract import extract, load_model  # noqa: E402
-from pipeline.model import MARKER, weights_hash  # noqa: E402
+from pipeline.model.head import load_unembed_head  # noqa: E402
+from pipeline.model.prepare import MARKER, weights_hash  # noqa: E402
 from pipeline.provenance import write_json_atomic  # noqa: E402
 from pipeline.store.reader import open_store  # noqa: E402
-from pipeline.surgery import load_unembed_head  # noqa: E402
 from bench_train import _sync as sync, baseline_rate, training_rate  # noqa: E402  (same arms as on the CPU)
 
 SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,

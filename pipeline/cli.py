@@ -23,7 +23,7 @@ from .paths import Artifacts
 
 M, C = "--model smollm2-135m", "--corpus shakespeare"  # the examples' names: the default config's
 NAME_HELP = {"model": "a model name from the config (models:)", "corpus": "a corpus name from the config (corpora:)",
-             "kind": "a translator kind (train.kinds; pipeline/translators.py and plugins register them)"}
+             "kind": "a translator kind (train.kinds; pipeline/lens/kinds.py and plugins register them)"}
 
 
 def _config(args):
@@ -61,7 +61,7 @@ def _print(obj) -> None:
 # ------------------------------------------------------------------------ prepare, extract
 
 def _prepare_model(args) -> None:
-    from .model import prepare_model
+    from .model.prepare import prepare_model
 
     cfg, a = _artifacts(args)
     info = prepare_model(cfg.model(args.model), Path(args.out or a.fill(paths.MODEL_DIR)), Path(a.fill(paths.CACHE_DIR)))
@@ -107,14 +107,14 @@ def _assemble_store(args) -> None:
 def _train(args) -> None:
     from dataclasses import replace
 
-    from . import translators
+    from .lens import kinds
     from .train import train, train_group
 
     cfg, a = _artifacts(args)
     if args.corpus not in cfg.train_corpora:
         raise LenspipeError(f"corpus {args.corpus!r} is evaluate_only: no lens is trained on it "
                             f"(set corpora.{args.corpus}.evaluate_only to false to train one)")
-    translators.get(args.kind)  # an unknown kind is named (the config's plugins are loaded: theirs count)
+    kinds.get(args.kind)  # an unknown kind is named (the config's plugins are loaded: theirs count)
     train_cfg = replace(cfg.train, kinds=[args.kind])
     stores = (a.need("store", split="train"), a.need("store", split="validation"), a.need("model_dir"))
     if args.group is None:
@@ -175,7 +175,7 @@ def _analysis(analysis):
 
 
 def _trajectory(args) -> None:
-    from .lenses import read_lens_meta
+    from .lens.tuned import read_lens_meta
     from .trajectory import trajectory
 
     model_dir = Path(args.model)
@@ -223,7 +223,7 @@ def _import(args) -> None:
 
 
 def _export_head(args) -> None:
-    from .model import export_head
+    from .model.prepare import export_head
 
     _print(export_head(args.model_dir, args.out))
 

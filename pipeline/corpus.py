@@ -220,7 +220,7 @@ def pack(docs: list[Document], tokenizer, seq_len: int, sep: int | None) -> dict
 # --------------------------------------------------------------------------- stage
 
 def _tokenizer_identity(model_dir: Path) -> str:
-    from .model import read_model_info
+    from .model.prepare import read_model_info
 
     return read_model_info(model_dir)["tokenizer_sha256"]
 
@@ -257,7 +257,7 @@ def prepare_corpus(cfg: CorpusConfig, model_dir: Path, out_dir: Path, cache_dir:
 
 def _check_context(cfg: CorpusConfig, model_dir: Path) -> None:
     """Positions past the model's context give meaningless activations (or an index error)."""
-    from .model import context_length
+    from .model.prepare import context_length
 
     ctx = context_length(model_dir)
     if ctx is not None and cfg.seq_len > ctx[0]:

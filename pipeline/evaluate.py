@@ -26,14 +26,13 @@ from . import metrics as M
 from .config import EvaluateConfig
 from .corpus import load_split
 from .errors import StoreError
-from .lenses import LogitLens, TunedLens, logits_into
-from .lenses import read_lens_meta
+from .lens.tuned import LogitLens, TunedLens, logits_into, read_lens_meta
+from .model.head import load_unembed_head
 from .progress import Progress
 from .provenance import exclusive_output, package_versions
 from .sampling import (document_counts, format_documents, read_sequence_tokens, read_sequences, split_sequences,
                        spread_sequences, token_index)
 from .store.reader import check_store_model, open_store
-from .surgery import load_unembed_head
 from .tables import LOGIT, MODEL, lens_identity, calibration_table, layer_metrics_table, write_table
 
 log = logging.getLogger(__name__)

@@ -22,12 +22,13 @@ from .config import ExtractConfig
 from .corpus import load_split
 from .devices import resolve_device
 from .errors import ConfigError, StoreError
-from .model import read_model_info
+from .model.parts import find_parts
+from .model.prepare import read_model_info
+from .model.residual import LAYER_CONVENTION, check_unembed, residual_stream
 from .progress import Progress
 from .sampling import select_sequences
 from .store.reader import open_store
 from .store.writer import StoreWriter
-from .surgery import LAYER_CONVENTION, check_unembed, find_parts, residual_stream
 
 log = logging.getLogger(__name__)
 

@@ -51,7 +51,7 @@ def run_stage(snakemake, fn: Callable[[], object]) -> None:
     """Body of every ``stages/*.py`` script: log to the rule's log, import the config's
     plugins, give torch the rule's threads, report user errors as one message."""
     from .allocator import keep_freed_memory
-    from .translators import load_plugins
+    from .lens.kinds import load_plugins
 
     keep_freed_memory()  # before the first large tensor
     setup_logging(snakemake.log[0] if len(snakemake.log) else None)

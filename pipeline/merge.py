@@ -12,8 +12,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .lenses import TunedLens, read_lens_meta
-from .surgery import load_unembed_head
+from .lens.tuned import TunedLens, read_lens_meta
+from .model.head import load_unembed_head
 from .tables import write_table
 
 

@@ -20,18 +20,18 @@ from typing import Any
 import torch
 
 from . import metrics as M
-from . import translators
 from .config import TrainConfig
 from .devices import resolve_device
-from .lenses import (LeastSquaresAccumulator, LogitLens, TunedLens, init_translator_lstsq, logits_into,
-                     read_lens_meta)
-from .model import read_model_info
+from .lens import kinds
+from .lens.lstsq import LeastSquaresAccumulator, init_translator_lstsq
+from .lens.tuned import LogitLens, TunedLens, logits_into, read_lens_meta
+from .model.head import load_unembed_head
+from .model.prepare import read_model_info
 from .progress import Progress
 from .sampling import read_sequences, spread_sequences
 from .provenance import exclusive_output, package_versions, sha256_json
 from .store.batches import TokenBatches
 from .store.reader import ActivationStore, check_store_model, open_store
-from .surgery import load_unembed_head
 from .train_log import write_train_log
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ def autocast(device: torch.device):
 # ----------------------------------------------------------------------------- setup
 
 def _init_kind(cfg: TrainConfig, kind: str) -> str:
-    return ("lstsq" if translators.get(kind).lstsq else "identity") if cfg.init == "auto" else cfg.init
+    return ("lstsq" if kinds.get(kind).lstsq else "identity") if cfg.init == "auto" else cfg.init
 
 
 @torch.no_grad()
@@ -365,7 +365,7 @@ def _train(store_path, val_store_path, model_dir, out_dir: Path, cfg: TrainConfi
     head = load_unembed_head(model_dir).to(device)
     layers = cfg.layer_list(store.n_layers)
     lens = TunedLens.create(head, kind, d_model=store.d_model, n_layers=store.n_layers, model_info=info,
-                            layers=layers, **translators.get(kind).options_from(cfg)).to(device)
+                            layers=layers, **kinds.get(kind).options_from(cfg)).to(device)
     opt, sched = make_optimizer(lens, cfg)
     fingerprint = sha256_json({"cfg": asdict(cfg), "kind": kind, "store": store.attrs.get("fingerprint"),
                                "checkpoint_format": CHECKPOINT_FORMAT,

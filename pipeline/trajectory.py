@@ -22,8 +22,9 @@ def trajectories(model_dir: Path, lens_dirs: dict[str, Path], prompt: str) -> di
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .lenses import LogitLens, TunedLens
-    from .surgery import residual_stream, unembed_head
+    from .lens.tuned import LogitLens, TunedLens
+    from .model.head import unembed_head
+    from .model.residual import residual_stream
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()

@@ -14,8 +14,8 @@ from typing import Any
 import yaml
 
 from . import config as C
-from . import translators
 from .errors import ConfigError
+from .lens import kinds
 
 #: The dataclasses a param may carry, by class name.
 _TYPES = {cls.__name__: cls for cls in (*C.SECTIONS.values(), C.ModelConfig, C.CorpusConfig)}
@@ -49,7 +49,7 @@ def check_workflow_config(raw: dict[str, Any], schema_path: str | Path) -> Pipel
     """
     import jsonschema
 
-    translators.load_plugins(C.plugins_of(raw))  # before the schema: they may add translator kinds
+    kinds.load_plugins(C.plugins_of(raw))  # before the schema: they may add translator kinds
     schema = workflow_schema(schema_path)
     error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(raw))
     if error is not None:
@@ -61,8 +61,8 @@ def workflow_schema(schema_path: str | Path) -> dict[str, Any]:
     """The JSON schema, with the registered translator kinds as the allowed values."""
     schema = yaml.safe_load(Path(schema_path).read_text())
     defs = schema["$defs"]
-    defs["translator_kind"]["enum"] = translators.names()
-    defs["translator_kind_or_null"]["enum"] = [*translators.names(), None]
+    defs["translator_kind"]["enum"] = kinds.names()
+    defs["translator_kind_or_null"]["enum"] = [*kinds.names(), None]
     return schema
 
 

@@ -4,9 +4,10 @@ import os
 import re
 import sys
 
-from pipeline import paths, translators
+from pipeline import paths
 from pipeline.analyses import BY_RULE
 from pipeline.config import SPLITS
+from pipeline.lens import kinds
 from pipeline.paths import Artifacts
 from pipeline.workflow import CORPUS_EVALUATION_FIELDS, section
 
@@ -44,7 +45,7 @@ wildcard_constraints:
     corpus="[A-Za-z0-9._-]+",
     train_corpus="|".join(re.escape(c) for c in CFG.train_corpora),
     split="|".join(SPLITS),
-    kind="|".join(translators.names()),
+    kind="|".join(kinds.names()),
     group=r"\d+",
     part=r"\d+",
 

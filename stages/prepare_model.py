@@ -2,7 +2,7 @@
 from pathlib import Path
 
 from pipeline.logs import run_stage
-from pipeline.model import prepare_model
+from pipeline.model.prepare import prepare_model
 from pipeline.workflow import typed
 
 

@@ -27,7 +27,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from tiny import save_tiny_model_dir
 
     from pipeline.config import ModelConfig
-    from pipeline.model import prepare_model
+    from pipeline.model.prepare import prepare_model
 
     root = tmp_path_factory.mktemp("tiny")
     src = save_tiny_model_dir(root / "src")

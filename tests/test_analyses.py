@@ -19,7 +19,7 @@ from pipeline.analyses.translator_anatomy import anatomy_tables, effective_rank,
 from pipeline.config import AnalysesConfig, ExtractConfig
 from pipeline.errors import LenspipeError
 from pipeline.extract import extract
-from pipeline.lenses import make_translator
+from pipeline.lens.translators import make_translator
 
 TAUS = AnalysesConfig().taus
 

@@ -17,7 +17,7 @@ from pipeline.extract import extract
 from pipeline.sampling import select_sequences
 from pipeline.store.reader import open_store
 from pipeline.store.verify import verify
-from pipeline.surgery import unembed_head
+from pipeline.model.head import unembed_head
 
 SMALL = dict(batch_size=2, shard_tokens=32, chunk_tokens=16, max_tokens={"test": None})
 

@@ -9,13 +9,13 @@ import torch
 from torch.nn import functional as F
 
 from pipeline.errors import LenspipeError
-from pipeline.lenses import (
-    LeastSquaresAccumulator, LogitLens, TunedLens, init_translator_lstsq,
-    make_translator,
-)
-from pipeline.model import read_model_info
-from pipeline.translators import names
-from pipeline.surgery import load_unembed_head
+from pipeline.lens.kinds import names
+from pipeline.lens.lstsq import LeastSquaresAccumulator, init_translator_lstsq
+from pipeline.lens.reference import export_reference, import_reference
+from pipeline.lens.translators import make_translator
+from pipeline.lens.tuned import LogitLens, TunedLens
+from pipeline.model.head import load_unembed_head
+from pipeline.model.prepare import read_model_info
 from tiny import make_llama, save_prepared, tiny_model
 
 D, N_LAYERS = 32, 2  # tiny_model("llama"): hidden_size 32, 2 blocks
@@ -194,7 +194,7 @@ def test_load_onto_another_model_fails(head, info, tmp_path):
 
 def test_reference_export_import(head, info, tmp_path):
     lens = make_lens(head, info, "affine")
-    lens.export_reference(tmp_path / "ref")
+    export_reference(lens, tmp_path / "ref")
     config = json.loads((tmp_path / "ref" / "config.json").read_text())
     assert set(config) == REFERENCE_CONFIG_FIELDS
     assert config["lens_type"] == "linear_tuned_lens" and config["bias"] is True
@@ -204,7 +204,7 @@ def test_reference_export_import(head, info, tmp_path):
     assert set(state) == {"0.weight", "0.bias", "1.weight", "1.bias"}
     assert state["0.weight"].shape == (D, D) and state["0.bias"].shape == (D,)
     assert torch.equal(state["1.weight"], lens.translators["1"].weight)
-    back = TunedLens.import_reference(tmp_path / "ref", head, info)
+    back = import_reference(tmp_path / "ref", head, info)
     assert back.kind == "affine" and back.layers == [0, 1] and back.origin["format"] == "tuned-lens"
     h = randn(3, D)
     for layer in range(N_LAYERS):
@@ -214,17 +214,17 @@ def test_reference_export_import(head, info, tmp_path):
 @pytest.mark.parametrize("kind", ["linear", "scaling"])
 def test_reference_export_of_other_affine_kinds(head, info, tmp_path, kind):
     lens = make_lens(head, info, kind)
-    lens.export_reference(tmp_path / "ref")
-    back = TunedLens.import_reference(tmp_path / "ref", head, info)
+    export_reference(lens, tmp_path / "ref")
+    back = import_reference(tmp_path / "ref", head, info)
     h = randn(3, D)
     torch.testing.assert_close(back.translate(h, 1), lens.translate(h, 1), rtol=1e-5, atol=1e-5)
 
 
 def test_reference_export_refuses(head, info, tmp_path):
     with pytest.raises(LenspipeError, match="affine translators only"):
-        make_lens(head, info, "mlp").export_reference(tmp_path / "ref")
+        export_reference(make_lens(head, info, "mlp"), tmp_path / "ref")
     with pytest.raises(LenspipeError, match="needs translators for all layers"):
-        make_lens(head, info, "affine", [1]).export_reference(tmp_path / "ref")
+        export_reference(make_lens(head, info, "affine", [1]), tmp_path / "ref")
     assert not (tmp_path / "ref").exists()
 
 

@@ -10,6 +10,7 @@ import torch
 from torch.distributions import Categorical, kl_divergence
 
 from pipeline import metrics as M
+from pipeline.metrics import aggregate, fused
 from pipeline.errors import LenspipeError
 
 SEEDS = (0, 1, 2)
@@ -218,7 +219,7 @@ def test_bootstrap_matches_naive_loop_and_is_deterministic(monkeypatch):
     assert M.bootstrap_ci(sums, counts, n_boot=50, level=0.9, seed=4) == (lo, hi)
     assert M.bootstrap_ci(sums, counts, n_boot=50, level=0.9, seed=5) != (lo, hi)
     # The memory block size does not change the draws.
-    monkeypatch.setattr(M, "BOOT_BLOCK_ELEMENTS", 20)
+    monkeypatch.setattr(aggregate, "BOOT_BLOCK_ELEMENTS", 20)
     assert M.bootstrap_ci(sums, counts, n_boot=50, level=0.9, seed=4) == (lo, hi)
 
 
@@ -367,7 +368,7 @@ def test_row_blocks_give_the_bits_of_one_pass_over_all_rows(monkeypatch):
     try:
         runs = []
         for block_rows in (3, n):  # 4 + 3 rows (the lone last row joins the first block), then all
-            monkeypatch.setattr(M, "CACHE_BLOCK_BYTES", block_rows * vocab * 4)
+            monkeypatch.setattr(fused, "CACHE_BLOCK_BYTES", block_rows * vocab * 4)
             runs.append((row_blocks(z), final_stats(zf)))
             final = runs[-1][1]
             runs[-1] += (logit_stats(z, final, nxt, k=5, with_rank=True, ws=M.Workspace()),
@@ -384,7 +385,7 @@ def test_row_blocks_give_the_bits_of_one_pass_over_all_rows(monkeypatch):
 
 @pytest.mark.parametrize("vocab", [40, 256, 1000, 1024])
 def test_argmax_rows_is_torch_argmax_with_its_tie_rule(vocab):
-    from pipeline.metrics import _argmax_rows
+    from pipeline.metrics.fused import _argmax_rows
 
     g = torch.Generator().manual_seed(vocab)
     z = torch.randn(8, vocab, generator=g)

@@ -11,7 +11,7 @@ from tiny import save_tiny_model_dir
 
 from pipeline.config import ModelConfig
 from pipeline.errors import ModelNotAvailable
-from pipeline.model import MARKER, prepare_model, read_model_info
+from pipeline.model.prepare import MARKER, prepare_model, read_model_info
 
 
 def _logits(model_dir, ids):
@@ -93,7 +93,8 @@ def test_embedded_gemma3_reproduces_its_logits_exactly(tmp_path, wheel_cache):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipeline.errors import LenspipeError
-    from pipeline.surgery import check_unembed, load_unembed_head, residual_stream
+    from pipeline.model.head import load_unembed_head
+    from pipeline.model.residual import check_unembed, residual_stream
 
     try:
         info = prepare_model(ModelConfig(name="gemma", source="embedded:gemma-3-270m"), tmp_path / "g", wheel_cache)

@@ -91,14 +91,14 @@ def test_disk_full_during_extract_keeps_a_resumable_store(setup, tmp_path, monke
 
 
 def test_disk_full_saving_a_lens_or_table_is_one_message_and_leaves_nothing(setup, tmp_path, monkeypatch, capsys):
-    import pipeline.lenses as lenses
+    import pipeline.lens.tuned as tuned
     import pipeline.tables as tables
 
     def no_space(tensors, path, *a, **k):
         Path(path).write_bytes(b"partial")
         raise _enospc(path)
 
-    monkeypatch.setattr(lenses, "save_file", no_space)
+    monkeypatch.setattr(tuned, "save_file", no_space)
     with pytest.raises(SystemExit) as exit_, user_errors():
         run_stage("train", setup, tmp_path / "lens")
     assert exit_.value.code == 2 and "no space left on the device" in capsys.readouterr().err
@@ -302,7 +302,7 @@ def test_layers_out_of_range_and_lens_of_another_model(setup, tmp_path):
         train(setup / "train.zarr", setup / "test.zarr", setup / "model", tmp_path / "o",
               TrainConfig(layers=[0, 5]), "affine")
     other = save_prepared(make_llama(VOCAB, seed=7), tmp_path / "other")
-    from pipeline.lenses import TunedLens
+    from pipeline.lens.tuned import TunedLens
 
     with pytest.raises(LenspipeError, match="trained on model"):
         TunedLens.load(setup / "affine", model_dir=other)
@@ -361,7 +361,7 @@ def test_evaluate_and_train_from_a_remote_store_give_the_local_numbers(setup, re
 def test_head_only_model_dir_reproduces_training_and_evaluation(setup, reference_tables, tmp_path):
     from pipeline.config import EvaluateConfig
     from pipeline.evaluate import evaluate
-    from pipeline.model import export_head
+    from pipeline.model.prepare import export_head
     from slowed_stage import EVALUATE, IDENT, TRAIN
 
     head = tmp_path / "head"

@@ -85,7 +85,7 @@ def test_the_cycle_finder_finds_a_lazy_cycle():
 # ------------------------------------------------------------------------ one registry of translator kinds
 
 def test_the_schema_allows_exactly_the_registered_translator_kinds():
-    from pipeline import translators
+    from pipeline.lens import kinds
     from pipeline.workflow import workflow_schema
 
     text = (REPO / "config" / "schema.yaml").read_text()
@@ -94,17 +94,17 @@ def test_the_schema_allows_exactly_the_registered_translator_kinds():
     train, analyses = (schema["properties"][k]["properties"] for k in ("train", "analyses"))
     assert train["kinds"]["items"] == {"$ref": "#/$defs/translator_kind"}
     assert analyses["translator"] == {"$ref": "#/$defs/translator_kind_or_null"}
-    assert schema["$defs"]["translator_kind"]["enum"] == translators.names()
-    assert schema["$defs"]["translator_kind_or_null"]["enum"] == [*translators.names(), None]
+    assert schema["$defs"]["translator_kind"]["enum"] == kinds.names()
+    assert schema["$defs"]["translator_kind_or_null"]["enum"] == [*kinds.names(), None]
 
 
 def test_every_registered_kind_is_what_the_registry_says():
     import torch
 
-    from pipeline import translators
-    from pipeline.lenses import make_translator
+    from pipeline.lens import kinds
+    from pipeline.lens.translators import make_translator
 
-    for kind in translators.KINDS.values():
+    for kind in kinds.KINDS.values():
         t = make_translator(kind.name, 4, **({"hidden": 3} if kind.options else {}))
         assert t.kind == kind.name and set(kind.options) <= set(t.opts)
         h = torch.randn(5, 4)

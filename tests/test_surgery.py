@@ -18,10 +18,9 @@ from torch import nn
 from pipeline.errors import LenspipeError, ModelNotAvailable, UnsupportedModel
 from tiny import FAMILIES, TIED, VOCAB, tiny_model
 
-from pipeline.surgery import (
-    LAYER_CONVENTION, ModelParts, UnembedHead, check_unembed, find_parts, load_unembed_head,
-    residual_stream, unembed_head,
-)
+from pipeline.model.head import UnembedHead, load_unembed_head, unembed_head
+from pipeline.model.parts import ModelParts, find_parts
+from pipeline.model.residual import LAYER_CONVENTION, check_unembed, residual_stream
 
 def inputs(batch: int = 2, pos: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1)

@@ -9,7 +9,7 @@ import pipeline.train as tr
 from pipeline.config import ExtractConfig, TrainConfig
 from pipeline.errors import ConfigError, StoreError
 from pipeline.extract import extract
-from pipeline.lenses import TunedLens
+from pipeline.lens.tuned import TunedLens
 from pipeline.train import KLFromLogits, kl_loss, train
 
 SMALL_EXTRACT = ExtractConfig(batch_size=4, shard_tokens=64, chunk_tokens=32, max_tokens={"train": None, "test": None},
@@ -219,7 +219,7 @@ def test_weight_decay_pulls_every_kind_toward_the_identity(tiny_run):
     # W h + b ("linear") starts at W = I; plain L2 decay would pull W toward 0, away
     # from the logit lens.
     from pipeline.analyses.translator_anatomy import linear_map
-    from pipeline.surgery import load_unembed_head
+    from pipeline.model.head import load_unembed_head
 
     head = load_unembed_head(tiny_run[1])
     d = head.unembed.weight.shape[1]

@@ -155,8 +155,8 @@ SHIFT_PLUGIN = '''
 import torch
 from torch import nn
 
-from pipeline.lenses import Translator
-from pipeline.translators import translator_kind
+from pipeline.lens.kinds import translator_kind
+from pipeline.lens.translators import Translator
 
 
 @translator_kind("shift", linear_map=True)

@@ -126,11 +126,11 @@ def tiny_model(family: str) -> nn.Module:
 
 def save_prepared(model, path: Path) -> Path:
     """Save ``model`` as a prepared model dir (weights + lenspipe_model.json, no tokenizer)."""
-    from pipeline.model import MARKER, weights_hash
+    from pipeline.model.prepare import MARKER, weights_hash
     from pipeline.provenance import write_json_atomic
 
     model.save_pretrained(path)
-    from pipeline.surgery import find_parts
+    from pipeline.model.parts import find_parts
 
     parts = find_parts(model)
     write_json_atomic(path / MARKER, {"name": path.name, "source": "test", "model_type": model.config.model_type,

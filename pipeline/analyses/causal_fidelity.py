@@ -58,7 +58,7 @@ def ablation(model, layer: int, basis, donor):
     """While active, the model's residual at index ``layer`` (the input of block ``layer``) is
     resample-ablated along ``basis`` (d, k), token t taking its donor ``donor[t]`` over the
     flattened (batch * pos) tokens."""
-    from ..surgery import find_parts
+    from ..model.parts import find_parts
 
     def pre_hook(_mod, args, kwargs):
         h = args[0] if args else kwargs["hidden_states"]  # (batch, pos, d_model)

@@ -21,7 +21,7 @@ from torch.nn import functional as F
 from ..errors import LenspipeError
 from ..plots import figure, save
 from ..progress import Progress
-from ..surgery import find_parts
+from ..model.parts import find_parts
 from ..sampling import spread_sequences, token_index
 from ..tables import read_provenance, write_table_df
 

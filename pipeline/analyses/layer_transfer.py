@@ -16,12 +16,12 @@ import pandas as pd
 import torch
 
 from ..errors import LenspipeError
-from ..lenses import LogitLens, TunedLens, logits_into
+from ..lens.tuned import LogitLens, TunedLens, logits_into
 from ..metrics import kl_from_logits, log_probs, target_stats
+from ..model.head import load_unembed_head
 from ..plots import figure, save
 from ..progress import Progress
 from ..store.reader import open_store
-from ..surgery import load_unembed_head
 from ..tables import write_table_df
 
 

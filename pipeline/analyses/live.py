@@ -2,7 +2,7 @@
 unembedding head and the lenses, loaded once, and the lenses applied to a live forward.
 
 A prompt, an injected instruction or another domain's text is not in the activation
-store, so these analyses run the model themselves (``surgery.residual_stream``: the same
+store, so these analyses run the model themselves (``model.residual.residual_stream``: the same
 hooks, layer convention and float32 residuals as extraction) and apply the lenses to it.
 """
 
@@ -34,8 +34,9 @@ def load_live(model_dir: Path, lens_dir: Path) -> Live:
     """The float32 model in eval mode, its head (shared with it) and both lenses."""
     from transformers import AutoModelForCausalLM
 
-    from ..lenses import LogitLens, TunedLens
-    from ..surgery import find_parts, unembed_head
+    from ..lens.tuned import LogitLens, TunedLens
+    from ..model.head import unembed_head
+    from ..model.parts import find_parts
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     head = unembed_head(model)
@@ -46,7 +47,7 @@ def load_live(model_dir: Path, lens_dir: Path) -> Live:
 @torch.no_grad()
 def forward(live: Live, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """ids (batch, pos) -> (resid (n_layers + 1, batch, pos, d_model), logits (batch, pos, vocab))."""
-    from ..surgery import residual_stream
+    from ..model.residual import residual_stream
 
     return residual_stream(live.model, ids)
 

@@ -1,6 +1,6 @@
 """Translator anatomy (seed: "Feature Analysis", "Transformation Interpretability").
 
-Each translator of a kind registered as a linear map (pipeline.translators: affine,
+Each translator of a kind registered as a linear map (pipeline.lens.kinds: affine,
 linear, scaling) is an affine map h -> A h + b, A = I + W with W from its ``affine_map``
 (an "mlp" translator has no single matrix and is not analysed). Per layer: the relative distance of A from the identity
 ``||A - I||_F / ||I||_F`` (0 = the logit lens), A's singular values and effective rank
@@ -17,9 +17,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import translators as kinds
 from ..errors import LenspipeError
-from ..lenses import Translator, TunedLens
+from ..lens import kinds
+from ..lens.translators import Translator
+from ..lens.tuned import TunedLens
 from ..plots import figure, save
 from ..tables import write_table_df
 

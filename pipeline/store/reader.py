@@ -286,7 +286,7 @@ class ActivationStore:
 
 def check_store_model(store: ActivationStore, model_dir: Path) -> dict[str, Any]:
     """The model info of ``model_dir``, after checking the store was extracted from it."""
-    from ..model import read_model_info
+    from ..model.prepare import read_model_info
 
     info = read_model_info(model_dir)
     theirs = store.provenance.get("model", {}).get("weights_sha256")

@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from .config import ModelConfig
-from .embedded import EMBEDDED_MODELS, copy_notices, embedded_name, fetch_embedded_gguf
-from .errors import ModelNotAvailable, OutputError, output_errors
-from .provenance import atomic_dir, now_utc, package_versions, sha256_file, write_json_atomic
+from ..config import ModelConfig
+from ..embedded import EMBEDDED_MODELS, copy_notices, embedded_name, fetch_embedded_gguf
+from ..errors import ModelNotAvailable, OutputError, output_errors
+from ..provenance import atomic_dir, now_utc, package_versions, sha256_file, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +217,7 @@ def context_length(model_dir: str | Path) -> tuple[int, str] | None:
 
 def export_head(model_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
     """A model directory holding only what training and evaluation read: the final norm
-    and unembedding tensors (``surgery.load_unembed_head``), config, tokenizer, and the
+    and unembedding tensors (``model.head.load_unembed_head``), config, tokenizer, and the
     original ``lenspipe_model.json`` (so stores and lenses still match its weights hash).
     Share it with an activation cache to reproduce the downstream tables without the
     model's weights; the report's prompt trajectories, which run the model, need the full one.
@@ -226,7 +226,7 @@ def export_head(model_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
 
     from safetensors.torch import save_file
 
-    from .surgery import head_checkpoint_tensors
+    from .head import head_checkpoint_tensors
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     info = read_model_info(model_dir)

@@ -1,9 +1,9 @@
 """The registry of translator kinds: the one list of kinds every part of lenspipe reads.
 
 A kind is a name (in ``train.kinds``, the workflow's ``{kind}`` wildcard, ``lens.json``),
-the class that builds its translators (a :class:`pipeline.lenses.Translator`), the options
-that class takes from the training config, and what the config checks must know before
-any model is touched:
+the class that builds its translators (a :class:`pipeline.lens.translators.Translator`),
+the options that class takes from the training config, and what the config checks must
+know before any model is touched:
 
 - ``linear_map``: its translators are exactly h -> h + W h + b (``Translator.affine_map``),
   so translator anatomy and the tuned-lens 0.2.x export apply;
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import ConfigError, LenspipeError
+from ..errors import ConfigError, LenspipeError
 
 
 @dataclass(frozen=True)
@@ -116,9 +116,9 @@ def _import_file(path: Path) -> None:
 
 
 for _kind in (
-    TranslatorKind("affine", "pipeline.lenses:AffineTranslator", linear_map=True, lstsq=True),
-    TranslatorKind("linear", "pipeline.lenses:LinearTranslator", linear_map=True, lstsq=True),
-    TranslatorKind("mlp", "pipeline.lenses:MLPTranslator", options={"hidden": "mlp_hidden", "depth": "mlp_depth"}),
-    TranslatorKind("scaling", "pipeline.lenses:ScalingTranslator", linear_map=True),
+    TranslatorKind("affine", "pipeline.lens.translators:AffineTranslator", linear_map=True, lstsq=True),
+    TranslatorKind("linear", "pipeline.lens.translators:LinearTranslator", linear_map=True, lstsq=True),
+    TranslatorKind("mlp", "pipeline.lens.translators:MLPTranslator", options={"hidden": "mlp_hidden", "depth": "mlp_depth"}),
+    TranslatorKind("scaling", "pipeline.lens.translators:ScalingTranslator", linear_map=True),
 ):
     register(_kind)

@@ -1,0 +1,281 @@
+"""The config's stage sections: ``extract``, ``train``, ``evaluate``, ``analyses``, ``report``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import ConfigError
+from ..lens import kinds
+from ..store.layout import COMPRESSIONS
+
+SPLITS = ("train", "validation", "test")
+STORE_DTYPES = ("bfloat16", "float16", "float32")
+
+
+@dataclass
+class ExtractConfig:
+    max_tokens: dict[str, int | None] = field(
+        default_factory=lambda: {"train": 24576, "validation": 4096, "test": 8192})
+    """Token budget per split (rounded down to whole sequences); ``null`` = the whole split.
+    Sequences are drawn at random (``seed``) across the split, then kept in corpus order."""
+    seed: int = 0
+    """Seed of the sequence selection under a token budget."""
+    batch_size: int = 8
+    """Sequences per forward pass."""
+    dtype: str = "bfloat16"
+    """Storage dtype: ``bfloat16`` (default: float32's range, so residual norms of ~1e4
+    and beyond cannot overflow), ``float16`` (more mantissa, max 65,504: overflow stops the
+    run with an error), or ``float32``."""
+    device: str = "auto"
+    """``auto`` (CUDA if available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+    compute_dtype: str = "auto"
+    """dtype of the forward pass: ``auto`` = float32 on CPU (bf16 matmuls are ~400x slower
+    on this CPU), bfloat16 on CUDA."""
+    shard_tokens: int = 4096
+    """Tokens per shard (one shard = all layers for these tokens, one file, one writer);
+    a multiple of ``chunk_tokens`` and of the corpus ``seq_len``."""
+    chunk_tokens: int = 512
+    """Tokens per inner chunk (one layer): the unit a one-layer read decompresses."""
+    compression: str = "zstd"
+    """``zstd`` (saves ~22% on bf16 activations), ``blosc-lz4-bitshuffle`` (~17%, at ~3x
+    zstd's encode and decode rates: for machines with few cores), ``blosc-zstd`` or
+    ``blosc-lz4`` (byte shuffle), or ``none``."""
+    level: int = 3
+    """Compression level."""
+
+    parts: int = 1
+    """Extraction jobs per split: each writes whole shards of its own sequence range
+    (rule ``extract_part``); ``assemble_store`` links them into one store. 1 = one job."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.parts, int) or self.parts < 1:
+            raise ConfigError("extract.parts must be an integer >= 1")
+        bad = sorted(set(self.max_tokens) - set(SPLITS))
+        if bad:
+            raise ConfigError(f"extract.max_tokens: unknown split(s) {bad}; splits are {list(SPLITS)}")
+        if any(v is not None and v < 1 for v in self.max_tokens.values()):
+            raise ConfigError("extract.max_tokens: budgets must be positive or null")
+        if self.batch_size < 1:
+            raise ConfigError("extract.batch_size must be >= 1")
+        if self.dtype not in STORE_DTYPES:
+            raise ConfigError(f"extract.dtype must be one of {STORE_DTYPES}, got {self.dtype!r}")
+        if self.compression not in COMPRESSIONS:
+            raise ConfigError(f"extract.compression must be one of {COMPRESSIONS}")
+        if self.chunk_tokens < 1 or self.shard_tokens % self.chunk_tokens:
+            raise ConfigError(
+                f"extract.shard_tokens ({self.shard_tokens}) must be a positive multiple of "
+                f"chunk_tokens ({self.chunk_tokens})")
+
+    def budget(self, split: str, seq_len: int) -> int | None:
+        """Number of sequences to extract for ``split`` (None = all)."""
+        tokens = self.max_tokens.get(split)
+        return None if tokens is None else max(1, tokens // seq_len)
+
+
+@dataclass
+class TrainConfig:
+    kinds: list[str] = field(default_factory=lambda: ["affine"])
+    """Translator kinds to train, one lens each (registered in pipeline.lens.kinds):
+    affine (h + Wh + b), linear (Wh + b), mlp (h + MLP(h)), scaling (h * s + b), and any
+    kind a plugin registers."""
+    layers: str | list[int] = "all"
+    """Layers that get a translator: ``all`` (0..n_layers-1) or a list."""
+    layer_groups: int = 1
+    """Split those layers into this many contiguous groups, each trained by its own job
+    (rule ``train_group``: separate cluster jobs), then merged into one lens (rule
+    ``merge_lens``). 1 = one job per lens."""
+    loss: str = "kl"
+    """``kl``: KL(final model distribution || lens distribution), the reference's default;
+    ``ce``: cross-entropy to the next token."""
+    init: str = "auto"
+    """``auto`` = least squares for affine/linear, identity otherwise; ``lstsq``; ``identity``
+    (the logit lens, as the reference starts)."""
+    ridge: float = 1e-6
+    """Ridge of the least-squares fit, relative to the mean input variance."""
+    steps: int = 8
+    """Optimiser steps (0 = least squares only)."""
+    batch_tokens: int = 512
+    """Tokens per step."""
+    optimizer: str = "sgd"
+    """``sgd`` (Nesterov momentum, as the reference) or ``adam``."""
+    lr_scale: float = 1.0
+    """Multiplies the default learning rate (1.0 for SGD, as an effective rate: PyTorch's
+    momentum scales it by 1/(1-momentum), which is undone; 1e-3 for Adam)."""
+    momentum: float = 0.9
+    """SGD momentum / Adam beta1."""
+    weight_decay: float = 1e-3
+    """L2 weight decay toward the identity (the logit lens) for every kind: affine, mlp and
+    scaling translators are the identity at zero parameters; a linear translator's W is
+    decayed toward I."""
+    warmup_steps: int = 0
+    """Linear warm-up steps before the linear decay to zero."""
+    clip_grad: float = 1.0
+    """Gradient-norm clipping, per layer's translator (0 = off); the reference clips all
+    layers jointly, which made a layer's steps depend on the layers sharing its job."""
+    buffer_shards: int = 2
+    """Store shards held in memory for shuffling (tokens are shuffled within the buffer,
+    shard order is shuffled per epoch)."""
+    val_tokens: int = 512
+    """Validation tokens for early stopping and the training log: whole sequences, one
+    drawn (``seed``) from each of equal parts of the validation store."""
+    eval_every: int = 4
+    """Validate every this many steps (and at the start and the end)."""
+    patience: int = 2
+    """A layer stops training after this many validations without improvement; training
+    ends when every layer has stopped or after ``steps`` (0 = never stop early)."""
+    checkpoint_every: int = 4
+    """Write a resumable checkpoint every this many steps (0 = never)."""
+    seed: int = 0
+    """Seed of the data order and of the validation sequences."""
+    mlp_hidden: int | None = None
+    """Hidden width of mlp translators (default d_model)."""
+    mlp_depth: int = 1
+    """Hidden layers of mlp translators (1 or 2)."""
+    device: str = "auto"
+    """``auto`` (CUDA if available), ``cpu``, ``cuda[:N]``."""
+
+    def __post_init__(self) -> None:
+        bad = sorted(set(self.kinds) - set(kinds.names()))
+        if bad or not self.kinds:
+            raise ConfigError(f"train.kinds: unknown {bad}; kinds are {kinds.names()}")
+        if not isinstance(self.layer_groups, int) or self.layer_groups < 1:
+            raise ConfigError("train.layer_groups must be an integer >= 1")
+        if self.layers != "all" and (not isinstance(self.layers, list) or not self.layers):
+            raise ConfigError("train.layers must be 'all' or a non-empty list of layer indices")
+        checks = {"loss": ("kl", "ce"), "init": ("auto", "lstsq", "identity"), "optimizer": ("sgd", "adam")}
+        for key, allowed in checks.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"train.{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        lstsq = [k.name for k in kinds.KINDS.values() if k.lstsq]
+        if self.init == "lstsq" and set(self.kinds) - set(lstsq):
+            raise ConfigError(f"train.init: lstsq applies to {'/'.join(lstsq)} translators only; use auto")
+        for key in ("batch_tokens", "buffer_shards", "val_tokens", "eval_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key} must be >= 1")
+        if self.steps < 0 or self.warmup_steps < 0 or self.warmup_steps > max(self.steps, 0):
+            raise ConfigError("train.steps must be >= 0 and warmup_steps in [0, steps]")
+
+    def group_layers(self, n_layers: int, group: int) -> list[int]:
+        """The layers of group ``group`` (0-based) of ``layer_groups`` contiguous groups."""
+        layers = self.layer_list(n_layers)
+        if self.layer_groups > len(layers):
+            raise ConfigError(f"train.layer_groups={self.layer_groups} exceeds the {len(layers)} layers to train")
+        size, extra = divmod(len(layers), self.layer_groups)
+        start = group * size + min(group, extra)
+        return layers[start:start + size + (group < extra)]
+
+    def layer_list(self, n_layers: int) -> list[int]:
+        if self.layers == "all":
+            return list(range(n_layers))
+        bad = [i for i in self.layers if not 0 <= i < n_layers]
+        if bad:
+            raise ConfigError(f"train.layers {bad} out of range: the model's lens layers are 0..{n_layers - 1}")
+        return sorted(set(self.layers))
+
+
+#: Largest evaluation (in tokens) for which ``token_metrics: auto`` writes the per-token table.
+TOKEN_TABLE_AUTO_MAX = 65536
+
+
+@dataclass
+class EvaluateConfig:
+    split: str = "test"
+    """Held-out split to evaluate on."""
+    max_tokens: int | None = 4096
+    """Tokens of the split's store to evaluate: whole sequences, one drawn (``seed``) from
+    each of equal parts of the store, so every document region is represented (the store
+    keeps corpus order); null = the whole store. Each token costs one
+    (d_model x vocab) matmul per layer and lens: 4,096 tokens, 31 layers and 2 lenses take
+    about 3 minutes on 2 CPU cores."""
+    chunk_tokens: int = 1024
+    """Tokens per dask task (a multiple of seq_len); bounds each task's memory."""
+    topk: int = 5
+    """k of the top-k agreement metric (final top-1 within the lens top-k)."""
+    bootstrap: int = 1000
+    """Bootstrap resamples (over sequences) for the 95% confidence intervals."""
+    calibration_bins: int = 10
+    """Equal-width confidence bins of the calibration table and ECE."""
+    token_metrics: bool | str = "auto"
+    """Write the per-token table (tokens x layers x lenses rows): ``auto`` = only when at
+    most ``TOKEN_TABLE_AUTO_MAX`` tokens are evaluated; or true / false."""
+    scheduler: str | None = None
+    """Address of a dask.distributed scheduler (``tcp://host:8786``); null = dask's local
+    threaded scheduler with the rule's threads."""
+    seed: int = 0
+    """Seed of the evaluated sequences and of the bootstrap."""
+
+    def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise ConfigError(f"evaluate.split must be one of {SPLITS}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ConfigError("evaluate.max_tokens must be positive or null")
+        for key in ("chunk_tokens", "topk", "calibration_bins"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"evaluate.{key} must be >= 1")
+        if self.bootstrap < 10:
+            raise ConfigError("evaluate.bootstrap must be >= 10")
+        if self.token_metrics not in (True, False, "auto"):
+            raise ConfigError("evaluate.token_metrics must be true, false or auto")
+
+    def want_token_table(self, n_tokens: int) -> bool:
+        if self.token_metrics == "auto":
+            return n_tokens <= TOKEN_TABLE_AUTO_MAX
+        return bool(self.token_metrics)
+
+
+@dataclass
+class AnalysesConfig:
+    enabled: bool = True
+    """Run the analysis rules (prediction depth, layer contributions, translator anatomy,
+    token categories, layer transfer, causal fidelity, anomaly detection, fact localization,
+    model comparison) and put them in the report."""
+    translator: str | None = None
+    """Tuned lens the analyses use; null = the first of ``train.kinds``. Translator
+    anatomy needs a kind registered as a linear map (affine, linear, scaling)."""
+    taus: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99])
+    """Confidence thresholds of the early-exit curve."""
+    skip_tokens: int = 512
+    """Held-out tokens on which each block is skipped to measure its real removal cost
+    (one forward pass per block: about 1 s per block for SmolLM2 on 2 CPU cores)."""
+    transfer_tokens: int = 256
+    """Tokens sampled for the layer-transfer matrix."""
+    transfer_stride: int = 2
+    """Use every n-th layer in the transfer matrix (its cost grows with the square of the
+    layers used: all 30 SmolLM2 layers take about 4x the default stride-2 cost of ~25 s on 2 cores)."""
+    causal_layers: int = 3
+    """Layers (spread over the depth) at which causal fidelity extracts and ablates directions."""
+    causal_directions: int = 6
+    """Directions extracted per layer for causal fidelity, and as many random ones (each costs
+    one forward pass of the model on ``causal_tokens`` tokens)."""
+    causal_tokens: int = 256
+    """Held-out tokens (whole sequences) the ablations are measured on; as many others fit
+    the directions."""
+    anomaly_sequences: int = 16
+    """Windows per kind of text for anomaly detection (normal, control and each anomaly
+    type; the detector is fitted on twice as many normal validation windows)."""
+    anomaly_tokens: int = 32
+    """Tokens per window for anomaly detection (at most the corpus's seq_len)."""
+    anomaly_stride: int = 4
+    """Anomaly detection's trajectory features use every n-th lens layer."""
+
+    def __post_init__(self) -> None:
+        if not self.taus or any(not 0 < t <= 1 for t in self.taus):
+            raise ConfigError("analyses.taus must be a non-empty list of numbers in (0, 1]")
+        for key in ("skip_tokens", "transfer_tokens", "transfer_stride", "causal_layers", "causal_directions",
+                    "causal_tokens", "anomaly_sequences", "anomaly_tokens", "anomaly_stride"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"analyses.{key} must be >= 1")
+        if self.translator is not None and self.translator not in kinds.KINDS:
+            raise ConfigError(f"analyses.translator {self.translator!r} is not one of {kinds.names()}")
+
+
+@dataclass
+class ReportConfig:
+    prompts: list[str] = field(default_factory=lambda: ["To be, or not to be, that is the question:",
+                                                        "The capital of France is"])
+    """Prompts whose prediction trajectories the report plots (the model runs on the first
+    24 tokens of each; they are not in the cache)."""
+
+    def __post_init__(self) -> None:
+        if not all(isinstance(p, str) and p for p in self.prompts):
+            raise ConfigError("report.prompts must be a list of non-empty strings")

@@ -1,0 +1,178 @@
+"""The translators: h (..., d_model) -> h' (..., d_model), one per layer of a tuned lens.
+
+Each class is a kind of :mod:`pipeline.lens.kinds`; ``make_translator`` builds a fresh one
+(starting as the identity, i.e. the logit lens) from the kind's name and options.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from ..errors import LenspipeError
+from . import kinds
+
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
+
+
+class Translator(nn.Module):
+    """h (..., d_model) -> h' (..., d_model). ``make_translator(t.kind, d, **t.opts)`` rebuilds t.
+
+    A kind is registered in :mod:`pipeline.lens.kinds`; what a subclass says about itself
+    there (``linear_map``, ``lstsq``) it implements here (``affine_map``, ``set_affine_map``).
+    """
+
+    kind: str
+    opts: dict[str, Any]  # a property of each kind: the options that rebuild it
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.d_model = d_model
+
+    def affine_map(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        """(W (d, d), b (d,)) with translator(h) = h + W h + b exactly, for kinds that are
+        affine maps (translator anatomy, the tuned-lens export); detached, in ``dtype``."""
+        raise LenspipeError(f"a {self.kind!r} translator is no affine map h + W h + b")
+
+    def set_affine_map(self, W: Tensor, b: Tensor) -> None:
+        """Set the translator to h -> W h + b (the least-squares start), for kinds that can."""
+        lstsq = [k.name for k in kinds.KINDS.values() if k.lstsq]
+        raise LenspipeError(f"least-squares initialisation is for {'/'.join(lstsq)} translators, not {self.kind!r}")
+
+    def identity_centred(self) -> list[nn.Parameter]:
+        """Parameters whose value at the identity (the logit lens) is not zero: weight decay
+        pulls them toward that value rather than toward 0 (see pipeline.train)."""
+        return []
+
+
+class AffineTranslator(Translator):
+    """residual=True ("affine"): h + W h + b, W = b = 0 at init, as in the reference (weight
+    decay then pulls towards the identity, i.e. the logit lens). residual=False ("linear"):
+    W h + b with W = I, b = 0 at init, so it too starts as the logit lens."""
+
+    def __init__(self, d_model: int, *, residual: bool = True, bias: bool = True):
+        super().__init__(d_model)
+        self.residual = residual
+        eye = torch.zeros(d_model, d_model) if residual else torch.eye(d_model)
+        self.weight = nn.Parameter(eye)  # (d_out, d_in)
+        self.bias = nn.Parameter(torch.zeros(d_model)) if bias else None  # (d,)
+
+    kind = property(lambda self: "affine" if self.residual else "linear")  # type: ignore[assignment]
+
+    @property
+    def opts(self) -> dict[str, Any]:
+        return {"bias": self.bias is not None}
+
+    def forward(self, h: Tensor) -> Tensor:
+        out = F.linear(h, self.weight, self.bias)  # (..., d)
+        return h + out if self.residual else out
+
+    def affine_map(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        w = self.weight.detach().to(dtype or self.weight.dtype)  # (d, d)
+        if not self.residual:  # W h + b = h + (W - I) h + b
+            w = w - torch.eye(self.d_model, dtype=w.dtype, device=w.device)
+        return w, _bias(self.bias, w)
+
+    @torch.no_grad()
+    def set_affine_map(self, W: Tensor, b: Tensor) -> None:
+        d, weight, bias = self.d_model, self.weight, self.bias
+        if tuple(W.shape) != (d, d) or tuple(b.shape) != (d,):
+            raise LenspipeError(f"least-squares solution has shapes {tuple(W.shape)}, {tuple(b.shape)}, "
+                                f"not ({d}, {d}), ({d},)")
+        if bias is None and b.abs().max().item() > 1e-6 * max(1.0, W.abs().max().item()):
+            raise LenspipeError("least-squares solution has a nonzero intercept but the translator has no bias")
+        # residual: h + W' h = W h  <=>  W' = W - I
+        weight.copy_(W.to(weight) - torch.eye(d).to(weight) if self.residual else W)
+        if bias is not None:
+            bias.copy_(b)
+
+    def identity_centred(self) -> list[nn.Parameter]:
+        return [] if self.residual else [self.weight]  # W h + b is the identity at W = I
+
+
+class LinearTranslator(AffineTranslator):
+    """W h + b, W = I and b = 0 at init (the non-residual AffineTranslator)."""
+
+    def __init__(self, d_model: int, *, bias: bool = True):
+        super().__init__(d_model, residual=False, bias=bias)
+
+
+class MLPTranslator(Translator):
+    """h + W2 act(W1 h + b1) + b2, ``depth`` hidden layers of width ``hidden``; the output
+    layer is zero-initialised so it starts as the identity. residual=False drops the ``h +``
+    and keeps PyTorch's default init everywhere: it does NOT start as the logit lens (an MLP
+    cannot be the identity exactly; a zero output layer would start it as the constant 0)."""
+
+    kind = "mlp"
+
+    def __init__(self, d_model: int, *, hidden: int | None = None, depth: int = 1,
+                 activation: str = "gelu", residual: bool = True, bias: bool = True):
+        super().__init__(d_model)
+        if depth not in (1, 2):
+            raise LenspipeError(f"mlp translator: depth must be 1 or 2, not {depth!r}")
+        if activation not in ACTIVATIONS:
+            raise LenspipeError(f"mlp translator: activation {activation!r} is not one of {sorted(ACTIVATIONS)}")
+        self.hidden, self.depth, self.activation, self.residual = hidden or d_model, depth, activation, residual
+        widths = [d_model] + [self.hidden] * depth
+        layers: list[nn.Module] = []
+        for w_in, w_out in zip(widths[:-1], widths[1:]):
+            layers += [nn.Linear(w_in, w_out, bias=bias), ACTIVATIONS[activation]()]
+        self.net = nn.Sequential(*layers)
+        self.out = nn.Linear(self.hidden, d_model, bias=bias)
+        if residual:
+            nn.init.zeros_(self.out.weight)
+            if bias:
+                nn.init.zeros_(self.out.bias)
+
+    @property
+    def opts(self) -> dict[str, Any]:
+        return {"hidden": self.hidden, "depth": self.depth, "activation": self.activation,
+                "residual": self.residual, "bias": self.out.bias is not None}
+
+    def forward(self, h: Tensor) -> Tensor:
+        out = self.out(self.net(h))  # (..., d)
+        return h + out if self.residual else out
+
+
+class ScalingTranslator(Translator):
+    """h + (s * h + b), per-dimension s and b, both zero at init (effective scale 1 + s):
+    residual rather than h * s' + b (s' = 1) so that, as for "affine", weight decay pulls
+    towards the identity rather than towards 0."""
+
+    kind = "scaling"
+
+    def __init__(self, d_model: int, *, bias: bool = True):
+        super().__init__(d_model)
+        self.scale = nn.Parameter(torch.zeros(d_model))  # (d,)
+        self.bias = nn.Parameter(torch.zeros(d_model)) if bias else None  # (d,)
+
+    @property
+    def opts(self) -> dict[str, Any]:
+        return {"bias": self.bias is not None}
+
+    def forward(self, h: Tensor) -> Tensor:
+        out = h + h * self.scale  # (..., d)
+        return out + self.bias if self.bias is not None else out
+
+    def affine_map(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        w = torch.diag(self.scale.detach().to(dtype or self.scale.dtype))  # (d, d)
+        return w, _bias(self.bias, w)
+
+
+def _bias(bias: nn.Parameter | None, like: Tensor) -> Tensor:
+    """A translator's bias as a detached (d,) tensor like ``like``; zeros when it has none."""
+    if bias is None:
+        return torch.zeros(like.shape[0], dtype=like.dtype, device=like.device)
+    return bias.detach().to(like.dtype)
+
+
+def make_translator(kind: str, d_model: int, **opts) -> Translator:
+    """A fresh translator of a registered ``kind`` (pipeline.lens.kinds), starting as the identity."""
+    cls = kinds.get(kind).translator_class()
+    try:
+        return cls(d_model, **opts)
+    except TypeError as exc:  # an option this kind does not have
+        raise LenspipeError(f"bad options {sorted(opts)} for translator kind {kind!r}: {exc}") from None
