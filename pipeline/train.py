@@ -112,7 +112,8 @@ def _init_kind(cfg: TrainConfig, kind: str) -> str:
 
 @torch.no_grad()
 def fit_least_squares(lens: TunedLens, store: ActivationStore, cfg: TrainConfig, device) -> None:
-    """Set each affine/linear translator to the least-squares map layer -> last layer."""
+    """Set each affine/linear translator to the least-squares map layer -> last layer
+    (with an intercept where the translator has a bias)."""
     layers = lens.layers
     accs = {i: LeastSquaresAccumulator(lens.d_model, device=device) for i in layers}
     shard = store.attrs["params"]["shard_tokens"]
@@ -124,12 +125,13 @@ def fit_least_squares(lens: TunedLens, store: ActivationStore, cfg: TrainConfig,
                 accs[i].update(x[j], x[-1])
             bar.update(e - s)
     for i in layers:
-        init_translator_lstsq(lens.translators[str(i)], *accs[i].solve(cfg.ridge))
+        t = lens.translators[str(i)]
+        init_translator_lstsq(t, *accs[i].solve(cfg.ridge, intercept=t.intercept))
 
 
 def _identity_centred(lens: TunedLens) -> list[torch.Tensor]:
     """Parameters whose identity value is not zero (``Translator.identity_centred``: the
-    weight of a ``linear`` translator, W h + b, W = I at the identity). Plain weight decay
+    weight of a ``linear`` translator, W h, W = I at the identity). Plain weight decay
     would pull it toward the zero map; it is decayed toward I instead
     (``decay_to_identity``), so weight decay means "toward the logit lens" for every kind."""
     return [p for t in lens.translators.values() for p in t.identity_centred()]
@@ -219,7 +221,7 @@ class Validation:
 # ----------------------------------------------------------------------------- state
 
 #: Bump when TrainState or the checkpoint contents change: an older checkpoint is ignored.
-CHECKPOINT_FORMAT = 2
+CHECKPOINT_FORMAT = 3  # 3: 'linear' translators lost their bias
 
 
 @dataclass

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch.nn import functional as F
 
 from pipeline.errors import LenspipeError
@@ -13,7 +14,7 @@ from pipeline.lens.kinds import names
 from pipeline.lens.lstsq import LeastSquaresAccumulator, init_translator_lstsq
 from pipeline.lens.reference import export_reference, import_reference
 from pipeline.lens.translators import make_translator
-from pipeline.lens.tuned import LogitLens, TunedLens
+from pipeline.lens.tuned import META_FILE, WEIGHTS_FILE, LogitLens, TunedLens
 from pipeline.model.head import load_unembed_head
 from pipeline.model.prepare import read_model_info
 from tiny import make_llama, save_prepared, tiny_model
@@ -68,13 +69,45 @@ def make_lens(head, info, kind="affine", layers=None, seed=1, **opts):
 
 def test_affine_and_linear_by_hand():
     h, W, b = randn(3, 5, D), randn(D, D, seed=1), randn(D, seed=2)
-    for kind, expected in (("affine", h + h @ W.T + b), ("linear", h @ W.T + b)):
-        t = make_translator(kind, D)
-        with torch.no_grad():
-            t.weight.copy_(W)
-            t.bias.copy_(b)
-        torch.testing.assert_close(t(h), expected)
-    assert make_translator("affine", D, residual=False).kind == "linear"
+    affine, linear = make_translator("affine", D), make_translator("linear", D)
+    with torch.no_grad():
+        affine.weight.copy_(W)
+        affine.bias.copy_(b)
+        linear.weight.copy_(W)
+    torch.testing.assert_close(affine(h), h + h @ W.T + b)
+    torch.testing.assert_close(linear(h), h @ W.T)
+
+
+def test_linear_has_no_bias_anywhere(head, info, tmp_path):
+    """A 'linear' translator is W h: no bias parameter, none in its saved state or its
+    affine map, and, since a linear map sends 0 to 0, the zero vector translates to zero
+    at every layer of a saved and reloaded lens (an evaluation that added a bias fails)."""
+    t = make_translator("linear", D)
+    assert dict(t.named_parameters()).keys() == {"weight"} and t.opts == {} and not t.intercept
+    with pytest.raises(LenspipeError, match="bad options"):
+        make_translator("linear", D, bias=True)
+    lens = make_lens(head, info, "linear")
+    lens.save(tmp_path / "lens")
+    assert set(load_file(str(tmp_path / "lens" / WEIGHTS_FILE))) == {f"{i}.weight" for i in range(N_LAYERS)}
+    back = TunedLens.load(tmp_path / "lens", head=head)
+    zero, h = torch.zeros(4, D), randn(4, D)
+    for layer in range(N_LAYERS):
+        assert torch.equal(back.translate(zero, layer), zero)
+        assert torch.equal(back(zero, layer), head(zero))  # the logits of 0: no bias added before the head
+        torch.testing.assert_close(back.translate(2.5 * h, layer), 2.5 * back.translate(h, layer))
+        w, b = back.translators[str(layer)].affine_map()
+        assert torch.equal(b, torch.zeros(D))
+        torch.testing.assert_close(back.translate(h, layer), h + h @ w.T)
+
+
+def test_an_old_linear_lens_with_a_bias_is_refused_clearly(head, info, tmp_path):
+    lens = make_lens(head, info, "affine")
+    lens.save(tmp_path / "old")
+    meta = json.loads((tmp_path / "old" / META_FILE).read_text())
+    meta |= {"kind": "linear", "translator_opts": {"bias": True}}
+    (tmp_path / "old" / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(LenspipeError, match="older lenspipe.*had a bias.*retrain"):
+        TunedLens.load(tmp_path / "old", head=head)
 
 
 def test_scaling_by_hand():
@@ -277,14 +310,38 @@ def test_init_translator_lstsq():
     acc.update(X, Y)
     W, b = acc.solve()
     h = X[:20].float()
-    for kind in ("affine", "linear"):
-        t = make_translator(kind, D)
-        init_translator_lstsq(t, W, b)
-        with torch.no_grad():
-            torch.testing.assert_close(t(h).double(), h.double() @ A.T + c, rtol=0, atol=1e-3)
+    t = make_translator("affine", D)
+    init_translator_lstsq(t, W, b)
+    with torch.no_grad():
+        torch.testing.assert_close(t(h).double(), h.double() @ A.T + c, rtol=0, atol=1e-3)
     with pytest.raises(LenspipeError, match="not 'mlp'"):
         init_translator_lstsq(make_translator("mlp", D), W, b)
-    with pytest.raises(LenspipeError, match="nonzero intercept"):
-        init_translator_lstsq(make_translator("affine", D, bias=False), W, b)
+    for kind, opts in (("affine", {"bias": False}), ("linear", {})):
+        with pytest.raises(LenspipeError, match="nonzero intercept"):
+            init_translator_lstsq(make_translator(kind, D, **opts), W, b)
     with pytest.raises(LenspipeError, match="shapes"):
         init_translator_lstsq(make_translator("affine", D), W[:3], b)
+
+
+def test_least_squares_without_intercept_is_the_uncentred_fit():
+    """``solve(intercept=False)`` (the start of 'linear' translators) is the fit of Y by
+    X W^T alone: what numpy's lstsq gives without a column of ones, and b = 0."""
+    X, Y, _, _ = synthetic(d_in=12, d_out=7)
+    acc = LeastSquaresAccumulator(12, n_out=7)
+    for xs, ys in zip(X.split(100), Y.split(100)):
+        acc.update(xs, ys)
+    W, b = acc.solve(ridge=0.0, intercept=False)
+    expected = torch.linalg.lstsq(X, Y).solution.T  # (d_out, d_in), no intercept column
+    assert torch.equal(b, torch.zeros(7))
+    torch.testing.assert_close(W.double(), expected, rtol=0, atol=1e-4)
+    assert not torch.allclose(W, acc.solve(ridge=0.0)[0], atol=1e-3)  # the centred fit differs
+    t = make_translator("linear", 12)
+    with pytest.raises(LenspipeError, match="shapes"):
+        init_translator_lstsq(t, W, b)  # 7 outputs for 12 inputs
+    t = make_translator("linear", 7)
+    sq = LeastSquaresAccumulator(7)
+    sq.update(X[:, :7], Y)
+    init_translator_lstsq(t, *sq.solve(intercept=False))
+    torch.testing.assert_close(t(X[:5, :7].float()), X[:5, :7].float() @ t.weight.T)
+
+

@@ -82,6 +82,47 @@ def test_every_kind_trains_saves_and_logs(tiny_run, tmp_path, kind):
     assert (table.dropna(subset=["train_loss"]).train_loss >= 0).all()
 
 
+def test_linear_is_fitted_trained_and_evaluated_without_a_bias(tiny_run, tmp_path):
+    """'linear' is W h end to end: its least-squares start is the fit without an intercept,
+    training gives it no bias, and evaluation's KL is the KL of head(h W^T) computed here
+    from the raw saved tensors (a bias added anywhere on the way fails one of these)."""
+    import pandas as pd
+    from safetensors.torch import load_file
+
+    from pipeline.config import EvaluateConfig
+    from pipeline.evaluate import evaluate
+    from pipeline.lens.lstsq import LeastSquaresAccumulator
+    from pipeline.metrics import kl_div, log_probs
+    from pipeline.model.head import load_unembed_head
+    from pipeline.store.reader import open_store
+
+    root, model_dir = tiny_run
+    store = open_store(root / "train.zarr")
+    x = store.layers([0, 1, 2], 0, store.n_tokens)  # (3, n, d): layers 0, 1 and the last
+    _, start = run(tiny_run, tmp_path / "start", "linear", steps=0)
+    for layer in (0, 1):
+        acc = LeastSquaresAccumulator(store.d_model)
+        acc.update(x[layer], x[-1])
+        w_start = load_file(str(tmp_path / "start" / "translators.safetensors"))[f"{layer}.weight"]
+        torch.testing.assert_close(w_start, acc.solve(intercept=False)[0], rtol=1e-5, atol=1e-5)
+    _, lens = run(tiny_run, tmp_path / "linear", "linear", steps=4)
+    weights = load_file(str(tmp_path / "linear" / "translators.safetensors"))
+    assert set(weights) == {"0.weight", "1.weight"}  # no bias tensor saved
+    out = tmp_path / "tables"
+    evaluate(root / "test.zarr", root / "test.npz", model_dir, {"linear": tmp_path / "linear"},
+             EvaluateConfig(max_tokens=None, chunk_tokens=32, bootstrap=10), out,
+             {"model": "tiny", "revision": None, "corpus": "rand", "split": "test"})
+    table = pd.read_parquet(out / "layer_metrics.parquet")
+    head = load_unembed_head(model_dir)
+    test = open_store(root / "test.zarr").layers([0, 1, 2], 0, open_store(root / "test.zarr").n_tokens)
+    with torch.no_grad():
+        final = log_probs(head(test[-1]))
+        for layer in (0, 1):
+            by_hand = kl_div(final, log_probs(head(test[layer] @ weights[f"{layer}.weight"].T))).double().mean()
+            got = table[(table.translator == "linear") & (table.layer == layer)].kl.item()
+            assert abs(got - by_hand.item()) < 1e-5 * max(1.0, by_hand.item())
+
+
 def test_least_squares_init_beats_logit_lens(tiny_run, tmp_path):
     metrics, _ = run(tiny_run, tmp_path / "ls", steps=0)
     assert metrics["init"] == "lstsq"

@@ -43,22 +43,31 @@ class LeastSquaresAccumulator:
         self.mean_y += dy * (nb / n)
         self.n = n
 
-    def solve(self, ridge: float = 1e-6) -> tuple[Tensor, Tensor]:
-        """(W (d_out, d_in), b (d_out,)) float32 minimising |Y - X W^T - b|^2 + lam |W|^2.
+    def solve(self, ridge: float = 1e-6, intercept: bool = True) -> tuple[Tensor, Tensor]:
+        """(W (d_out, d_in), b (d_out,)) float32 minimising |Y - X W^T - b|^2 + lam |W|^2;
+        ``intercept=False``: b = 0, minimising |Y - X W^T|^2 + lam |W|^2 (a map without a bias).
 
         lam = ridge * trace(Cxx) / d_in: relative to the average variance, so the same
-        ``ridge`` suits any activation scale; it keeps rank-deficient X solvable.
+        ``ridge`` suits any activation scale; it keeps rank-deficient X solvable. Without an
+        intercept the raw moments are needed: they are the centred ones plus n m m^T, a sum
+        of positive terms, so rebuilding them here loses no digits (the subtraction the
+        centred update avoids is the other direction).
         """
         if self.n < 2:
             raise LenspipeError(f"least squares needs at least 2 samples, got {self.n}")
         d_in = self.cxx.shape[0]
         lam = ridge * max(self.cxx.trace().item() / d_in, torch.finfo(torch.float64).tiny)
-        reg = self.cxx + lam * torch.eye(d_in, dtype=self.cxx.dtype, device=self.cxx.device)
-        w = torch.linalg.solve(reg, self.cxy).T  # (d_out, d_in)
-        b = self.mean_y - w @ self.mean_x  # (d_out,)
+        xx, xy = self.cxx, self.cxy
+        if not intercept:
+            xx = xx + self.n * torch.outer(self.mean_x, self.mean_x)  # sum x x^T
+            xy = xy + self.n * torch.outer(self.mean_x, self.mean_y)  # sum x y^T
+        reg = xx + lam * torch.eye(d_in, dtype=xx.dtype, device=xx.device)
+        w = torch.linalg.solve(reg, xy).T  # (d_out, d_in)
+        b = self.mean_y - w @ self.mean_x if intercept else torch.zeros_like(self.mean_y)  # (d_out,)
         return w.float(), b.float()
 
 
 def init_translator_lstsq(translator: Translator, W: Tensor, b: Tensor) -> None:
-    """Set a translator so that translator(h) == W h + b (kinds registered with ``lstsq``)."""
+    """Set a translator so that translator(h) == W h + b (kinds registered with ``lstsq``;
+    b must be 0 for one without an intercept, ``Translator.intercept``)."""
     translator.set_affine_map(W, b)

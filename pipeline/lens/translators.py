@@ -27,6 +27,9 @@ class Translator(nn.Module):
 
     kind: str
     opts: dict[str, Any]  # a property of each kind: the options that rebuild it
+    intercept: bool = True
+    """Whether its least-squares start is fitted with an intercept (a translator with no
+    bias is fitted without one: ``LeastSquaresAccumulator.solve(intercept=False)``)."""
 
     def __init__(self, d_model: int):
         super().__init__()
@@ -49,55 +52,85 @@ class Translator(nn.Module):
 
 
 class AffineTranslator(Translator):
-    """residual=True ("affine"): h + W h + b, W = b = 0 at init, as in the reference (weight
-    decay then pulls towards the identity, i.e. the logit lens). residual=False ("linear"):
-    W h + b with W = I, b = 0 at init, so it too starts as the logit lens."""
+    """"affine": h + W h + b, W = b = 0 at init, as in the reference (weight decay then pulls
+    towards the identity, i.e. the logit lens). ``bias=False`` gives h + W h (the
+    reference's ``bias: false``)."""
 
-    def __init__(self, d_model: int, *, residual: bool = True, bias: bool = True):
+    kind = "affine"
+
+    def __init__(self, d_model: int, *, bias: bool = True):
         super().__init__(d_model)
-        self.residual = residual
-        eye = torch.zeros(d_model, d_model) if residual else torch.eye(d_model)
-        self.weight = nn.Parameter(eye)  # (d_out, d_in)
+        self.weight = nn.Parameter(torch.zeros(d_model, d_model))  # (d_out, d_in)
         self.bias = nn.Parameter(torch.zeros(d_model)) if bias else None  # (d,)
-
-    kind = property(lambda self: "affine" if self.residual else "linear")  # type: ignore[assignment]
 
     @property
     def opts(self) -> dict[str, Any]:
         return {"bias": self.bias is not None}
 
+    @property
+    def intercept(self) -> bool:
+        return self.bias is not None
+
     def forward(self, h: Tensor) -> Tensor:
-        out = F.linear(h, self.weight, self.bias)  # (..., d)
-        return h + out if self.residual else out
+        return h + F.linear(h, self.weight, self.bias)  # (..., d)
 
     def affine_map(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
         w = self.weight.detach().to(dtype or self.weight.dtype)  # (d, d)
-        if not self.residual:  # W h + b = h + (W - I) h + b
-            w = w - torch.eye(self.d_model, dtype=w.dtype, device=w.device)
         return w, _bias(self.bias, w)
 
     @torch.no_grad()
     def set_affine_map(self, W: Tensor, b: Tensor) -> None:
-        d, weight, bias = self.d_model, self.weight, self.bias
-        if tuple(W.shape) != (d, d) or tuple(b.shape) != (d,):
-            raise LenspipeError(f"least-squares solution has shapes {tuple(W.shape)}, {tuple(b.shape)}, "
-                                f"not ({d}, {d}), ({d},)")
-        if bias is None and b.abs().max().item() > 1e-6 * max(1.0, W.abs().max().item()):
-            raise LenspipeError("least-squares solution has a nonzero intercept but the translator has no bias")
-        # residual: h + W' h = W h  <=>  W' = W - I
-        weight.copy_(W.to(weight) - torch.eye(d).to(weight) if self.residual else W)
-        if bias is not None:
-            bias.copy_(b)
+        _check_fit(self, W, b)
+        # h + W' h = W h  <=>  W' = W - I
+        self.weight.copy_(W.to(self.weight) - torch.eye(self.d_model).to(self.weight))
+        if self.bias is not None:
+            self.bias.copy_(b)
+
+
+class LinearTranslator(Translator):
+    """"linear": W h, no bias at all, W = I at init so it starts as the logit lens. A
+    linear map sends 0 to 0, so unlike "affine" it cannot add a constant vector: what the
+    affine bias does here (the residual stream's large constant component) W must do from
+    the input's own mean. Its weight decay is centred on I (``identity_centred``)."""
+
+    kind = "linear"
+    intercept = False
+
+    def __init__(self, d_model: int):
+        super().__init__(d_model)
+        self.weight = nn.Parameter(torch.eye(d_model))  # (d_out, d_in)
+
+    @property
+    def opts(self) -> dict[str, Any]:
+        return {}
+
+    def forward(self, h: Tensor) -> Tensor:
+        return F.linear(h, self.weight)  # (..., d)
+
+    def affine_map(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        w = self.weight.detach().to(dtype or self.weight.dtype)  # W h = h + (W - I) h + 0
+        w = w - torch.eye(self.d_model, dtype=w.dtype, device=w.device)
+        return w, _bias(None, w)
+
+    @torch.no_grad()
+    def set_affine_map(self, W: Tensor, b: Tensor) -> None:
+        _check_fit(self, W, b)
+        self.weight.copy_(W)
 
     def identity_centred(self) -> list[nn.Parameter]:
-        return [] if self.residual else [self.weight]  # W h + b is the identity at W = I
+        return [self.weight]  # W h is the identity at W = I
 
 
-class LinearTranslator(AffineTranslator):
-    """W h + b, W = I and b = 0 at init (the non-residual AffineTranslator)."""
-
-    def __init__(self, d_model: int, *, bias: bool = True):
-        super().__init__(d_model, residual=False, bias=bias)
+def _check_fit(t: Translator, W: Tensor, b: Tensor) -> None:
+    """A least-squares solution (W (d, d), b (d,)) fits translator t: shapes, and no
+    intercept for a translator without a bias (its fit must be solved without one)."""
+    d = t.d_model
+    if tuple(W.shape) != (d, d) or tuple(b.shape) != (d,):
+        raise LenspipeError(f"least-squares solution has shapes {tuple(W.shape)}, {tuple(b.shape)}, "
+                            f"not ({d}, {d}), ({d},)")
+    if not t.intercept and b.abs().max().item() > 1e-6 * max(1.0, W.abs().max().item()):
+        raise LenspipeError(f"least-squares solution has a nonzero intercept but the {t.kind!r} "
+                            "translator has no bias")
 
 
 class MLPTranslator(Translator):

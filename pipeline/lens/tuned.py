@@ -92,7 +92,6 @@ class TunedLens(nn.Module):
         """A fresh lens (= the logit lens) with a ``kind`` translator per layer (default all)."""
         layers = list(range(n_layers)) if layers is None else layers
         translators = {i: make_translator(kind, d_model, **opts) for i in layers}
-        kind = translators[layers[0]].kind if layers else kind  # affine + residual=False is "linear"
         return cls(head, translators, kind=kind, d_model=d_model, n_layers=n_layers, model_info=model_info)
 
     @property
@@ -159,6 +158,10 @@ class TunedLens(nn.Module):
             head = load_unembed_head(model_dir)
         if sha256_file(path / WEIGHTS_FILE) != meta.get("translators_sha256"):
             raise LenspipeError(f"{path / WEIGHTS_FILE} does not match the hash in its {META_FILE}: corrupt lens")
+        if meta["kind"] == "linear" and "bias" in meta["translator_opts"]:
+            raise LenspipeError(f"{path} is a 'linear' lens of an older lenspipe, whose linear translators (W h + b) "
+                                "had a bias and so were the function class of 'affine'; 'linear' is now W h without "
+                                "one: retrain it (or train 'affine')")
         translators = nn.ModuleDict({str(i): make_translator(meta["kind"], meta["d_model"], **meta["translator_opts"])
                                      for i in meta["layers"]})
         try:
