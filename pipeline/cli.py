@@ -188,7 +188,13 @@ def _trajectory(args) -> None:
     for d in args.lens:
         kind = read_lens_meta(Path(d))["kind"]  # a directory without lens.json is named
         lens_dirs[kind if kind not in lens_dirs else str(d)] = Path(d)
-    print(trajectory(model_dir, lens_dirs, args.prompt, Path(args.out)))
+    from transformers import AutoTokenizer
+
+    from .corpus import separator_id
+
+    # the corpora's default separator (BOS, else EOS): what every cached document starts with
+    sep = separator_id(AutoTokenizer.from_pretrained(model_dir), "auto")
+    print(trajectory(model_dir, lens_dirs, args.prompt, Path(args.out), sep))
     print(f"figure: {args.out}", file=sys.stderr)
 
 
@@ -278,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
         add(a.command, _analysis(a), f"analysis: {a.title[0].lower() + a.title[1:]} (tables: {', '.join(a.tables)})",
             f"{M} {C}" if a.per_run else "", *names)
     s = add("trajectory", _trajectory, "print a prompt's top-1 token per layer for the logit and tuned lenses, "
-            "and draw its trajectory", f'{M} --lens data/lenses/smollm2-135m/shakespeare/affine "The capital '
+            "and draw its trajectory (the prompt is preceded by the tokenizer's BOS, else EOS, token: "
+            "the default corpus separator)", f'{M} --lens data/lenses/smollm2-135m/shakespeare/affine "The capital '
             'of France is" --out fig.png')
     s.add_argument("--model", required=True, help="model name from the config, or a prepared model directory")
     s.add_argument("--lens", required=True, action="append", help="a tuned lens directory (repeat for more)")

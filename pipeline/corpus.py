@@ -310,3 +310,16 @@ def load_split(path: str | Path) -> PackedSplit:
     with np.load(path) as z:
         return PackedSplit(z["tokens"], z["token_bytes"], z["doc_index"], z["doc_pos"],
                            json.loads(str(z["meta"])))
+
+
+def split_separator(path: str | Path) -> int | None:
+    """The separator token that precedes every document of a packed split (its corpus's
+    ``separator``, from the manifest beside it), or None: the token a model saw at the
+    start of every text it was cached on. Text outside the cache (a prompt, a window) is
+    given it too: Gemma-3 without its BOS token predicts almost nothing (on factual
+    prompts, 5 of 99 answers top-1 without it, 50 with it)."""
+    manifest = Path(path).parent / "manifest.json"
+    if not manifest.is_file():  # a split written by hand (tests): no separator known
+        log.warning("no manifest.json beside %s: text outside the cache gets no separator token", path)
+        return None
+    return json.loads(manifest.read_text()).get("separator_id")

@@ -76,6 +76,10 @@ INPUTS = {
                            "lenspipe translator-anatomy --model {model} --corpus {corpus}"),
     "prediction_depth": (ANALYSES_DIR + "/prediction_depth.parquet", ANALYSES_DIR + "/prediction_depth.parquet",
                          "lenspipe prediction-depth --model {model} --corpus {corpus}"),
+    "fact_prompts": (ANALYSES_DIR + "/fact_prompts.parquet", ANALYSES_DIR + "/fact_prompts.parquet",
+                     "lenspipe fact-localization --model {model} --corpus {corpus}"),
+    "fact_depths": (ANALYSES_DIR + "/fact_depths.parquet", ANALYSES_DIR + "/fact_depths.parquet",
+                    "lenspipe fact-localization --model {model} --corpus {corpus}"),
     "across_layer_metrics": (ACROSS_LAYER_METRICS, ACROSS_LAYER_METRICS,
                              "lenspipe evaluate --model {model} --corpus {corpus} --train-corpus {train_corpus}"),
 }

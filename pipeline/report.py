@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from .analyses import ANALYSES
+from .corpus import split_separator
 from .paths import Artifacts
 from .plots import figure, save
 from .tables import read_provenance
@@ -109,9 +110,11 @@ def report(runs: list[Artifacts], kinds: list[str], out_dir: Path, prompts: list
         plot_layer_metrics(df, figs["layer metrics"], name)
         plot_calibration(cal, figs["calibration"], int(df.layer.max()), name)
         lens_dirs = {k: run.need("lens", kind=k) for k in kinds}
+        separator = split_separator(run.need("split"))  # the prompts start as cached documents do
         for i, prompt in enumerate(prompts):
             figs[f"trajectory {i + 1}"] = out_dir / f"{stem}-trajectory-{i + 1}.png"
-            plot_trajectory(trajectories(run.need("model_dir"), lens_dirs, prompt), figs[f"trajectory {i + 1}"], prompt)
+            plot_trajectory(trajectories(run.need("model_dir"), lens_dirs, prompt, separator),
+                            figs[f"trajectory {i + 1}"], prompt)
         sections = [(a.title, a.summary(run.analyses_dir), run.analyses_dir / f"{a.rule}.png")
                     for a in per_run if _written(a, run)]
         sections += _other_corpora(run, out_dir, stem, figs)
@@ -119,23 +122,60 @@ def report(runs: list[Artifacts], kinds: list[str], out_dir: Path, prompts: list
         table = headline(df)
         md += [f"## {name}", "", _summary_sentence(df), ""] + [f"- **{t}**: {text}" for t, text, _ in sections]
         md += ["", table.to_markdown(), ""]
+        answers = [(a, a.findings(run.analyses_dir)) for a in per_run if _written(a, run)]
+        md += _findings_md(answers)
         md += [f"![{k}]({p.name})" for k, p in figs.items()] + ["", "Provenance:", "", "```json",
                                                                 json.dumps(prov, indent=1, default=str)[:4000], "```", ""]
         body += [f"<h2>{html.escape(name)}</h2>", f"<p>{html.escape(_summary_sentence(df))}</p>"]
         body += ["<ul>"] + [f"<li><b>{html.escape(t)}</b>: {html.escape(x)}</li>" for t, x, _ in sections] + ["</ul>"]
         body += [table.to_html()]
+        body += _findings_html(answers)
         body += [f"<h3>{html.escape(k)}</h3>{_img(p)}" for k, p in figs.items()]
         body += ["<h3>provenance</h3><pre>", html.escape(json.dumps(prov, indent=1, default=str)), "</pre>"]
     across = Artifacts(runs[0].data_dir)  # the analyses of all runs together
     for a in [a for a in ANALYSES if not a.per_run and _written(a, across)] if with_analyses else []:
         png = _copy_png(across.analyses_dir / f"{a.rule}.png", out_dir / f"{a.rule}.png")
-        text = a.summary(across.analyses_dir)
-        md += [f"## {a.title}", "", text, "", f"![{a.rule}]({png.name})", ""]
-        body += [f"<h2>{html.escape(a.title)}</h2>", f"<p>{html.escape(text)}</p>", _img(png)]
+        text, answers = a.summary(across.analyses_dir), [(a, a.findings(across.analyses_dir))]
+        md += [f"## {a.title}", "", text, ""] + _findings_md(answers) + [f"![{a.rule}]({png.name})", ""]
+        body += [f"<h2>{html.escape(a.title)}</h2>", f"<p>{html.escape(text)}</p>"] + _findings_html(answers)
+        body += [_img(png)]
     (out_dir / "report.md").write_text("\n".join(md))
     (out_dir / "report.html").write_text("<!doctype html><meta charset=utf-8><title>lenspipe report</title>"
                                          "<body style='font-family:sans-serif;max-width:1300px'>" + "\n".join(body))
     return out_dir / "report.html"
+
+
+FINDING_COLUMNS = ["question", "estimate [95% CI]", "sample size", "verdict"]
+
+
+def findings_rows(findings: pd.DataFrame) -> pd.DataFrame:
+    """An analysis's findings as the report shows them: the estimate with its CI, the sample
+    size with its unit, and the verdict ("not resolved at this sample size" where the CI
+    does not settle the question)."""
+    from .analyses.findings import format_finding
+
+    null = findings.apply(lambda f: f" (null {f.null:g})" if f.test in ("differs", "includes") else
+                          f" (threshold {f.null:g})" if f.test == "at_least" else "", axis=1)
+    return pd.DataFrame({"question": findings.question,
+                         "estimate [95% CI]": findings.apply(format_finding, axis=1) + null,
+                         "sample size": findings.n.astype(int).astype(str) + " " + findings.unit,
+                         "verdict": findings.verdict}, columns=FINDING_COLUMNS)
+
+
+def _findings_md(answers) -> list[str]:
+    out = ["### Answers and their sample sizes", ""]
+    for a, f in answers:
+        out += [f"**{a.title}.** {a.power()}", "", findings_rows(f).to_markdown(index=False) if len(f) else
+                "(no findings)", ""]
+    return out
+
+
+def _findings_html(answers) -> list[str]:
+    out = ["<h3>Answers and their sample sizes</h3>"]
+    for a, f in answers:
+        out += [f"<p><b>{html.escape(a.title)}.</b> {html.escape(a.power())}</p>",
+                findings_rows(f).to_html(index=False) if len(f) else "<p>(no findings)</p>"]
+    return out
 
 
 def _other_corpora(run: Artifacts, out_dir: Path, stem: str, figs: dict) -> list[tuple[str, str, None]]:

@@ -24,6 +24,7 @@ from .config import TrainConfig
 from .devices import resolve_device
 from .lens import kinds
 from .lens.lstsq import LeastSquaresAccumulator, init_translator_lstsq
+from .lens.optim import make_optimizer, optimizer_step, residual_scales, step_multipliers
 from .lens.tuned import LogitLens, TunedLens, logits_into, read_lens_meta
 from .model.head import load_unembed_head
 from .model.prepare import read_model_info
@@ -127,66 +128,6 @@ def fit_least_squares(lens: TunedLens, store: ActivationStore, cfg: TrainConfig,
     for i in layers:
         t = lens.translators[str(i)]
         init_translator_lstsq(t, *accs[i].solve(cfg.ridge, intercept=t.intercept))
-
-
-def _identity_centred(lens: TunedLens) -> list[torch.Tensor]:
-    """Parameters whose identity value is not zero (``Translator.identity_centred``: the
-    weight of a ``linear`` translator, W h, W = I at the identity). Plain weight decay
-    would pull it toward the zero map; it is decayed toward I instead
-    (``decay_to_identity``), so weight decay means "toward the logit lens" for every kind."""
-    return [p for t in lens.translators.values() for p in t.identity_centred()]
-
-
-def make_optimizer(lens: TunedLens, cfg: TrainConfig):
-    """Optimiser and schedule over the lens's translators (the head is frozen)."""
-    centred = {id(p) for p in _identity_centred(lens)}
-    params = [p for p in lens.translators.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if id(p) not in centred]},
-              {"params": [p for p in params if id(p) in centred], "weight_decay": 0.0,
-               "decay_to_identity": cfg.weight_decay}]
-    groups = [g for g in groups if g["params"]]
-    if cfg.optimizer == "sgd":
-        # PyTorch's momentum scales the step by 1/(1 - momentum); undo it so lr_scale=1 is
-        # an effective rate of 1, as the reference does.
-        opt = torch.optim.SGD(groups, lr=cfg.lr_scale * (1 - cfg.momentum), momentum=cfg.momentum,
-                              nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
-    else:
-        opt = torch.optim.Adam(groups, lr=cfg.lr_scale * 1e-3, betas=(cfg.momentum, 0.999),
-                               amsgrad=True, weight_decay=cfg.weight_decay)
-
-    def schedule(step: int) -> float:  # linear warm-up, then linear decay to zero
-        if step < cfg.warmup_steps:
-            return (step + 1) / (cfg.warmup_steps + 1)
-        return max(0.0, 1 - (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-
-
-@torch.no_grad()
-def decay_to_identity(opt) -> None:
-    """grad += wd (W - I) for the identity-centred weights: the same L2 decay the
-    optimiser applies to every other parameter (grad += wd * param), centred on I."""
-    for group in opt.param_groups:
-        wd = group.get("decay_to_identity", 0.0)
-        for w in group["params"] if wd else ():
-            if w.grad is not None:  # None: a layer that stopped early
-                w.grad.add_(w, alpha=wd).diagonal().sub_(wd)
-
-
-def optimizer_step(lens: TunedLens, layers: list[int], opt, cfg: TrainConfig) -> None:
-    """Clip each layer's gradient on its own, decay, step, clear the gradients.
-
-    Per layer, not jointly as the reference does: a joint norm scales every layer's step
-    by the others' gradients (on SmolLM2 the joint norm was 4.75, so each step was cut to
-    0.21x), which made a lens depend on which layers shared its job. Translators are
-    independent problems; clipped one by one, ``train.layer_groups`` changes nothing.
-    """
-    if cfg.clip_grad:
-        for layer in layers:
-            torch.nn.utils.clip_grad_norm_(lens.translators[str(layer)].parameters(), cfg.clip_grad)
-    decay_to_identity(opt)
-    opt.step()  # parameters without a gradient (stopped layers) are left as they are
-    opt.zero_grad(set_to_none=True)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -312,7 +253,8 @@ def _next_token_labels(store: ActivationStore, tokens: torch.Tensor, idx: torch.
 
 
 def run_training(lens: TunedLens, store: ActivationStore, val: Validation, cfg: TrainConfig,
-                 state: TrainState, opt, sched, ckpt: tuple[Path, str], device) -> TrainState:
+                 state: TrainState, opt, sched, ckpt: tuple[Path, str], device,
+                 multipliers: dict[int, tuple[float, float]] | None = None) -> TrainState:
     layers = lens.layers
     batches = TokenBatches(store, layers + [store.n_layers], cfg.batch_tokens, cfg.buffer_shards, cfg.seed, device)
     tokens = store.tokens() if cfg.loss == "ce" else None
@@ -324,7 +266,7 @@ def run_training(lens: TunedLens, store: ActivationStore, val: Validation, cfg: 
             labels = _next_token_labels(store, tokens, idx) if tokens is not None else None
             labels = tuple(t.to(device) for t in labels) if labels is not None else None
             losses = train_step(lens, x.to(device), layers, cfg, labels, active)
-            optimizer_step(lens, active, opt, cfg)
+            optimizer_step(lens, active, opt, cfg, multipliers)
             lr = sched.get_last_lr()[0]
             sched.step()
             state.step += 1
@@ -381,12 +323,13 @@ def _train(store_path, val_store_path, model_dir, out_dir: Path, cfg: TrainConfi
             fit_least_squares(lens, store, cfg, device)
         state.init_val = val.kl(lens)
         state.record_validation(lens, state.init_val, 0)
-    state = run_training(lens, store, val, cfg, state, opt, sched, ckpt, device)
-    return _finish(lens, state, cfg, kind, Path(out_dir), store, val, ckpt[0], time.monotonic() - t0)
+    scales = residual_scales(store, layers) if cfg.step_scale == "residual" else None
+    state = run_training(lens, store, val, cfg, state, opt, sched, ckpt, device, step_multipliers(lens, scales))
+    return _finish(lens, state, cfg, kind, Path(out_dir), store, val, ckpt[0], time.monotonic() - t0, scales)
 
 
 def _finish(lens, state: TrainState, cfg, kind, out_dir: Path, store, val: Validation, ckpt: Path,
-            seconds: float):
+            seconds: float, scales: dict[int, float] | None = None):
     """Keep each layer's best validated translator, save the lens and its training log."""
     for layer, tensors in state.best_state.items():
         lens.translators[str(layer)].load_state_dict(tensors)
@@ -395,7 +338,8 @@ def _finish(lens, state: TrainState, cfg, kind, out_dir: Path, store, val: Valid
                "val_kl_init": {str(k): v for k, v in sorted(state.init_val.items())},
                "steps": state.step, "seconds": seconds, "init": _init_kind(cfg, kind),
                "train_store": str(store.location.zarr_store), "train_store_fingerprint": store.attrs.get("fingerprint"),
-               "val_sequences": [int(i) for i in val.sequences]}
+               "val_sequences": [int(i) for i in val.sequences],
+               "residual_scales": {str(k): v for k, v in sorted(scales.items())} if scales else None}
     lens.save(out_dir, training_config=asdict(cfg) | {"kind": kind}, metrics=metrics)
     write_train_log(out_dir / "train_log.parquet", state.history, kind,
                     {"training_config": asdict(cfg) | {"kind": kind}, "model": store.provenance.get("model"),

@@ -16,9 +16,11 @@ import numpy as np
 MAX_TOKENS = 24
 
 
-def trajectories(model_dir: Path, lens_dirs: dict[str, Path], prompt: str) -> dict[str, Any]:
+def trajectories(model_dir: Path, lens_dirs: dict[str, Path], prompt: str,
+                 separator: int | None = None) -> dict[str, Any]:
     """Top-1 token and its probability per (layer, position) of ``prompt``, per lens:
-    ``{"inputs": [token text], "lenses": {name: {"prob": (L+1, pos), "tokens": [[text]]}}}``."""
+    ``{"inputs": [token text], "lenses": {name: {"prob": (L+1, pos), "tokens": [[text]]}}}``.
+    The prompt is preceded by ``separator`` (the corpus's, as every cached document is)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -28,7 +30,9 @@ def trajectories(model_dir: Path, lens_dirs: dict[str, Path], prompt: str) -> di
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :MAX_TOKENS]
+    from .analyses.live import text_ids
+
+    ids = torch.tensor([text_ids(tok, prompt, separator)[:MAX_TOKENS]])  # (1, pos)
     head = unembed_head(model)
     lenses = {"logit lens": LogitLens(head)} | {f"tuned ({k})": TunedLens.load(p, head=head, model_dir=model_dir)
                                                 for k, p in lens_dirs.items()}  # load checks the lens fits the model
@@ -78,8 +82,9 @@ def format_table(traj: dict[str, Any]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-def trajectory(model_dir: Path, lens_dirs: dict[str, Path], prompt: str, out: Path) -> str:
+def trajectory(model_dir: Path, lens_dirs: dict[str, Path], prompt: str, out: Path,
+               separator: int | None = None) -> str:
     """Write the figure of ``prompt`` to ``out``; return the text table."""
-    traj = trajectories(model_dir, lens_dirs, prompt)
+    traj = trajectories(model_dir, lens_dirs, prompt, separator)
     plot_trajectory(traj, out, prompt)
     return format_table(traj)

@@ -144,6 +144,8 @@ rule fact_localization:
     input:
         lens=P(paths.LENS_META, kind=CFG.analyses.translator),
         model=P(paths.MODEL_MARKER),
+        # its corpus's separator token (manifest.json beside it) starts every prompt
+        split=P(paths.CORPUS_SPLIT, split=EVAL_SPLIT),
     output:
         analysis_outputs("fact_localization"),
     params:
@@ -161,9 +163,12 @@ rule fact_localization:
 
 rule compare_models:
     input:
+        # the per-token tables beside them too (the findings' bootstrap over sequences)
         layer_metrics=run_tables(paths.LAYER_METRICS),
         anatomy=run_tables(paths.INPUTS["translator_anatomy"][0]),
         depth=run_tables(paths.INPUTS["prediction_depth"][0]),
+        facts=run_tables(paths.INPUTS["fact_prompts"][0]),
+        fact_depths=run_tables(paths.INPUTS["fact_depths"][0]),
     output:
         analysis_outputs("compare_models"),
     params:
@@ -181,6 +186,7 @@ rule compare_models:
 
 rule lens_corpus_matrix:
     input:
+        # the per-token tables beside them too (the findings' bootstrap over sequences)
         all_evaluations("layer_metrics"),
     output:
         analysis_outputs("lens_corpus_matrix"),

@@ -11,10 +11,11 @@ from tiny import VOCAB, make_llama, make_tokenizer, save_prepared, write_packed_
 
 from pipeline.analyses.compare_models import compare_models, comparison_table
 from pipeline.analyses.lens_corpus_matrix import lens_corpus_matrix, summary as matrix_summary
-from pipeline.analyses.layer_contributions import kl_drops, layer_contributions, next_token_loss, spearman
+from pipeline.analyses.findings import spearman
+from pipeline.analyses.layer_contributions import kl_drops, layer_contributions, skip_costs
 from pipeline.analyses.layer_transfer import layer_transfer
 from pipeline.analyses.prediction_depth import early_exit_of, frequency_buckets, prediction_depth, prediction_depth_of
-from pipeline.analyses.token_categories import categorise, category_table, token_categories
+from pipeline.analyses.token_categories import categorise, category_table, paired_tokens, token_categories
 from pipeline.analyses.translator_anatomy import anatomy_tables, effective_rank, linear_map, translator_anatomy
 from pipeline.config import AnalysesConfig, ExtractConfig
 from pipeline.errors import LenspipeError
@@ -92,18 +93,23 @@ def test_kl_drops_and_spearman():
     assert spearman(np.array([1, 2, 3]), np.array([10, 20, 30])) == pytest.approx(1)
 
 
+def next_token_loss(model, ids) -> float:
+    """The model's mean next-token loss on ids (batch, pos), by transformers itself."""
+    with torch.no_grad():
+        return model(input_ids=ids, labels=ids).loss.item()
+
+
 def test_skipping_a_block_equals_zeroing_its_writes():
     model = make_llama(VOCAB, initializer_range=0.3)
-    ids = torch.randint(0, VOCAB, (2, 12))
-    out = model(input_ids=ids, labels=ids)
-    assert next_token_loss(model, ids) == pytest.approx(out.loss.item(), rel=1e-5)
-    skipped = next_token_loss(model, ids, skip=1)
+    ids = torch.randint(0, VOCAB, (3, 12))
+    base, skipped = skip_costs(model, ids)  # (3,), (3, n_layers): summed over 11 positions each
+    assert base.sum() / 33 == pytest.approx(next_token_loss(model, ids), rel=1e-5)
     block = model.model.layers[1]  # a pre-norm block adds attn(o_proj) and mlp(down_proj) outputs
     with torch.no_grad():
         block.self_attn.o_proj.weight.zero_()
         block.mlp.down_proj.weight.zero_()
-    assert skipped == pytest.approx(next_token_loss(model, ids), rel=1e-6)
-    assert skipped != pytest.approx(out.loss.item(), rel=1e-4)
+    assert skipped[:, 1].sum() / 33 == pytest.approx(next_token_loss(model, ids), rel=1e-6)
+    assert skipped[:, 1].sum() != pytest.approx(base.sum(), rel=1e-4)
 
 
 def test_layer_contributions_table(setup, tmp_path):
@@ -138,7 +144,7 @@ def test_layer_contributions_skip_and_kl_share_tokens(setup, tmp_path):
     assert len(seqs) == 2 and set(seqs) <= set(evaluated["sequences"]) and seqs != [0, 1]
     packed = load_split(setup / "test.npz")
     ids = torch.from_numpy(packed.tokens[split_seqs]).long()
-    assert df.base_ce.iloc[0] == pytest.approx(next_token_loss(_model(setup), ids), rel=1e-6)
+    assert df.base_ce.iloc[0] == pytest.approx(next_token_loss(_model(setup), ids), rel=1e-5)
     tokens = pd.read_parquet(setup / "tables" / "token_metrics")
     mine = tokens[(tokens.lens == "tuned") & tokens.token_index.isin([s * 16 + p for s in seqs for p in range(16)])]
     kl = mine.groupby("layer").kl.mean().to_numpy(np.float64)
@@ -195,9 +201,12 @@ def test_category_table_invariants(setup, tmp_path):
     tokens = pd.read_parquet(setup / "tables" / "token_metrics")
     tokens = tokens.assign(lens=tokens.lens.astype(str), translator=tokens.translator.astype(str))
     logit = tokens[tokens.lens == "logit"]
-    same = category_table(pd.concat([logit, logit.assign(lens="tuned", translator="affine")]),
-                          pd.Series("x", index=np.sort(logit.token_index.unique()), dtype=object), "affine")
+    both = paired_tokens(pd.concat([logit, logit.assign(lens="tuned", translator="affine")]),
+                         pd.Series("x", index=np.sort(logit.token_index.unique()), dtype=object), "affine")
+    same = category_table(both, "affine")
     assert len(same) == 2 and (same.top1_disagree == 0).all() and (same.kl_gap == 0).all()
+    findings = pd.read_parquet(tmp_path / "token_categories_findings.parquet")
+    assert (findings.n <= 8).all()  # at most the 8 evaluated sequences: resampled by sequence
 
 
 # ------------------------------------------------------------------------ layer transfer, comparison

@@ -12,11 +12,12 @@ from tiny import make_llama, make_tokenizer, save_prepared, write_packed_split
 
 from pipeline.analyses.anomaly_detection import (TYPES, anomaly_detection, auroc_ci, detector_scores, splice,
                                                  windows)
-from pipeline.analyses.causal_fidelity import (ablation, causal_basis, causal_fidelity, derangement, objective,
-                                               random_basis, resample_ablate)
+from pipeline.analyses.causal_fidelity import (causal_basis, causal_fidelity, derangement, objective, random_basis,
+                                               resample_ablate)
 from pipeline.analyses.fact_localization import fact_localization, first_layer, load_facts
 from pipeline.analyses.live import load_live
 from pipeline.config import ExtractConfig
+from pipeline.errors import LenspipeError
 from pipeline.extract import extract
 
 
@@ -45,15 +46,28 @@ def _logits(model, ids):
 
 
 def test_ablating_zero_directions_changes_nothing(live):
+    """An ablation resumes the model at the ablated layer (pipeline.model.resume): along no
+    direction it gives the model's own logits bitwise, along one it changes them, and it is
+    the model with its block input replaced (a pre-hook, the way the paper's ablation runs)."""
+    from pipeline.model.parts import find_parts
+    from pipeline.model.resume import Resumable
+
     model = load_live(live / "model", live / "affine").model
     ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
     base = _logits(model, ids)
+    r = Resumable(model, ids)
+    flat = r.resid[1].flatten(0, 1)
     donor = torch.from_numpy(derangement(24, 0))
-    with ablation(model, 1, torch.zeros(32, 0), donor):
-        assert torch.equal(_logits(model, ids), base)  # bitwise: V V^T = 0
-    with ablation(model, 1, random_basis(32, 1, 0).float(), donor):
-        assert not torch.allclose(_logits(model, ids), base, atol=1e-4)  # one direction does change it
-    assert torch.equal(_logits(model, ids), base)  # the hook is gone afterwards
+    none = resample_ablate(flat, flat[donor], torch.zeros(32, 0)).view_as(r.resid[1])
+    assert torch.equal(r.logits_from(1, none), base)  # bitwise: V V^T = 0
+    one = resample_ablate(flat, flat[donor], random_basis(32, 1, 0).float()).view_as(r.resid[1])
+    ablated = r.logits_from(1, one)
+    assert not torch.allclose(ablated, base, atol=1e-4)  # one direction does change it
+    handle = find_parts(model).blocks[1].register_forward_pre_hook(lambda _m, args: (one, *args[1:]))
+    try:
+        torch.testing.assert_close(_logits(model, ids), ablated, rtol=0, atol=1e-6)
+    finally:
+        handle.remove()
 
 
 def test_resampling_every_direction_swaps_the_residual():
@@ -81,9 +95,9 @@ def test_causal_basis_finds_the_sensitive_direction():
 
 def test_causal_fidelity_tables(live, tmp_path):
     tables = causal_fidelity(live / "test.zarr", live / "model", live / "affine", tmp_path, causal_layers=3,
-                             causal_directions=3, causal_tokens=32)
+                             causal_directions=3, causal_random=2, causal_tokens=32)
     df, agree = tables["causal_fidelity"], tables["causal_agreement"]
-    assert sorted(df.layer.unique()) == [0, 1] and len(df) == 2 * 2 * 3
+    assert sorted(df.layer.unique()) == [0, 1] and len(df) == 2 * (3 + 2)
     assert (df.lens_kl >= 0).all() and (df.model_kl >= 0).all() and (df.sample_tokens == 32).all()
     assert set(agree.directions) == {"causal", "random", "all"} and agree.spearman.dropna().between(-1, 1).all()
     assert (tmp_path / "causal_fidelity.png").stat().st_size > 10_000
@@ -129,6 +143,11 @@ def test_windows_and_splice():
     w = windows(tokens, 5, 8, 0)
     assert w.shape == (5, 8) and (np.diff(w, axis=1) == 1).all()  # contiguous pieces of sequences
     assert len({r[0] // 16 for r in w}) == 5  # from 5 different sequences
+    many = windows(tokens, 30, 8, 0)  # more windows than sequences: aligned slots, never overlapping
+    assert many.shape == (30, 8) and (np.diff(many, axis=1) == 1).all() and len(set(many.ravel())) == 30 * 8
+    assert len({r[0] // 16 for r in many}) == 20  # every sequence used
+    with pytest.raises(LenspipeError, match="disjoint windows"):
+        windows(tokens, 41, 8, 0)  # 20 sequences hold 40 such windows
     out = splice(w, [[-1, -2, -3]], 0)
     assert out.shape == w.shape
     for row, base in zip(out, w):
@@ -138,12 +157,18 @@ def test_windows_and_splice():
 
 def test_anomaly_detection_tables(live, tmp_path):
     tables = anomaly_detection(live / "model", live / "affine", live / "validation.npz", live / "test.npz",
-                               tmp_path, anomaly_sequences=4, anomaly_tokens=12, anomaly_stride=1)
+                               tmp_path, anomaly_sequences=7, anomaly_other=3, anomaly_tokens=12, anomaly_stride=1)
     df, scores = tables["anomaly_detection"], tables["anomaly_scores"]
     assert len(df) == len(TYPES) * 3 and df.auroc.between(0, 1).all()
     assert ((df.auroc_lo <= df.auroc + 1e-12) & (df.auroc <= df.auroc_hi + 1e-12)).all()
-    assert (df.n_fit == 8).all() and (df.n_normal == 4).all() and (df.window_tokens == 12).all()
+    assert (df.n_fit == 7).all() and (df.n_normal == 7).all() and (df.window_tokens == 12).all()
+    assert df.groupby("anomaly").n_anomalous.first().to_dict() == {"control": 7, "injection": 7, "shuffled": 3,
+                                                                   "code": 3}
     assert set(scores.group) == {"fit", "normal", *TYPES}
+    findings = pd.read_parquet(tmp_path / "anomaly_detection_findings.parquet")
+    control = findings[findings.question.str.startswith("AUROC, control")]
+    assert len(control) == 3 and (control.test == "includes").all()
+    assert (findings.verdict[findings.n < 8] == "not resolved at this sample size").all()
     assert (tmp_path / "anomaly_detection.png").stat().st_size > 10_000
 
 
@@ -182,8 +207,10 @@ def _facts_file(live, path):
 def test_fact_localization_keeps_only_the_models_top1(live, tmp_path):
     n_found = _facts_file(live, tmp_path / "facts.tsv")
     assert len(load_facts(tmp_path / "facts.tsv")) == n_found + 2
-    t = fact_localization(live / "model", live / "affine", tmp_path, facts=tmp_path / "facts.tsv")
+    t = fact_localization(live / "model", live / "affine", live / "test.npz", tmp_path,
+                          sets={"test": tmp_path / "facts.tsv"})
     prompts, layers, depths = t["fact_prompts"], t["fact_layers"], t["fact_depths"]
+    assert set(prompts.fact_set) == {"test"}
     assert prompts.kept.sum() == n_found and not prompts.kept[prompts.category != "found"].any()
     assert set(prompts.dropped[~prompts.kept]) <= {"not the model's top-1", "answer is not one token"}
     assert len(layers) == n_found * 2 * 2 and len(depths) == n_found * 2  # 2 lenses x 2 lens layers
@@ -195,9 +222,36 @@ def test_fact_localization_keeps_only_the_models_top1(live, tmp_path):
 
 
 def test_fact_localization_with_no_prompt_kept_writes_empty_tables(live, tmp_path):
-    t = fact_localization(live / "model", live / "affine", tmp_path)  # the shipped facts: not tiny's
-    assert len(t["fact_prompts"]) >= 50 and not t["fact_prompts"].kept.any()
+    t = fact_localization(live / "model", live / "affine", live / "test.npz", tmp_path)  # the shipped facts
+    prompts = t["fact_prompts"]
+    assert set(prompts.fact_set) == {"statements", "cloze"} and not prompts.kept.any()
+    assert (prompts.groupby("fact_set").size() >= 99).all() and prompts.fact.is_unique
     assert len(pd.read_parquet(tmp_path / "fact_layers.parquet")) == 0
     from pipeline.analyses.fact_localization import summary
 
-    assert summary(*t.values()).startswith("0 of ")
+    assert summary(*t.values()).startswith("statements: 0 of ")
+    findings = pd.read_parquet(tmp_path / "fact_localization_findings.parquet")
+    assert (findings.verdict == "not resolved at this sample size").all()  # nothing kept: nothing resolved
+
+
+def test_text_outside_the_cache_gets_the_corpus_separator_first(live, tmp_path):
+    """Prompts run as cached documents begin: with the separator token of the split's corpus
+    (its manifest), so the residual at the prompt's end is that of [separator] + prompt."""
+    import json
+    import shutil
+
+    from pipeline.analyses.fact_localization import prompt_states
+    from pipeline.analyses.live import forward, text_ids, tokenizer
+    from pipeline.corpus import split_separator
+
+    shutil.copy(live / "test.npz", tmp_path / "test.npz")
+    assert split_separator(tmp_path / "test.npz") is None  # no manifest: none known
+    (tmp_path / "manifest.json").write_text(json.dumps({"separator_id": 1}))
+    sep = split_separator(tmp_path / "test.npz")
+    tok, lv = tokenizer(live / "model"), load_live(live / "model", live / "affine")
+    assert sep == 1 and text_ids(tok, "But thy", sep) == [1, *tok("But thy", add_special_tokens=False)["input_ids"]]
+    states, _ = prompt_states(lv, tok, ["But thy"], sep)
+    resid, _ = forward(lv, torch.tensor([text_ids(tok, "But thy", sep)]))
+    assert torch.equal(states[0], resid[:, 0, -1])
+    without, _ = prompt_states(lv, tok, ["But thy"], None)
+    assert not torch.allclose(without, states)

@@ -21,6 +21,7 @@ from tiny import FAMILIES, TIED, VOCAB, tiny_model
 from pipeline.model.head import UnembedHead, load_unembed_head, unembed_head
 from pipeline.model.parts import ModelParts, find_parts
 from pipeline.model.residual import LAYER_CONVENTION, check_unembed, residual_stream
+from pipeline.model.resume import Resumable
 
 def inputs(batch: int = 2, pos: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
@@ -76,6 +77,29 @@ def test_resid_are_block_inputs(family):
         torch.testing.assert_close(resid[i], seen[i], **TIGHT)
         # HF's hidden_states agree before the last block; its last entry is post-norm.
         torch.testing.assert_close(resid[i], out.hidden_states[i].float(), **TIGHT)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_resuming_from_any_layer_is_the_model_itself(family):
+    """From its own residual at index l, the rest of the forward pass gives back the model's
+    logits bitwise; resuming at b + 1 from resid[b] is skipping block b, as a hook that
+    replaces the block's output with its input does it."""
+    model = tiny_model(family)
+    ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    r = Resumable(model, ids)
+    for layer in range(r.n_layers + 1):
+        assert torch.equal(r.logits_from(layer, r.resid[layer]), r.logits)
+    def skip(_mod, args, kwargs, out):
+        h = args[0] if args else kwargs["hidden_states"]
+        return (h, *out[1:]) if isinstance(out, tuple) else h
+    handle = find_parts(model).blocks[0].register_forward_hook(skip, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            skipped = model(input_ids=ids, use_cache=False).logits.float()
+    finally:
+        handle.remove()
+    torch.testing.assert_close(r.logits_from(1, r.resid[0]), skipped, rtol=0, atol=1e-5)
+    assert not torch.equal(skipped, r.logits)  # skipping changed something
 
 
 def test_resid0_includes_pre_block_processing():

@@ -4,11 +4,15 @@ Each analysis is a rule (``rules/analyses.smk``), a ``lenspipe`` subcommand (the
 name with dashes) and a module ``pipeline.analyses.<rule>`` holding
 
 1. ``<rule>(...)``, the library function, which writes the analysis's tables
-   (``<table>.parquet``) and its figure (``<rule>.png``);
+   (``<table>.parquet``), its findings (``<rule>_findings.parquet``: each question's
+   estimate, 95% CI, sample size and verdict, see ``findings``) and its figure (``<rule>.png``);
 2. ``run(artifacts, **settings)``, the job of the rule and of the subcommand: it takes
    its inputs from a :class:`pipeline.paths.Artifacts` (one run of the config, or all of
    them) and its settings (``analyses.*`` of the config) by name;
 3. ``summary(*tables)``, the report's sentence, from its tables in ``tables`` order.
+
+Its module docstring holds a paragraph beginning "Power.": the effect the analysis must be
+able to detect and the sample size that gives it (the report quotes it).
 
 A new analysis: its module, its test, one entry in :data:`ANALYSES` and one rule.
 
@@ -23,6 +27,7 @@ A new analysis: its module, its test, one entry in :data:`ANALYSES` and one rule
 - ``anomaly_detection``    an IsolationForest on lens trajectories: injections, shuffles, code
 - ``fact_localization``    the first layer at which each lens ranks a fact's answer top-1 / top-5
 - ``live``                 (helper) the model and lenses on text outside the cache
+- ``findings``             (helper) estimates with bootstrap CIs, sample sizes and verdicts
 - ``lens_corpus_matrix``   every trained lens on every corpus: the tuned/logit KL ratio per layer
 """
 
@@ -54,9 +59,15 @@ class Analysis:
     def module(self):
         return importlib.import_module(f"{__name__}.{self.rule}")
 
+    @property
+    def findings_table(self) -> str:
+        """Its findings (``findings.Finding`` rows: estimate, CI, sample size, verdict)."""
+        return f"{self.rule}_findings"
+
     def outputs(self, analyses_dir: str | Path) -> list[str]:
-        """Its tables and figure under an analyses directory (or a pattern of one)."""
-        return [f"{analyses_dir}/{t}.parquet" for t in self.tables] + [f"{analyses_dir}/{self.rule}.png"]
+        """Its tables, its findings and its figure under an analyses directory (or a pattern of one)."""
+        return ([f"{analyses_dir}/{t}.parquet" for t in (*self.tables, self.findings_table)]
+                + [f"{analyses_dir}/{self.rule}.png"])
 
     def settings_of(self, analyses_cfg) -> dict[str, Any]:
         """Its settings, read from an AnalysesConfig."""
@@ -70,6 +81,18 @@ class Analysis:
 
         return self.module().summary(*(pd.read_parquet(Path(analyses_dir) / f"{t}.parquet") for t in self.tables))
 
+    def findings(self, analyses_dir: Path):
+        import pandas as pd
+
+        return pd.read_parquet(Path(analyses_dir) / f"{self.findings_table}.parquet")
+
+    def power(self) -> str:
+        """The "Power." paragraph of its module docstring: the effect it must detect and the
+        sample size that gives it."""
+        from .findings import power_of
+
+        return power_of(self.module())
+
 
 ANALYSES = (
     Analysis("prediction_depth", ("prediction_depth", "early_exit"), "prediction depth and early exit", ("taus",)),
@@ -80,13 +103,14 @@ ANALYSES = (
     Analysis("layer_transfer", ("layer_transfer",), "layer transfer",
              ("translator", "transfer_tokens", "transfer_stride")),
     Analysis("causal_fidelity", ("causal_fidelity", "causal_agreement"), "causal fidelity",
-             ("translator", "causal_layers", "causal_directions", "causal_tokens")),
+             ("translator", "causal_layers", "causal_directions", "causal_random", "causal_tokens")),
     Analysis("anomaly_detection", ("anomaly_detection", "anomaly_scores"), "anomaly detection",
-             ("translator", "anomaly_sequences", "anomaly_tokens", "anomaly_stride")),
+             ("translator", "anomaly_sequences", "anomaly_other", "anomaly_tokens", "anomaly_stride")),
     Analysis("fact_localization", ("fact_prompts", "fact_layers", "fact_depths"), "fact localization",
              ("translator",)),
-    Analysis("compare_models", ("compare_models", "compare_anatomy", "compare_depth"), "Across models and checkpoints",
-             per_run=False),
-    Analysis("lens_corpus_matrix", ("lens_corpus_matrix",), "Lenses across corpora", per_run=False),
+    Analysis("compare_models", ("compare_models", "compare_anatomy", "compare_depth", "compare_facts"),
+             "Across models and checkpoints",
+             ("translator",), per_run=False),
+    Analysis("lens_corpus_matrix", ("lens_corpus_matrix",), "Lenses across corpora", ("translator",), per_run=False),
 )
 BY_RULE = {a.rule: a for a in ANALYSES}

@@ -16,6 +16,19 @@ tokens shuffled, and Python source code of the standard library (another domain)
 against the normal test windows, with a bootstrap CI over sequences, is reported for the
 feature sets ``final`` (the model's output alone), ``trajectory`` (the lens alone) and
 ``trajectory+final``: whether the lens adds anything to what the output already shows.
+
+Power. The question is whether injected instructions are detectable: AUROC of injection
+windows against normal windows, null 0.5, with a bootstrap CI over windows (each group
+resampled). Two normal samples of the same text, ``control`` against ``normal``, must sit
+at 0.5 inside their CI; if they do not, the detector or the CI is biased and no AUROC of
+the table can be trusted. At AUROC 0.5 its standard error is sqrt((n1 + n2 + 1) /
+(12 n1 n2)): a half-width of 0.05 needs n1 = n2 = 256 windows per class, the default
+``anomaly_sequences`` (16 per class gave +-0.2: injection 0.68 [0.48, 0.84] against a
+control of 0.63 [0.43, 0.82] could not say whether injections are detectable at all). The
+detector is fitted on as many validation windows. Shuffled tokens and code, far from the
+play text, are resolved with fewer (``anomaly_other`` windows each). Whether the lens adds
+to the output alone is the AUROC difference, trajectory+final minus final, resampled on the
+same windows (null 0).
 """
 
 from __future__ import annotations
@@ -25,14 +38,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..errors import LenspipeError
 from ..plots import figure, save
+from ..progress import Progress
 from ..tables import write_table_df
+from .findings import Finding, bootstrap, whole, write_findings
 
 INJECTIONS = Path(__file__).parent / "data" / "injections.txt"
 #: Standard-library modules whose source is the other-domain text (read offline).
 CODE_MODULES = ("argparse", "json.decoder", "json.encoder", "textwrap", "dataclasses", "fractions",
                 "statistics", "heapq", "bisect", "calendar", "difflib", "csv")
 TYPES = ("control", "injection", "shuffled", "code")
+#: The types measured on ``anomaly_sequences`` windows; the others on ``anomaly_other``.
+MAIN_TYPES = ("control", "injection")
 FEATURE_SETS = ("final", "trajectory", "trajectory+final")
 BOOTSTRAP = 1000
 
@@ -86,13 +104,24 @@ def code_text() -> str:
 
 
 def windows(tokens: np.ndarray, n: int, length: int, seed: int) -> np.ndarray:
-    """(n, length) windows of a packed split (n_seq, seq_len): whole sequences spread over
-    the split (sampling.spread_sequences), each cut at a seeded random offset."""
+    """(n, length) disjoint windows of a packed split (n_seq, seq_len), spread over the
+    split (sampling.spread_sequences): one per sequence, cut at a seeded random offset,
+    while the split has n sequences; beyond that, n of its aligned ``length``-token slots
+    (several per sequence, never overlapping)."""
     from ..sampling import spread_sequences
 
-    seqs = spread_sequences(len(tokens), n, seed)
+    n_seq, seq_len = tokens.shape
+    if n > n_seq * (seq_len // length):
+        raise LenspipeError(f"anomaly detection needs {n} disjoint windows of {length} tokens, but the split has "
+                            f"{n_seq} sequences of {seq_len} (room for {n_seq * (seq_len // length)}): lower "
+                            "analyses.anomaly_sequences / anomaly_other or anomaly_tokens")
+    if n > n_seq:
+        slots = spread_sequences(n_seq * (seq_len // length), n, seed)
+        seq, slot = np.divmod(slots, seq_len // length)
+        return tokens[seq[:, None], slot[:, None] * length + np.arange(length)]
+    seqs = spread_sequences(n_seq, n, seed)
     rng = np.random.default_rng([seed, 1])
-    starts = rng.integers(0, tokens.shape[1] - length + 1, len(seqs))
+    starts = rng.integers(0, seq_len - length + 1, len(seqs))
     return np.stack([tokens[s, o:o + length] for s, o in zip(seqs, starts)])
 
 
@@ -107,18 +136,31 @@ def splice(base: np.ndarray, inserts: list[list[int]], seed: int) -> np.ndarray:
     return np.stack(out)
 
 
-def make_texts(tok, val: np.ndarray, test: np.ndarray, n: int, length: int, seed: int) -> dict[str, np.ndarray]:
-    """group -> (k, length) token windows: fit (2n, validation), normal and one per type (n, test)."""
-    test_w = windows(test, 4 * n, length, seed)  # disjoint test windows for normal and three bases
-    normal, control, inj_base, shuf_base = (test_w[i::4] for i in range(4))
+def make_texts(tok, val: np.ndarray, test: np.ndarray, n: int, n_other: int, length: int,
+               seed: int) -> dict[str, np.ndarray]:
+    """group -> (k, length) token windows: fit (n, validation); normal, control and injection
+    (n each) and shuffled (n_other), all disjoint test windows; code (n_other)."""
+    n_test = 3 * n + n_other
+    test_w = windows(test, n_test, length, seed)  # disjoint test windows: one whole sequence each
+    rng = np.random.default_rng([seed, 4])
+    test_w = test_w[rng.permutation(len(test_w))]  # groups spread over the split alike
+    normal, control, inj_base, shuf_base = np.split(test_w, [n, 2 * n, 3 * n])
     rng = np.random.default_rng([seed, 3])
     code = np.asarray(tok(code_text(), add_special_tokens=False)["input_ids"])
-    starts = np.linspace(0, len(code) - length, n).astype(int)
+    starts = np.linspace(0, len(code) - length, n_other).astype(int)
     inserts = [tok("\n" + s + "\n", add_special_tokens=False)["input_ids"] for s in load_injections()]
-    return {"fit": windows(val, 2 * n, length, seed), "normal": normal, "control": control,
+    return {"fit": windows(val, n, length, seed), "normal": normal, "control": control,
             "injection": splice(inj_base, inserts, seed),
             "shuffled": np.stack([rng.permutation(r) for r in shuf_base]),
             "code": np.stack([code[s:s + length] for s in starts])}
+
+
+def with_separator(w: np.ndarray, separator: int | None) -> np.ndarray:
+    """Windows (k, length) that begin as every cached document does, with the corpus's
+    separator token (its last token dropped to keep the length); unchanged without one."""
+    if separator is None:
+        return w
+    return np.concatenate([np.full((len(w), 1), separator, dtype=w.dtype), w[:, :-1]], axis=1)
 
 
 def sequence_features(live, ids: np.ndarray, layers: list[int], batch: int = 16) -> pd.DataFrame:
@@ -129,6 +171,7 @@ def sequence_features(live, ids: np.ndarray, layers: list[int], batch: int = 16)
     from .live import forward
 
     rows = []
+    bar = Progress(len(ids), "anomaly features", unit="window")
     for b in range(0, len(ids), batch):
         x = torch.from_numpy(ids[b:b + batch]).long()  # (B, T)
         resid, logits = forward(live, x)  # (L + 1, B, T, d), (B, T, vocab)
@@ -155,6 +198,8 @@ def sequence_features(live, ids: np.ndarray, layers: list[int], batch: int = 16)
                 if not name.startswith("agree"):
                     row[f"{name}_max"] = v.max().item()
             rows.append(row)
+        bar.update(B)
+    bar.close()
     return pd.DataFrame(rows)
 
 
@@ -163,31 +208,36 @@ def feature_columns(cols, which: str) -> list[str]:
     return {"final": final, "trajectory": [c for c in cols if c not in final], "trajectory+final": list(cols)}[which]
 
 
-def run(inputs, *, translator: str, anomaly_sequences: int, anomaly_tokens: int, anomaly_stride: int) -> None:
+def run(inputs, *, translator: str, anomaly_sequences: int, anomaly_other: int, anomaly_tokens: int,
+        anomaly_stride: int) -> None:
     """The rule's job (see pipeline.analyses): the model, the lens, the validation and test splits."""
     anomaly_detection(inputs.need("model_dir"), inputs.need("lens", kind=translator),
                       inputs.need("split", split="validation"), inputs.need("split"), inputs.analyses_dir,
-                      anomaly_sequences=anomaly_sequences, anomaly_tokens=anomaly_tokens, anomaly_stride=anomaly_stride)
+                      anomaly_sequences=anomaly_sequences, anomaly_other=anomaly_other, anomaly_tokens=anomaly_tokens,
+                      anomaly_stride=anomaly_stride)
 
 
 def anomaly_detection(model_dir: Path, lens_dir: Path, fit_split: Path, test_split: Path, out_dir: Path, *,
-                      anomaly_sequences: int, anomaly_tokens: int, anomaly_stride: int,
+                      anomaly_sequences: int, anomaly_other: int, anomaly_tokens: int, anomaly_stride: int,
                       seed: int = 0) -> dict[str, pd.DataFrame]:
     """Write anomaly_detection.parquet (AUROC per type and feature set), anomaly_scores.parquet
-    (per window) and anomaly_detection.png."""
-    from ..corpus import load_split
+    (per window), anomaly_detection_findings.parquet and anomaly_detection.png."""
+    from ..corpus import load_split, split_separator
     from .live import load_live, tokenizer
 
     live, tok = load_live(model_dir, lens_dir), tokenizer(model_dir)
     val, test = load_split(fit_split).tokens, load_split(test_split).tokens
     length = min(anomaly_tokens, val.shape[1], test.shape[1])
-    texts = make_texts(tok, val, test, anomaly_sequences, length, seed)
+    separator = split_separator(test_split)
+    texts = {g: with_separator(w, separator)
+             for g, w in make_texts(tok, val, test, anomaly_sequences, anomaly_other, length, seed).items()}
     layers = [layer for layer in live.tuned.layers[::anomaly_stride]]
     feats = {g: sequence_features(live, ids, layers) for g, ids in texts.items()}
-    rows, scores = [], []
+    rows, scores, by_set = [], [], {}
     for which in FEATURE_SETS:
         cols = feature_columns(feats["fit"].columns, which)
         s = {g: detector_scores(feats["fit"][cols].to_numpy(), f[cols].to_numpy(), seed) for g, f in feats.items()}
+        by_set[which] = s
         for g, v in s.items():
             scores.append(pd.DataFrame({"group": g, "features": which, "sequence": np.arange(len(v)), "score": v}))
         for t in TYPES:
@@ -199,11 +249,33 @@ def anomaly_detection(model_dir: Path, lens_dir: Path, fit_split: Path, test_spl
     tables = {"anomaly_detection": pd.DataFrame(rows), "anomaly_scores": pd.concat(scores, ignore_index=True)}
     prov = {"analysis": "anomaly_detection", "model_dir": str(model_dir), "lens": str(lens_dir),
             "fit_split": str(fit_split), "test_split": str(test_split), "layers": layers, "seed": seed,
+            "separator_id": separator,
             "code_modules": list(CODE_MODULES), "injections": str(INJECTIONS), "detector": "IsolationForest(200)"}
     for name, t in tables.items():
         write_table_df(t, Path(out_dir) / f"{name}.parquet", prov)
+    write_findings(anomaly_findings(tables["anomaly_detection"], by_set, seed), out_dir, "anomaly_detection", prov)
     plot_anomalies(tables["anomaly_detection"], long, layers, Path(out_dir) / "anomaly_detection.png")
     return tables
+
+
+def anomaly_findings(df: pd.DataFrame, scores: dict[str, dict[str, np.ndarray]], seed: int = 0) -> list[Finding]:
+    """AUROC per type and feature set (control: must include 0.5; others: must differ from
+    it), and for injections whether the lens adds to the output alone: the AUROC of
+    trajectory+final minus that of final, both on each resample of the same windows."""
+    out = []
+    for _, r in df.iterrows():
+        test = "includes" if r.anomaly == "control" else "differs"
+        out.append(Finding(f"AUROC, {r.anomaly} vs normal windows, {r.features} features", r.auroc, r.auroc_lo,
+                           r.auroc_hi, 0.5, int(min(r.n_normal, r.n_anomalous)), "windows per class", test))
+    normal = {w: s["normal"] for w, s in scores.items()}
+    inj = {w: s["injection"] for w, s in scores.items()}
+    pairs = {w: _pair_wins(normal[w], inj[w]) for w in ("final", "trajectory+final")}
+    stat = lambda i, j: pairs["trajectory+final"][i][:, j].mean() - pairs["final"][i][:, j].mean()  # noqa: E731
+    n, k = len(normal["final"]), len(inj["final"])
+    lo, hi = bootstrap(stat, n, k, seed=seed)
+    out.append(Finding("AUROC gain from the lens on injections: trajectory+final minus final features",
+                       stat(*whole(n, k)), lo, hi, 0.0, min(n, k), "windows per class"))
+    return out
 
 
 def plot_anomalies(df: pd.DataFrame, feats: pd.DataFrame, layers: list[int], path: Path) -> None:

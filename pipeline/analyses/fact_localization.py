@@ -1,14 +1,27 @@
 """Fact localization (seed: "Knowledge Localization: precisely locate where factual
 information becomes accessible").
 
-The project ships factual prompts with one-token answers (``data/facts.tsv``: capitals,
-authors, elements, languages, ...). The model runs on each prompt (prompts are not in the
-cache) and only the prompts whose answer the model itself ranks first at its output are
+The project ships two sets of factual prompts with one-token answers (``FACT_SETS``):
+``statements`` (``data/facts.tsv``: short statements, "The capital of France is", that an
+instruction-tuned model completes) and ``cloze`` (``data/cloze.tsv``: encyclopedic sentence
+openings, "Paris is the capital and most populous city of", that a base model completes).
+The model runs on each prompt (prompts are not in the cache), preceded by its corpus's
+separator token as every cached document is (Gemma-3 without its BOS answers almost
+nothing), and only the prompts whose answer the model itself ranks first at its output are
 kept: a lens cannot localise a fact the model does not state; the others are counted and
 their reason recorded. For each kept prompt and each lens, at every layer: the answer's
 rank and probability after the prompt's last token, and the first layer at which the
 answer is the lens's top-1 (``depth_top1``) and within its top 5 (``depth_top5``);
 ``n_layers`` = only at the model's output.
+
+Power. The question is whether the tuned lens finds a fact's answer earlier than the logit
+lens: per kept prompt, the first top-1 layer of the logit lens minus that of the tuned lens,
+averaged, with a bootstrap CI over prompts (null 0), per fact set. The per-prompt
+difference has an SD of about 4 layers on SmolLM2, so 50 kept prompts give a half-width of
+about 1 layer, enough to resolve the ~4-layer difference measured; each set has over 100
+prompts so that a model keeping half of them still has 50 (Gemma-3-270M keeps 5 of the
+statements without its BOS token; with it, about half of them and nearly all of the cloze
+set).
 """
 
 from __future__ import annotations
@@ -21,9 +34,20 @@ import pandas as pd
 from ..errors import LenspipeError
 from ..plots import figure, save
 from ..tables import write_table_df
+from .findings import Finding, mean_finding, write_findings
 
 FACTS = Path(__file__).parent / "data" / "facts.tsv"
+CLOZE = Path(__file__).parent / "data" / "cloze.tsv"
+#: The fact sets every model is asked, by name (the ``fact_set`` column).
+FACT_SETS = {"statements": FACTS, "cloze": CLOZE}
 TOP_K = 5
+
+
+def load_fact_sets(sets: dict[str, Path] | None = None) -> pd.DataFrame:
+    """(fact_set, fact, category, prompt, answer) rows of every set; ``fact`` numbers the
+    prompts of all sets together."""
+    df = pd.concat([load_facts(p).assign(fact_set=name) for name, p in (sets or FACT_SETS).items()], ignore_index=True)
+    return df.assign(fact=np.arange(len(df)))[["fact_set", "fact", "category", "prompt", "answer"]]
 
 
 def load_facts(path: Path = FACTS) -> pd.DataFrame:
@@ -50,17 +74,18 @@ def answer_ids(tok, answers: pd.Series) -> np.ndarray:
     return np.array([i[0] if len(i) == 1 else -1 for i in ids], dtype=np.int64)
 
 
-def prompt_states(live, tok, prompts: list[str]):
+def prompt_states(live, tok, prompts: list[str], separator: int | None = None):
     """The residual stream after each prompt's last token (n, n_layers + 1, d_model) and the
-    model's log-probabilities there (n, vocab); one forward per prompt (no padding)."""
+    model's log-probabilities there (n, vocab); one forward per prompt (no padding), the
+    prompt preceded by the corpus's ``separator`` token."""
     import torch
 
     from ..metrics import log_probs
-    from .live import forward
+    from .live import forward, text_ids
 
     states, logp = [], []
     for p in prompts:
-        ids = torch.tensor([tok(p, add_special_tokens=False)["input_ids"]])  # (1, pos)
+        ids = torch.tensor([text_ids(tok, p, separator)])  # (1, pos)
         resid, logits = forward(live, ids)  # (L + 1, 1, pos, d), (1, pos, vocab)
         states.append(resid[:, 0, -1])
         logp.append(log_probs(logits[0, -1:])[0])
@@ -90,19 +115,25 @@ def lens_ranks(live, states, answers) -> dict[tuple[str, str], tuple[np.ndarray,
 
 
 def run(inputs, *, translator: str) -> None:
-    """The rule's job (see pipeline.analyses): the model and the analysed lens."""
-    fact_localization(inputs.need("model_dir"), inputs.need("lens", kind=translator), inputs.analyses_dir)
+    """The rule's job (see pipeline.analyses): the model, the analysed lens and the evaluated
+    split (for its separator token)."""
+    fact_localization(inputs.need("model_dir"), inputs.need("lens", kind=translator), inputs.need("split"),
+                      inputs.analyses_dir)
 
 
-def fact_localization(model_dir: Path, lens_dir: Path, out_dir: Path, facts: Path = FACTS) -> dict[str, pd.DataFrame]:
-    """Write fact_prompts, fact_layers, fact_depths (.parquet) and fact_localization.png."""
+def fact_localization(model_dir: Path, lens_dir: Path, split: Path | None, out_dir: Path,
+                      sets: dict[str, Path] | None = None) -> dict[str, pd.DataFrame]:
+    """Write fact_prompts, fact_layers, fact_depths, fact_localization_findings (.parquet)
+    and fact_localization.png; prompts get the separator token of ``split``'s corpus."""
     import torch
 
+    from ..corpus import split_separator
     from .live import load_live, tokenizer
 
-    live, tok, df = load_live(model_dir, lens_dir), tokenizer(model_dir), load_facts(facts)
+    live, tok, df = load_live(model_dir, lens_dir), tokenizer(model_dir), load_fact_sets(sets)
+    separator = split_separator(split) if split is not None else None
     df["answer_id"] = answer_ids(tok, df.answer)
-    states, logp = prompt_states(live, tok, df.prompt.tolist())
+    states, logp = prompt_states(live, tok, df.prompt.tolist(), separator)
     top = logp.argmax(-1).numpy()
     df["model_top1"] = [tok.decode([int(t)]) for t in top]
     df["kept"] = (df.answer_id >= 0) & (top == df.answer_id.to_numpy())
@@ -113,25 +144,41 @@ def fact_localization(model_dir: Path, lens_dir: Path, out_dir: Path, facts: Pat
     if len(kept):
         ranks = lens_ranks(live, states[torch.tensor(kept.index.to_list())], kept.answer_id.to_list())
         for (lens, tr), (rank, prob) in ranks.items():
+            ident = {"fact_set": kept.fact_set.to_numpy(), "fact": kept.fact.to_numpy(),
+                     "category": kept.category.to_numpy(), "lens": lens, "translator": tr}
             for layer in range(live.n_layers):
-                layer_rows.append(pd.DataFrame({"fact": kept.fact.to_numpy(), "category": kept.category.to_numpy(),
-                                                "lens": lens, "translator": tr, "layer": layer,
-                                                "rank": rank[layer], "prob": prob[layer]}))
-            depth_rows.append(pd.DataFrame({"fact": kept.fact.to_numpy(), "category": kept.category.to_numpy(),
-                                            "lens": lens, "translator": tr, "depth_top1": first_layer(rank, 1),
-                                            f"depth_top{TOP_K}": first_layer(rank, TOP_K)}))
-    layers = _concat(layer_rows, {"fact": "int64", "category": str, "lens": str, "translator": str,
-                                  "layer": "int64", "rank": "int64", "prob": "float64"})
-    depths = _concat(depth_rows, {"fact": "int64", "category": str, "lens": str, "translator": str,
-                                  "depth_top1": "int64", f"depth_top{TOP_K}": "int64"})
+                layer_rows.append(pd.DataFrame(ident | {"layer": layer, "rank": rank[layer], "prob": prob[layer]}))
+            depth_rows.append(pd.DataFrame(ident | {"depth_top1": first_layer(rank, 1),
+                                                    f"depth_top{TOP_K}": first_layer(rank, TOP_K)}))
+    ident_types = {"fact_set": str, "fact": "int64", "category": str, "lens": str, "translator": str}
+    layers = _concat(layer_rows, ident_types | {"layer": "int64", "rank": "int64", "prob": "float64"})
+    depths = _concat(depth_rows, ident_types | {"depth_top1": "int64", f"depth_top{TOP_K}": "int64"})
     tables = {"fact_prompts": df.assign(n_layers=live.n_layers), "fact_layers": layers.assign(n_layers=live.n_layers),
               "fact_depths": depths.assign(n_layers=live.n_layers)}
-    prov = {"analysis": "fact_localization", "model_dir": str(model_dir), "lens": str(lens_dir), "facts": str(facts),
+    prov = {"analysis": "fact_localization", "model_dir": str(model_dir), "lens": str(lens_dir),
+            "fact_sets": {k: str(v) for k, v in (sets or FACT_SETS).items()}, "separator_id": separator,
             "n_prompts": len(df), "n_kept": int(df.kept.sum()), "dropped": df.dropped[~df.kept].value_counts().to_dict()}
     for name, t in tables.items():
         write_table_df(t, Path(out_dir) / f"{name}.parquet", prov)
+    write_findings(fact_findings(df, depths), out_dir, "fact_localization", prov)
     plot_facts(*tables.values(), Path(out_dir) / "fact_localization.png")
     return tables
+
+
+def fact_findings(prompts: pd.DataFrame, depths: pd.DataFrame) -> list[Finding]:
+    """Per fact set: the first top-1 layer, logit minus tuned lens, mean over kept prompts."""
+    out = []
+    for name in prompts.fact_set.unique():
+        d = depths[depths.fact_set == name]
+        wide = d.pivot_table(index="fact", columns="lens", values="depth_top1")
+        if not {"logit", "tuned"} <= set(wide.columns):
+            out.append(Finding(f"{name}: first top-1 layer, logit lens minus tuned lens [layers]", float("nan"),
+                               float("nan"), float("nan"), 0.0, 0, "kept prompts"))
+            continue
+        n = int((prompts.fact_set == name).sum())
+        out.append(mean_finding(f"{name}: first top-1 layer, logit lens minus tuned lens [layers]",
+                                (wide.logit - wide.tuned).to_numpy(), f"kept prompts (of {n})"))
+    return out
 
 
 def _concat(parts: list[pd.DataFrame], dtypes: dict) -> pd.DataFrame:
@@ -144,42 +191,47 @@ def _name(lens: str, translator: str) -> str:
 
 
 def plot_facts(prompts: pd.DataFrame, layers: pd.DataFrame, depths: pd.DataFrame, path: Path) -> None:
+    """One row of panels per fact set: first top-1/top-k layers, answer rank, answer probability."""
     n_layers = int(prompts.n_layers.iloc[0])
-    fig, axes = figure(1, 3, (17, 4.8))
+    sets = list(dict.fromkeys(prompts.fact_set))
+    fig, axes = figure(len(sets), 3, (17, 4.8 * len(sets)))
     bins = np.arange(n_layers + 2) - 0.5
-    for (lens, tr), g in depths.groupby(["lens", "translator"]):
-        axes[0].hist(g.depth_top1, bins=bins, alpha=0.5, label=f"{_name(lens, tr)}: top-1")
-        axes[0].hist(g[f"depth_top{TOP_K}"], bins=bins, histtype="step", lw=2, label=f"{_name(lens, tr)}: top-{TOP_K}")
-    axes[0].set(xlabel=f"first layer with the answer at top-1 / top-{TOP_K} ({n_layers} = only the output)",
-                ylabel="prompts", title=f"fact depth ({int(prompts.kept.sum())} of {len(prompts)} prompts kept)")
-    for (lens, tr), g in layers.groupby(["lens", "translator"]):
-        q = g.groupby("layer")["rank"].quantile([0.25, 0.5, 0.75]).unstack()
-        axes[1].plot(q.index, q[0.5] + 1, marker="o", ms=3, label=_name(lens, tr))
-        axes[1].fill_between(q.index, q[0.25] + 1, q[0.75] + 1, alpha=0.2)
-        m = g.groupby("layer").prob.mean()
-        axes[2].plot(m.index, m, marker="o", ms=3, label=_name(lens, tr))
-    axes[1].set(yscale="log", xlabel="layer", ylabel="answer rank (1 = top-1; median, IQR)", title="answer rank")
-    axes[2].set(xlabel="layer", ylabel="mean answer probability", title="answer probability")
-    if not len(depths):
-        axes[0].text(0.5, 0.5, "no prompt's answer is the model's top-1", ha="center", transform=axes[0].transAxes)
+    for row, name in enumerate(sets):
+        ax = axes[3 * row:3 * row + 3]
+        p, d, lay = (t[t.fact_set == name] for t in (prompts, depths, layers))
+        for (lens, tr), g in d.groupby(["lens", "translator"]):
+            ax[0].hist(g.depth_top1, bins=bins, alpha=0.5, label=f"{_name(lens, tr)}: top-1")
+            ax[0].hist(g[f"depth_top{TOP_K}"], bins=bins, histtype="step", lw=2, label=f"{_name(lens, tr)}: top-{TOP_K}")
+        ax[0].set(xlabel=f"first layer with the answer at top-1 / top-{TOP_K} ({n_layers} = only the output)",
+                  ylabel="prompts", title=f"{name}: fact depth ({int(p.kept.sum())} of {len(p)} prompts kept)")
+        for (lens, tr), g in lay.groupby(["lens", "translator"]):
+            q = g.groupby("layer")["rank"].quantile([0.25, 0.5, 0.75]).unstack()
+            ax[1].plot(q.index, q[0.5] + 1, marker="o", ms=3, label=_name(lens, tr))
+            ax[1].fill_between(q.index, q[0.25] + 1, q[0.75] + 1, alpha=0.2)
+            m = g.groupby("layer").prob.mean()
+            ax[2].plot(m.index, m, marker="o", ms=3, label=_name(lens, tr))
+        ax[1].set(yscale="log", xlabel="layer", ylabel="answer rank (1 = top-1; median, IQR)", title=f"{name}: answer rank")
+        ax[2].set(xlabel="layer", ylabel="mean answer probability", title=f"{name}: answer probability")
+        if not len(d):
+            ax[0].text(0.5, 0.5, "no prompt's answer is the model's top-1", ha="center", transform=ax[0].transAxes)
     save(fig, path, axes)
 
 
 def summary(prompts: pd.DataFrame, layers: pd.DataFrame, depths: pd.DataFrame) -> str:
-    n, kept, n_layers = len(prompts), int(prompts.kept.sum()), int(prompts.n_layers.iloc[0])
-    drops = prompts.dropped[~prompts.kept].value_counts()
-    head = (f"{kept} of {n} factual prompts kept (the model's top-1 is the answer); dropped: "
-            + (", ".join(f"{c} {r}" for r, c in drops.items()) or "none"))
-    if not kept:
-        return head + "."
+    n_layers = int(prompts.n_layers.iloc[0])
     parts = []
-    for (lens, tr), g in depths.groupby(["lens", "translator"]):
-        parts.append(f"{_name(lens, tr)} median first top-1 layer {g.depth_top1.median():g}, top-{TOP_K} "
+    for name in dict.fromkeys(prompts.fact_set):
+        p, d = prompts[prompts.fact_set == name], depths[depths.fact_set == name]
+        kept, drops = int(p.kept.sum()), p.dropped[~p.kept].value_counts()
+        text = (f"{name}: {kept} of {len(p)} prompts kept (the model's top-1 is the answer; dropped: "
+                + (", ".join(f"{c} {r}" for r, c in drops.items()) or "none") + ")")
+        for (lens, tr), g in d.groupby(["lens", "translator"]):
+            text += (f"; {_name(lens, tr)} median first top-1 layer {g.depth_top1.median():g}, top-{TOP_K} "
                      f"{g[f'depth_top{TOP_K}'].median():g} of {n_layers} "
                      f"({(g.depth_top1 < n_layers).mean():.0%} top-1 before the output)")
-    wide = depths.pivot_table(index="fact", columns="lens", values="depth_top1")
-    earlier = ""
-    if {"logit", "tuned"} <= set(wide.columns):
-        earlier = (f"; the tuned lens finds the answer earlier than the logit lens for "
-                   f"{int((wide.tuned < wide.logit).sum())} prompts, later for {int((wide.tuned > wide.logit).sum())}")
-    return head + "; " + "; ".join(parts) + earlier + "."
+        wide = d.pivot_table(index="fact", columns="lens", values="depth_top1")
+        if {"logit", "tuned"} <= set(wide.columns):
+            text += (f"; the tuned lens finds the answer earlier than the logit lens for "
+                     f"{int((wide.tuned < wide.logit).sum())} prompts, later for {int((wide.tuned > wide.logit).sum())}")
+        parts.append(text)
+    return "; ".join(parts) + "."

@@ -56,3 +56,9 @@ def tokenizer(model_dir: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(model_dir)
+
+
+def text_ids(tok, text: str, separator: int | None) -> list[int]:
+    """Token ids of text outside the cache as the model saw cached text: the corpus's
+    separator token first (``corpus.split_separator``), then the text (no other specials)."""
+    return ([separator] if separator is not None else []) + tok(text, add_special_tokens=False)["input_ids"]

@@ -7,6 +7,12 @@ linear, scaling) is an affine map h -> A h + b, A = I + W with W from its ``affi
 (exp of the entropy of the normalised singular values; d_model for an orthogonal map),
 the bias norm, and the cosine similarity between adjacent layers' *deviations* A - I (the
 cosine of the A's themselves would be ~1 everywhere, dominated by the shared identity).
+
+Power. Nothing here is sampled: every number is computed exactly from the trained lens's
+weights, so there is no confidence interval and nothing to resolve (the findings say "no
+sampling"). What this does not measure is how much the translators would change with
+another training sample of the same size; the training set (tokens, lens.json) is the
+sample size that matters, and the lens's validation KL per layer its quality.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from ..lens.translators import Translator
 from ..lens.tuned import TunedLens
 from ..plots import figure, save
 from ..tables import write_table_df
+from .findings import Finding, write_findings
 
 
 def linear_map(t: Translator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,8 +85,18 @@ def translator_anatomy(lens_dir: Path, model_dir: Path, out_dir: Path) -> pd.Dat
     prov = {"analysis": "translator_anatomy", "lens": str(lens_dir)}
     write_table_df(df, Path(out_dir) / "translator_anatomy.parquet", prov)
     write_table_df(spectra, Path(out_dir) / "translator_spectra.parquet", prov)
+    write_findings(anatomy_findings(df), out_dir, "translator_anatomy", prov)
     plot_anatomy(df, spectra, Path(out_dir) / "translator_anatomy.png")
     return df
+
+
+def anatomy_findings(df: pd.DataFrame) -> list[Finding]:
+    """Medians over layers, exact (no sampling, no CI)."""
+    nan, n = float("nan"), len(df)
+    return [Finding("median relative distance of A from the identity over layers", float(df.rel_dist_identity.median()),
+                    nan, nan, nan, n, "layers (exact, no sampling)", "none"),
+            Finding("median cosine of adjacent layers' A - I", float(df.cos_next.median()),
+                    nan, nan, nan, n, "layers (exact, no sampling)", "none")]
 
 
 def plot_anatomy(df: pd.DataFrame, spectra: pd.DataFrame, path: Path) -> None:

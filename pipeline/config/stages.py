@@ -76,7 +76,7 @@ class ExtractConfig:
 class TrainConfig:
     kinds: list[str] = field(default_factory=lambda: ["affine"])
     """Translator kinds to train, one lens each (registered in pipeline.lens.kinds):
-    affine (h + Wh + b), linear (Wh + b), mlp (h + MLP(h)), scaling (h * s + b), and any
+    affine (h + Wh + b), linear (Wh, no bias), mlp (h + MLP(h)), scaling (h * s + b), and any
     kind a plugin registers."""
     layers: str | list[int] = "all"
     """Layers that get a translator: ``all`` (0..n_layers-1) or a list."""
@@ -107,6 +107,11 @@ class TrainConfig:
     """L2 weight decay toward the identity (the logit lens) for every kind: affine, mlp and
     scaling translators are the identity at zero parameters; a linear translator's W is
     decayed toward I."""
+    step_scale: str = "none"
+    """``residual``: each layer's gradient step is scaled by the size of its residual stream
+    relative to the output's (``(s_L / s_l)^2`` for weights, ``s_L^2`` for biases; see
+    pipeline.lens.optim), so that one learning rate suits every layer; ``none``: one step
+    size for all layers, as the reference. Affects the kinds that are linear maps."""
     warmup_steps: int = 0
     """Linear warm-up steps before the linear decay to zero."""
     clip_grad: float = 1.0
@@ -142,7 +147,8 @@ class TrainConfig:
             raise ConfigError("train.layer_groups must be an integer >= 1")
         if self.layers != "all" and (not isinstance(self.layers, list) or not self.layers):
             raise ConfigError("train.layers must be 'all' or a non-empty list of layer indices")
-        checks = {"loss": ("kl", "ce"), "init": ("auto", "lstsq", "identity"), "optimizer": ("sgd", "adam")}
+        checks = {"loss": ("kl", "ce"), "init": ("auto", "lstsq", "identity"), "optimizer": ("sgd", "adam"),
+                  "step_scale": ("none", "residual")}
         for key, allowed in checks.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"train.{key} must be one of {allowed}, got {getattr(self, key)!r}")
@@ -244,15 +250,21 @@ class AnalysesConfig:
     layers used: all 30 SmolLM2 layers take about 4x the default stride-2 cost of ~25 s on 2 cores)."""
     causal_layers: int = 3
     """Layers (spread over the depth) at which causal fidelity extracts and ablates directions."""
-    causal_directions: int = 6
-    """Directions extracted per layer for causal fidelity, and as many random ones (each costs
-    one forward pass of the model on ``causal_tokens`` tokens)."""
+    causal_directions: int = 32
+    """Directions extracted per layer for causal fidelity (each costs the model's blocks from
+    that layer on, on ``causal_tokens`` tokens): the Spearman over them excludes 0 for a
+    true correlation of 0.5 from ~18 directions on (pipeline.analyses.causal_fidelity)."""
+    causal_random: int = 8
+    """Random directions per layer, the baseline the extracted ones are compared with."""
     causal_tokens: int = 256
     """Held-out tokens (whole sequences) the ablations are measured on; as many others fit
     the directions."""
-    anomaly_sequences: int = 16
-    """Windows per kind of text for anomaly detection (normal, control and each anomaly
-    type; the detector is fitted on twice as many normal validation windows)."""
+    anomaly_sequences: int = 256
+    """Windows per class for anomaly detection's main question: normal, control and injected
+    windows of the test split, and as many normal validation windows to fit the detector
+    on (256 per class: an AUROC CI half-width of 0.05 at 0.5)."""
+    anomaly_other: int = 64
+    """Windows of each of the far anomalies, shuffled tokens and code (resolved with fewer)."""
     anomaly_tokens: int = 32
     """Tokens per window for anomaly detection (at most the corpus's seq_len)."""
     anomaly_stride: int = 4
@@ -262,7 +274,8 @@ class AnalysesConfig:
         if not self.taus or any(not 0 < t <= 1 for t in self.taus):
             raise ConfigError("analyses.taus must be a non-empty list of numbers in (0, 1]")
         for key in ("skip_tokens", "transfer_tokens", "transfer_stride", "causal_layers", "causal_directions",
-                    "causal_tokens", "anomaly_sequences", "anomaly_tokens", "anomaly_stride"):
+                    "causal_random", "causal_tokens", "anomaly_sequences", "anomaly_other", "anomaly_tokens",
+                    "anomaly_stride"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"analyses.{key} must be >= 1")
         if self.translator is not None and self.translator not in kinds.KINDS:

@@ -5,6 +5,7 @@
 - ``tuned``        ``LogitLens``, ``TunedLens`` and lenspipe's own lens format; ``logits_into``
 - ``reference``    the tuned-lens 0.2.x format: ``export_reference``, ``import_reference``
 - ``lstsq``        the closed-form least-squares start of affine and linear translators
+- ``optim``        the translators' optimiser: weight decay toward the identity, per-layer clipping and step scales
 
 Each module imports only those above it in this list (``kinds`` none): import the one you
 need, e.g. ``from pipeline.lens.tuned import TunedLens``.

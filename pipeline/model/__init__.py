@@ -3,6 +3,7 @@
 - ``parts``     ``find_parts``: embeddings, blocks, final norm, projection and unembedding of any causal LM
 - ``head``      ``UnembedHead``: the final norm to the logits, from a model or from a checkpoint alone
 - ``residual``  ``residual_stream`` by ``LAYER_CONVENTION``; ``check_unembed``
+- ``resume``    ``Resumable``: the rest of a forward pass from any residual index (interventions)
 - ``prepare``   ``prepare_model``: any source (hub id, local dir, GGUF) -> local HF dir; ``export_head``
 
 Each module imports only those above it in this list (``parts`` none): import the one you
