@@ -84,7 +84,8 @@ def _decode_fp8(raw: np.ndarray, out: np.ndarray, scale: np.ndarray) -> None:
     folded into the scale, exactly (a power of 2), where that stays finite; the product then
     rounds once, as float32(q) * scale does."""
     raw, out, scale = (a[None] for a in (raw, out, scale)) if raw.ndim == 2 else (raw, out, scale)
-    folded = scale * _TWO_120
+    with np.errstate(over="ignore"):
+        folded = scale * _TWO_120
     exact = bool(np.isfinite(folded).all())  # scale < 2^8 (a row absmax below 114,688)
     for i in range(raw.shape[0]):  # a layer at a time: the three passes stay in the cache
         bits = out[i].view(np.int32)
