@@ -162,14 +162,16 @@ def test_info_cli_summarises_complete_and_incomplete_stores(tmp_path, dtype, per
     assert out.returncode == 0 and json.loads(out.stdout)["complete"] is False
 
 
-def test_parts_assemble_into_the_single_job_store(tmp_path):
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_parts_assemble_into_the_single_job_store(tmp_path, dtype):
+    """Also an 8-bit store's: its row scales' shard files are linked in with the values'."""
     from pipeline.extract import extract_part, part_range
     from pipeline.store.parts import assemble_store
 
     assert [part_range(13, 4, p, 3) for p in range(3)] == [(0, 8), (8, 12), (12, 13)]  # 4 shards: 2 + 1 + 1
     model_dir = save_prepared(tiny_model("llama"), tmp_path / "m")
     split = write_packed_split(tmp_path / "test.npz", n_seq=13, seq_len=16, vocab=VOCAB)
-    small = SMALL | {"shard_tokens": 64}  # 4 sequences per shard
+    small = SMALL | {"shard_tokens": 64, "dtype": dtype}  # 4 sequences per shard
     cfg = ExtractConfig(**(small | {"parts": 3}))
     ref = tmp_path / "ref.zarr"
     extract(model_dir, split, ref, ExtractConfig(**small), "test")

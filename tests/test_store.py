@@ -357,8 +357,9 @@ def test_resume_after_dropped_writer_matches_uninterrupted(tmp_path, monkeypatch
     partial = open_store(tmp_path / "s", allow_incomplete=True)
     assert not partial.is_complete and partial.written_tokens == 2 * SHARD
     torns = [tmp_path / "s" / "resid" / "c" / "0" / "2" / "0.__lock"]  # a killed TensorStore write's temp
+    torns += [tmp_path / "s" / "resid" / "c" / "0" / "2" / "0"]  # a torn shard file of a zarr write
     if dtype in SCALED:
-        torns.append(tmp_path / "s" / "scale" / "c" / "0" / "2.__lock")
+        torns += [tmp_path / "s" / "scale" / "c" / "0" / "2.__lock", tmp_path / "s" / "scale" / "c" / "0" / "2"]
     for torn in torns:
         torn.parent.mkdir(parents=True, exist_ok=True)
         torn.write_bytes(b"torn")

@@ -80,8 +80,9 @@ def test_fp8_table_and_decode_match_torch_for_every_bit_pattern():
 def test_quantisation_edge_rows(tmp_path, dtype):
     """A zero row gets scale 1 and values 0; an attention-sink row (|x| ~ 2e4) does not
     crush its neighbours (each row its own scale); a row's absmax is stored as +-qmax; and
-    where float rounding makes absmax / scale land above qmax, it is clamped (fp8 would
-    store NaN, int8 128): never a NaN or -128 in the store."""
+    where float rounding makes x / scale land above qmax (an absmax just above a multiple
+    of qmax; a row so small that its scale is a subnormal of 1-2 bits), it is clamped:
+    never a NaN (an fp8 cast that does not saturate) or a wrapped int8 in the store."""
     qmax = np.float32(448 if dtype == "fp8" else 127)
     rng = np.random.default_rng(5)
     # absmax values whose absmax / (absmax / qmax) > qmax in float32
@@ -89,6 +90,9 @@ def test_quantisation_edge_rows(tmp_path, dtype):
     assert len(over) == SHARD
     resid, toks = make_data(SHARD)
     resid[0, 3] = 0.0  # a zero row
+    # absmax 189 ulps of float32's subnormals: scale 189 / qmax ulps rounds to 1 (int8) or 0 (fp8:
+    # then 1), and absmax / scale = 189 > qmax for int8
+    resid[0, 4] = np.float32(189 * 2.0 ** -149) * np.sign(resid[0, 4])
     resid[1, 0] *= 2e3  # an attention sink among ordinary rows
     resid[2, :, 0] = over  # feature 0 is each row's absmax, one that rounds above qmax
     resid[2, :, 1:] = np.clip(resid[2, :, 1:], -1, 1)

@@ -70,9 +70,12 @@ def _quantise_into(target: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, s
     """q = round(clamp(x / scale, +-qmax)) into ``target`` (L+1, k, d), scales into ``scale``.
 
     Layer by layer, through one layer-sized float32 temporary (1/(L+1) of the batch): x / s,
-    clamped so float rounding of x / s never casts past qmax (which e4m3fn would make NaN),
-    then rounded to nearest (int8: ``round``, ties to even; fp8: torch's cast). On a GPU the
-    quantisation runs there and only the 8-bit values and the scales cross to the host."""
+    clamped so float rounding of x / s never casts past qmax (an absmax just above a
+    multiple of qmax; a subnormal scale of a few bits, where x / s can reach 1.5 qmax):
+    int8 would wrap, e4m3fn become NaN on a cast that does not saturate (torch's CPU cast
+    saturates). Then rounded to nearest (int8: ``round``, ties to even; fp8: torch's cast).
+    On a GPU the quantisation runs there and only the 8-bit values and the scales cross to
+    the host."""
     s = row_scales(x, spec)  # (L+1, k) on x's device
     tmp = torch.empty(x.shape[1:], dtype=torch.float32, device=x.device)  # (k, d)
     on_cpu = x.device.type == "cpu"
