@@ -1,7 +1,7 @@
 """What an 8-bit store costs a tuned lens: the default lens trained and evaluated from
 bfloat16, fp8 and int8 stores of the same tokens.
 
-    nice -n 10 python benchmarks/store_dtype_quality.py [--data /work/main/data] [--out /tmp/wt28-exp]
+    nice -n 10 python benchmarks/store_dtype_quality.py [--data data] [--out /tmp/lenspipe-dtype-quality]
         [--dtypes bfloat16,fp8,int8] [--no-float32]
 
 For each dtype: the default budgets' train / validation / test stores of SmolLM2-135M on
@@ -127,7 +127,7 @@ def markdown(df: pd.DataFrame, floats: str = "{:.4f}") -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", type=Path, default=Path("/work/main/data"), help="data_dir of a prepared default run")
+    ap.add_argument("--data", type=Path, default=Path("data"), help="data_dir of a prepared default run (make run)")
     ap.add_argument("--out", type=Path, default=Path("/tmp/lenspipe-dtype-quality"))
     ap.add_argument("--dtypes", default="bfloat16,fp8,int8")
     ap.add_argument("--no-float32", action="store_true", help="skip the float32 test store and its evaluations")
