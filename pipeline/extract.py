@@ -2,8 +2,10 @@
 
 The store is the product's cache: training and evaluation read it and never re-run the
 model. Extraction is resumable (whole shards are the unit of progress, see
-:mod:`pipeline.store`), checks that the model's own logits are reproducible from the stored
-last layer, and records full provenance in the store's attributes.
+:mod:`pipeline.store`), checks that the model's own logits are reproducible from the last
+layer it stores (exactly in float32: the guard of the head; and what the storage dtype's
+rounding costs, measured, never failing the run), and records full provenance in the
+store's attributes.
 """
 
 from __future__ import annotations
@@ -27,7 +29,10 @@ from .model.prepare import read_model_info
 from .model.residual import LAYER_CONVENTION, check_unembed, residual_stream
 from .progress import Progress
 from .sampling import select_sequences
-from .store.reader import open_store
+from .model.head import unembed_head
+from .store.dtypes import DTYPES
+from .store.encoding import cast_into
+from .store.reader import decode, open_store
 from .store.writer import StoreWriter
 
 log = logging.getLogger(__name__)
@@ -69,11 +74,34 @@ def _provenance(model_dir: Path, split_meta: dict, seq_index: np.ndarray, n_tota
     }
 
 
-def _check_logits(model, ids: torch.Tensor, resid: torch.Tensor) -> float:
-    """Max |logits - head(resid[n_layers])| on ids (1, pos); raise if not reproducible."""
+def _check_logits(model, ids: torch.Tensor, resid: torch.Tensor, dtype: str) -> dict[str, float]:
+    """The logits checks on ids (1, pos): max |logits - head(resid[n_layers])| (raises if the
+    head does not reproduce the model), and what head(the stored last layer, rounded to
+    ``dtype`` and decoded as a reader gets it) costs: its max abs logit error and its mean
+    KL(model || head(stored)) in nats over the positions (recorded, never raising)."""
     with torch.inference_mode():
         logits = model(input_ids=ids, use_cache=False).logits.float()  # (1, pos, vocab)
-    return check_unembed(model, resid, logits, atol=LOGITS_ATOL)
+        err = check_unembed(model, resid, logits, atol=LOGITS_ATOL)
+        head = unembed_head(model)
+        device = head.unembed.weight.device
+        stored = stored_values(resid[-1], dtype).to(device=device, dtype=resid.dtype)  # (1, pos, d)
+        mine = head(stored).float()  # (1, pos, vocab)
+        logits = logits.to(device)
+        logp, logq = torch.log_softmax(logits.double(), -1), torch.log_softmax(mine.double(), -1)
+        kl = (logp.exp() * (logp - logq)).sum(-1).mean()
+    return {"logits_max_err": err, "stored_logits_max_err": (mine - logits).abs().max().item(),
+            "stored_logits_kl": kl.item()}
+
+
+def stored_values(x: torch.Tensor, dtype: str) -> torch.Tensor:
+    """``x`` (..., d) as a reader of a ``dtype`` store gets it back (float32, on the CPU):
+    the writer's own cast (or quantisation) and the reader's own decode."""
+    spec = DTYPES[dtype]
+    rows = x.reshape(1, -1, x.shape[-1])  # (1, n, d): one "layer" of n rows
+    raw = np.empty(rows.shape, spec.stored)
+    scale = np.empty(rows.shape[:2], np.float32) if spec.scaled else None
+    cast_into(raw, rows, dtype, scale)
+    return torch.from_numpy(decode(raw, spec, scale)).reshape(x.shape)
 
 
 def _reset_if_stale(store_path: Path, provenance: dict, params: dict) -> None:
@@ -138,29 +166,34 @@ def extract(model_dir: Path, split_path: Path, store_path: Path, cfg: ExtractCon
         first = writer.resume_token // seq_len
         if first:
             log.info("resuming at sequence %d of %d", first, len(tokens))
-        max_err = _run(model, tokens, first, cfg.batch_size, writer, device, split)
+        checks = _run(model, tokens, first, cfg.batch_size, writer, device, split, cfg.dtype)
     seconds = time.monotonic() - t0
     n_new = (len(tokens) - first) * seq_len
     log.info("extracted %d tokens in %.1f s (%.0f tokens/s)", n_new, seconds, n_new / max(seconds, 1e-9))
     return {"store": str(store_path), "n_tokens": tokens.numel(), "resumed_from": first * seq_len,
-            "seconds": seconds, "tokens_per_s": n_new / max(seconds, 1e-9), "logits_max_err": max_err}
+            "seconds": seconds, "tokens_per_s": n_new / max(seconds, 1e-9), **checks}
 
 
 def _run(model, tokens: torch.Tensor, first: int, batch_size: int, writer: StoreWriter,
-         device: torch.device, split: str) -> float | None:
-    """Forward batches from sequence ``first`` on and hand each to the (background) writer."""
+         device: torch.device, split: str, dtype: str) -> dict[str, float]:
+    """Forward batches from sequence ``first`` on and hand each to the (background) writer;
+    returns the logits checks of the first batch (:func:`_check_logits`)."""
     seq_len = tokens.shape[1]
-    max_err = None
+    checks: dict[str, float] = {}
     with Progress(tokens.numel(), f"extract {split}", initial=first * seq_len) as bar:
         for start in range(first, len(tokens), batch_size):
             ids = tokens[start:start + batch_size].to(device)  # (batch, pos)
             resid, _ = residual_stream(model, ids, with_logits=False)  # (L+1, batch, pos, d)
-            if max_err is None:  # once per run: the cache must reproduce the model exactly.
+            if not checks:  # once per run: the cache must reproduce the model exactly.
                 # A causal model's first CHECK_POS positions do not depend on later ones, so
                 # a short prefix suffices and costs ~1/40 of a batch.
-                max_err = _check_logits(model, ids[:1, :CHECK_POS], resid[:, :1, :CHECK_POS])
+                checks = _check_logits(model, ids[:1, :CHECK_POS], resid[:, :1, :CHECK_POS], dtype)
+                log.info("logits check on %d positions: float32 last layer max abs error %.3g; stored "
+                         "(%s) last layer max abs error %.3g, mean KL(model || stored) %.3g nats",
+                         ids[:1, :CHECK_POS].numel(), checks["logits_max_err"], dtype,
+                         checks["stored_logits_max_err"], checks["stored_logits_kl"])
             n_layers1, b, t, d = resid.shape
             # the writer casts and range-checks on this device; only storage bytes cross to host
             writer.write(resid.reshape(n_layers1, b * t, d), ids.reshape(-1).cpu())
             bar.update(b * t)
-    return max_err
+    return checks or dict.fromkeys(("logits_max_err", "stored_logits_max_err", "stored_logits_kl"))

@@ -58,11 +58,15 @@ def check_workflow_config(raw: dict[str, Any], schema_path: str | Path) -> Pipel
 
 
 def workflow_schema(schema_path: str | Path) -> dict[str, Any]:
-    """The JSON schema, with the registered translator kinds as the allowed values."""
+    """The JSON schema, with the registered translator kinds and the storage dtypes as the
+    allowed values."""
+    from .store.dtypes import DTYPES
+
     schema = yaml.safe_load(Path(schema_path).read_text())
     defs = schema["$defs"]
     defs["translator_kind"]["enum"] = kinds.names()
     defs["translator_kind_or_null"]["enum"] = [*kinds.names(), None]
+    defs["store_dtype"]["enum"] = list(DTYPES)
     return schema
 
 

@@ -4,7 +4,9 @@ A fuzz-style test: an exported zip and an exported HDF5 file are truncated at se
 offsets and get one byte flipped at seeded offsets; a zarr store loses or garbles a shard,
 a zarr.json or a sidecar. ``verify`` must call each case damage; ``info``, ``import`` and a
 read through ``open_store`` must end in a LenspipeError or succeed, never in another
-exception, and ``import`` must leave nothing behind.
+exception, and ``import`` must leave nothing behind. Each for a bfloat16 store and for the
+8-bit dtypes' stores, whose row scales are damaged too (a shard of them, their zarr.json,
+a byte of their chunks in the exports).
 """
 
 from __future__ import annotations
@@ -51,31 +53,60 @@ ZARR_DAMAGE = {
     "empty shard, no SHA256SUMS": ("resid/c/0/2/0", "empty"),
     "truncated shard, no SHA256SUMS": ("resid/c/0/0/0", "truncate"),
 }
-#: Targeted flips, always damage: a byte of a chunk's data, and of a name in the zip's directory.
+#: The same for the row scales of an 8-bit store.
+SCALE_DAMAGE = {
+    "missing scale shard": ("scale/c/0/1", "delete"),
+    "empty scale shard": ("scale/c/0/2", "empty"),
+    "truncated scale shard": ("scale/c/0/0", "truncate"),
+    "garbled scale/zarr.json": ("scale/zarr.json", "garble"),
+    "missing scale/zarr.json": ("scale/zarr.json", "delete"),
+    "missing scale shard, no SHA256SUMS": ("scale/c/0/1", "delete"),
+    "truncated scale shard, no SHA256SUMS": ("scale/c/0/0", "truncate"),
+    "garbled scale shard, no SHA256SUMS": ("scale/c/0/3", "garble"),
+}
+#: The stores damaged: bfloat16 (the default) and the 8-bit dtypes, which have row scales.
+DTYPES = ["bfloat16", "fp8", "int8"]
+SCALED = ["fp8", "int8"]
+#: Targeted flips, always damage: a byte of a chunk's data, and of a name in the zip's
+#: directory; for an 8-bit store also a byte of a row scales' chunk.
 N_TARGETED_FLIPS = {"zip": 2, "h5": 1}
+N_SCALE_FLIPS = {"zip": 1, "h5": 1}
 #: What every damage message says, in one of these words.
 DAMAGE = re.compile(r"damaged|corrupt|does not match|missing|checksum mismatch|cannot be decoded|garbled")
-N_FUZZ_CASES = 2 * N_TRUNCATIONS + 2 * N_RANDOM_FLIPS + sum(N_TARGETED_FLIPS.values()) + len(ZARR_DAMAGE)
+_PER_STORE = 2 * N_TRUNCATIONS + 2 * N_RANDOM_FLIPS + sum(N_TARGETED_FLIPS.values()) + len(ZARR_DAMAGE)
+N_FUZZ_CASES = len(DTYPES) * _PER_STORE + len(SCALED) * (sum(N_SCALE_FLIPS.values()) + len(SCALE_DAMAGE))
+ZARR_CASES = [(d, case) for d in DTYPES for case in [*ZARR_DAMAGE, *(SCALE_DAMAGE if d in SCALED else ())]]
 
 
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory):
-    """A finished store and its zip and HDF5 exports (a few KB each)."""
-    root = tmp_path_factory.mktemp("damage")
-    resid, toks = make_data(N)
-    with StoreWriter.open(root / "s.zarr", **params(N, dtype="bfloat16")) as w:
-        w.write(torch.from_numpy(resid), toks)
-    export_store(root / "s.zarr", root / "s.zip", "zip")
-    export_store(root / "s.zarr", root / "s.h5", "hdf5")
-    return root
+def stores(tmp_path_factory):
+    """dtype -> a finished store of it and its zip and HDF5 exports (a few KB each), made once."""
+    made = {}
+
+    def make(dtype: str) -> Path:
+        if dtype not in made:
+            root = made[dtype] = tmp_path_factory.mktemp(f"damage-{dtype}")
+            resid, toks = make_data(N)
+            with StoreWriter.open(root / "s.zarr", **params(N, dtype=dtype)) as w:
+                w.write(torch.from_numpy(resid), toks)
+            export_store(root / "s.zarr", root / "s.zip", "zip")
+            export_store(root / "s.zarr", root / "s.h5", "hdf5")
+        return made[dtype]
+
+    return make
+
+
+@pytest.fixture
+def shared(stores):
+    return stores("bfloat16")
 
 
 # ------------------------------------------------------------------------ where to damage
 
-def _zip_regions(path: Path) -> tuple[int, int]:
-    """(offset of a byte inside a resid chunk's data, offset of the central directory)."""
+def _zip_regions(path: Path, member: str = "resid/c/0/1/0") -> tuple[int, int]:
+    """(offset of a byte inside ``member``'s data, offset of the central directory)."""
     with zipfile.ZipFile(path) as z:
-        info = z.getinfo("resid/c/0/1/0")
+        info = z.getinfo(member)
         start_dir = z.start_dir
     raw = path.read_bytes()
     name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26:info.header_offset + 30])
@@ -83,9 +114,9 @@ def _zip_regions(path: Path) -> tuple[int, int]:
     return data + info.file_size // 2, start_dir
 
 
-def _h5_chunk_byte(path: Path) -> int:
+def _h5_chunk_byte(path: Path, dataset: str = "resid") -> int:
     with h5py.File(path) as f:
-        chunk = f["resid"].id.get_chunk_info(1)
+        chunk = f[dataset].id.get_chunk_info(1)
     return chunk.byte_offset + chunk.size // 2
 
 
@@ -101,17 +132,19 @@ def truncation_offsets(path: Path, fmt: str) -> list[int]:
     return offsets
 
 
-def flip_offsets(path: Path, fmt: str) -> tuple[list[int], list[int]]:
+def flip_offsets(path: Path, fmt: str, scaled: bool) -> tuple[list[int], list[int]]:
     """(random offsets, targeted offsets that always matter)."""
     rng = random.Random(SEED + 1)
     randoms = rng.sample(range(path.stat().st_size), N_RANDOM_FLIPS)
     if fmt == "zip":
         chunk, start_dir = _zip_regions(path)
         targeted = [chunk, start_dir + 46]  # 46: the first entry's file name in the directory
+        scales = [_zip_regions(path, "scale/c/0/1")[0]] if scaled else []
     else:
         targeted = [_h5_chunk_byte(path)]
-    assert len(targeted) == N_TARGETED_FLIPS[fmt]
-    return randoms, targeted
+        scales = [_h5_chunk_byte(path, "scale")] if scaled else []
+    assert len(targeted) == N_TARGETED_FLIPS[fmt] and len(scales) == N_SCALE_FLIPS[fmt] * scaled
+    return randoms, targeted + scales
 
 
 def _content(path: Path, fmt: str):
@@ -175,9 +208,10 @@ def _damaged_copy(src: Path, out: Path, offset: int, how: str) -> Path:
 
 # ------------------------------------------------------------------------ the fuzz tests
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("fmt", ["zip", "h5"])
-def test_truncated_exports_are_reported_as_damage(shared, tmp_path, fmt):
-    src = shared / f"s.{fmt}"
+def test_truncated_exports_are_reported_as_damage(stores, tmp_path, fmt, dtype):
+    src = stores(dtype) / f"s.{fmt}"
     original = _content(src, fmt)
     offsets = truncation_offsets(src, fmt)
     assert len(offsets) == N_TRUNCATIONS
@@ -186,11 +220,12 @@ def test_truncated_exports_are_reported_as_damage(shared, tmp_path, fmt):
         assert check_damaged_file(path, fmt, must_detect=True, original=original)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("fmt", ["zip", "h5"])
-def test_flipped_bytes_in_exports_are_reported_as_damage(shared, tmp_path, fmt):
-    src = shared / f"s.{fmt}"
+def test_flipped_bytes_in_exports_are_reported_as_damage(stores, tmp_path, fmt, dtype):
+    src = stores(dtype) / f"s.{fmt}"
     original = _content(src, fmt)
-    randoms, targeted = flip_offsets(src, fmt)
+    randoms, targeted = flip_offsets(src, fmt, dtype in SCALED)
     detected = 0
     for i, offset in enumerate(randoms + targeted):
         path = _damaged_copy(src, tmp_path / f"flip{i}-at-{offset}.{fmt}", offset, "flip")
@@ -219,15 +254,15 @@ def _damage_zarr(src: Path, out: Path, name: str, how: str, keep_manifest: bool)
     return out
 
 
-@pytest.mark.parametrize("case", list(ZARR_DAMAGE))
-def test_damaged_zarr_store_is_reported_as_damage(shared, tmp_path, case):
-    name, how = ZARR_DAMAGE[case]
-    store = _damage_zarr(shared / "s.zarr", tmp_path / "s.zarr", name, how, "no SHA256SUMS" not in case)
+@pytest.mark.parametrize("dtype,case", ZARR_CASES)
+def test_damaged_zarr_store_is_reported_as_damage(stores, tmp_path, dtype, case):
+    name, how = {**ZARR_DAMAGE, **SCALE_DAMAGE}[case]
+    store = _damage_zarr(stores(dtype) / "s.zarr", tmp_path / "s.zarr", name, how, "no SHA256SUMS" not in case)
     message = _outcome(verify, store)
     assert message and str(store) in message and DAMAGE.search(message), message
     _outcome(store_info, store)  # info reads metadata only: a message or a summary, no traceback
     read = _outcome(_read_everything, store)
-    if name.startswith(("resid/c/", "tokens/c/")):  # a damaged shard must not read as zeros
+    if name.startswith(("resid/c/", "tokens/c/", "scale/c/")):  # a damaged shard must not read as zeros
         assert read and "the store may be corrupt" in read, read
 
 

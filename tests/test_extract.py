@@ -42,6 +42,28 @@ def test_stored_last_layer_reproduces_logits(tmp_path, family):
     verify(tmp_path / "s.zarr")
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "fp8", "int8"])
+def test_the_stored_last_layer_logits_check_reports_what_the_store_holds(tmp_path, dtype):
+    """Besides the float32 check (the head's guard), extraction records what the storage
+    dtype's rounding costs the logits: max abs error and mean KL(model || head(stored)) on
+    the checked positions. They must be those of the last layer as the store returns it."""
+    model = tiny_model("llama")
+    model_dir = save_prepared(model, tmp_path / "m")
+    split = write_packed_split(tmp_path / "test.npz", n_seq=4, seq_len=16, vocab=VOCAB)
+    summary = extract(model_dir, split, tmp_path / "s.zarr", ExtractConfig(**(SMALL | {"dtype": dtype})), "test")
+    store = open_store(tmp_path / "s.zarr")
+    with torch.no_grad():
+        logits = model(store.tokens(0, 16)[None]).logits[0].double()  # the first sequence: 16 < CHECK_POS
+        stored = unembed_head(model)(store.layers(store.n_layers, 0, 16)).double()
+    kl = (logits.softmax(-1) * (logits.log_softmax(-1) - stored.log_softmax(-1))).sum(-1).mean()
+    assert summary["stored_logits_max_err"] == pytest.approx((stored - logits).abs().max().item(), rel=1e-3, abs=1e-6)
+    assert summary["stored_logits_kl"] == pytest.approx(kl.item(), rel=1e-3, abs=1e-9)
+    if dtype == "float32":
+        assert summary["stored_logits_max_err"] < 1e-4 and summary["stored_logits_kl"] < 1e-9
+    else:
+        assert summary["stored_logits_max_err"] > 0 and summary["stored_logits_kl"] > 0
+
+
 def test_budget_selects_spread_sequences_and_stale_store_is_replaced(tmp_path):
     idx = select_sequences(1000, 10, seed=0)
     assert len(idx) == 10 and (idx == sorted(idx)).all() and idx[-1] > 500
@@ -69,23 +91,24 @@ def delayed(*a, **k):
     return real(*a, **k)
 ex.residual_stream = delayed
 ex.extract(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]),
-           ExtractConfig(batch_size=2, shard_tokens=32, chunk_tokens=16, max_tokens={"test": None}), "test")
+           ExtractConfig(batch_size=2, shard_tokens=32, chunk_tokens=16, max_tokens={"test": None},
+                         dtype=sys.argv[5]), "test")
 """
 
 
-def _run(args, slow):
-    return subprocess.Popen([sys.executable, "-c", SCRIPT, *map(str, args), str(slow)],
+def _run(args, slow, dtype):
+    return subprocess.Popen([sys.executable, "-c", SCRIPT, *map(str, args), str(slow), dtype],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_sigkill_mid_extract_then_resume_gives_identical_store(tmp_path, seed):
+@pytest.mark.parametrize("seed,dtype", [(0, "bfloat16"), (1, "bfloat16"), (0, "fp8"), (1, "int8")])
+def test_sigkill_mid_extract_then_resume_gives_identical_store(tmp_path, seed, dtype):
     model_dir = save_prepared(tiny_model("llama"), tmp_path / "m")
     split = write_packed_split(tmp_path / "test.npz", n_seq=16, seq_len=16, vocab=VOCAB)
     ref = tmp_path / "ref.zarr"
-    assert _run([model_dir, split, ref], 0).wait() == 0
+    assert _run([model_dir, split, ref], 0, dtype).wait() == 0
     store = tmp_path / "s.zarr"
-    proc = _run([model_dir, split, store], 0.3)
+    proc = _run([model_dir, split, store], 0.3, dtype)
     progress = store / "progress"
     deadline = time.monotonic() + 60
     want = 1 + seed  # kill after the first (or second) durable shard
@@ -96,8 +119,9 @@ def test_sigkill_mid_extract_then_resume_gives_identical_store(tmp_path, seed):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (store / "COMPLETE").exists()
-    assert _run([model_dir, split, store], 0).wait() == 0
+    assert _run([model_dir, split, store], 0, dtype).wait() == 0
     a, b = open_store(ref), open_store(store)
+    assert b.dtype == dtype
     assert torch.equal(a.layers(range(a.n_layers + 1)), b.layers(range(b.n_layers + 1)))
     assert torch.equal(a.tokens(), b.tokens())
     verify(store)
@@ -117,14 +141,19 @@ def test_verify_cli_fails_on_corruption(tmp_path):
     assert proc.returncode == 2 and "lenspipe: error:" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_info_cli_summarises_complete_and_incomplete_stores(tmp_path):
+@pytest.mark.parametrize("dtype,per_value", [("bfloat16", "2.000"), ("fp8", "1.125")])
+def test_info_cli_summarises_complete_and_incomplete_stores(tmp_path, dtype, per_value):
+    """Also the bytes per value and per token: an 8-bit store's include its row scales
+    (d_model 32: (32 + 4) / 32 = 1.125 bytes per value)."""
     model_dir = save_prepared(tiny_model("llama"), tmp_path / "m")
     split = write_packed_split(tmp_path / "test.npz", n_seq=4, seq_len=16, vocab=VOCAB)
-    extract(model_dir, split, tmp_path / "s.zarr", ExtractConfig(**SMALL), "test")
+    extract(model_dir, split, tmp_path / "s.zarr", ExtractConfig(**(SMALL | {"dtype": dtype})), "test")
     cli = [sys.executable, "-m", "pipeline.cli", "info"]
     out = subprocess.run(cli + [str(tmp_path / "s.zarr")], capture_output=True, text=True)
     assert out.returncode == 0 and "(complete)" in out.stdout and "64 (4 sequences of 16)" in out.stdout
-    assert "3 x d_model 32, bfloat16" in out.stdout and "compression" in out.stdout
+    assert f"3 x d_model 32, {dtype}" in out.stdout and "compression" in out.stdout
+    per_token = 3 * 32 * 2 if dtype == "bfloat16" else 3 * (32 + 4)
+    assert f"bytes:        {per_value} per value, {per_token} per token uncompressed; " in out.stdout
     # an interrupted store (no COMPLETE marker) is reported as such
     (tmp_path / "s.zarr" / "COMPLETE").unlink()
     out = subprocess.run(cli + ["--json", str(tmp_path / "s.zarr")], capture_output=True, text=True)
@@ -133,14 +162,16 @@ def test_info_cli_summarises_complete_and_incomplete_stores(tmp_path):
     assert out.returncode == 0 and json.loads(out.stdout)["complete"] is False
 
 
-def test_parts_assemble_into_the_single_job_store(tmp_path):
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_parts_assemble_into_the_single_job_store(tmp_path, dtype):
+    """Also an 8-bit store's: its row scales' shard files are linked in with the values'."""
     from pipeline.extract import extract_part, part_range
     from pipeline.store.parts import assemble_store
 
     assert [part_range(13, 4, p, 3) for p in range(3)] == [(0, 8), (8, 12), (12, 13)]  # 4 shards: 2 + 1 + 1
     model_dir = save_prepared(tiny_model("llama"), tmp_path / "m")
     split = write_packed_split(tmp_path / "test.npz", n_seq=13, seq_len=16, vocab=VOCAB)
-    small = SMALL | {"shard_tokens": 64}  # 4 sequences per shard
+    small = SMALL | {"shard_tokens": 64, "dtype": dtype}  # 4 sequences per shard
     cfg = ExtractConfig(**(small | {"parts": 3}))
     ref = tmp_path / "ref.zarr"
     extract(model_dir, split, ref, ExtractConfig(**small), "test")

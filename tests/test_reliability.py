@@ -570,6 +570,7 @@ README_BAD_INPUTS = {
     "lens file from another model": ["test_load_onto_another_model_fails",
                                      "test_layers_out_of_range_and_lens_of_another_model"],
     "store with an unknown schema version": ["test_unknown_schema_version_refused"],
+    "8-bit store whose values or scales no writer stores": ["test_verify_checks_the_values_and_scales_of_an_8_bit_store"],
     "truncated or corrupted shard": ["test_store_of_another_model_and_truncated_shard",
                                      "test_manifest_names_the_damaged_file"],
     "missing or empty shard file in a zarr store": ["test_damaged_zarr_store_is_reported_as_damage",

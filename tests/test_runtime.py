@@ -47,6 +47,7 @@ def test_decode_bf16_is_the_top_half_of_the_float32_for_every_bit_pattern():
     """Every one of the 65,536 bf16 patterns (NaN payloads, -0, subnormals, inf) widens to
     the float32 with the same bits in its top half, through the reader's decode and dask's,
     contiguous, strided and read-only."""
+    from pipeline.store.dtypes import DTYPES
     from pipeline.store.reader import _decode_block, decode_bf16
 
     raw = np.arange(2**16, dtype=np.uint32).astype(np.uint16).reshape(16, 64, 64)
@@ -54,7 +55,7 @@ def test_decode_bf16_is_the_top_half_of_the_float32_for_every_bit_pattern():
     assert decode_bf16(raw).dtype == np.float32
     assert np.array_equal(decode_bf16(raw).view(np.uint32), want)
     assert np.array_equal(decode_bf16(raw[:, ::3, 1:]).view(np.uint32), want[:, ::3, 1:])  # strided
-    assert np.array_equal(_decode_block(raw, "bfloat16-bits").view(np.uint32), want)
+    assert np.array_equal(_decode_block(raw, DTYPES["bfloat16"]).view(np.uint32), want)
     frozen = raw.copy()
     frozen.flags.writeable = False
     assert np.array_equal(decode_bf16(frozen).view(np.uint32), want)

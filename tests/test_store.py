@@ -33,6 +33,10 @@ from pipeline.store.writer import StoreWriter
 N_LAYERS, D, SEQ, SHARD, CHUNK = 2, 8, 16, 64, 32
 PROV = {"model": "tiny-test", "model_sha256": "0" * 64, "corpus": "abc", "split": "train",
         "layer_convention": "hidden_states"}
+#: Every storage dtype, and those with a per-row scale array.
+ALL_DTYPES = ["bfloat16", "float16", "float32", "fp8", "int8"]
+SCALED = ["fp8", "int8"]
+QMAX = {"fp8": 448.0, "int8": 127.0}
 
 
 def make_data(n_tokens: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -40,6 +44,36 @@ def make_data(n_tokens: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     resid = (rng.standard_normal((N_LAYERS + 1, n_tokens, D)) * 10).astype(np.float32)
     return resid, rng.integers(0, 50_000, n_tokens)
+
+
+def stored_reference(resid: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """What a ``dtype`` store holds for ``resid`` (L+1, n, d), computed here without
+    lenspipe's writer: the stored numbers (bf16 and fp8 as their bits) and the row scales
+    (scale = absmax / qmax, 1 for a zero row; q = round-to-nearest(clip(x / scale, +-qmax)),
+    fp8 through ml_dtypes' own e4m3fn)."""
+    import ml_dtypes
+
+    if dtype not in SCALED:
+        cast = torch.from_numpy(resid).to(getattr(torch, dtype))
+        return (cast.view(torch.int16).numpy().view(np.uint16) if dtype == "bfloat16" else cast.numpy()), None
+    qmax = np.float32(QMAX[dtype])
+    scale = (np.abs(resid).max(axis=-1) / qmax).astype(np.float32)
+    scale[scale == 0] = 1
+    y = np.clip(resid / scale[..., None], -qmax, qmax)
+    q = y.astype(ml_dtypes.float8_e4m3fn).view(np.uint8) if dtype == "fp8" else np.round(y).astype(np.int8)
+    return q, scale
+
+
+def decoded_reference(resid: np.ndarray, dtype: str) -> torch.Tensor:
+    """float32 values a reader of a ``dtype`` store returns for ``resid``: the dtype's own
+    rounding (torch's cast; for 8-bit dtypes float32(q) * scale of stored_reference)."""
+    import ml_dtypes
+
+    if dtype not in SCALED:
+        return torch.from_numpy(resid).to(getattr(torch, dtype)).float()
+    q, scale = stored_reference(resid, dtype)
+    values = q.view(ml_dtypes.float8_e4m3fn) if dtype == "fp8" else q
+    return torch.from_numpy(values.astype(np.float32) * scale[..., None])
 
 
 def params(n_tokens: int = 4 * SHARD, **over) -> dict:
@@ -69,50 +103,61 @@ def all_values(path) -> tuple[torch.Tensor, torch.Tensor]:
 
 # ---------------------------------------------------------------- round trips
 
-@pytest.mark.parametrize("dtype,torch_dtype", [("bfloat16", torch.bfloat16), ("float16", torch.float16),
-                                               ("float32", torch.float32)])
-def test_round_trip_each_dtype(tmp_path, dtype, torch_dtype):
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_round_trip_each_dtype(tmp_path, dtype):
+    """Every dtype returns its own rounding of the source, bit for bit; only the 8-bit
+    dtypes have a scale array, and only their stores have schema version 2 (a bfloat16 store
+    stays version 1, readable by a lenspipe from before the scales)."""
     resid, toks = make_data(4 * SHARD)
     write_store(tmp_path / "s", resid, toks, dtype=dtype)
     store = open_store(tmp_path / "s")
     assert store.is_complete and store.dtype == dtype and store.provenance == PROV
-    assert store.attrs["schema_version"] == SCHEMA_VERSION and store.attrs["complete"] is True
-    expected = torch.from_numpy(resid).to(torch_dtype).float()  # torch's own rounding
+    assert store.attrs["schema_version"] == (SCHEMA_VERSION if dtype in SCALED else 1)
+    assert store.attrs["complete"] is True
+    assert ((tmp_path / "s" / "scale").is_dir(), (tmp_path / "s" / "scale" / "c" / "0" / "3").is_file()) == \
+        (dtype in SCALED,) * 2
     got = store.layers([0, 1, 2])
-    assert got.dtype == torch.float32 and torch.equal(got, expected)
+    assert got.dtype == torch.float32 and torch.equal(got, decoded_reference(resid, dtype))
     assert torch.equal(store.tokens(), torch.from_numpy(toks))
     assert store.tokens().dtype == torch.int64
 
 
-@pytest.mark.parametrize("compression", ["blosc-zstd", "blosc-lz4-bitshuffle", "none"])
-def test_other_compressions_round_trip(tmp_path, compression):
+@pytest.mark.parametrize("dtype,compression", [("float32", "blosc-zstd"), ("float32", "blosc-lz4-bitshuffle"),
+                                               ("float32", "none"), ("fp8", "blosc-lz4-bitshuffle"),
+                                               ("int8", "blosc-zstd"), ("fp8", "none")])
+def test_other_compressions_round_trip(tmp_path, dtype, compression):
     resid, toks = make_data(2 * SHARD)
-    write_store(tmp_path / "s", resid, toks, compression=compression, level=5, dtype="float32")
-    assert torch.equal(all_values(tmp_path / "s")[0], torch.from_numpy(resid))
+    write_store(tmp_path / "s", resid, toks, compression=compression, level=5, dtype=dtype)
+    assert torch.equal(all_values(tmp_path / "s")[0], decoded_reference(resid, dtype))
     m = measure_compression(tmp_path / "s")
-    assert m["raw_bytes"] == resid.nbytes and m["stored_bytes"] > 0 and m["compression"] == compression
+    raw = resid.nbytes if dtype == "float32" else resid.size + resid[..., 0].nbytes  # 8-bit values + float32 scales
+    assert m["raw_bytes"] == raw and m["stored_bytes"] > 0 and m["compression"] == compression
+    if compression == "none":
+        assert m["stored_bytes"] > raw  # + each shard's index
 
 
-def test_short_last_shard_and_partial_reads(tmp_path):
+@pytest.mark.parametrize("dtype", ["bfloat16", "fp8", "int8"])
+def test_short_last_shard_and_partial_reads(tmp_path, dtype):
     n = 3 * SHARD + 2 * SEQ  # last shard holds 32 of 64 tokens
     resid, toks = make_data(n)
-    write_store(tmp_path / "s", resid, toks, batch=80)
+    write_store(tmp_path / "s", resid, toks, batch=80, dtype=dtype)
     store = open_store(tmp_path / "s")
     full = store.layers([0, 1, 2])
     assert full.shape == (N_LAYERS + 1, n, D)
-    assert torch.equal(full, torch.from_numpy(resid).bfloat16().float())
+    assert torch.equal(full, decoded_reference(resid, dtype))
     assert torch.equal(store.layers(1, 50, 210), full[1, 50:210])  # one layer = slice
     assert torch.equal(store.layers([2, 0], 10, 20), full[[2, 0], 10:20])
     assert torch.equal(store.layers(-1), full[2])
     assert torch.equal(store.tokens(190, n), torch.from_numpy(toks[190:]))
     view = store.dask()
-    assert view.shape == full.shape and view.chunks[1][0] == CHUNK
+    assert view.shape == full.shape and view.chunks[1][0] == CHUNK and view.dtype == np.float32
     assert np.array_equal(view[:, 40:200].compute(), full[:, 40:200].numpy())
+    assert np.array_equal(view[1, 50:210].compute(), full[1, 50:210].numpy())
     assert verify(tmp_path / "s")["n_shards"] == 4
 
 
 @pytest.mark.parametrize("dtype,compression", [("bfloat16", "zstd"), ("float16", "none"),
-                                               ("float32", "blosc-zstd")])
+                                               ("float32", "blosc-zstd"), ("fp8", "zstd"), ("int8", "none")])
 def test_reads_through_tensorstore_equal_zarr(tmp_path, dtype, compression, monkeypatch):
     """A complete local store is read with TensorStore (engine.read_array): single layers,
     lists of layers and contiguous ranges; the values must be zarr's, bit for bit, for every
@@ -125,17 +170,18 @@ def test_reads_through_tensorstore_equal_zarr(tmp_path, dtype, compression, monk
              lambda s: s.layers(range(N_LAYERS + 1), 30, 3 * SHARD + 2 * SEQ), lambda s: s.layers([1, 2], 0, 190))
     fast = open_store(tmp_path / "s")
     got = [read(fast) for read in reads]
-    assert fast._ts_handle is not False  # TensorStore read them
+    assert fast._ts_handles is not False  # TensorStore read them
+    assert len(fast._ts_handles) == (2 if dtype in SCALED else 1)  # values (and scales)
     monkeypatch.setattr(engine, "_tensorstore_reads", False)
     slow = open_store(tmp_path / "s")
     want = [read(slow) for read in reads]
-    assert slow._ts_handle is False
+    assert slow._ts_handles is False
     assert all(torch.equal(g, w) for g, w in zip(got, want))
-    assert torch.equal(got[0], torch.from_numpy(resid[1, 50:210]).to(getattr(torch, dtype)).float())
+    assert torch.equal(got[0], decoded_reference(resid, dtype)[1, 50:210])
 
 
 @pytest.mark.parametrize("dtype,engine_name", [("bfloat16", "tensorstore"), ("float16", "tensorstore"),
-                                               ("bfloat16", "zarr")])
+                                               ("bfloat16", "zarr"), ("fp8", "tensorstore"), ("int8", "zarr")])
 def test_reads_in_token_pieces_equal_one_read(tmp_path, monkeypatch, dtype, engine_name):
     """Reads go in pieces of READ_TOKENS tokens (at multiples of it, straddling inner
     chunks and shards here), each decoded into the output while the next ones are read,
@@ -151,9 +197,9 @@ def test_reads_in_token_pieces_equal_one_read(tmp_path, monkeypatch, dtype, engi
     monkeypatch.setattr(reader, "READ_TOKENS", 48)  # not a multiple of the 32-token chunks
     got = [store.layers([0, 1, 2]), store.layers([1, 2], 7, 150), store.layers([2, 0], 7, 150),
            store.layers(1, 7, 150), store.layers([1], 0, 0)]
-    assert (store._ts_handle is not False) == (engine_name == "tensorstore")
+    assert (store._ts_handles is not False) == (engine_name == "tensorstore")
     assert all(torch.equal(g, w) for g, w in zip(got, want))
-    source = torch.from_numpy(resid).to(getattr(torch, dtype)).float()
+    source = decoded_reference(resid, dtype)
     assert torch.equal(got[0], source)
     assert torch.equal(got[1], source[1:, 7:150])
     assert torch.equal(got[2], source[[2, 0], 7:150])
@@ -161,14 +207,18 @@ def test_reads_in_token_pieces_equal_one_read(tmp_path, monkeypatch, dtype, engi
     assert got[4].shape == (1, 0, D)
 
 
-@pytest.mark.parametrize("compression", ["zstd", "blosc-lz4-bitshuffle", "blosc-zstd"])
-def test_a_flipped_byte_in_a_compressed_chunk_fails_every_read(tmp_path, compression):
+@pytest.mark.parametrize("compression,dtype,array", [("zstd", "bfloat16", "resid"),
+                                                     ("blosc-lz4-bitshuffle", "bfloat16", "resid"),
+                                                     ("blosc-zstd", "bfloat16", "resid"), ("zstd", "fp8", "resid"),
+                                                     ("zstd", "int8", "scale"), ("blosc-zstd", "fp8", "scale")])
+def test_a_flipped_byte_in_a_compressed_chunk_fails_every_read(tmp_path, compression, dtype, array):
     """Every compressed store checks each chunk as it is read (zstd's own checksum, crc32c
     after blosc, which has none): one flipped byte fails one-layer reads (TensorStore) and
-    layer ranges (zarr) with the store's message, not with silently wrong values."""
+    layer ranges (zarr) with the store's message, not with silently wrong values; in the
+    values' chunks or in the row scales'."""
     resid, toks = make_data(SHARD)
-    write_store(tmp_path / "s", resid, toks, compression=compression, level=5)
-    shard = tmp_path / "s" / "resid" / "c" / "0" / "0" / "0"
+    write_store(tmp_path / "s", resid, toks, compression=compression, level=5, dtype=dtype)
+    shard = tmp_path / "s" / ("resid/c/0/0/0" if array == "resid" else "scale/c/0/0")
     data = bytearray(shard.read_bytes())
     data[len(data) // 3] ^= 0x10  # inside a chunk of layer 0 or 1, not the index at the end
     shard.write_bytes(bytes(data))
@@ -183,21 +233,25 @@ import sys, numpy as np, zarr
 group = zarr.open_group(sys.argv[1], mode="r")
 np.save(sys.argv[2], group["resid"][...])
 np.save(sys.argv[3], group["tokens"][...])
+np.save(sys.argv[4], group["scale"][...] if "scale" in group else np.zeros(0))
 """
 
 
-@pytest.mark.parametrize("compression", ["zstd", "blosc-lz4-bitshuffle", "none"])
-def test_store_is_plain_zarr_that_zarr_python_alone_reads(tmp_path, compression):
+@pytest.mark.parametrize("compression,dtype", [("zstd", "bfloat16"), ("blosc-lz4-bitshuffle", "bfloat16"),
+                                               ("none", "bfloat16"), ("zstd", "fp8"), ("blosc-lz4-bitshuffle", "int8")])
+def test_store_is_plain_zarr_that_zarr_python_alone_reads(tmp_path, compression, dtype):
     """Shards written through TensorStore, read by zarr-python with its own codec pipeline
-    in a process that never imports lenspipe: the stored bf16 bits of the source."""
+    in a process that never imports lenspipe: the stored bits of the source (bf16, fp8)
+    or its int8 values, and the row scales."""
     resid, toks = make_data(2 * SHARD + SEQ)  # a short last shard
-    write_store(tmp_path / "s", resid, toks, compression=compression)
-    out = [tmp_path / "resid.npy", tmp_path / "tokens.npy"]
+    write_store(tmp_path / "s", resid, toks, compression=compression, dtype=dtype)
+    out = [tmp_path / "resid.npy", tmp_path / "tokens.npy", tmp_path / "scale.npy"]
     subprocess.run([sys.executable, "-c", PLAIN_READ, str(tmp_path / "s"), *map(str, out)],
                    check=True, cwd=tmp_path, timeout=120)
-    want = torch.from_numpy(resid).bfloat16().view(torch.int16).numpy().view(np.uint16)
-    assert np.array_equal(np.load(out[0]), want)
+    want, scale = stored_reference(resid, dtype)
+    assert np.array_equal(np.load(out[0]), want) and np.load(out[0]).dtype == want.dtype
     assert np.array_equal(np.load(out[1]), toks)
+    assert np.array_equal(np.load(out[2]), np.zeros(0) if scale is None else scale)
 
 
 def test_manifest_takes_a_digest_from_the_write_only_while_the_file_is_unchanged(tmp_path):
@@ -220,11 +274,12 @@ def test_manifest_takes_a_digest_from_the_write_only_while_the_file_is_unchanged
     assert lines == {"a": "0" * 64, "b": sha256_file(b)}
 
 
-def test_file_url(tmp_path):
+@pytest.mark.parametrize("dtype", ["bfloat16", "fp8"])
+def test_file_url(tmp_path, dtype):
     resid, toks = make_data(SHARD)
-    write_store(tmp_path / "s", resid, toks)
+    write_store(tmp_path / "s", resid, toks, dtype=dtype)
     store = open_store((tmp_path / "s").as_uri())
-    assert torch.equal(store.layers(0), torch.from_numpy(resid[0]).bfloat16().float())
+    assert torch.equal(store.layers(0), decoded_reference(resid, dtype)[0])
     assert verify((tmp_path / "s").as_uri())["complete"]
 
 
@@ -254,9 +309,10 @@ class RangeHandler(http.server.SimpleHTTPRequestHandler):
         return io.BytesIO(body)
 
 
-def test_http_url_few_requests(tmp_path):
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_http_url_few_requests(tmp_path, dtype):
     resid, toks = make_data(4 * SHARD)
-    write_store(tmp_path / "s", resid, toks)
+    write_store(tmp_path / "s", resid, toks, dtype=dtype)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
                                              functools.partial(RangeHandler, directory=str(tmp_path)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -268,9 +324,10 @@ def test_http_url_few_requests(tmp_path):
         assert len(RangeHandler.requests) <= 3  # zarr.json (consolidated) + COMPLETE
         RangeHandler.requests.clear()
         got = store.layers(1, 0, 2 * SHARD)
-        # One layer over 2 shards: each shard's index + that layer's 2 inner chunks, as ranges.
-        assert len(RangeHandler.requests) <= 6
-        assert torch.equal(got, torch.from_numpy(resid[1, :2 * SHARD]).bfloat16().float())
+        # One layer over 2 shards: each shard's index + that layer's 2 inner chunks, as
+        # ranges; of the values, and of the row scales where there are some.
+        assert len(RangeHandler.requests) <= 6 * (2 if dtype in SCALED else 1)
+        assert torch.equal(got, decoded_reference(resid, dtype)[1, :2 * SHARD])
         assert verify(url)["n_shards"] == 4
     finally:
         server.shutdown()
@@ -280,15 +337,17 @@ def test_http_url_few_requests(tmp_path):
 
 # ---------------------------------------------------------------- resume
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "fp8", "int8"])
 @pytest.mark.parametrize("shard_writes", [True, False], ids=["tensorstore", "zarr"])
-def test_resume_after_dropped_writer_matches_uninterrupted(tmp_path, monkeypatch, shard_writes):
-    """Also: a killed TensorStore write's temp file goes, whichever engine resumes."""
+def test_resume_after_dropped_writer_matches_uninterrupted(tmp_path, monkeypatch, shard_writes, dtype):
+    """Also: a killed TensorStore write's temp file goes, whichever engine resumes (of the
+    values, and of the row scales)."""
     from pipeline.store import engine
 
     monkeypatch.setattr(engine, "_shard_writes", shard_writes)
     resid, toks = make_data(4 * SHARD)
-    write_store(tmp_path / "ref", resid, toks)
-    w = StoreWriter.open(tmp_path / "s", **params(), background=False)
+    write_store(tmp_path / "ref", resid, toks, dtype=dtype)
+    w = StoreWriter.open(tmp_path / "s", **params(dtype=dtype), background=False)
     for s in range(0, 2 * SHARD + 20, 20):  # 2 whole shards + part of a third
         w.write(resid[:, s:s + 20], toks[s:s + 20])
     del w  # a crash: no finalize, no abort
@@ -297,10 +356,14 @@ def test_resume_after_dropped_writer_matches_uninterrupted(tmp_path, monkeypatch
         open_store(tmp_path / "s")
     partial = open_store(tmp_path / "s", allow_incomplete=True)
     assert not partial.is_complete and partial.written_tokens == 2 * SHARD
-    torn = tmp_path / "s" / "resid" / "c" / "0" / "2" / "0.__lock"  # a killed TensorStore write's temp
-    torn.parent.mkdir(parents=True, exist_ok=True)
-    torn.write_bytes(b"torn")
-    write_store(tmp_path / "s", resid, toks, start=2 * SHARD)
+    torns = [tmp_path / "s" / "resid" / "c" / "0" / "2" / "0.__lock"]  # a killed TensorStore write's temp
+    torns += [tmp_path / "s" / "resid" / "c" / "0" / "2" / "0"]  # a torn shard file of a zarr write
+    if dtype in SCALED:
+        torns += [tmp_path / "s" / "scale" / "c" / "0" / "2.__lock", tmp_path / "s" / "scale" / "c" / "0" / "2"]
+    for torn in torns:
+        torn.parent.mkdir(parents=True, exist_ok=True)
+        torn.write_bytes(b"torn")
+    write_store(tmp_path / "s", resid, toks, start=2 * SHARD, dtype=dtype)
     for a, b in zip(all_values(tmp_path / "s"), all_values(tmp_path / "ref")):
         assert torch.equal(a, b)
     verify(tmp_path / "s")
@@ -326,7 +389,7 @@ rng = np.random.default_rng(0)
 resid = (rng.standard_normal((3, 256, 8)) * 10).astype(np.float32)
 toks = rng.integers(0, 50_000, 256)
 w = StoreWriter.open(sys.argv[1], n_layers=2, d_model=8, n_tokens=256, seq_len=16,
-                     shard_tokens=64, chunk_tokens=32, provenance={provenance!r})
+                     shard_tokens=64, chunk_tokens=32, dtype=sys.argv[2], provenance={provenance!r})
 for s in range(0, 256, 32):
     w.write(resid[:, s:s + 32], toks[s:s + 32])
     time.sleep(0.4)
@@ -334,12 +397,13 @@ w.finalize()
 """
 
 
-def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
+@pytest.mark.parametrize("dtype", ["bfloat16", "fp8", "int8"])
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path, dtype):
     resid, toks = make_data(4 * SHARD)
     assert (N_LAYERS, D, SHARD, CHUNK, SEQ) == (2, 8, 64, 32, 16)  # as in CHILD
-    write_store(tmp_path / "ref", resid, toks)
+    write_store(tmp_path / "ref", resid, toks, dtype=dtype)
     path = tmp_path / "s"
-    child = subprocess.Popen([sys.executable, "-c", CHILD.format(provenance=PROV), str(path)],
+    child = subprocess.Popen([sys.executable, "-c", CHILD.format(provenance=PROV), str(path), dtype],
                              cwd=Path(__file__).parents[1])
     try:
         deadline = time.monotonic() + 60
@@ -352,7 +416,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
         child.kill()
         child.wait()
     assert child.returncode == -signal.SIGKILL
-    with StoreWriter.open(path, **params()) as w:  # the kernel dropped the dead child's lock
+    with StoreWriter.open(path, **params(dtype=dtype)) as w:  # the kernel dropped the dead child's lock
         assert SHARD <= w.resume_token < 4 * SHARD and w.resume_token % SHARD == 0
         for s in range(w.resume_token, 4 * SHARD, 48):
             w.write(resid[:, s:s + 48], toks[s:s + 48])
@@ -365,14 +429,14 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
 def test_background_failure_reraised_in_caller(tmp_path, monkeypatch):
     resid, toks = make_data(4 * SHARD)
     w = StoreWriter.open(tmp_path / "s", **params())
-    real = w._write_shard
+    real = w._shards._write_shard
 
-    def failing(shard, buf, tbuf):
+    def failing(shard, bufs):
         if shard == 1:
             raise OSError(28, "No space left on device")
-        return real(shard, buf, tbuf)
+        return real(shard, bufs)
 
-    monkeypatch.setattr(w, "_write_shard", failing)
+    monkeypatch.setattr(w._shards, "_write_shard", failing)
     with pytest.raises(OSError, match="No space left"):
         for s in range(0, 4 * SHARD, 32):
             w.write(resid[:, s:s + 32], toks[s:s + 32])
@@ -387,15 +451,15 @@ def test_failed_fsync_records_no_later_shard_and_resume_matches(tmp_path, monkey
     the next shard is written: a failed fsync surfaces in the caller as the store's own
     disk-full message, and neither that shard nor any later one is recorded, even one
     whose write went through; a resume then gives the uninterrupted store."""
-    from pipeline.store import writer as writer_module
+    from pipeline.store import shards as shards_module
 
     resid, toks = make_data(4 * SHARD)
     write_store(tmp_path / "ref", resid, toks)
-    real, real_write = writer_module._fsync_file, StoreWriter._write_resid
+    real, real_write = shards_module._fsync_file, shards_module.ShardPipeline._write_values
     shard_2_written = threading.Event()
 
-    def write_resid(self, start, stop, buf):
-        real_write(self, start, stop, buf)
+    def write_values(self, start, stop, bufs):
+        real_write(self, start, stop, bufs)
         if start == 2 * SHARD:
             shard_2_written.set()
 
@@ -405,8 +469,8 @@ def test_failed_fsync_records_no_later_shard_and_resume_matches(tmp_path, monkey
             raise OSError(28, "No space left on device", str(path))
         real(path)
 
-    monkeypatch.setattr(StoreWriter, "_write_resid", write_resid)
-    monkeypatch.setattr(writer_module, "_fsync_file", failing)
+    monkeypatch.setattr(shards_module.ShardPipeline, "_write_values", write_values)
+    monkeypatch.setattr(shards_module, "_fsync_file", failing)
     w = StoreWriter.open(tmp_path / "s", **params())
     with pytest.raises(StoreError, match=r"no space left on the device while writing shard 1 "):
         for s in range(0, 4 * SHARD, 32):
@@ -416,7 +480,7 @@ def test_failed_fsync_records_no_later_shard_and_resume_matches(tmp_path, monkey
     assert (tmp_path / "s" / "resid" / "c" / "0" / "2" / "0").exists()  # written, never recorded
     assert [p.name for p in sorted((tmp_path / "s" / "progress").glob("shard-*.json"))] == ["shard-000000.json"]
     assert resume_token(tmp_path / "s", params()) == SHARD
-    monkeypatch.setattr(writer_module, "_fsync_file", real)
+    monkeypatch.setattr(shards_module, "_fsync_file", real)
     write_store(tmp_path / "s", resid, toks, start=SHARD)
     for a, b in zip(all_values(tmp_path / "s"), all_values(tmp_path / "ref")):
         assert torch.equal(a, b)
@@ -471,15 +535,15 @@ def test_reader_refuses_incomplete_store(tmp_path):
         verify(tmp_path / "s")
     partial = open_store(tmp_path / "s", allow_incomplete=True)
     partial.layers(0, 0, 0)
-    assert partial._ts_handle is False  # a store being written is read through zarr only
+    assert partial._ts_handles is False  # a store being written is read through zarr only
     w.abort()
 
 
 def test_unknown_schema_version_refused(tmp_path):
     resid, toks = make_data(SHARD)
     write_store(tmp_path / "s", resid, toks)
-    zarr.open_group(tmp_path / "s", mode="r+").update_attributes({"schema_version": 2})
-    with pytest.raises(StoreError, match="store schema version 2, this lenspipe reads 1; upgrade"):
+    zarr.open_group(tmp_path / "s", mode="r+").update_attributes({"schema_version": 3})
+    with pytest.raises(StoreError, match="store schema version 3, this lenspipe reads 1, 2; upgrade"):
         open_store(tmp_path / "s")
 
 
@@ -501,7 +565,7 @@ def test_not_a_store_refused(tmp_path):
     ({"shard_tokens": 48}, "shard_tokens=48 must be a multiple of chunk_tokens=32"),
     ({"chunk_tokens": 24, "shard_tokens": 72}, "shard_tokens=72 must be a multiple of seq_len=16"),
     ({"n_tokens": 100}, "n_tokens=100 must be a multiple of seq_len=16"),
-    ({"dtype": "int8"}, "dtype 'int8'"),
+    ({"dtype": "int4"}, "dtype 'int4' is not one of .*'fp8', 'int8'"),
     ({"compression": "lz4"}, "compression 'lz4'"),
 ])
 def test_invalid_parameters_refused(tmp_path, bad, match):
@@ -520,10 +584,11 @@ def test_float16_overflow_names_layer_and_position(tmp_path):
     w.abort()
 
 
-def test_nan_input_refused(tmp_path):
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_nan_input_refused(tmp_path, dtype):
     resid, toks = make_data(SHARD)
     resid[2, 17, 0] = np.nan
-    with StoreWriter.open(tmp_path / "s", **params(SHARD, dtype="float32")) as w:
+    with StoreWriter.open(tmp_path / "s", **params(SHARD, dtype=dtype)) as w:
         with pytest.raises(StoreError, match=r"non-finite activation nan at layer 2, token index 17 "
                                              r"\(sequence 1, position 1\)"):
             w.write(resid, toks)
@@ -532,10 +597,11 @@ def test_nan_input_refused(tmp_path):
 
 def test_inf_input_refused_in_every_dtype_and_an_empty_batch_is_nothing(tmp_path):
     """inf is refused whatever the storage dtype (float32 took it once: its largest value
-    was taken as inf), and an empty batch writes nothing."""
+    was taken as inf; an 8-bit dtype, which scales any finite row, must still refuse it),
+    and an empty batch writes nothing."""
     resid, toks = make_data(SHARD)
     resid[1, 40, 2] = -np.inf
-    for dtype in ("float32", "bfloat16", "float16"):
+    for dtype in ALL_DTYPES:
         with StoreWriter.open(tmp_path / dtype, **params(SHARD, dtype=dtype)) as w:
             w.write(resid[:, :0], toks[:0])
             assert w.resume_token == 0
@@ -550,16 +616,16 @@ def test_an_io_error_in_a_shard_write_is_raised_as_it_is_and_stops_the_writer(tm
     cause: a loop there once hung the error reporting), and no later shard is written,
     with background threads or without."""
     from pipeline.errors import _causes
-    from pipeline.store import writer as writer_module
+    from pipeline.store import shards as shards_module
 
-    real = writer_module._fsync_file
+    real = shards_module._fsync_file
 
     def failing(path):
         if path.parts[-2:] == ("1", "0"):
             raise OSError(5, "Input/output error", str(path))
         real(path)
 
-    monkeypatch.setattr(writer_module, "_fsync_file", failing)
+    monkeypatch.setattr(shards_module, "_fsync_file", failing)
     resid, toks = make_data(4 * SHARD)
     w = StoreWriter.open(tmp_path / "s", **params(), background=background)
     with pytest.raises(OSError, match="Input/output error") as raised:
@@ -573,23 +639,28 @@ def test_an_io_error_in_a_shard_write_is_raised_as_it_is_and_stops_the_writer(tm
     assert resume_token(tmp_path / "s", params()) == SHARD
 
 
-def test_a_shard_record_follows_the_fsync_of_its_files_and_of_their_directories(tmp_path, monkeypatch):
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_a_shard_record_follows_the_fsync_of_its_files_and_of_their_directories(tmp_path, monkeypatch, dtype):
     """A shard's directory is new: its entry must be durable too, before the record that
-    says the shard is done (TensorStore writes without fsync; the writer syncs)."""
-    from pipeline.store import writer as writer_module
+    says the shard is done (TensorStore writes without fsync; the writer syncs); the row
+    scales' shard file too."""
+    from pipeline.store import shards as shards_module
 
-    real, synced = writer_module._fsync_file, []
+    real, synced = shards_module._fsync_file, []
 
     def recording(path):  # (what is synced, how many shards are recorded at that moment)
         synced.append((path.relative_to(tmp_path / "s").as_posix(),
                        len(list((tmp_path / "s" / "progress").glob("shard-*.json")))))
         real(path)
 
-    monkeypatch.setattr(writer_module, "_fsync_file", recording)
+    monkeypatch.setattr(shards_module, "_fsync_file", recording)
     resid, toks = make_data(2 * SHARD)
-    write_store(tmp_path / "s", resid, toks)
+    write_store(tmp_path / "s", resid, toks, dtype=dtype)
     for shard in (0, 1):
-        for path in (f"resid/c/0/{shard}/0", f"resid/c/0/{shard}", "resid/c/0", f"tokens/c/{shard}", "tokens/c"):
+        paths = [f"resid/c/0/{shard}/0", f"resid/c/0/{shard}", "resid/c/0", f"tokens/c/{shard}", "tokens/c"]
+        if dtype in SCALED:
+            paths += [f"scale/c/0/{shard}", "scale/c/0"]
+        for path in paths:
             assert (path, shard) in synced, (path, synced)
 
 
@@ -603,20 +674,23 @@ def test_a_cause_chain_that_loops_ends():
 
 # ---------------------------------------------------------------- verify
 
-@pytest.mark.parametrize("compression", ["zstd", "none"])
-def test_verify_detects_one_flipped_byte(tmp_path, compression):
+@pytest.mark.parametrize("compression,dtype,shard_file", [
+    ("zstd", "bfloat16", "resid/c/0/2/0"), ("none", "bfloat16", "resid/c/0/2/0"), ("none", "fp8", "resid/c/0/2/0"),
+    ("zstd", "fp8", "scale/c/0/2"), ("none", "int8", "scale/c/0/2")])
+def test_verify_detects_one_flipped_byte(tmp_path, compression, dtype, shard_file):
     resid, toks = make_data(4 * SHARD)
-    write_store(tmp_path / "s", resid, toks, compression=compression)
+    write_store(tmp_path / "s", resid, toks, compression=compression, dtype=dtype)
     summary = verify(tmp_path / "s")
     assert summary["n_shards"] == 4 and summary["n_tokens"] == 4 * SHARD
-    shard_file = tmp_path / "s" / "resid" / "c" / "0" / "2" / "0"
-    data = bytearray(shard_file.read_bytes())
+    path = tmp_path / "s" / shard_file
+    data = bytearray(path.read_bytes())
     data[len(data) // 3] ^= 0x01
-    shard_file.write_bytes(bytes(data))
-    with pytest.raises(StoreError, match=r"resid/c/0/2/0 \(shard 2\) does not match its sha256"):
+    path.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match=rf"{shard_file} \(shard 2\) does not match its sha256"):
         verify(tmp_path / "s")
     (tmp_path / "s" / "SHA256SUMS").unlink()  # without the file manifest, the shard checks name the layer
-    with pytest.raises(StoreError, match=r"shard 2 \(tokens 128..192\)(, layer \d| .*shard index)"):
+    what = "layer" if shard_file.startswith("resid") else "scales of layer"
+    with pytest.raises(StoreError, match=rf"shard 2 \(tokens 128..192\)(, {what} \d| .*shard index)"):
         verify(tmp_path / "s")
 
 
@@ -640,14 +714,16 @@ def test_a_store_begun_with_fill_value_zero_resumes_with_every_shard_a_file(tmp_
     """Stores begun before the NaN / -1 fill values have fill 0. zarrs writes no file for a
     chunk equal to the fill value, so resuming one through zarrs would lose an all-zero
     token shard: such a store is written through zarr-python's pipeline."""
-    import pipeline.store.writer as writer
+    import dataclasses
+
+    from pipeline.store import arrays, layout
 
     path, n = tmp_path / "old.zarr", 2 * SHARD
     resid, _ = make_data(n)
     toks = np.zeros(n, np.int64)  # token id 0 everywhere: equal to the old fill value
     with monkeypatch.context() as m:  # begin it as before: fill values 0
-        m.setattr(writer, "FILL", {k: 0 for k in writer.FILL})
-        m.setattr(writer, "TOKEN_FILL", 0)
+        m.setattr(layout, "DTYPES", {k: dataclasses.replace(v, fill=0) for k, v in layout.DTYPES.items()})
+        m.setattr(arrays, "TOKEN_FILL", 0)
         StoreWriter.open(path, **params(n)).abort()
     assert zarr.open_group(str(path), mode="r")["tokens"].metadata.fill_value == 0
     write_store(path, resid, toks)

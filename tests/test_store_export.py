@@ -19,7 +19,7 @@ from pipeline.store.writer import StoreWriter
 N = 3 * 64 + 16  # a short last shard too
 
 
-@pytest.fixture(params=["bfloat16", "float16", "float32"])
+@pytest.fixture(params=["bfloat16", "float16", "float32", "fp8", "int8"])
 def store(request, tmp_path):
     resid, toks = make_data(N)
     with StoreWriter.open(tmp_path / "s.zarr", **params(N, dtype=request.param)) as w:
@@ -46,15 +46,23 @@ def test_round_trip_is_lossless(store, tmp_path, fmt):
     verify(back)
 
 
-def test_hdf5_layout_keeps_bf16_bits_and_provenance(store, tmp_path):
+def test_hdf5_layout_keeps_the_stored_bits_scales_and_provenance(store, tmp_path):
+    """bf16 and fp8 as their bits with an encoding attribute, int8 as int8, the 8-bit
+    dtypes' row scales as a dataset of their own: the stored numbers, not a conversion."""
     export_store(store, tmp_path / "s.h5", "hdf5")
     src = open_store(store)
     with h5py.File(tmp_path / "s.h5") as f:
         ds = f["resid"]
         assert ds.shape == (3, N, 8) and ds.chunks == (1, 32, 8)
-        if src.dtype == "bfloat16":
-            assert ds.dtype == np.uint16 and ds.attrs["encoding"] == "bfloat16-bits"
-            np.testing.assert_array_equal(ds[...], src._resid[...])  # the stored bits, not a conversion
+        want = {"bfloat16": (np.uint16, "bfloat16-bits"), "fp8": (np.uint8, "float8_e4m3fn-bits"),
+                "int8": (np.int8, None)}.get(src.dtype)
+        if want:
+            assert ds.dtype == want[0] and ds.attrs.get("encoding") == want[1]
+            np.testing.assert_array_equal(ds[...], src._resid[...])
+        assert ("scale" in f) == (src.dtype in ("fp8", "int8"))
+        if "scale" in f:
+            assert f["scale"].shape == (3, N) and f["scale"].dtype == np.float32 and ds.attrs["scale"] == "scale"
+            np.testing.assert_array_equal(f["scale"][...], src._scale[...])
         assert "provenance" in f.attrs["lenspipe_attrs"]
 
 
@@ -74,9 +82,15 @@ def test_bad_exports_and_imports_are_refused(store, tmp_path):
         import_store(tmp_path / "junk.h5", tmp_path / "j.zarr")
     export_store(store, tmp_path / "s.h5", "hdf5")
     with h5py.File(tmp_path / "s.h5", "r+") as f:  # one flipped value after export
-        f["resid"][1, 70, 3] = f["resid"][1, 70, 3] + 1
+        f["resid"][1, 70, 3] = f["resid"][1, 70, 3] ^ 1 if f["resid"].dtype.kind in "ui" else f["resid"][1, 70, 3] + 1
     with pytest.raises(StoreError, match=r"s.h5 shard 1 \(tokens 64..128\), layer 1: checksum mismatch"):
         import_store(tmp_path / "s.h5", tmp_path / "bad.zarr")
+    if "scale" in h5py.File(tmp_path / "s.h5"):
+        export_store(store, tmp_path / "t.h5", "hdf5")
+        with h5py.File(tmp_path / "t.h5", "r+") as f:  # one changed row scale
+            f["scale"][2, 150] = f["scale"][2, 150] * 2
+        with pytest.raises(StoreError, match=r"t.h5 shard 2 \(tokens 128..192\), scales of layer 2: checksum mismatch"):
+            import_store(tmp_path / "t.h5", tmp_path / "bad.zarr")
     with pytest.raises(StoreError, match="already exists"):
         import_store(tmp_path / "s.h5", store)
 

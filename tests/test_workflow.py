@@ -195,6 +195,29 @@ def test_a_kind_registered_by_one_class_trains_evaluates_and_is_analysed_through
     assert (anatomy.kind == "shift").all() and (anatomy.rel_dist_identity == 0).all() and (anatomy.bias_norm > 0).all()
 
 
+# int8's stores differ from fp8's only in the decode, which test_store covers: its run
+# (~2 min on 2 cores) is a slow test.
+@pytest.mark.parametrize("dtype", ["fp8", pytest.param("int8", marks=pytest.mark.slow)])
+def test_the_whole_workflow_runs_on_an_8_bit_store(workdir, dtype):
+    """``extract.dtype: fp8`` (int8): every rule of the default target, the analyses and the
+    report included, from 8-bit stores; each extraction records its logits check."""
+    import pandas as pd
+
+    from pipeline.store.reader import open_store
+
+    cfg = workdir / f"{dtype}.yaml"
+    cfg.write_text((REPO / ".test" / "config.yaml").read_text().replace("  dtype: float32", f"  dtype: {dtype}"))
+    proc = snakemake(workdir, "--configfile", str(cfg))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    stores = workdir / "data" / "stores" / "tiny" / "tiny-txt"
+    for split in ("train", "validation", "test"):
+        assert open_store(stores / f"{split}.zarr").dtype == dtype
+        summary = json.loads((stores / f"{split}.extract.json").read_text())
+        assert summary["logits_max_err"] < 1e-3 and 0 < summary["stored_logits_kl"] < 1, summary
+    metrics = pd.read_parquet(workdir / "data" / "tables" / "tiny" / "tiny-txt" / "layer_metrics.parquet")
+    assert metrics["kl"].notna().all() and (workdir / "data" / "report" / "report.html").is_file()
+
+
 # ------------------------------------------------------------------------ reproducibility
 
 def _check_provenance(data: Path) -> None:

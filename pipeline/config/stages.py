@@ -6,10 +6,11 @@ from dataclasses import dataclass, field
 
 from ..errors import ConfigError
 from ..lens import kinds
+from ..store.dtypes import DTYPES
 from ..store.layout import COMPRESSIONS
 
 SPLITS = ("train", "validation", "test")
-STORE_DTYPES = ("bfloat16", "float16", "float32")
+STORE_DTYPES = tuple(DTYPES)
 
 
 @dataclass
@@ -25,7 +26,9 @@ class ExtractConfig:
     dtype: str = "bfloat16"
     """Storage dtype: ``bfloat16`` (default: float32's range, so residual norms of ~1e4
     and beyond cannot overflow), ``float16`` (more mantissa, max 65,504: overflow stops the
-    run with an error), or ``float32``."""
+    run with an error), ``float32``, or 8 bits a value with a float32 scale per layer and
+    token: ``fp8`` (float8 e4m3fn) or ``int8`` (half the bytes of bfloat16; they cannot
+    overflow; their cost to lens quality is measured in the README, "Compact stores")."""
     device: str = "auto"
     """``auto`` (CUDA if available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
     compute_dtype: str = "auto"

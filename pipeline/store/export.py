@@ -3,12 +3,15 @@
 zip: the store directory as a stored (uncompressed: the chunks already are) zip archive,
 i.e. a zarr ZipStore, written once and then renamed into place. Import unpacks it.
 
-hdf5 (h5py): ``resid`` (n_layers+1, n_tokens, d_model) in the storage dtype (bfloat16 kept
-as uint16 bits with an ``encoding`` attribute, as in the zarr store), chunked like the
-store's inner chunks; ``tokens``; the store's attributes (provenance, parameters), its
+hdf5 (h5py): ``resid`` (n_layers+1, n_tokens, d_model) in the storage dtype (bfloat16 and
+fp8 kept as uint16 / uint8 bits with an ``encoding`` attribute, as in the zarr store),
+chunked like the store's inner chunks; for fp8 and int8 ``scale`` (n_layers+1, n_tokens)
+float32, the row scales; ``tokens``; the store's attributes (provenance, parameters), its
 per-shard records and its COMPLETE marker as JSON attributes. Import rebuilds a zarr store
-shard by shard through the ordinary writer and then checks that every recomputed shard
-checksum equals the exported record: a lossless round trip is verified, not assumed.
+shard by shard through the ordinary writer, from the stored values as they are
+(``StoreWriter.write_stored``: no decode and re-encode), and then checks that every
+recomputed shard checksum equals the exported record: a lossless round trip is verified,
+not assumed.
 The HDF5 file also carries a sha256 of its JSON attributes, so ``lenspipe verify`` can
 check an HDF5 export in place as thoroughly as a zarr store (:func:`pipeline.store.verify.verify_hdf5`).
 
@@ -31,9 +34,10 @@ import numpy as np
 from ..errors import StoreError, output_errors
 from ..progress import Progress
 from ..provenance import atomic_dir, sha256_json
-from .layout import BF16_BITS, COMPLETE_NAME, H5_META_SHA256, LOCK_NAME, record_name
-from .reader import is_hdf5_file, open_store, to_tensor
-from .verify import verify
+from .dtypes import SCALE_ARRAY
+from .layout import COMPLETE_NAME, H5_META_SHA256, LOCK_NAME, StoreParams, record_name
+from .reader import is_hdf5_file, open_store
+from .verify import h5_datasets, verify
 from .writer import StoreWriter
 
 log = logging.getLogger(__name__)
@@ -85,17 +89,24 @@ def _export_hdf5(src: str | os.PathLike, tmp: Path) -> None:
     with _FailSafeFile(tmp) as sink, h5py.File(sink, "w", libver=("v110", "latest")) as f:
         f.attrs.update(meta)
         f.attrs[H5_META_SHA256] = sha256_json(meta)  # the records' checksums cover the data
-        ds = f.create_dataset("resid", shape=raw.shape, dtype=raw.dtype,
-                              chunks=(1, min(p.chunk_tokens, p.n_tokens), p.d_model), compression="gzip",
-                              compression_opts=1, shuffle=True)
-        if store._encoding == BF16_BITS:
-            ds.attrs["encoding"] = BF16_BITS  # uint16 holding bfloat16 bits (h5py has no bf16)
+        chunk = min(p.chunk_tokens, p.n_tokens)
+        ds = f.create_dataset("resid", shape=raw.shape, dtype=raw.dtype, chunks=(1, chunk, p.d_model),
+                              compression="gzip", compression_opts=1, shuffle=True)
+        if p.spec.encoding is not None:
+            ds.attrs["encoding"] = p.spec.encoding  # the bits of a dtype h5py does not have
+        scales = None
+        if store._scale is not None:
+            scales = f.create_dataset(SCALE_ARRAY, shape=store._scale.shape, dtype=store._scale.dtype,
+                                      chunks=(1, chunk), compression="gzip", compression_opts=1, shuffle=True)
+            ds.attrs["scale"] = SCALE_ARRAY  # values = float32(resid) * scale[..., None]
         f.create_dataset("tokens", data=store.tokens().numpy().astype(np.int32))
         with Progress(p.n_tokens, "export hdf5", unit="tok") as bar:
             for i in range(p.n_shards):
                 sink.check()  # stop at the first failed write (a full disk)
                 s, e = p.shard_span(i)
                 ds[:, s:e, :] = raw[:, s:e, :]
+                if scales is not None:
+                    scales[:, s:e] = store._scale[:, s:e]
                 bar.update(e - s)
 
 
@@ -205,12 +216,14 @@ def _import_hdf5(src: Path, dest: Path) -> None:
 
     with h5py.File(src, "r") as f:
         attrs, records = json.loads(f.attrs["lenspipe_attrs"]), json.loads(f.attrs["lenspipe_records"])
-        params, encoding = attrs["params"], f["resid"].attrs.get("encoding")
+        params = attrs["params"]
+        names = h5_datasets(StoreParams(**params))
         with StoreWriter.open(dest, **params, provenance=attrs["provenance"]) as w, \
                 Progress(params["n_tokens"], "import hdf5", unit="tok") as bar:
             for s in range(0, params["n_tokens"], params["shard_tokens"]):
                 e = min(s + params["shard_tokens"], params["n_tokens"])
-                w.write(to_tensor(f["resid"][:, s:e, :], encoding), f["tokens"][s:e])
+                scale = f[SCALE_ARRAY][:, s:e] if SCALE_ARRAY in names else None
+                w.write_stored(f["resid"][:, s:e, :], f["tokens"][s:e], scale)
                 bar.update(e - s)
     loc = open_store(dest).location
     mine = [loc.read_json(record_name(i)) for i in range(len(records))]

@@ -28,11 +28,15 @@ def store_info(path_or_url: str | os.PathLike) -> dict[str, Any]:
         "shard_tokens": params.shard_tokens, "chunk_tokens": params.chunk_tokens,
         "created": store.attrs.get("created"), "finished": store.attrs.get("finished"),
     }
+    raw_token = store.spec.bytes_per_token(store.n_layers, store.d_model)
+    info.update(scaled=store.spec.scaled, raw_bytes_per_token=raw_token,
+                raw_bytes_per_value=raw_token / ((store.n_layers + 1) * store.d_model))
     try:  # sizes on disk are known for local stores only
         sizes = measure_compression(path_or_url)
-        info.update(stored_bytes=sizes["stored_bytes"], raw_bytes=sizes["raw_bytes"], ratio=sizes["ratio"])
+        info.update(stored_bytes=sizes["stored_bytes"], raw_bytes=sizes["raw_bytes"], ratio=sizes["ratio"],
+                    stored_bytes_per_token=sizes["stored_bytes"] / store.n_tokens)
     except (OSError, TypeError, ValueError):
-        info.update(stored_bytes=None, raw_bytes=None, ratio=None)
+        info.update(stored_bytes=None, raw_bytes=None, ratio=None, stored_bytes_per_token=None)
     return info
 
 
@@ -48,7 +52,11 @@ def format_info(info: dict[str, Any]) -> str:
         f"weights:      sha256 {info['weights_sha256']}",
         f"corpus:       split {info['corpus_split']}, fingerprint {info['corpus_fingerprint']}",
         f"tokens:       {info['tokens']:,} ({info['tokens'] // info['seq_len']:,} sequences of {info['seq_len']})",
-        f"layers:       {info['layers']} x d_model {info['d_model']}, {info['dtype']}",
+        f"layers:       {info['layers']} x d_model {info['d_model']}, {info['dtype']}"
+        + (" (a float32 scale per layer and token)" if info["scaled"] else ""),
+        f"bytes:        {info['raw_bytes_per_value']:.3f} per value, {info['raw_bytes_per_token']:,} per token "
+        "uncompressed" + ("" if info["stored_bytes_per_token"] is None
+                          else f"; {info['stored_bytes_per_token']:,.0f} per token on disk"),
         f"storage:      {info['compression']}, shards of {info['shard_tokens']} tokens, chunks of {info['chunk_tokens']}",
         f"size on disk: {gb(info['stored_bytes'])} (raw {gb(info['raw_bytes'])}"
         + (f", compression {info['ratio']:.2f}x)" if info["ratio"] else ")"),
@@ -58,20 +66,22 @@ def format_info(info: dict[str, Any]) -> str:
 
 
 def measure_compression(path: str | os.PathLike) -> dict:
-    """Bytes stored on disk for ``resid`` vs its uncompressed size (local stores and zips)."""
+    """Bytes stored on disk for the activations (``resid``, and the ``scale`` of an 8-bit
+    store) vs their uncompressed size (local stores and zips)."""
     store = open_store(path, allow_incomplete=True)
-    stored = _stored_resid_bytes(store)
-    raw = int(np.prod(store._resid.shape)) * store._resid.dtype.itemsize
+    stored = _stored_value_bytes(store)
+    raw = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in store._value_arrays)
     return {"stored_bytes": stored, "raw_bytes": raw, "ratio": raw / stored if stored else float("nan"),
             "dtype": store.dtype, "compression": store.params.compression, "level": store.params.level}
 
 
-def _stored_resid_bytes(store: ActivationStore) -> int:
+def _stored_value_bytes(store: ActivationStore) -> int:
     loc = store.location
+    names = tuple(f"{a.basename}/" for a in store._value_arrays)
     if loc.is_url:
         raise ValueError(f"sizes on disk are unknown for a remote store ({loc.zarr_store})")
     if loc.is_zip:
         return sum(i.compress_size for i in loc.fs.zip.infolist()
-                   if i.filename.startswith("resid/") and not i.filename.endswith("zarr.json"))
-    resid_dir = Path(loc.root) / "resid"
-    return sum(f.stat().st_size for f in resid_dir.rglob("*") if f.is_file() and f.name != "zarr.json")
+                   if i.filename.startswith(names) and not i.filename.endswith("zarr.json"))
+    return sum(f.stat().st_size for name in names for f in (Path(loc.root) / name).rglob("*")
+               if f.is_file() and f.name != "zarr.json")

@@ -5,15 +5,19 @@ Layout of a store directory (a zarr v3 group)::
     zarr.json            group attributes: format, schema_version, params, provenance, ...
     resid/               (n_layers+1, n_tokens, d_model); shard = (all layers, shard_tokens,
                          d_model), inner chunk = (1, chunk_tokens, d_model); bfloat16 is
-                         stored as its raw bits in uint16 (attribute encoding=bfloat16-bits)
+                         stored as its raw bits in uint16 (attribute encoding=bfloat16-bits),
+                         fp8 as its raw bits in uint8 (float8_e4m3fn-bits), int8 as int8
+    scale/               fp8 and int8 only: (n_layers+1, n_tokens) float32, one scale per row;
+                         shard = (all layers, shard_tokens), inner chunk = (1, chunk_tokens)
     tokens/              (n_tokens,) int32; one chunk per shard
     progress/shard-NNNNNN.json   one record per durably written shard (per-layer xxh3-128 checksum)
     SHA256SUMS           sha256 of every file, in ``sha256sum`` format, written at finalize
     writer.lock          flock'ed by the one writer
     COMPLETE             written last by finalize; readers refuse a store without it
 
-Everything the writer, the reader, verify and export must agree on lives here, so none of
-them imports another to learn it. No torch, no zarr.
+Everything the writer, the reader, verify and export must agree on lives here (the storage
+dtypes in :mod:`pipeline.store.dtypes`), so none of them imports another to learn it. No
+torch, no zarr.
 """
 
 from __future__ import annotations
@@ -25,10 +29,14 @@ import numpy as np
 import xxhash
 
 from ..errors import StoreError
+from .dtypes import DTYPES, SCALE_ARRAY, StorageDtype
 
-SCHEMA_VERSION = 1
+#: The newest store schema version. 1: resid + tokens; 2: also the per-row ``scale`` array
+#: of the 8-bit dtypes. Each store is written with the lowest version that describes it
+#: (``StorageDtype.schema_version``): a bfloat16 store is still version 1.
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 FORMAT = "lenspipe-activations"
-BF16_BITS = "bfloat16-bits"
 COMPLETE_NAME = "COMPLETE"
 LOCK_NAME = "writer.lock"
 PROGRESS_DIR = "progress"
@@ -38,8 +46,6 @@ MANIFEST_NAME = "SHA256SUMS"
 H5_META = ("lenspipe_attrs", "lenspipe_records", "lenspipe_complete")
 H5_META_SHA256 = "lenspipe_meta_sha256"
 
-#: How each storage dtype is held in numpy (bfloat16 as its raw bits).
-STORED_NP = {"bfloat16": np.dtype("uint16"), "float16": np.dtype("float16"), "float32": np.dtype("float32")}
 COMPRESSIONS = ("zstd", "blosc-zstd", "blosc-lz4", "blosc-lz4-bitshuffle", "none")
 
 
@@ -62,8 +68,8 @@ class StoreParams:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise StoreError(f"store parameter {name} must be a positive integer, got {value!r}")
-        if self.dtype not in STORED_NP:
-            raise StoreError(f"store dtype {self.dtype!r} is not one of {sorted(STORED_NP)}")
+        if self.dtype not in DTYPES:
+            raise StoreError(f"store dtype {self.dtype!r} is not one of {list(DTYPES)}")
         if self.compression not in COMPRESSIONS:
             raise StoreError(f"store compression {self.compression!r} is not one of {COMPRESSIONS}")
         if self.compression == "zstd" and not 1 <= self.level <= 22:
@@ -75,6 +81,10 @@ class StoreParams:
             a, b = getattr(self, name), getattr(self, multiple_of)
             if a % b:
                 raise StoreError(f"{name}={a} must be a multiple of {multiple_of}={b}")
+
+    @property
+    def spec(self) -> StorageDtype:
+        return DTYPES[self.dtype]
 
     @property
     def n_shards(self) -> int:
@@ -95,9 +105,20 @@ def check_schema(attrs: dict, where: str) -> None:
         raise StoreError(f"{where} is a zarr group but not a lenspipe activation store "
                          f"(attribute format is {attrs.get('format')!r}, expected {FORMAT!r})")
     version = attrs.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise StoreError(f"store schema version {version}, this lenspipe reads {SCHEMA_VERSION}; "
-                         f"upgrade lenspipe or re-extract ({where})")
+    if version not in READABLE_VERSIONS:
+        raise StoreError(f"store schema version {version}, this lenspipe reads "
+                         f"{', '.join(map(str, READABLE_VERSIONS))}; upgrade lenspipe or re-extract ({where})")
+
+
+def array_names(p: StoreParams) -> tuple[str, ...]:
+    """The store's arrays, each sharded by tokens: every shard has one file in each."""
+    return ("resid", "tokens", SCALE_ARRAY) if p.spec.scaled else ("resid", "tokens")
+
+
+def shard_files(p: StoreParams, i: int) -> list[str]:
+    """The files of shard i, relative to the store root (zarr v3's default chunk keys)."""
+    keys = {"resid": f"resid/c/0/{i}/0", "tokens": f"tokens/c/{i}", SCALE_ARRAY: f"{SCALE_ARRAY}/c/0/{i}"}
+    return [keys[name] for name in array_names(p)]
 
 
 def record_name(i: int) -> str:
@@ -110,15 +131,10 @@ def _array_digest(a: np.ndarray) -> str:
     return xxhash.xxh3_128_hexdigest(memoryview(np.ascontiguousarray(a)).cast("B"))
 
 
-def shard_checksums(resid: np.ndarray, tokens: np.ndarray) -> dict[str, Any]:
-    """Checksums of the stored bytes of one shard: per layer (resid (L+1, n, d)) and tokens."""
-    return {"resid_xxh3": [_array_digest(layer) for layer in resid],
-            "tokens_xxh3": _array_digest(tokens)}
-
-
-def all_finite(values: np.ndarray, encoding: str | None) -> bool:
-    """No inf/nan among stored values (one layer of a shard, in the storage dtype)."""
-    if encoding == BF16_BITS:
-        # A bf16 is inf/nan exactly when its 8 exponent bits are all ones.
-        return not np.any((values & 0x7F80) == 0x7F80)
-    return bool(np.isfinite(values).all())
+def shard_checksums(resid: np.ndarray, tokens: np.ndarray, scale: np.ndarray | None = None) -> dict[str, Any]:
+    """Checksums of the stored bytes of one shard: per layer (resid (L+1, n, d)), tokens,
+    and per layer of the scales (scale (L+1, n)) of a scaled store."""
+    sums = {"resid_xxh3": [_array_digest(layer) for layer in resid], "tokens_xxh3": _array_digest(tokens)}
+    if scale is not None:
+        sums["scale_xxh3"] = [_array_digest(layer) for layer in scale]
+    return sums

@@ -13,7 +13,7 @@ from typing import Any
 import fsspec
 
 from ..errors import StoreError
-from .layout import StoreParams, record_name
+from .layout import StoreParams, record_name, shard_files
 
 #: Seconds a remote store may stay silent (connect or read) before the read fails.
 URL_TIMEOUT_ENV = "LENSPIPE_URL_TIMEOUT"
@@ -129,7 +129,7 @@ class Location:
         if self.is_zip and self._sizes is None:
             self._sizes = {i.filename: i.file_size for i in self.fs.zip.infolist()}
         for i in range(start // params.shard_tokens, -(-stop // params.shard_tokens)):
-            for name in (f"resid/c/0/{i}/0", f"tokens/c/{i}"):
+            for name in shard_files(params, i):
                 if not (self._sizes.get(name) if self.is_zip else _file_size(self.path(name))):
                     return name
         return None

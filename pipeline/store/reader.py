@@ -16,7 +16,8 @@ import zarr
 
 from ..errors import StoreError
 from . import engine
-from .layout import BF16_BITS, COMPLETE_NAME, check_schema, params_from_attrs
+from .dtypes import BF16_BITS, DTYPES, FP8_E4M3_BITS, SCALE_ARRAY, StorageDtype
+from .layout import COMPLETE_NAME, check_schema, params_from_attrs
 from .location import DAMAGED_ADVICE, Location, read_failure
 
 if TYPE_CHECKING:  # torch takes seconds to import: `lenspipe info` and verify never need it
@@ -25,43 +26,81 @@ if TYPE_CHECKING:  # torch takes seconds to import: `lenspipe info` and verify n
 
 # ---------------------------------------------------------------- decoding
 
-def to_tensor(raw: np.ndarray, encoding: str | None) -> "torch.Tensor":
-    """Stored numpy values -> float32 tensor (bf16 bits are reinterpreted, not converted)."""
+def to_tensor(raw: np.ndarray, spec: StorageDtype, scale: np.ndarray | None = None) -> "torch.Tensor":
+    """Stored numpy values (and row scales) -> float32 tensor."""
     import torch
 
-    if encoding == BF16_BITS:
-        return torch.from_numpy(decode_bf16(raw))
-    return torch.from_numpy(np.ascontiguousarray(raw)).float()
+    return torch.from_numpy(decode(raw, spec, scale))
+
+
+def decode(raw: np.ndarray, spec: StorageDtype, scale: np.ndarray | None = None) -> np.ndarray:
+    """Stored values (and, for a scaled dtype, their row scales ``raw.shape[:-1]``) ->
+    a new float32 array."""
+    out = np.empty(raw.shape, np.float32)
+    decode_into(raw, out, spec, scale)
+    return out
 
 
 def decode_bf16(raw: np.ndarray) -> np.ndarray:
     """bf16 bit patterns (int16) -> float32: a bf16 is the top half of the float32 with the
     same bits. One numpy shift into the output (~5 GB/s of float32 out here), where torch's
     bfloat16 -> float32 conversion into a fresh tensor ran at ~1.1 GB/s (page faults)."""
-    out = np.empty(raw.shape, np.float32)
-    decode_into(raw, out, BF16_BITS)
-    return out
+    return decode(raw, DTYPES["bfloat16"])
 
 
-def decode_into(raw: np.ndarray, out: np.ndarray, encoding: str | None) -> None:
+def decode_into(raw: np.ndarray, out: np.ndarray, spec: StorageDtype, scale: np.ndarray | None = None) -> None:
     """Stored values -> float32 written into ``out`` (same shape; it may be a strided view).
+    A scaled dtype's values are multiplied by their row's scale (``scale``: raw.shape[:-1]).
 
     bf16 as one numpy shift into ``out`` (~2.2 GB/s of bf16 per core here). torch's own
     conversion into a preallocated output runs ~1.7x faster per core, but its two OpenMP
     threads then contend with the reading threads of zarrs and TensorStore: one-layer reads
-    with zstd lost ~25% (benchmarks/RESULTS.md, fifth round)."""
-    if encoding == BF16_BITS:
+    with zstd lost ~25% (benchmarks/RESULTS.md, fifth round). int8: one multiply, float32(q)
+    * scale. fp8: see :func:`_decode_fp8`."""
+    if spec.encoding == BF16_BITS:
         # int16 -> uint32 sign-extends; the shift pushes those extension bits out of the word
         np.left_shift(raw, 16, out=out.view(np.uint32), dtype=np.uint32, casting="unsafe")
+    elif spec.encoding == FP8_E4M3_BITS:
+        _decode_fp8(raw, out, scale)
+    elif spec.scaled:
+        np.multiply(raw, scale[..., None], out=out, dtype=np.float32)
     else:
         np.copyto(out, raw, casting="same_kind")  # float16 / float32 -> float32
 
 
-def _decode_block(block: np.ndarray, encoding: str | None) -> np.ndarray:
-    """Numpy-only decode for dask."""
-    if encoding == BF16_BITS:
-        return decode_bf16(block)
-    return block.astype(np.float32)
+#: The float32 bits of an fp8 e4m3fn placed at bits 26..20 and 31 (see _decode_fp8).
+_FP8_MASK = np.uint32(0x87F00000).view(np.int32)
+_TWO_120 = np.float32(2.0 ** 120)
+
+
+def _decode_fp8(raw: np.ndarray, out: np.ndarray, scale: np.ndarray) -> None:
+    """fp8 e4m3fn bits -> float32(q) * scale, bit for bit, at ~1.4 G values/s per core here
+    (a 256-entry table through ``np.take``: ~0.5, since take widens the indices to int64).
+
+    The 7 exponent and mantissa bits of an e4m3fn, placed at bits 26..20 of a float32 (the
+    sign at 31), make a float32 of exactly 2^-120 times its value, subnormals included (both
+    formats' subnormals have the smallest exponent). Shifting the int8 view left by 20
+    sign-extends into bits 31..27; the mask keeps bit 31 (the sign) only. The 2^120 is
+    folded into the scale, exactly (a power of 2), where that stays finite; the product then
+    rounds once, as float32(q) * scale does."""
+    raw, out, scale = (a[None] for a in (raw, out, scale)) if raw.ndim == 2 else (raw, out, scale)
+    with np.errstate(over="ignore"):
+        folded = scale * _TWO_120
+    exact = bool(np.isfinite(folded).all())  # scale < 2^8 (a row absmax below 114,688)
+    for i in range(raw.shape[0]):  # a layer at a time: the three passes stay in the cache
+        bits = out[i].view(np.int32)
+        np.left_shift(raw[i].view(np.int8), 20, out=bits, dtype=np.int32, casting="unsafe")
+        np.bitwise_and(bits, _FP8_MASK, out=bits)
+        if exact:
+            np.multiply(out[i], folded[i, ..., None], out=out[i])
+        else:
+            np.multiply(out[i], _TWO_120, out=out[i])
+            np.multiply(out[i], scale[i, ..., None], out=out[i])
+
+
+def _decode_block(block: np.ndarray, spec: StorageDtype, scale: np.ndarray | None = None) -> np.ndarray:
+    """Numpy-only decode for dask; ``scale`` with a trailing axis of 1 (dask aligns blocks)."""
+    return decode(block, spec, None if scale is None else scale[..., 0])
 
 
 # ---------------------------------------------------------------- opening
@@ -150,10 +189,13 @@ class ActivationStore:
         self.dtype: str = self.params.dtype
         self.is_complete = complete
         self.location = loc
+        self.spec = self.params.spec
         self._resid = group["resid"]  # (L+1, n_tokens, d) in the storage dtype
         self._tokens = group["tokens"]  # (n_tokens,) int32
-        self._encoding = self._resid.attrs.get("encoding")
-        self._ts_handle: Any = None  # engine.read_array's handle, opened on first use (False: none)
+        self._scale = group[SCALE_ARRAY] if self.spec.scaled else None  # (L+1, n_tokens) float32
+        #: What a read of values reads: resid, and the scales of a scaled dtype.
+        self._value_arrays = [self._resid] if self._scale is None else [self._resid, self._scale]
+        self._ts_handles: Any = None  # engine.read_array's handles, opened on first use (False: none)
 
     def __repr__(self) -> str:
         return (f"ActivationStore({self.location.zarr_store!r}, layers={self.n_layers + 1}, "
@@ -185,67 +227,74 @@ class ActivationStore:
         READ_AHEAD pieces' reads in flight while one is decoded straight into the output:
         reading and decoding overlap (TensorStore, zarrs and numpy all release the GIL), and
         no undecoded copy of the whole range is made. A complete store in a local directory
-        is read through TensorStore (:func:`engine.read_array`), any other through zarr."""
+        is read through TensorStore (:func:`engine.read_array`), any other through zarr.
+        A scaled store's scales are read beside the values, piece by piece, alike."""
         out = np.empty((len(idx), stop - start, self.d_model), np.float32)
         cuts = [start, *range((start // READ_TOKENS + 1) * READ_TOKENS, stop, READ_TOKENS), stop]
         pieces = list(zip(cuts, cuts[1:]))
-        handle = self._tensorstore()
+        handles = self._tensorstore()
         # Basic slices only: zarr 3.1's orthogonal selection (`oindex`) measured ~30x
         # slower than a slice over the same shard. Both read only the chosen layers' chunks.
         if len(idx) > 1 and idx == list(range(idx[0], idx[0] + len(idx))):
-            first, k = idx[0], len(idx)
-            if handle is None:
-                self._zarr_range(first, k, pieces, out)
+            layers = slice(idx[0], idx[0] + len(idx))
+            if handles is None:
+                self._zarr_range(layers, pieces, out)
             else:
-                self._pipelined(pieces, lambda a, b: handle[first:first + k, a:b, :].read(), lambda a, b: out[:, a:b])
+                self._pipelined(pieces, lambda a, b: _Reads([h[layers, a:b].read() for h in handles]),
+                                lambda a, b: out[:, a:b])
             return out
         for i, layer in enumerate(idx):
-            if handle is None:
-                decode_into(self._resid[layer, start:stop, :], out[i], self._encoding)
+            if handles is None:
+                self._decode(self._stored(layer, start, stop), out[i])
             else:
-                self._pipelined(pieces, lambda a, b, layer=layer: handle[layer, a:b, :].read(),
+                self._pipelined(pieces, lambda a, b, layer=layer: _Reads([h[layer, a:b].read() for h in handles]),
                                 lambda a, b, i=i: out[i, a:b])
         return out
 
-    def _tensorstore(self) -> Any:
-        """TensorStore's handle on ``resid`` of a complete store in a local directory, opened
-        on first use; None where reads go through zarr (a URL, a .zip, an incomplete store,
-        or ``engine.configure(tensorstore_reads=False)``).
+    def _stored(self, layers: int | slice, a: int, b: int) -> list[np.ndarray]:
+        """The stored values of ``layers`` x tokens [a, b) (and their scales), through zarr."""
+        return [arr[layers, a:b] for arr in self._value_arrays]
+
+    def _decode(self, stored: list[np.ndarray], out: np.ndarray) -> None:
+        decode_into(stored[0], out, self.spec, stored[1] if len(stored) > 1 else None)
+
+    def _tensorstore(self) -> list | None:
+        """TensorStore's handles on ``resid`` (and ``scale``) of a complete store in a local
+        directory, opened on first use; None where reads go through zarr (a URL, a .zip, an
+        incomplete store, or ``engine.configure(tensorstore_reads=False)``).
 
         Why: zarr-python spends ~0.3 ms of indexing on each inner chunk, which held one-layer
         reads at ~0.5x of raw file reads (TensorStore: ~1x); and with zstd, TensorStore read
         ranges of all layers 1.2-1.35x faster than zarrs (benchmarks/RESULTS.md, fourth and
         fifth rounds)."""
-        if self._ts_handle is None:
+        if self._ts_handles is None:
             local = self.is_complete and not (self.location.is_url or self.location.is_zip)
-            handle = engine.read_array(os.path.join(self.location.zarr_store, "resid")) if local else None
-            self._ts_handle = False if handle is None else handle
-        return None if self._ts_handle is False else self._ts_handle
+            handles = [engine.read_array(os.path.join(self.location.zarr_store, arr.basename))
+                       for arr in self._value_arrays] if local else [None]
+            self._ts_handles = False if None in handles else handles
+        return None if self._ts_handles is False else self._ts_handles
 
-    def _zarr_range(self, first: int, k: int, pieces: list[tuple[int, int]], out: np.ndarray) -> None:
-        """Layers first..first+k-1 into ``out`` (k, n, d), through zarr: it read a whole shard
-        of all layers ~3.4x slower than the same bytes in 1,024-token pieces."""
-        def read(a: int, b: int) -> np.ndarray:
-            return self._resid[first:first + k, a:b, :]  # (k, piece, d) stored
-
+    def _zarr_range(self, layers: slice, pieces: list[tuple[int, int]], out: np.ndarray) -> None:
+        """Layers ``layers`` into ``out`` (k, n, d), through zarr: it read a whole shard of
+        all layers ~3.4x slower than the same bytes in 1,024-token pieces."""
         if len(pieces) == 1:  # no second thread for a short read
-            decode_into(read(*pieces[0]), out, self._encoding)
+            self._decode(self._stored(layers, *pieces[0]), out)
             return
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(1, "lenspipe-read") as pool:
-            self._pipelined(pieces, lambda a, b: pool.submit(read, a, b), lambda a, b: out[:, a:b])
+            self._pipelined(pieces, lambda a, b: pool.submit(self._stored, layers, a, b), lambda a, b: out[:, a:b])
 
     def _pipelined(self, pieces: list[tuple[int, int]], submit, out_of) -> None:
         """Decode each piece into ``out_of(a, b)`` (offsets from the first piece's start)
-        while ``submit(a, b)`` (a future of its stored values) reads the next READ_AHEAD."""
+        while ``submit(a, b)`` (a future of its stored arrays) reads the next READ_AHEAD."""
         origin = pieces[0][0]
         pending = collections.deque(submit(a, b) for a, b in pieces[:READ_AHEAD])
         for i, (a, b) in enumerate(pieces):
-            raw = pending.popleft().result()
+            stored = pending.popleft().result()
             if i + READ_AHEAD < len(pieces):
                 pending.append(submit(*pieces[i + READ_AHEAD]))
-            decode_into(raw, out_of(a - origin, b - origin), self._encoding)
+            self._decode(stored, out_of(a - origin, b - origin))
 
     def tokens(self, start: int = 0, stop: int | None = None) -> "torch.Tensor":
         import torch
@@ -259,7 +308,10 @@ class ActivationStore:
         import dask.array as da  # ~2 s to import: only for the callers that want it
 
         raw = da.from_zarr(self._resid, chunks=self._resid.chunks)
-        return raw.map_blocks(_decode_block, self._encoding, dtype=np.float32)
+        if self._scale is None:
+            return raw.map_blocks(_decode_block, self.spec, dtype=np.float32)
+        scale = da.from_zarr(self._scale, chunks=self._scale.chunks)[:, :, None]  # blocks aligned with raw's
+        return da.map_blocks(_decode_block, raw, self.spec, scale, dtype=np.float32)
 
     def _layer(self, i: int) -> int:
         n = self.n_layers + 1
@@ -282,6 +334,16 @@ class ActivationStore:
             return read()
         except Exception as e:  # a decode failure is the data's problem, not a bug here
             raise read_failure(self.location.zarr_store, e, "cannot read") from e
+
+
+class _Reads:
+    """TensorStore's read futures of one piece (values, scales) as one future of a list."""
+
+    def __init__(self, futures: list):
+        self._futures = futures
+
+    def result(self) -> list[np.ndarray]:
+        return [f.result() for f in self._futures]
 
 
 def check_store_model(store: ActivationStore, model_dir: Path) -> dict[str, Any]:

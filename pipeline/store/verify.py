@@ -13,14 +13,16 @@ import numpy as np
 
 from ..errors import StoreError
 from ..provenance import sha256_json
-from .layout import (COMPLETE_NAME, H5_META, H5_META_SHA256, MANIFEST_NAME, StoreParams, all_finite, record_name,
+from .dtypes import SCALE_ARRAY
+from .layout import (COMPLETE_NAME, H5_META, H5_META_SHA256, MANIFEST_NAME, StoreParams, record_name,
                      shard_checksums)
 from .location import DAMAGED_ADVICE
 from .reader import ActivationStore, is_hdf5_file, open_store
 
 
 def verify(path_or_url: str | os.PathLike) -> dict:
-    """Shapes, completeness, per-shard checksums and finiteness of every value.
+    """Shapes, completeness, per-shard checksums and finiteness of every value (of an 8-bit
+    store: also its row scales' checksums, scales finite and > 0, values decoding finite).
 
     Returns a summary dict; raises StoreError naming the first bad shard (and layer) on a
     missing completion marker, a checksum mismatch, an undecodable chunk or inf/nan.
@@ -82,13 +84,17 @@ def _manifest_lines(data: bytes, where: str) -> list[tuple[str, str]]:
 
 def _shard_of(name: str) -> str:
     parts = name.split("/")
-    return f" (shard {parts[3]})" if parts[:2] == ["resid", "c"] and len(parts) == 5 else ""
+    if parts[1:3] == ["c", "0"] and (parts[0], len(parts)) in (("resid", 5), (SCALE_ARRAY, 4)):
+        return f" (shard {parts[3]})"
+    return ""
 
 
 def _check_shapes(store: ActivationStore) -> None:
     p = store.params
     want = {"resid": (p.n_layers + 1, p.n_tokens, p.d_model), "tokens": (p.n_tokens,)}
     got = {"resid": store._resid.shape, "tokens": store._tokens.shape}
+    if store._scale is not None:
+        want[SCALE_ARRAY], got[SCALE_ARRAY] = (p.n_layers + 1, p.n_tokens), store._scale.shape
     if want != got:
         raise StoreError(f"{store.location.zarr_store}: array shapes {got} do not match the "
                          f"recorded parameters {want}")
@@ -111,39 +117,61 @@ def _load_all_records(store: ActivationStore) -> list[dict]:
 def _verify_shard(store: ActivationStore, i: int, record: dict) -> None:
     start, stop = record["start"], record["stop"]
     what = f"{store.location.zarr_store}: shard {i} (tokens {start}..{stop})"
-    raw = _read_shard(store, start, stop, what)  # (L+1, n, d) storage dtype
+    raw = _read_shard(store, store._resid, start, stop, what)  # (L+1, n, d) storage dtype
+    scale = None if store._scale is None else _read_shard(store, store._scale, start, stop, what)  # (L+1, n)
     try:
         tokens = store._tokens[start:stop]  # (n,) int32
     except Exception as e:  # a decode failure is data damage here
         raise StoreError(f"{what}: its token ids cannot be decoded ({e!r}); {DAMAGED_ADVICE}") from e
-    sums = shard_checksums(raw, tokens)
-    for layer, (got, want) in enumerate(zip(sums["resid_xxh3"], record["resid_xxh3"])):
-        if got != want:
-            raise StoreError(f"{what}, layer {layer}: checksum mismatch (stored data differs "
-                             "from what was written); re-download or re-extract")
-    if sums["tokens_xxh3"] != record["tokens_xxh3"]:
-        raise StoreError(f"{what}: token ids checksum mismatch; re-download or re-extract")
+    mismatch = _checksum_mismatch(shard_checksums(raw, tokens, scale), record)
+    if mismatch:
+        raise StoreError(f"{what}, {mismatch}: checksum mismatch (stored data differs "
+                         "from what was written); re-download or re-extract")
+    problem = _value_problem(store.params, raw, scale)
+    if problem:
+        raise StoreError(f"{what}, {problem}")
+
+
+def _checksum_mismatch(sums: dict, record: dict) -> str | None:
+    """What of a shard differs from its record: ``layer N``, ``token ids`` or ``scales of
+    layer N``; None when nothing does."""
+    for key, what in (("resid_xxh3", "layer"), ("scale_xxh3", "scales of layer")):
+        if key in sums or key in record:
+            got, want = sums.get(key, []), record.get(key, [])
+            bad = [layer for layer in range(max(len(got), len(want)))
+                   if layer >= len(got) or layer >= len(want) or got[layer] != want[layer]]
+            if bad:
+                return f"{what} {bad[0]}"
+    return "token ids" if sums["tokens_xxh3"] != record.get("tokens_xxh3") else None
+
+
+def _value_problem(p: StoreParams, raw: np.ndarray, scale: np.ndarray | None) -> str | None:
+    """``layer N <what is wrong>`` for the first layer of a shard whose values a writer
+    could not have stored (:meth:`StorageDtype.problem`), else None."""
     for layer, values in enumerate(raw):
-        if not all_finite(values, store._encoding):
-            raise StoreError(f"{what}, layer {layer}: holds inf/nan values")
+        problem = p.spec.problem(values, None if scale is None else scale[layer])
+        if problem:
+            return f"layer {layer}: {problem}"
+    return None
 
 
-def _read_shard(store: ActivationStore, start: int, stop: int, what: str) -> np.ndarray:
-    """The whole shard in one read; on failure, re-read layer by layer to name the culprit."""
+def _read_shard(store: ActivationStore, array, start: int, stop: int, what: str) -> np.ndarray:
+    """A whole shard of ``array`` in one read; on failure, re-read layer by layer to name the culprit."""
+    noun = "layer" if array is store._resid else "scales of layer"
     try:
-        return store._resid[:, start:stop, :]
+        return array[:, start:stop]
     except Exception as whole:  # any decode failure is data damage here
-        failed = [layer for layer in range(store.n_layers + 1) if not _layer_decodes(store, layer, start, stop)]
+        failed = [layer for layer in range(store.n_layers + 1) if not _layer_decodes(array, layer, start, stop)]
         if failed and len(failed) <= store.n_layers:
-            raise StoreError(f"{what}, layer {failed[0]}: cannot be decoded ({whole!r})") from whole
+            raise StoreError(f"{what}, {noun} {failed[0]}: cannot be decoded ({whole!r})") from whole
         # Every layer failing points at what they share: the shard index at the file's end.
-        raise StoreError(f"{what}: cannot be decoded, in any layer (damaged shard index?) "
-                         f"({whole!r})") from whole
+        raise StoreError(f"{what}: {'its scales ' if noun != 'layer' else ''}cannot be decoded, in any "
+                         f"layer (damaged shard index?) ({whole!r})") from whole
 
 
-def _layer_decodes(store: ActivationStore, layer: int, start: int, stop: int) -> bool:
+def _layer_decodes(array, layer: int, start: int, stop: int) -> bool:
     try:
-        store._resid[layer, start:stop, :]
+        array[layer, start:stop]
     except Exception:
         return False
     return True
@@ -166,9 +194,9 @@ def verify_hdf5(path: str | os.PathLike) -> dict:
     except Exception as e:
         raise _h5_damage(path, f"cannot be opened as HDF5 ({e})") from e
     with f:
-        params, records, encoding = _h5_metadata(f, path)
+        params, records = _h5_metadata(f, path)
         for i, record in enumerate(records):
-            _h5_check_shard(f, path, params, i, record, encoding)
+            _h5_check_shard(f, path, params, i, record)
     return {"path": path, "format": "hdf5", "complete": True, "n_shards": len(records),
             "n_tokens": params.n_tokens, "n_layers": params.n_layers, "d_model": params.d_model,
             "dtype": params.dtype, "checked_values": (params.n_layers + 1) * params.n_tokens * params.d_model}
@@ -179,8 +207,8 @@ def _h5_damage(path: str, what: str) -> StoreError:
                       "it again, or export it again with lenspipe export STORE --to hdf5")
 
 
-def _h5_metadata(f, path: str) -> tuple[StoreParams, list[dict], str | None]:
-    """Parameters, shard records and encoding, each checked against its digest."""
+def _h5_metadata(f, path: str) -> tuple[StoreParams, list[dict]]:
+    """Parameters and shard records, each checked against its digest."""
     try:
         if not all(k in f.attrs for k in H5_META):
             raise StoreError(f"{path} is an HDF5 file but not a lenspipe export (no {', '.join(H5_META)} "
@@ -192,31 +220,37 @@ def _h5_metadata(f, path: str) -> tuple[StoreParams, list[dict], str | None]:
         attrs, records, marker = (json.loads(meta[k]) for k in H5_META)
         params = StoreParams(**attrs["params"])
         params.validate()
-        shapes = (f["resid"].shape, f["tokens"].shape)
-        want = ((params.n_layers + 1, params.n_tokens, params.d_model), (params.n_tokens,))
+        shapes = tuple(f[name].shape for name in h5_datasets(params))
+        want = ((params.n_layers + 1, params.n_tokens, params.d_model), (params.n_tokens,),
+                (params.n_layers + 1, params.n_tokens))[:len(shapes)]
         if shapes != want:
             raise _h5_damage(path, f"holds arrays of shapes {shapes}, not the {want} its parameters record")
         if len(records) != params.n_shards or marker.get("records_sha256") != sha256_json(records):
             raise _h5_damage(path, "has shard records that do not match its completion marker")
-        return params, records, f["resid"].attrs.get("encoding")
+        return params, records
     except StoreError:
         raise
     except Exception as e:  # metadata h5py or json cannot read: damage (see verify_hdf5)
         raise _h5_damage(path, f"has unreadable metadata ({e!r})") from e
 
 
-def _h5_check_shard(f, path: str, params: StoreParams, i: int, record: dict, encoding: str | None) -> None:
+def h5_datasets(p: StoreParams) -> tuple[str, ...]:
+    """The datasets of an HDF5 export: resid, tokens, and scale for a scaled dtype."""
+    return ("resid", "tokens", SCALE_ARRAY) if p.spec.scaled else ("resid", "tokens")
+
+
+def _h5_check_shard(f, path: str, params: StoreParams, i: int, record: dict) -> None:
     s, e = params.shard_span(i)
     where = f"shard {i} (tokens {s}..{e})"
     try:
-        raw, tokens = f["resid"][:, s:e, :], f["tokens"][s:e]  # (L+1, n, d) storage dtype, (n,) int32
+        # (L+1, n, d) storage dtype, (n,) int32, (L+1, n) float32 scales
+        raw, tokens, *scale = (f[name][:, s:e] if name != "tokens" else f[name][s:e] for name in h5_datasets(params))
     except Exception as err:  # see verify_hdf5
         raise _h5_damage(path, f"cannot be read at {where} ({err})") from err
-    sums = shard_checksums(raw, tokens)
-    bad = [layer for layer, (a, b) in enumerate(zip(sums["resid_xxh3"], record["resid_xxh3"])) if a != b]
-    if bad or sums["tokens_xxh3"] != record["tokens_xxh3"]:
-        what = f"layer {bad[0]}" if bad else "token ids"
-        raise _h5_damage(path, f"{where}, {what}: checksum mismatch (the data differs from what was written)")
-    for layer, values in enumerate(raw):
-        if not all_finite(values, encoding):
-            raise _h5_damage(path, f"{where}, layer {layer}: holds inf/nan values")
+    scale = scale[0] if scale else None
+    mismatch = _checksum_mismatch(shard_checksums(raw, tokens, scale), record)
+    if mismatch:
+        raise _h5_damage(path, f"{where}, {mismatch}: checksum mismatch (the data differs from what was written)")
+    problem = _value_problem(params, raw, scale)
+    if problem:
+        raise _h5_damage(path, f"{where}, {problem}")
