@@ -83,6 +83,11 @@ def depth_order(n_layers: int, positions: Iterable[str] = DEFAULT, layers: Itera
     return [(p.name, layer) for layer in layers for p in wanted if layer < p.n_states(n_layers)]
 
 
+def as_key(key: Key | int) -> Key:
+    """A lens position; a bare layer is that layer's block position (as before positions)."""
+    return key if isinstance(key, tuple) else (BLOCK.name, int(key))
+
+
 def depth_rank(key: Key) -> tuple[int, float]:
     """Sort key of a lens position in depth order."""
     return key[1], POSITIONS[key[0]].offset

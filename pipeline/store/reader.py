@@ -233,6 +233,25 @@ class ActivationStore:
         idx = [self._layer(i, position) for i in layers]
         return torch.from_numpy(self._read(lambda: self._read_layers(idx, start, stop, position), start, stop))
 
+    def states(self, keys: Sequence[tuple[str, int]], start: int = 0, stop: int | None = None) -> "torch.Tensor":
+        """(len(keys), n, d_model) float32: the lens positions ``keys`` = (position, layer), in
+        the order given, one read per position (block keys only: one :meth:`layers` read)."""
+        import torch
+
+        by_position = {}
+        for i, (position, layer) in enumerate(keys):
+            by_position.setdefault(position, []).append((i, layer))
+        if len(by_position) == 1:
+            (position, rows), = by_position.items()
+            return self.layers([layer for _, layer in rows], start, stop, position)
+        out = None
+        for position, rows in by_position.items():
+            x = self.layers([layer for _, layer in rows], start, stop, position)  # (k, n, d)
+            if out is None:
+                out = torch.empty((len(keys), *x.shape[1:]), dtype=x.dtype)
+            out[[i for i, _ in rows]] = x
+        return out
+
     def attention(self, layers: int | Sequence[int], start: int = 0, stop: int | None = None) -> "torch.Tensor":
         """:meth:`layers` at the attention position: inside block l, after its attention."""
         return self.layers(layers, start, stop, position=P.ATTENTION.name)
