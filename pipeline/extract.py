@@ -35,7 +35,8 @@ from .model.head import unembed_head
 from .store.dtypes import DTYPES
 from .store.encoding import cast_into
 from .store.layout import StoreParams
-from .store.reader import decode, open_store
+from .store.decode import decode
+from .store.reader import open_store
 from .store.writer import StoreWriter
 
 log = logging.getLogger(__name__)

@@ -258,7 +258,7 @@ class AnalysesConfig:
     enabled: bool = True
     """Run the analysis rules (prediction depth, layer contributions, translator anatomy,
     token categories, layer transfer, causal fidelity, anomaly detection, fact localization,
-    model comparison) and put them in the report."""
+    attention vs MLP, model comparison) and put them in the report."""
     translator: str | None = None
     """Tuned lens the analyses use; null = the first of ``train.kinds``. Translator
     anatomy needs a kind registered as a linear map (affine, linear, scaling)."""
