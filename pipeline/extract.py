@@ -23,19 +23,18 @@ from .config import ExtractConfig
 from .corpus import load_split
 from .devices import resolve_device
 from .errors import ConfigError, StoreError
-from .model.parts import find_parts
+from .model.head import unembed_head
+from .model.parts import find_parts, text_config
 from .model.prepare import read_model_info
-from .model.parts import text_config
 from .model.residual import LAYER_CONVENTION, check_unembed, residual_states
 from .model.sublayers import MidBlockCapture
 from .positions import ATTENTION, BLOCK
 from .progress import Progress
 from .sampling import select_sequences
-from .model.head import unembed_head
+from .store.decode import decode
 from .store.dtypes import DTYPES
 from .store.encoding import cast_into
 from .store.layout import StoreParams
-from .store.decode import decode
 from .store.reader import open_store
 from .store.writer import StoreWriter
 
