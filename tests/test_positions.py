@@ -225,3 +225,15 @@ def test_the_bootstrap_resamples_whole_sequences():
     assert w.shape == (200, 8) and (w.sum(1) == 8).all()  # each resample draws 8 sequences
     assert np.array_equal(w, sequence_bootstrap(8, n_boot=200))  # seeded
     assert (w == 0).any(1).mean() > 0.9  # with replacement: most resamples leave a sequence out
+
+
+def test_step_scales_are_per_lens_position(setup, tmp_path):
+    """``train.step_scale: residual`` measures the residual's scale at every lens position."""
+    d = setup / "inside"
+    train(d / "train.zarr", d / "test.zarr", setup / "model", tmp_path / "s",
+          TrainConfig(**(TRAIN | {"step_scale": "residual"})), "affine")
+    scales = json.loads((tmp_path / "s" / "lens.json").read_text())["metrics"]["residual_scales"]
+    assert set(scales) == {"0", "attn.0", "1", "attn.1", "2"}
+    store = open_store(d / "train.zarr")
+    rms = store.attention(1, 0, 64).double().pow(2).mean(-1).sqrt().median().item()
+    assert scales["attn.1"] == pytest.approx(rms)
