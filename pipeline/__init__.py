@@ -18,6 +18,8 @@ Stages (each is a rule, a ``stages/`` script and a ``lenspipe`` subcommand of on
 
 What they share:
 
+- ``positions``    the lens positions: block (between blocks) and attention (inside each block,
+                   after its attention sublayer); one table the store, lenses and tables read
 - ``store``        the zarr activation store (a subpackage: layout, reader, writer, verify, ...)
 - ``lens``         the lens (a subpackage): the registry of translator kinds (plugins may add
                    kinds), the translator classes, logit and tuned lenses, the lens file formats

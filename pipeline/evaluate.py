@@ -1,7 +1,8 @@
 """evaluate: logit lens vs tuned lenses on a held-out split, chunk-parallel with dask.
 
-Each dask task reads one chunk of whole sequences from the store (all layers), runs every
-lens at every layer through the frozen head, and returns per-sequence sums of each metric
+Each dask task reads one chunk of whole sequences from the store (all layers, at every lens
+position it holds: ``pipeline.positions``), runs every lens at every lens position through
+the frozen head, and returns per-sequence sums of each metric
 (so confidence intervals can be bootstrapped over sequences), calibration bins, and, when
 enabled, writes its own part of the per-token table. Memory is bounded by the chunk size
 whatever the split's size; the local threaded scheduler is the default and a
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from . import metrics as M
+from . import positions as P
 from .config import EvaluateConfig
 from .corpus import load_split
 from .errors import StoreError
@@ -51,12 +53,22 @@ class Job:
     token_dir: str | None
     identity: tuple[tuple[str, str], ...] = ()
     provenance: str = "{}"  # JSON, stored in every per-token part's metadata
+    positions: tuple[str, ...] = P.DEFAULT  # the store's lens positions: every one is evaluated
+
+
+#: A result's key: (lens name, position, layer).
+ResultKey = tuple[str, str, int]
+
+
+def result_order(key: ResultKey) -> tuple:
+    """Lens by lens, each in depth order (block 0, attention 0, block 1, ...)."""
+    return key[0], P.depth_rank(key[1:])
 
 
 @dataclass
 class ChunkResult:
-    sums: dict[tuple[str, int], dict[str, tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
-    calibration: dict[tuple[str, int], M.CalibrationBins] = field(default_factory=dict)
+    sums: dict[ResultKey, dict[str, tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
+    calibration: dict[ResultKey, M.CalibrationBins] = field(default_factory=dict)
 
 
 @functools.lru_cache(maxsize=4)
@@ -95,7 +107,7 @@ def _add(result: ChunkResult, key, vals: dict, chunk: "Chunk", seq_len: int) -> 
 @dataclass
 class Chunk:
     """The per-chunk inputs every lens shares."""
-    x: torch.Tensor  # (L+1, n, d_model)
+    x: dict[str, torch.Tensor]  # per position: block (L+1, n, d_model), attention (L, n, d_model)
     ids: torch.Tensor  # (n,)
     next_ids: torch.Tensor  # (n,)
     mask: torch.Tensor  # (n,) next token exists
@@ -119,41 +131,62 @@ def _evaluate_one(result: ChunkResult, key, z, chunk: Chunk, job: Job, tokens: l
 
 @torch.no_grad()
 def evaluate_chunk(job: Job, seqs: tuple[int, ...], token_bytes: np.ndarray, part: int) -> ChunkResult:
-    """All lenses x all layers on the whole store sequences ``seqs``."""
+    """All lenses x all lens positions on the whole store sequences ``seqs``."""
     store = open_store(job.store)
-    x = read_sequences(store, range(job.n_layers + 1), seqs)  # (L+1, n, d_model)
+    x = {position: read_sequences(store, [(position, layer) for layer in
+                                          range(P.POSITIONS[position].n_states(job.n_layers))], seqs)
+         for position in job.positions}  # block (L+1, n, d_model), attention (L, n, d_model)
     ids = read_sequence_tokens(store, seqs)  # (n,)
     return evaluate_tensors(job, _lenses(job.model_dir, job.lens_dirs), x, ids, seqs, token_bytes, part)
 
 
+def _lens_keys(name: str, lens, job: Job) -> list[P.Key]:
+    """The lens positions a lens is evaluated at, in depth order: the logit lens at every
+    one of the store's, a tuned lens where it has a translator (and the store the states)."""
+    if name == LOGIT:
+        return P.depth_order(job.n_layers, job.positions)
+    return [k for k in lens.keys() if k[0] in job.positions]
+
+
 @torch.no_grad()
-def evaluate_tensors(job: Job, lenses: dict[str, Any], x: torch.Tensor, ids: torch.Tensor,
-                     seqs: tuple[int, ...], token_bytes: np.ndarray, part: int) -> ChunkResult:
-    """The compute of :func:`evaluate_chunk` on residuals ``x`` (L+1, n, d_model) and token
-    ids (n,) already read (benchmarks/bench_evaluate.py times it alone)."""
+def evaluate_tensors(job: Job, lenses: dict[str, Any], x: dict[str, torch.Tensor] | torch.Tensor,
+                     ids: torch.Tensor, seqs: tuple[int, ...], token_bytes: np.ndarray, part: int) -> ChunkResult:
+    """The compute of :func:`evaluate_chunk` on the states ``x`` already read (per position:
+    block (L+1, n, d_model), attention (L, n, d_model); a tensor: the block's) and token ids
+    (n,) (benchmarks/bench_evaluate.py times it alone)."""
+    x = x if isinstance(x, dict) else {P.BLOCK.name: x}
     next_ids, mask = M.next_token_targets(ids, job.seq_len)  # (n,), (n,)
-    final_logits = logits_into(lenses[LOGIT], x[-1], job.n_layers)  # (n, vocab), a reused buffer
+    final_logits = logits_into(lenses[LOGIT], x[P.BLOCK.name][-1], job.n_layers)  # (n, vocab), a reused buffer
     nbytes = torch.from_numpy(np.roll(token_bytes, -1)).double()  # bytes of the next token
     chunk = Chunk(x, ids, next_ids, mask, M.final_stats(final_logits), token_index(seqs, job.seq_len),
                   _per_seq(nbytes, mask, job.seq_len)[0])
     result, tokens = ChunkResult(), []
-    _evaluate_one(result, (MODEL, job.n_layers), final_logits, chunk, job, tokens)
+    _evaluate_one(result, (MODEL, P.BLOCK.name, job.n_layers), final_logits, chunk, job, tokens)
     for name, lens in lenses.items():
-        layers = list(range(job.n_layers)) if name == LOGIT else lens.layers
-        tops = [_evaluate_one(result, (name, layer), logits_into(lens, x[layer], layer), chunk, job, tokens)
-                for layer in layers]
-        tops.append(chunk.final["top1"])  # the last layer's successor is the model's output
-        for layer, a, b in zip(layers, tops, tops[1:]):  # consistency: top-1 kept by the next layer
-            result.sums[(name, layer)]["consistency"] = _per_seq((a == b).double(), None, job.seq_len)
+        keys = _lens_keys(name, lens, job)
+        tops = {(position, layer): _evaluate_one(result, (name, position, layer),
+                                                 logits_into(lens, x[position][layer], layer, position), chunk, job,
+                                                 tokens)
+                for position, layer in keys}
+        for key, a in tops.items():  # consistency: top-1 kept by the next lens layer
+            b = tops.get(_successor(key, keys, job.n_layers), chunk.final["top1"])
+            result.sums[(name, *key)]["consistency"] = _per_seq((a == b).double(), None, job.seq_len)
     if job.token_dir:
         _write_token_part(job, tokens, part)
     return result
 
 
-def _token_rows(key, chunk: Chunk, st: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+def _successor(key: P.Key, keys: list[P.Key], n_layers: int) -> P.Key:
+    """The next block position of the lens after ``key`` (its consistency's reference): the
+    next block layer it has, the model's output after the last."""
+    later = [layer for position, layer in keys if position == P.BLOCK.name and layer > key[1]]
+    return P.BLOCK.name, min(later, default=n_layers)
+
+
+def _token_rows(key: ResultKey, chunk: Chunk, st: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     n, mask = len(chunk.ids), chunk.mask.numpy()
-    return {"lens": np.full(n, key[0]), "layer": np.full(n, key[1], np.int32),
-            "token_index": chunk.index,
+    return {"lens": np.full(n, key[0]), "layer": np.full(n, key[2], np.int32),
+            "position": np.full(n, key[1]), "token_index": chunk.index,
             "token_id": chunk.ids.numpy().astype(np.int32),
             "next_token_id": np.where(mask, chunk.next_ids.numpy(), -1).astype(np.int32),
             "top1_id": st["top1"].numpy().astype(np.int32), "top1_prob": st["top1_prob"].float().numpy(),
@@ -193,10 +226,10 @@ def _combine(results: list[ChunkResult]) -> ChunkResult:
 
 
 def summarize(combined: ChunkResult, cfg: EvaluateConfig) -> list[dict[str, Any]]:
-    """One dict per (lens, layer): point estimates, bootstrap CIs, derived metrics."""
+    """One dict per (lens, position, layer): point estimates, bootstrap CIs, derived metrics."""
     rows = []
-    for (lens, layer), metrics in sorted(combined.sums.items(), key=lambda kv: (kv[0][0], kv[0][1])):
-        row: dict[str, Any] = {"lens": lens, "layer": layer,
+    for (lens, position, layer), metrics in sorted(combined.sums.items(), key=lambda kv: result_order(kv[0])):
+        row: dict[str, Any] = {"lens": lens, "position": position, "layer": layer,
                                "n_tokens": int(metrics["kl"][1].sum()), "n_predicted": int(metrics["ce"][1].sum())}
         for name, (s, c) in metrics.items():
             row[name] = float(s.sum() / max(c.sum(), 1e-12))
@@ -205,7 +238,7 @@ def summarize(combined: ChunkResult, cfg: EvaluateConfig) -> list[dict[str, Any]
         row["ppl"] = math.exp(row["ce"])
         for name in ("nats_per_byte", "nats_per_byte_lo", "nats_per_byte_hi"):
             row[name.replace("nats_per_byte", "bpb")] = row.pop(name) / math.log(2)
-        row["ece"] = float(combined.calibration[(lens, layer)].ece())
+        row["ece"] = float(combined.calibration[(lens, position, layer)].ece())
         rows.append(row)
     return rows
 
@@ -270,11 +303,12 @@ def evaluate_lenses(store_path: Path, split_path: Path, model_dir: Path, lens_di
               tuple(sorted(identity.items())),
               json.dumps({"identity": identity, "evaluate_config": asdict(cfg), "store": str(store_path),
                           "store_fingerprint": store.attrs.get("fingerprint"), "versions": package_versions()},
-                         default=str))
+                         default=str), store.positions)
     tasks = [dask.delayed(evaluate_chunk)(job, seqs, split.token_bytes[token_index(seqs, store.seq_len)], i)
              for i, seqs in enumerate(plan)]
-    log.info("evaluating %d lens(es) x %d layers on %d tokens (%s) in %d chunks", len(lens_dirs) + 1,
-             store.n_layers, sample["n_tokens"], format_documents(sample["documents"]), len(tasks))
+    log.info("evaluating %d lens(es) x %d lens positions (%s) on %d tokens (%s) in %d chunks", len(lens_dirs) + 1,
+             len(P.depth_order(store.n_layers, store.positions)), ", ".join(store.positions), sample["n_tokens"],
+             format_documents(sample["documents"]), len(tasks))
     combined = _combine(_compute(tasks, cfg, threads))
     return summarize(combined, cfg), {k: v.table() for k, v in combined.calibration.items()}, sample
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +23,19 @@ from .config import ExtractConfig
 from .corpus import load_split
 from .devices import resolve_device
 from .errors import ConfigError, StoreError
-from .model.parts import find_parts
+from .model.head import unembed_head
+from .model.parts import find_parts, text_config
 from .model.prepare import read_model_info
-from .model.residual import LAYER_CONVENTION, check_unembed, residual_stream
+from .model.residual import LAYER_CONVENTION, check_unembed, residual_states
+from .model.sublayers import MidBlockCapture
+from .positions import ATTENTION, BLOCK
 from .progress import Progress
 from .sampling import select_sequences
-from .model.head import unembed_head
+from .store.decode import decode
 from .store.dtypes import DTYPES
 from .store.encoding import cast_into
-from .store.reader import decode, open_store
+from .store.layout import StoreParams
+from .store.reader import open_store
 from .store.writer import StoreWriter
 
 log = logging.getLogger(__name__)
@@ -59,9 +62,9 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype):
 
 
 def _provenance(model_dir: Path, split_meta: dict, seq_index: np.ndarray, n_total: int,
-                cfg: ExtractConfig, split: str) -> dict[str, Any]:
+                cfg: ExtractConfig, split: str, model) -> dict[str, Any]:
     info = read_model_info(model_dir)
-    return {
+    out = {
         "model": {k: info.get(k) for k in ("name", "source", "revision", "resolved_commit",
                                            "model_type", "weights_sha256", "tokenizer_sha256")},
         "corpus": {"split": split, "fingerprint": split_meta["fingerprint"],
@@ -69,9 +72,13 @@ def _provenance(model_dir: Path, split_meta: dict, seq_index: np.ndarray, n_tota
         "seq_index": "all" if len(seq_index) == n_total else seq_index.tolist(),
         "layer_convention": LAYER_CONVENTION,
         # only what shapes this split's store: not the device, not other splits' budgets
-        "extract_config": {k: v for k, v in asdict(cfg).items() if k not in ("device", "max_tokens")}
-        | {"max_tokens": cfg.max_tokens.get(split)},
+        "extract_config": cfg.store_settings() | {"max_tokens": cfg.max_tokens.get(split)},
     }
+    if ATTENTION.name in cfg.positions:
+        # which modules of each block give the state (model.sublayers); refuses a post-norm family here
+        sub = MidBlockCapture(find_parts(model).blocks, text_config(model)).describe()
+        out["attention_position"] = {"meaning": ATTENTION.meaning, "sublayers": sub}
+    return out
 
 
 def _check_logits(model, ids: torch.Tensor, resid: torch.Tensor, dtype: str) -> dict[str, float]:
@@ -110,7 +117,7 @@ def _reset_if_stale(store_path: Path, provenance: dict, params: dict) -> None:
         return
     try:
         store = open_store(store_path, allow_incomplete=True)
-        same = store.provenance == provenance and all(store.attrs["params"].get(k) == v for k, v in params.items())
+        same = store.provenance == provenance and store.params == StoreParams(**params)
     except StoreError:
         same = False
     if not same:
@@ -149,14 +156,14 @@ def extract(model_dir: Path, split_path: Path, store_path: Path, cfg: ExtractCon
     device, dtype = resolve_compute(cfg)
     model = load_model(model_dir, device, dtype)
     parts = find_parts(model)
-    provenance = _provenance(model_dir, packed.meta, seq_index, len(packed.tokens), cfg, split)
+    provenance = _provenance(model_dir, packed.meta, seq_index, len(packed.tokens), cfg, split, model)
     if part is not None:
         lo, hi = part_range(len(tokens), cfg.shard_tokens // seq_len, *part)
         tokens = tokens[lo:hi]
         provenance["part"] = {"index": part[0], "of": part[1], "sequences": [lo, hi]}
     params = dict(n_layers=parts.n_layers, d_model=parts.d_model, n_tokens=tokens.numel(), seq_len=seq_len,
                   dtype=cfg.dtype, shard_tokens=cfg.shard_tokens, chunk_tokens=cfg.chunk_tokens,
-                  compression=cfg.compression, level=cfg.level)
+                  compression=cfg.compression, level=cfg.level, positions=tuple(cfg.positions))
     _reset_if_stale(Path(store_path), provenance, params)
     t0 = time.monotonic()
     with StoreWriter.open(store_path, **params, provenance=provenance) as writer:
@@ -166,7 +173,7 @@ def extract(model_dir: Path, split_path: Path, store_path: Path, cfg: ExtractCon
         first = writer.resume_token // seq_len
         if first:
             log.info("resuming at sequence %d of %d", first, len(tokens))
-        checks = _run(model, tokens, first, cfg.batch_size, writer, device, split, cfg.dtype)
+        checks = _run(model, tokens, first, cfg.batch_size, writer, device, split, cfg.dtype, tuple(cfg.positions))
     seconds = time.monotonic() - t0
     n_new = (len(tokens) - first) * seq_len
     log.info("extracted %d tokens in %.1f s (%.0f tokens/s)", n_new, seconds, n_new / max(seconds, 1e-9))
@@ -175,15 +182,17 @@ def extract(model_dir: Path, split_path: Path, store_path: Path, cfg: ExtractCon
 
 
 def _run(model, tokens: torch.Tensor, first: int, batch_size: int, writer: StoreWriter,
-         device: torch.device, split: str, dtype: str) -> dict[str, float]:
+         device: torch.device, split: str, dtype: str, positions: tuple[str, ...]) -> dict[str, float]:
     """Forward batches from sequence ``first`` on and hand each to the (background) writer;
-    returns the logits checks of the first batch (:func:`_check_logits`)."""
+    returns the logits checks of the first batch (:func:`_check_logits`). The first batch
+    also checks the attention position, where it is stored (``model.sublayers``)."""
     seq_len = tokens.shape[1]
     checks: dict[str, float] = {}
     with Progress(tokens.numel(), f"extract {split}", initial=first * seq_len) as bar:
         for start in range(first, len(tokens), batch_size):
             ids = tokens[start:start + batch_size].to(device)  # (batch, pos)
-            resid, _ = residual_stream(model, ids, with_logits=False)  # (L+1, batch, pos, d)
+            states, _ = residual_states(model, ids, positions=positions, with_logits=False, verify=not checks)
+            resid = states[BLOCK.name]  # (L+1, batch, pos, d)
             if not checks:  # once per run: the cache must reproduce the model exactly.
                 # A causal model's first CHECK_POS positions do not depend on later ones, so
                 # a short prefix suffices and costs ~1/40 of a batch.
@@ -193,7 +202,9 @@ def _run(model, tokens: torch.Tensor, first: int, batch_size: int, writer: Store
                          ids[:1, :CHECK_POS].numel(), checks["logits_max_err"], dtype,
                          checks["stored_logits_max_err"], checks["stored_logits_kl"])
             n_layers1, b, t, d = resid.shape
+            attn = states.get(ATTENTION.name)  # (L, batch, pos, d) or None
             # the writer casts and range-checks on this device; only storage bytes cross to host
-            writer.write(resid.reshape(n_layers1, b * t, d), ids.reshape(-1).cpu())
+            writer.write(resid.reshape(n_layers1, b * t, d), ids.reshape(-1).cpu(),
+                         None if attn is None else attn.reshape(n_layers1 - 1, b * t, d))
             bar.update(b * t)
     return checks or dict.fromkeys(("logits_max_err", "stored_logits_max_err", "stored_logits_kl"))

@@ -32,6 +32,7 @@ def merge_lens(group_dirs: list[Path], model_dir: Path, out_dir: Path) -> TunedL
     config["layers"] = merged.layers
     merged.save(out_dir, training_config=config, metrics=metrics)
     logs = [pq.read_table(Path(d) / "train_log.parquet") for d in group_dirs]
-    table = pa.concat_tables(logs).sort_by([("step", "ascending"), ("layer", "ascending")])
+    # by step, then depth order: at one layer "block" before "attention" (descending names)
+    table = pa.concat_tables(logs).sort_by([("step", "ascending"), ("layer", "ascending"), ("position", "descending")])
     write_table(table.replace_schema_metadata(logs[0].schema.metadata), Path(out_dir) / "train_log.parquet")
     return merged

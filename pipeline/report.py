@@ -21,7 +21,8 @@ from .analyses import ANALYSES
 from .corpus import split_separator
 from .paths import Artifacts
 from .plots import figure, save
-from .tables import read_provenance
+from .positions import BLOCK, POSITIONS
+from .tables import block_rows, read_provenance
 from .trajectory import plot_trajectory, trajectories
 
 log = logging.getLogger(__name__)
@@ -34,24 +35,38 @@ def _label(row) -> str:
     return "logit lens" if row.lens == "logit" else "model" if row.lens == "model" else f"tuned ({row.translator})"
 
 
+def depth_x(df: pd.DataFrame) -> pd.Series:
+    """Each row's place on the layer axis: the layer, and half a layer later inside the block
+    at the attention position (``pipeline.positions``)."""
+    if "position" not in df.columns:
+        return df.layer.astype(float)
+    return df.layer + df.position.map({p.name: p.offset for p in POSITIONS.values()})
+
+
 def plot_layer_metrics(df: pd.DataFrame, path: Path, title: str) -> None:
-    """KL, CE, accuracy and agreement per layer, one line per lens, 95% CI bands."""
+    """KL, CE, accuracy and agreement per layer, one line per lens, 95% CI bands; attention
+    positions (where evaluated) on the same line at half-steps, as open markers."""
     fig, axes = figure(2, 2, (12, 8), sharex=True)
-    lenses = df[df.lens != "model"].assign(name=lambda d: d.apply(_label, axis=1))
+    lenses = df[df.lens != "model"].assign(name=lambda d: d.apply(_label, axis=1), x=depth_x)
     model = df[df.lens == "model"]
+    inside = "position" in lenses.columns and bool((lenses.position != BLOCK.name).any())
     for ax, (metric, ylabel, log_y) in zip(axes, PANELS):
         for name, g in lenses.groupby("name", sort=True):
-            g = g.sort_values("layer")
-            ax.plot(g.layer, g[metric], marker="o", ms=3, label=name)
+            g = g.sort_values("x")
+            line, = ax.plot(g.x, g[metric], marker="o", ms=3, label=name)
             if f"{metric}_lo" in g:
-                ax.fill_between(g.layer, g[f"{metric}_lo"], g[f"{metric}_hi"], alpha=0.25)
+                ax.fill_between(g.x, g[f"{metric}_lo"], g[f"{metric}_hi"], alpha=0.25)
+            if inside:
+                mid = g[g.position != BLOCK.name]
+                ax.plot(mid.x, mid[metric], ls="none", marker="o", ms=4, mfc="white", color=line.get_color())
         if metric != "kl" and len(model):
             ax.axhline(float(model[metric].iloc[0]), color="black", ls="--", lw=1, label="model output")
         ax.set_ylabel(ylabel)
         ax.set_yscale("log" if log_y else "linear")
         ax.grid(alpha=0.3)
     for ax in axes[2:]:
-        ax.set_xlabel("layer (0 = embeddings)")
+        ax.set_xlabel("layer (0 = embeddings)" + ("; open markers at l + 0.5: inside block l, after its attention"
+                                                   if inside else ""))
     axes[0].legend()
     save(fig, path, title=title)
 
@@ -66,6 +81,7 @@ def calibration_by_lens(cal: pd.DataFrame) -> dict[tuple[str, str], pd.DataFrame
 def plot_calibration(cal: pd.DataFrame, path: Path, n_layers: int, title: str) -> None:
     """Reliability diagram: accuracy vs confidence at a few depths, per lens."""
     layers = sorted({0, n_layers // 4, n_layers // 2, 3 * n_layers // 4, n_layers - 1})
+    cal = block_rows(cal)
     lenses = calibration_by_lens(cal)
     fig, axes = figure(1, len(lenses), (5.5 * len(lenses), 5))
     model = cal[cal.lens == "model"]
@@ -84,9 +100,14 @@ def plot_calibration(cal: pd.DataFrame, path: Path, n_layers: int, title: str) -
 
 
 def headline(df: pd.DataFrame) -> pd.DataFrame:
-    """Per-layer KL of every lens side by side (the summary the main command prints)."""
+    """Per-layer KL of every lens side by side (the summary the main command prints); at the
+    attention position, where evaluated, a column more per lens (``... @ attention``)."""
     d = df[df.lens != "model"].assign(name=lambda x: x.apply(_label, axis=1))
-    return d.pivot_table(index="layer", columns="name", values="kl").round(3)
+    table = block_rows(d).pivot_table(index="layer", columns="name", values="kl")
+    for position in sorted(set(d.position) - {BLOCK.name}) if "position" in d.columns else []:
+        at = d[d.position == position].pivot_table(index="layer", columns="name", values="kl")
+        table = table.join(at.rename(columns=lambda c: f"{c} @ {position}"))
+    return table.round(3)
 
 
 def _img(path: Path) -> str:
@@ -207,10 +228,15 @@ def _copy_png(png: Path, dest: Path) -> Path:
 
 def _summary_sentence(df: pd.DataFrame) -> str:
     d = df[df.lens != "model"]
-    logit = d[d.lens == "logit"].kl.mean()
+    blocks = block_rows(d)
+    logit = blocks[blocks.lens == "logit"].kl.mean()
     parts = [f"mean KL over layers: logit lens {logit:.2f} nats"]
-    for tr, g in d[d.lens == "tuned"].groupby("translator"):
+    for tr, g in blocks[blocks.lens == "tuned"].groupby("translator"):
         parts.append(f"tuned ({tr}) {g.kl.mean():.2f} nats ({g.kl.mean() / logit:.3f}x)")
+    for position, g in d[d.position != BLOCK.name].groupby("position") if "position" in d.columns else []:
+        kls = [f"logit lens {g[g.lens == 'logit'].kl.mean():.2f}"] + [
+            f"tuned ({tr}) {t.kl.mean():.2f}" for tr, t in g[g.lens == "tuned"].groupby("translator")]
+        parts.append(f"at the {position} position {', '.join(kls)} nats")
     docs = d.documents.iloc[0] if "documents" in d and d.documents.notna().any() else None
     where = f" ({docs.replace('=', ': ')} tokens)" if docs else ""
     return "; ".join(parts) + f" on {int(d.n_tokens.max())} held-out tokens{where}."

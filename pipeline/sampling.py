@@ -14,6 +14,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .positions import as_key
+
 
 def select_sequences(n_total: int, budget: int | None, seed: int) -> np.ndarray:
     """Indices of ``budget`` sequences out of ``n_total``: a seeded random subset, sorted.
@@ -63,9 +65,11 @@ def token_index(seqs: Sequence[int], seq_len: int) -> np.ndarray:
 
 def read_sequences(store, layers, seqs: Sequence[int]) -> torch.Tensor:
     """(len(layers), len(seqs) * seq_len, d_model) float32: whole store sequences ``seqs``,
-    read as contiguous runs (one slice per run, not per sequence)."""
+    read as contiguous runs (one slice per run, not per sequence). ``layers``: block layers,
+    or lens positions (position, layer) (``pipeline.positions``)."""
     L = store.seq_len
-    parts = [store.layers(list(layers), a * L, b * L) for a, b in runs(seqs)]  # (k, n_i, d)
+    keys = [as_key(k) for k in layers]
+    parts = [store.states(keys, a * L, b * L) for a, b in runs(seqs)]  # (k, n_i, d)
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 

@@ -1,7 +1,12 @@
 """Tidy Parquet tables of the evaluation (schemas documented in the README).
 
 ``layer_metrics.parquet``: one row per (model, revision, corpus, train_corpus, split, lens,
-translator, layer); ``calibration.parquet``: one row per (..., lens, translator, layer, bin).
+translator, layer, position); ``calibration.parquet``: one row per (..., lens, translator,
+layer, position, bin). ``position`` is the lens position (``pipeline.positions``): ``block``
+(the residual between blocks: every row of a store without attention states) or
+``attention`` (inside block ``layer``, after its attention sublayer); ``depth`` places both
+on one axis (attention ``l`` at ``(l + 0.5) / n_layers``). Analyses of the block depth axis
+read the block rows (:func:`block_rows`, :func:`read_token_metrics`).
 ``corpus`` is the corpus evaluated, ``train_corpus`` the one a tuned lens was trained on
 (null for the logit lens and the model, which are trained on nothing). Provenance
 (run config, store fingerprint, lens hashes, package versions) lives in the schema
@@ -17,12 +22,14 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import positions as P
+
 LOGIT = "logit"
 MODEL = "model"  # the model's own output distribution: the baseline row at layer n_layers
 
 IDENTITY = [("model", pa.string()), ("revision", pa.string()), ("corpus", pa.string()),
             ("train_corpus", pa.string()), ("split", pa.string()), ("lens", pa.string()), ("translator", pa.string()),
-            ("layer", pa.int64()), ("depth", pa.float64())]
+            ("layer", pa.int64()), ("position", pa.string()), ("depth", pa.float64())]
 METRICS = ["kl", "kl_bpb", "ce", "ppl", "bpb", "acc", "agree_top1", "agree_topk", "entropy", "ece",
            "consistency"]
 WITH_CI = ["kl", "ce", "bpb", "acc", "agree_top1", "agree_topk", "entropy", "consistency"]
@@ -42,12 +49,12 @@ def lens_identity(name: str) -> tuple[str, str | None]:
     return "tuned", name
 
 
-def _identity(ident: dict[str, Any], name: str, layer: int, n_layers: int) -> dict[str, Any]:
+def _identity(ident: dict[str, Any], name: str, position: str, layer: int, n_layers: int) -> dict[str, Any]:
     lens, translator = lens_identity(name)
     train_corpus = ident.get("train_corpus", ident["corpus"]) if lens == "tuned" else None
     return {"model": ident["model"], "revision": ident.get("revision"), "corpus": ident["corpus"],
             "train_corpus": train_corpus, "split": ident["split"], "lens": lens, "translator": translator, "layer": layer,
-            "depth": layer / n_layers}
+            "position": position, "depth": P.depth(position, layer, n_layers)}
 
 
 def layer_metrics_table(rows: list[dict], ident: dict[str, Any], n_layers: int, tokens_per_byte: float,
@@ -55,8 +62,8 @@ def layer_metrics_table(rows: list[dict], ident: dict[str, Any], n_layers: int, 
     """``documents``: the evaluated tokens per document (``hamlet=1536, ...``), in every row."""
     out = []
     for r in rows:
-        row = _identity(ident, r["lens"], r["layer"], n_layers) | {k: r.get(k) for k in LAYER_SCHEMA.names
-                                                                   if k in r and k not in ("lens", "layer")}
+        row = _identity(ident, r["lens"], r.get("position", P.BLOCK.name), r["layer"], n_layers) | {
+            k: r.get(k) for k in LAYER_SCHEMA.names if k in r and k not in ("lens", "layer", "position")}
         # KL in bits per byte, as the reference reports it: nats/token x tokens/byte / ln 2
         row["kl_bpb"] = r["kl"] * tokens_per_byte / 0.6931471805599453
         row["documents"] = documents
@@ -65,11 +72,12 @@ def layer_metrics_table(rows: list[dict], ident: dict[str, Any], n_layers: int, 
     return pa.Table.from_pylist(out, schema=schema)
 
 
-def calibration_table(tables: dict[tuple[str, int], dict[str, list]], ident: dict[str, Any], n_layers: int,
+def calibration_table(tables: dict[tuple[str, str, int], dict[str, list]], ident: dict[str, Any], n_layers: int,
                       provenance: dict[str, Any]) -> pa.Table:
+    """``tables`` by (lens name, position, layer); rows lens by lens, in depth order."""
     out = []
-    for (name, layer), t in sorted(tables.items()):
-        base = _identity(ident, name, layer, n_layers)
+    for (name, position, layer), t in sorted(tables.items(), key=lambda kv: (kv[0][0], P.depth_rank(kv[0][1:]))):
+        base = _identity(ident, name, position, layer, n_layers)
         for b in range(len(t["count"])):
             out.append(base | {"bin": b, **{k: t[k][b] for k in ("bin_lower", "bin_upper", "count",
                                                                   "mean_confidence", "accuracy")}})
@@ -101,3 +109,26 @@ def write_table_df(df, path: Path, provenance: dict[str, Any]) -> None:
     table = pa.Table.from_pandas(df, preserve_index=False)
     meta = provenance | {"versions": package_versions()}
     write_table(table.replace_schema_metadata({"lenspipe": json.dumps(meta, default=str)}), path)
+
+
+def block_rows(df):
+    """The rows of a table (layer_metrics, calibration, the per-token table) at the block
+    position: the block depth axis every analysis of layers reads. A table from before
+    positions has no ``position`` column: all its rows are block rows."""
+    return df[df.position == P.BLOCK.name] if "position" in df.columns else df
+
+
+def read_token_metrics(token_dir: Path, columns: list[str] | None = None,
+                       positions: tuple[str, ...] = P.DEFAULT):
+    """The per-token table (``token_metrics/``) as a DataFrame, at ``positions`` only
+    (default the block position; None: every position), read with a filter so the other
+    positions' rows are never loaded. ``columns``: as ``pandas.read_parquet``'s."""
+    import pandas as pd
+    import pyarrow.dataset as ds
+
+    schema = ds.dataset(str(token_dir), format="parquet", partitioning="hive").schema
+    if positions is None or "position" not in schema.names:
+        return pd.read_parquet(token_dir, columns=columns)
+    want = None if columns is None else list(dict.fromkeys([*columns, "position"]))
+    df = pd.read_parquet(token_dir, columns=want, filters=[("position", "in", list(positions))])
+    return df if columns is None or "position" in columns else df.drop(columns="position")

@@ -1,6 +1,10 @@
 """train: fit tuned-lens translators from an activation store, never re-running the model.
 
-Per step, one batch of tokens is read for every trained layer plus the last layer; the
+A lens gets a translator at every trained layer of every position the store holds
+(``pipeline.positions``: the block residual, and inside each block after its attention
+where extracted); each lens position (position, layer) is trained, validated and stopped on
+its own, so a block translator is the same whether or not attention ones train beside it.
+Per step, one batch of tokens is read for every trained lens position plus the last layer; the
 target distribution (the model's own, from the stored last layer through the frozen head)
 is computed once and shared by all layers. Layers are processed one after another so only
 one (batch, vocab) logits tensor is alive at a time. Affine/linear translators start from a
@@ -20,8 +24,10 @@ from typing import Any
 import torch
 
 from . import metrics as M
+from . import positions as P
 from .config import TrainConfig
 from .devices import resolve_device
+from .errors import StoreError
 from .lens import kinds
 from .lens.lstsq import LeastSquaresAccumulator, init_translator_lstsq
 from .lens.optim import make_optimizer, optimizer_step, residual_scales, step_multipliers
@@ -113,21 +119,26 @@ def _init_kind(cfg: TrainConfig, kind: str) -> str:
 
 @torch.no_grad()
 def fit_least_squares(lens: TunedLens, store: ActivationStore, cfg: TrainConfig, device) -> None:
-    """Set each affine/linear translator to the least-squares map layer -> last layer
-    (with an intercept where the translator has a bias)."""
-    layers = lens.layers
-    accs = {i: LeastSquaresAccumulator(lens.d_model, device=device) for i in layers}
+    """Set each affine/linear translator to the least-squares map of its lens position ->
+    the last layer (with an intercept where the translator has a bias)."""
+    keys = lens.keys()
+    accs = {key: LeastSquaresAccumulator(lens.d_model, device=device) for key in keys}
     shard = store.attrs["params"]["shard_tokens"]
     with Progress(store.n_tokens, "least squares", unit="tok") as bar:
         for s in range(0, store.n_tokens, shard):
             e = min(s + shard, store.n_tokens)
-            x = store.layers(layers + [store.n_layers], s, e).to(device)  # (k+1, n, d)
-            for j, i in enumerate(layers):
-                accs[i].update(x[j], x[-1])
+            x = store.states(keys + [_last(store)], s, e).to(device)  # (k+1, n, d)
+            for j, key in enumerate(keys):
+                accs[key].update(x[j], x[-1])
             bar.update(e - s)
-    for i in layers:
-        t = lens.translators[str(i)]
-        init_translator_lstsq(t, *accs[i].solve(cfg.ridge, intercept=t.intercept))
+    for key in keys:
+        t = lens.translator(key)
+        init_translator_lstsq(t, *accs[key].solve(cfg.ridge, intercept=t.intercept))
+
+
+def _last(store: ActivationStore) -> P.Key:
+    """The last block's output: the targets' lens position."""
+    return (P.BLOCK.name, store.n_layers)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -136,61 +147,63 @@ class Validation:
     """Whole sequences of the validation store, spread over all of it (seeded), with their
     targets, kept in memory."""
 
-    def __init__(self, store: ActivationStore, layers: list[int], n_tokens: int, head, device,
+    def __init__(self, store: ActivationStore, keys: list[P.Key], n_tokens: int, head, device,
                  chunk: int, seed: int):
         n_seq = store.n_tokens // store.seq_len
         self.sequences = spread_sequences(n_seq, max(1, n_tokens // store.seq_len), seed)
-        self.layers, self.chunk = layers, chunk
-        self.x = read_sequences(store, layers + [store.n_layers], self.sequences).to(device)  # (k+1, n, d)
+        self.keys, self.chunk = keys, chunk
+        self.x = read_sequences(store, keys + [_last(store)], self.sequences).to(device)  # (k+1, n, d)
         n = self.x.shape[1]
         self.targets = [targets(head, self.x[-1, s:s + chunk]) for s in range(0, n, chunk)]
 
     @torch.no_grad()
-    def kl(self, lens, layers: list[int] | None = None) -> dict[int, float]:
-        """Mean KL per layer (all of them, or ``layers``), summed in float64."""
+    def kl(self, lens, keys: list[P.Key] | None = None) -> dict[P.Key, float]:
+        """Mean KL per lens position (all of them, or ``keys``), summed in float64."""
         out = {}
-        for j, layer in enumerate(self.layers):
-            if layers is not None and layer not in layers:
+        for j, key in enumerate(self.keys):
+            if keys is not None and key not in keys:
                 continue
             total = 0.0
             for c, t in enumerate(self.targets):
-                total += t.kl(logits_into(lens, self.x[j, c * self.chunk:(c + 1) * self.chunk], layer)).sum().item()
-            out[layer] = total / self.x.shape[1]
+                h = self.x[j, c * self.chunk:(c + 1) * self.chunk]  # (chunk, d)
+                total += t.kl(logits_into(lens, h, key[1], key[0])).sum().item()
+            out[key] = total / self.x.shape[1]
         return out
 
 
 # ----------------------------------------------------------------------------- state
 
 #: Bump when TrainState or the checkpoint contents change: an older checkpoint is ignored.
-CHECKPOINT_FORMAT = 3  # 3: 'linear' translators lost their bias
+CHECKPOINT_FORMAT = 4  # 3: 'linear' translators lost their bias; 4: keyed by lens position
 
 
 @dataclass
 class TrainState:
+    """Per lens position (position, layer): the best validation and its translator, and
+    the validations in a row without improvement (early stopping is per lens position)."""
+
     step: int = 0
-    best_val: dict[int, float] = field(default_factory=dict)
-    best_state: dict[int, dict] = field(default_factory=dict)
-    bad_evals: dict[int, int] = field(default_factory=dict)
-    """Per layer: validations in a row without improvement (early stopping is per layer)."""
+    best_val: dict[P.Key, float] = field(default_factory=dict)
+    best_state: dict[P.Key, dict] = field(default_factory=dict)
+    bad_evals: dict[P.Key, int] = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
-    logit_lens_val: dict[int, float] = field(default_factory=dict)
-    init_val: dict[int, float] = field(default_factory=dict)
+    logit_lens_val: dict[P.Key, float] = field(default_factory=dict)
+    init_val: dict[P.Key, float] = field(default_factory=dict)
 
-    def record_validation(self, lens: TunedLens, val: dict[int, float], step: int) -> None:
-        for layer, v in val.items():
-            self.history.append({"step": step, "layer": layer, "val_kl": v})
-            if v < self.best_val.get(layer, float("inf")) * (1 - 1e-4):
-                self.best_val[layer] = v
-                self.best_state[layer] = {k: t.detach().clone()
-                                          for k, t in lens.translators[str(layer)].state_dict().items()}
-                self.bad_evals[layer] = 0
+    def record_validation(self, lens: TunedLens, val: dict[P.Key, float], step: int) -> None:
+        for key, v in val.items():
+            self.history.append({"step": step, "position": key[0], "layer": key[1], "val_kl": v})
+            if v < self.best_val.get(key, float("inf")) * (1 - 1e-4):
+                self.best_val[key] = v
+                self.best_state[key] = {k: t.detach().clone() for k, t in lens.translator(key).state_dict().items()}
+                self.bad_evals[key] = 0
             else:
-                self.bad_evals[layer] = self.bad_evals.get(layer, 0) + 1
+                self.bad_evals[key] = self.bad_evals.get(key, 0) + 1
 
-    def active(self, layers: list[int], patience: int) -> list[int]:
-        """The layers still training: each stops after ``patience`` validations without
-        improvement (0 = never), whatever the other layers of its job do."""
-        return [i for i in layers if not patience or self.bad_evals.get(i, 0) < patience]
+    def active(self, keys: list[P.Key], patience: int) -> list[P.Key]:
+        """The lens positions still training: each stops after ``patience`` validations
+        without improvement (0 = never), whatever the others of its job do."""
+        return [k for k in keys if not patience or self.bad_evals.get(k, 0) < patience]
 
 
 def _ckpt_path(out_dir: Path) -> Path:
@@ -199,7 +212,7 @@ def _ckpt_path(out_dir: Path) -> Path:
 
 def _save_ckpt(path: Path, fingerprint: str, lens, opt, sched, state: TrainState) -> None:
     tmp = path.with_suffix(".tmp")
-    torch.save({"fingerprint": fingerprint, "translators": lens.translators.state_dict(),
+    torch.save({"fingerprint": fingerprint, "translators": lens.translator_state(),
                 "opt": opt.state_dict(), "sched": sched.state_dict(), "state": asdict(state)}, tmp)
     os.replace(tmp, path)
 
@@ -211,37 +224,40 @@ def _load_ckpt(path: Path, fingerprint: str, lens, opt, sched) -> TrainState | N
     if ckpt.get("fingerprint") != fingerprint:
         log.warning("ignoring checkpoint %s from another configuration", path)
         return None
-    lens.translators.load_state_dict(ckpt["translators"])
+    lens.load_translator_state(ckpt["translators"])
     opt.load_state_dict(ckpt["opt"])
     sched.load_state_dict(ckpt["sched"])
     s = ckpt["state"]
     for key in ("best_val", "best_state", "bad_evals", "logit_lens_val", "init_val"):
-        s[key] = {int(k): v for k, v in s[key].items()}
+        s[key] = {(str(p), int(layer)): v for (p, layer), v in s[key].items()}
     log.info("resuming from step %d (%s)", s["step"], path)
     return TrainState(**s)
 
 
 # ----------------------------------------------------------------------------- loop
 
-def train_step(lens: TunedLens, x: torch.Tensor, layers: list[int], cfg: TrainConfig,
+def train_step(lens: TunedLens, x: torch.Tensor, keys: list[P.Key], cfg: TrainConfig,
                labels: tuple[torch.Tensor, torch.Tensor] | None,
-               active: list[int] | None = None) -> dict[int, float]:
-    """One batch for every active layer (default: all): x (k+1, batch, d_model), row j
-    for ``layers[j]``, the last row the last layer; returns the loss per active layer."""
+               active: list[P.Key] | None = None) -> dict[P.Key, float]:
+    """One batch for every active lens position (default: all): x (k+1, batch, d_model), row
+    j for ``keys[j]`` (a bare layer: its block position), the last row the last layer;
+    returns the loss per active lens position."""
     losses = {}
+    keys = [P.as_key(k) for k in keys]
+    active = None if active is None else [P.as_key(k) for k in active]
     t = targets(lens.head, x[-1]) if cfg.loss == "kl" else None
-    for j, layer in enumerate(layers):
-        if active is not None and layer not in active:
+    for j, key in enumerate(keys):
+        if active is not None and key not in active:
             continue
         with autocast(x.device):
-            z = lens(x[j], layer)  # (batch, vocab)
+            z = lens(x[j], key[1], key[0])  # (batch, vocab)
         if t is not None:
             loss = KLFromLogits.apply(z, t.p, t.neg_entropy)
         else:
             ids, keep = labels
             loss = torch.nn.functional.cross_entropy(z[keep].float(), ids[keep])
         loss.backward()
-        losses[layer] = loss.item()
+        losses[key] = loss.item()
     return losses
 
 
@@ -254,23 +270,24 @@ def _next_token_labels(store: ActivationStore, tokens: torch.Tensor, idx: torch.
 
 def run_training(lens: TunedLens, store: ActivationStore, val: Validation, cfg: TrainConfig,
                  state: TrainState, opt, sched, ckpt: tuple[Path, str], device,
-                 multipliers: dict[int, tuple[float, float]] | None = None) -> TrainState:
-    layers = lens.layers
-    batches = TokenBatches(store, layers + [store.n_layers], cfg.batch_tokens, cfg.buffer_shards, cfg.seed, device)
+                 multipliers: dict[P.Key, tuple[float, float]] | None = None) -> TrainState:
+    keys = lens.keys()
+    batches = TokenBatches(store, keys + [_last(store)], cfg.batch_tokens, cfg.buffer_shards, cfg.seed, device)
     tokens = store.tokens() if cfg.loss == "ce" else None
     with Progress(cfg.steps, f"train {lens.kind}", unit="step", initial=state.step) as bar:
         for x, idx in batches.iterate(state.step):
-            active = state.active(layers, cfg.patience)
+            active = state.active(keys, cfg.patience)
             if state.step >= cfg.steps or not active:
                 break
             labels = _next_token_labels(store, tokens, idx) if tokens is not None else None
             labels = tuple(t.to(device) for t in labels) if labels is not None else None
-            losses = train_step(lens, x.to(device), layers, cfg, labels, active)
+            losses = train_step(lens, x.to(device), keys, cfg, labels, active)
             optimizer_step(lens, active, opt, cfg, multipliers)
             lr = sched.get_last_lr()[0]
             sched.step()
             state.step += 1
-            state.history += [{"step": state.step, "layer": i, "train_loss": v, "lr": lr} for i, v in losses.items()]
+            state.history += [{"step": state.step, "position": k[0], "layer": k[1], "train_loss": v, "lr": lr}
+                              for k, v in losses.items()]
             if state.step % cfg.eval_every == 0 or state.step == cfg.steps:
                 state.record_validation(lens, val.kl(lens, active), state.step)
             if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
@@ -308,14 +325,20 @@ def _train(store_path, val_store_path, model_dir, out_dir: Path, cfg: TrainConfi
     device = resolve_device(cfg.device, "train.device")
     head = load_unembed_head(model_dir).to(device)
     layers = cfg.layer_list(store.n_layers)
+    inside = P.ATTENTION.name in store.positions  # the store decides: every position it holds is trained
     lens = TunedLens.create(head, kind, d_model=store.d_model, n_layers=store.n_layers, model_info=info,
-                            layers=layers, **kinds.get(kind).options_from(cfg)).to(device)
+                            layers=layers, attention_layers=layers if inside else None,
+                            **kinds.get(kind).options_from(cfg)).to(device)
+    keys = lens.keys()
     opt, sched = make_optimizer(lens, cfg)
     fingerprint = sha256_json({"cfg": asdict(cfg), "kind": kind, "store": store.attrs.get("fingerprint"),
                                "checkpoint_format": CHECKPOINT_FORMAT,
                                "val": val_store.attrs.get("fingerprint"), "model": info["weights_sha256"]})
     ckpt = (_ckpt_path(Path(out_dir)), fingerprint)
-    val = Validation(val_store, layers, cfg.val_tokens, head, device, cfg.batch_tokens, cfg.seed)
+    if inside and P.ATTENTION.name not in val_store.positions:
+        raise StoreError(f"the train store holds the attention position but the validation store "
+                         f"{val_store.location.zarr_store} does not: extract both with the same extract.positions")
+    val = Validation(val_store, keys, cfg.val_tokens, head, device, cfg.batch_tokens, cfg.seed)
     state = _load_ckpt(ckpt[0], fingerprint, lens, opt, sched)
     if state is None:
         state = TrainState(logit_lens_val=val.kl(LogitLens(head)))
@@ -323,23 +346,26 @@ def _train(store_path, val_store_path, model_dir, out_dir: Path, cfg: TrainConfi
             fit_least_squares(lens, store, cfg, device)
         state.init_val = val.kl(lens)
         state.record_validation(lens, state.init_val, 0)
-    scales = residual_scales(store, layers) if cfg.step_scale == "residual" else None
+    scales = residual_scales(store, keys) if cfg.step_scale == "residual" else None
     state = run_training(lens, store, val, cfg, state, opt, sched, ckpt, device, step_multipliers(lens, scales))
     return _finish(lens, state, cfg, kind, Path(out_dir), store, val, ckpt[0], time.monotonic() - t0, scales)
 
 
 def _finish(lens, state: TrainState, cfg, kind, out_dir: Path, store, val: Validation, ckpt: Path,
             seconds: float, scales: dict[int, float] | None = None):
-    """Keep each layer's best validated translator, save the lens and its training log."""
-    for layer, tensors in state.best_state.items():
-        lens.translators[str(layer)].load_state_dict(tensors)
-    metrics = {"val_kl": {str(k): v for k, v in sorted(state.best_val.items())},
-               "val_kl_logit_lens": {str(k): v for k, v in sorted(state.logit_lens_val.items())},
-               "val_kl_init": {str(k): v for k, v in sorted(state.init_val.items())},
+    """Keep each lens position's best validated translator, save the lens and its training log."""
+    for key, tensors in state.best_state.items():
+        lens.translator(key).load_state_dict(tensors)
+
+    def by_label(values: dict) -> dict[str, float]:  # "12" (block 12), "attn.12": in depth order
+        return {P.label(k): v for k, v in sorted(values.items(), key=lambda kv: P.depth_rank(kv[0]))}
+
+    metrics = {"val_kl": by_label(state.best_val), "val_kl_logit_lens": by_label(state.logit_lens_val),
+               "val_kl_init": by_label(state.init_val),
                "steps": state.step, "seconds": seconds, "init": _init_kind(cfg, kind),
                "train_store": str(store.location.zarr_store), "train_store_fingerprint": store.attrs.get("fingerprint"),
                "val_sequences": [int(i) for i in val.sequences],
-               "residual_scales": {str(k): v for k, v in sorted(scales.items())} if scales else None}
+               "residual_scales": by_label(scales) if scales else None}
     lens.save(out_dir, training_config=asdict(cfg) | {"kind": kind}, metrics=metrics)
     write_train_log(out_dir / "train_log.parquet", state.history, kind,
                     {"training_config": asdict(cfg) | {"kind": kind}, "model": store.provenance.get("model"),
@@ -347,7 +373,11 @@ def _finish(lens, state: TrainState, cfg, kind, out_dir: Path, store, val: Valid
                      "translators_sha256": read_lens_meta(out_dir).get("translators_sha256"),
                      "versions": package_versions()})
     ckpt.unlink(missing_ok=True)
-    mean = lambda d: sum(d.values()) / max(len(d), 1)  # noqa: E731
-    log.info("%s lens: mean validation KL %.3f nats (logit lens %.3f) after %d steps in %.0f s",
-             kind, mean(state.best_val), mean(state.logit_lens_val), state.step, seconds)
+    for position in lens.positions:
+        def mean(values: dict) -> float:
+            at = [v for k, v in values.items() if k[0] == position]
+            return sum(at) / max(len(at), 1)
+
+        log.info("%s lens (%s position): mean validation KL %.3f nats (logit lens %.3f) after %d steps in %.0f s",
+                 kind, position, mean(state.best_val), mean(state.logit_lens_val), state.step, seconds)
     return metrics

@@ -58,8 +58,9 @@ def check_workflow_config(raw: dict[str, Any], schema_path: str | Path) -> Pipel
 
 
 def workflow_schema(schema_path: str | Path) -> dict[str, Any]:
-    """The JSON schema, with the registered translator kinds and the storage dtypes as the
-    allowed values."""
+    """The JSON schema, with the registered translator kinds, the storage dtypes and the lens
+    positions as the allowed values."""
+    from . import positions
     from .store.dtypes import DTYPES
 
     schema = yaml.safe_load(Path(schema_path).read_text())
@@ -67,6 +68,7 @@ def workflow_schema(schema_path: str | Path) -> dict[str, Any]:
     defs["translator_kind"]["enum"] = kinds.names()
     defs["translator_kind_or_null"]["enum"] = [*kinds.names(), None]
     defs["store_dtype"]["enum"] = list(DTYPES)
+    defs["lens_position"]["enum"] = positions.names()
     return schema
 
 

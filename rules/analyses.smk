@@ -161,6 +161,25 @@ rule fact_localization:
         "../stages/analysis.py"
 
 
+rule attention_mlp:
+    input:
+        # the per-token table beside it, at the attention position too (extract.positions)
+        tables=P(paths.LAYER_METRICS),
+    output:
+        analysis_outputs("attention_mlp"),
+    params:
+        **analysis_params("attention_mlp"),
+    log:
+        log_of("attention_mlp", "{model}-{corpus}"),
+    threads: 1
+    resources:
+        **SMALL,
+    conda:
+        ENV
+    script:
+        "../stages/analysis.py"
+
+
 rule compare_models:
     input:
         # the per-token tables beside them too (the findings' bootstrap over sequences)

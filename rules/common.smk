@@ -9,6 +9,7 @@ from pipeline.analyses import BY_RULE
 from pipeline.config import SPLITS
 from pipeline.lens import kinds
 from pipeline.paths import Artifacts
+from pipeline.positions import DEFAULT as DEFAULT_POSITIONS
 from pipeline.workflow import CORPUS_EVALUATION_FIELDS, section
 
 
@@ -88,9 +89,11 @@ def analysis_params(rule):
 
 def extract_section(model, split):
     """What one split's store depends on: the model's extract settings, with its own budget
-    only (not the other splits')."""
+    only (not the other splits'), and its positions only where they are not the default (a
+    block-only store is the store of before positions existed: its job stays up to date)."""
     cfg = CFG.for_model(model).extract
-    return section(cfg, max_tokens={split: cfg.max_tokens.get(split)})
+    without = ("positions",) if tuple(cfg.positions) == DEFAULT_POSITIONS else ()
+    return section(cfg, without=without, max_tokens={split: cfg.max_tokens.get(split)})
 
 
 def all_stores():

@@ -6,7 +6,8 @@ a zarr.json or a sidecar. ``verify`` must call each case damage; ``info``, ``imp
 read through ``open_store`` must end in a LenspipeError or succeed, never in another
 exception, and ``import`` must leave nothing behind. Each for a bfloat16 store and for the
 8-bit dtypes' stores, whose row scales are damaged too (a shard of them, their zarr.json,
-a byte of their chunks in the exports).
+a byte of their chunks in the exports), and for an fp8 store of the attention position too,
+whose attention states and their scales are damaged alike.
 """
 
 from __future__ import annotations
@@ -64,18 +65,35 @@ SCALE_DAMAGE = {
     "truncated scale shard, no SHA256SUMS": ("scale/c/0/0", "truncate"),
     "garbled scale shard, no SHA256SUMS": ("scale/c/0/3", "garble"),
 }
-#: The stores damaged: bfloat16 (the default) and the 8-bit dtypes, which have row scales.
-DTYPES = ["bfloat16", "fp8", "int8"]
-SCALED = ["fp8", "int8"]
+#: The same for the attention position's states and their row scales.
+ATTENTION_DAMAGE = {
+    "missing attention shard": ("attn/c/0/1/0", "delete"),
+    "empty attention shard": ("attn/c/0/2/0", "empty"),
+    "truncated attention shard": ("attn/c/0/0/0", "truncate"),
+    "garbled attn/zarr.json": ("attn/zarr.json", "garble"),
+    "missing attention scale shard": ("attn_scale/c/0/1", "delete"),
+    "truncated attention shard, no SHA256SUMS": ("attn/c/0/0/0", "truncate"),
+    "garbled attention shard, no SHA256SUMS": ("attn/c/0/3/0", "garble"),
+    "garbled attention scale shard, no SHA256SUMS": ("attn_scale/c/0/3", "garble"),
+}
+#: The stores damaged: bfloat16 (the default) and the 8-bit dtypes, which have row scales,
+#: and an fp8 store with the attention position (``-attention``: its own states and scales).
+DTYPES = ["bfloat16", "fp8", "int8", "fp8-attention"]
+SCALED = ["fp8", "int8", "fp8-attention"]
+INSIDE = ["fp8-attention"]
 #: Targeted flips, always damage: a byte of a chunk's data, and of a name in the zip's
 #: directory; for an 8-bit store also a byte of a row scales' chunk.
 N_TARGETED_FLIPS = {"zip": 2, "h5": 1}
 N_SCALE_FLIPS = {"zip": 1, "h5": 1}
+#: ... and of the attention states' chunks and their scales'.
+N_ATTENTION_FLIPS = {"zip": 2, "h5": 2}
 #: What every damage message says, in one of these words.
 DAMAGE = re.compile(r"damaged|corrupt|does not match|missing|checksum mismatch|cannot be decoded|garbled")
 _PER_STORE = 2 * N_TRUNCATIONS + 2 * N_RANDOM_FLIPS + sum(N_TARGETED_FLIPS.values()) + len(ZARR_DAMAGE)
-N_FUZZ_CASES = len(DTYPES) * _PER_STORE + len(SCALED) * (sum(N_SCALE_FLIPS.values()) + len(SCALE_DAMAGE))
-ZARR_CASES = [(d, case) for d in DTYPES for case in [*ZARR_DAMAGE, *(SCALE_DAMAGE if d in SCALED else ())]]
+N_FUZZ_CASES = (len(DTYPES) * _PER_STORE + len(SCALED) * (sum(N_SCALE_FLIPS.values()) + len(SCALE_DAMAGE))
+                + len(INSIDE) * (sum(N_ATTENTION_FLIPS.values()) + len(ATTENTION_DAMAGE)))
+ZARR_CASES = [(d, case) for d in DTYPES for case in [*ZARR_DAMAGE, *(SCALE_DAMAGE if d in SCALED else ()),
+                                                     *(ATTENTION_DAMAGE if d in INSIDE else ())]]
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +105,10 @@ def stores(tmp_path_factory):
         if dtype not in made:
             root = made[dtype] = tmp_path_factory.mktemp(f"damage-{dtype}")
             resid, toks = make_data(N)
-            with StoreWriter.open(root / "s.zarr", **params(N, dtype=dtype)) as w:
-                w.write(torch.from_numpy(resid), toks)
+            inside = dtype in INSIDE
+            positions = ["block", "attention"] if inside else ["block"]
+            with StoreWriter.open(root / "s.zarr", **params(N, dtype=dtype.split("-")[0], positions=positions)) as w:
+                w.write(torch.from_numpy(resid), toks, torch.from_numpy(make_data(N, seed=1)[0][1:]) if inside else None)
             export_store(root / "s.zarr", root / "s.zip", "zip")
             export_store(root / "s.zarr", root / "s.h5", "hdf5")
         return made[dtype]
@@ -132,7 +152,7 @@ def truncation_offsets(path: Path, fmt: str) -> list[int]:
     return offsets
 
 
-def flip_offsets(path: Path, fmt: str, scaled: bool) -> tuple[list[int], list[int]]:
+def flip_offsets(path: Path, fmt: str, scaled: bool, inside: bool = False) -> tuple[list[int], list[int]]:
     """(random offsets, targeted offsets that always matter)."""
     rng = random.Random(SEED + 1)
     randoms = rng.sample(range(path.stat().st_size), N_RANDOM_FLIPS)
@@ -140,11 +160,14 @@ def flip_offsets(path: Path, fmt: str, scaled: bool) -> tuple[list[int], list[in
         chunk, start_dir = _zip_regions(path)
         targeted = [chunk, start_dir + 46]  # 46: the first entry's file name in the directory
         scales = [_zip_regions(path, "scale/c/0/1")[0]] if scaled else []
+        mids = [_zip_regions(path, name)[0] for name in ("attn/c/0/1/0", "attn_scale/c/0/2")] if inside else []
     else:
         targeted = [_h5_chunk_byte(path)]
         scales = [_h5_chunk_byte(path, "scale")] if scaled else []
+        mids = [_h5_chunk_byte(path, name) for name in ("attn", "attn_scale")] if inside else []
     assert len(targeted) == N_TARGETED_FLIPS[fmt] and len(scales) == N_SCALE_FLIPS[fmt] * scaled
-    return randoms, targeted + scales
+    assert len(mids) == N_ATTENTION_FLIPS[fmt] * inside
+    return randoms, targeted + scales + mids
 
 
 def _content(path: Path, fmt: str):
@@ -171,6 +194,8 @@ def _outcome(fn, *args) -> str | None:
 def _read_everything(path: Path) -> None:
     store = open_store(path)
     store.layers(range(store.n_layers + 1))
+    if "attention" in store.positions:
+        store.attention(range(store.n_layers))
     store.tokens()
 
 
@@ -225,7 +250,7 @@ def test_truncated_exports_are_reported_as_damage(stores, tmp_path, fmt, dtype):
 def test_flipped_bytes_in_exports_are_reported_as_damage(stores, tmp_path, fmt, dtype):
     src = stores(dtype) / f"s.{fmt}"
     original = _content(src, fmt)
-    randoms, targeted = flip_offsets(src, fmt, dtype in SCALED)
+    randoms, targeted = flip_offsets(src, fmt, dtype in SCALED, dtype in INSIDE)
     detected = 0
     for i, offset in enumerate(randoms + targeted):
         path = _damaged_copy(src, tmp_path / f"flip{i}-at-{offset}.{fmt}", offset, "flip")
@@ -256,13 +281,13 @@ def _damage_zarr(src: Path, out: Path, name: str, how: str, keep_manifest: bool)
 
 @pytest.mark.parametrize("dtype,case", ZARR_CASES)
 def test_damaged_zarr_store_is_reported_as_damage(stores, tmp_path, dtype, case):
-    name, how = {**ZARR_DAMAGE, **SCALE_DAMAGE}[case]
+    name, how = {**ZARR_DAMAGE, **SCALE_DAMAGE, **ATTENTION_DAMAGE}[case]
     store = _damage_zarr(stores(dtype) / "s.zarr", tmp_path / "s.zarr", name, how, "no SHA256SUMS" not in case)
     message = _outcome(verify, store)
     assert message and str(store) in message and DAMAGE.search(message), message
     _outcome(store_info, store)  # info reads metadata only: a message or a summary, no traceback
     read = _outcome(_read_everything, store)
-    if name.startswith(("resid/c/", "tokens/c/", "scale/c/")):  # a damaged shard must not read as zeros
+    if name.startswith(("resid/c/", "tokens/c/", "scale/c/", "attn/c/", "attn_scale/c/")):  # never zeros
         assert read and "the store may be corrupt" in read, read
 
 

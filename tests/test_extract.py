@@ -85,30 +85,32 @@ from pathlib import Path
 import pipeline.extract as ex
 from pipeline.config import ExtractConfig
 slow = float(sys.argv[4])
-real = ex.residual_stream
+real = ex.residual_states
 def delayed(*a, **k):
     time.sleep(slow)
     return real(*a, **k)
-ex.residual_stream = delayed
+ex.residual_states = delayed
 ex.extract(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]),
            ExtractConfig(batch_size=2, shard_tokens=32, chunk_tokens=16, max_tokens={"test": None},
-                         dtype=sys.argv[5]), "test")
+                         dtype=sys.argv[5], positions=sys.argv[6].split(",")), "test")
 """
 
 
-def _run(args, slow, dtype):
-    return subprocess.Popen([sys.executable, "-c", SCRIPT, *map(str, args), str(slow), dtype],
+def _run(args, slow, dtype, positions="block"):
+    return subprocess.Popen([sys.executable, "-c", SCRIPT, *map(str, args), str(slow), dtype, positions],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-@pytest.mark.parametrize("seed,dtype", [(0, "bfloat16"), (1, "bfloat16"), (0, "fp8"), (1, "int8")])
-def test_sigkill_mid_extract_then_resume_gives_identical_store(tmp_path, seed, dtype):
+@pytest.mark.parametrize("seed,dtype,positions", [(0, "bfloat16", "block"), (1, "bfloat16", "block"),
+                                                  (0, "fp8", "block"), (1, "int8", "block"),
+                                                  (0, "bfloat16", "block,attention"), (1, "fp8", "block,attention")])
+def test_sigkill_mid_extract_then_resume_gives_identical_store(tmp_path, seed, dtype, positions):
     model_dir = save_prepared(tiny_model("llama"), tmp_path / "m")
     split = write_packed_split(tmp_path / "test.npz", n_seq=16, seq_len=16, vocab=VOCAB)
     ref = tmp_path / "ref.zarr"
-    assert _run([model_dir, split, ref], 0, dtype).wait() == 0
+    assert _run([model_dir, split, ref], 0, dtype, positions).wait() == 0
     store = tmp_path / "s.zarr"
-    proc = _run([model_dir, split, store], 0.3, dtype)
+    proc = _run([model_dir, split, store], 0.3, dtype, positions)
     progress = store / "progress"
     deadline = time.monotonic() + 60
     want = 1 + seed  # kill after the first (or second) durable shard
@@ -119,10 +121,12 @@ def test_sigkill_mid_extract_then_resume_gives_identical_store(tmp_path, seed, d
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (store / "COMPLETE").exists()
-    assert _run([model_dir, split, store], 0, dtype).wait() == 0
+    assert _run([model_dir, split, store], 0, dtype, positions).wait() == 0
     a, b = open_store(ref), open_store(store)
-    assert b.dtype == dtype
+    assert b.dtype == dtype and b.positions == tuple(positions.split(","))
     assert torch.equal(a.layers(range(a.n_layers + 1)), b.layers(range(b.n_layers + 1)))
+    if "attention" in positions:
+        assert torch.equal(a.attention(range(a.n_layers)), b.attention(range(b.n_layers)))
     assert torch.equal(a.tokens(), b.tokens())
     verify(store)
 
@@ -162,16 +166,18 @@ def test_info_cli_summarises_complete_and_incomplete_stores(tmp_path, dtype, per
     assert out.returncode == 0 and json.loads(out.stdout)["complete"] is False
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
-def test_parts_assemble_into_the_single_job_store(tmp_path, dtype):
-    """Also an 8-bit store's: its row scales' shard files are linked in with the values'."""
+@pytest.mark.parametrize("dtype,positions", [("bfloat16", ["block"]), ("int8", ["block"]),
+                                             ("int8", ["block", "attention"])])
+def test_parts_assemble_into_the_single_job_store(tmp_path, dtype, positions):
+    """Also an 8-bit store's: its row scales' shard files are linked in with the values'
+    (and the attention position's, with its scales)."""
     from pipeline.extract import extract_part, part_range
     from pipeline.store.parts import assemble_store
 
     assert [part_range(13, 4, p, 3) for p in range(3)] == [(0, 8), (8, 12), (12, 13)]  # 4 shards: 2 + 1 + 1
     model_dir = save_prepared(tiny_model("llama"), tmp_path / "m")
     split = write_packed_split(tmp_path / "test.npz", n_seq=13, seq_len=16, vocab=VOCAB)
-    small = SMALL | {"shard_tokens": 64, "dtype": dtype}  # 4 sequences per shard
+    small = SMALL | {"shard_tokens": 64, "dtype": dtype, "positions": positions}  # 4 sequences per shard
     cfg = ExtractConfig(**(small | {"parts": 3}))
     ref = tmp_path / "ref.zarr"
     extract(model_dir, split, ref, ExtractConfig(**small), "test")
@@ -183,6 +189,8 @@ def test_parts_assemble_into_the_single_job_store(tmp_path, dtype):
     a, b = open_store(ref), open_store(dest)
     assert torch.equal(a.layers(range(a.n_layers + 1)), b.layers(range(b.n_layers + 1)))
     assert torch.equal(a.tokens(), b.tokens()) and a.params == b.params
+    if "attention" in positions:
+        assert torch.equal(a.attention(range(a.n_layers)), b.attention(range(b.n_layers)))
     assert verify(dest)["n_shards"] == 4 and b.provenance["assembled_from"]["parts"] == 3
     assert {k: v for k, v in b.provenance.items() if k not in ("assembled_from", "extract_config")} == \
         {k: v for k, v in a.provenance.items() if k != "extract_config"}

@@ -556,6 +556,8 @@ def test_config_mistakes_fail_at_workflow_start_in_a_dry_run(tmp_path, change, m
 README_BAD_INPUTS = {
     "unknown model id while offline": ["test_unknown_hub_model_offline_is_clear"],
     "local model path missing / not a causal LM": ["test_missing_local_path_and_non_causal_dir"],
+    "`extract.positions: [block, attention]` on a model without that state": [
+        "test_post_norm_blocks_are_refused", "test_guard_refuses_a_block_that_does_more_than_its_two_adds"],
     "dataset without the text column": ["test_prepare_corpus_table_files"],
     "empty corpus / shorter than one sequence": ["test_empty_and_short_corpus_are_clear_errors",
                                                  "test_workflow_bad_input_fails_cleanly"],

@@ -24,7 +24,7 @@ import zarr
 
 from pipeline.errors import StoreError
 from pipeline.store.info import measure_compression
-from pipeline.store.layout import SCHEMA_VERSION, record_name
+from pipeline.store.layout import record_name
 from pipeline.store.reader import open_store
 from pipeline.store.verify import verify
 from pipeline.store.writer import StoreWriter
@@ -112,7 +112,7 @@ def test_round_trip_each_dtype(tmp_path, dtype):
     write_store(tmp_path / "s", resid, toks, dtype=dtype)
     store = open_store(tmp_path / "s")
     assert store.is_complete and store.dtype == dtype and store.provenance == PROV
-    assert store.attrs["schema_version"] == (SCHEMA_VERSION if dtype in SCALED else 1)
+    assert store.attrs["schema_version"] == (2 if dtype in SCALED else 1)
     assert store.attrs["complete"] is True
     assert ((tmp_path / "s" / "scale").is_dir(), (tmp_path / "s" / "scale" / "c" / "0" / "3").is_file()) == \
         (dtype in SCALED,) * 2
@@ -542,8 +542,8 @@ def test_reader_refuses_incomplete_store(tmp_path):
 def test_unknown_schema_version_refused(tmp_path):
     resid, toks = make_data(SHARD)
     write_store(tmp_path / "s", resid, toks)
-    zarr.open_group(tmp_path / "s", mode="r+").update_attributes({"schema_version": 3})
-    with pytest.raises(StoreError, match="store schema version 3, this lenspipe reads 1, 2; upgrade"):
+    zarr.open_group(tmp_path / "s", mode="r+").update_attributes({"schema_version": 4})
+    with pytest.raises(StoreError, match="store schema version 4, this lenspipe reads 1, 2, 3; upgrade"):
         open_store(tmp_path / "s")
 
 

@@ -218,6 +218,34 @@ def test_the_whole_workflow_runs_on_an_8_bit_store(workdir, dtype):
     assert metrics["kl"].notna().all() and (workdir / "data" / "report" / "report.html").is_file()
 
 
+def test_the_workflow_with_lenses_inside_the_blocks(workdir):
+    """config/inside-blocks.yaml merged over the tiny config: every store holds the attention
+    position, every table its rows, and the attention/MLP split is measured and reported."""
+    import pandas as pd
+    import yaml
+
+    from pipeline.store.reader import open_store
+
+    cfg = yaml.safe_load((REPO / ".test" / "config.yaml").read_text())
+    inside = yaml.safe_load((REPO / "config" / "inside-blocks.yaml").read_text())
+    cfg["extract"].update(inside.pop("extract"))
+    assert not inside  # the file sets extract.positions only
+    path = workdir / "inside.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = snakemake(workdir, "--configfile", str(path))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    data = workdir / "data"
+    for split in ("train", "validation", "test"):
+        assert open_store(data / "stores" / "tiny" / "tiny-txt" / f"{split}.zarr").positions == ("block", "attention")
+    metrics = pd.read_parquet(data / "tables" / "tiny" / "tiny-txt" / "layer_metrics.parquet")
+    assert set(metrics.position) == {"block", "attention"}
+    assert len(metrics[(metrics.lens == "tuned") & (metrics.position == "attention")]) == 2 * 2  # 2 kinds x 2 layers
+    split = pd.read_parquet(data / "analyses" / "tiny" / "tiny-txt" / "attention_mlp.parquet")
+    assert set(split.sublayer) == {"attention", "mlp", "attention - mlp"} and split.estimate.notna().all()
+    report = (data / "report" / "report.md").read_text()
+    assert "attention vs MLP" in report and "@ attention" in report
+
+
 # ------------------------------------------------------------------------ reproducibility
 
 def _check_provenance(data: Path) -> None:

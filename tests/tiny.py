@@ -72,12 +72,25 @@ VOCAB = 199
 BASE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
             vocab_size=VOCAB, max_position_embeddings=64)
 GQA = dict(BASE, num_key_value_heads=2)
+FALCON = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB, alibi=False,
+              new_decoder_architecture=False, bos_token_id=0, eos_token_id=0)
 
 #: family -> (config class, kwargs). Each must build a causal LM with < 1M parameters.
 FAMILIES = {
     "gpt2": ("GPT2Config", dict(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64,
                                 bos_token_id=0, eos_token_id=0)),
-    "gpt_neox": ("GPTNeoXConfig", dict(BASE)),
+    "gpt_neox": ("GPTNeoXConfig", dict(BASE)),  # use_parallel_residual=True (the default): parallel
+    "gpt_neox_seq": ("GPTNeoXConfig", dict(BASE, use_parallel_residual=False)),
+    # Parallel attention and MLP, both on one ln_1 of the block input.
+    "gptj": ("GPTJConfig", dict(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64, rotary_dim=4,
+                                bos_token_id=0, eos_token_id=0)),
+    # Falcon three ways: parallel attention (one input norm), sequential, and the new decoder
+    # architecture (parallel, separate ln_attn / ln_mlp, grouped kv heads).
+    "falcon": ("FalconConfig", dict(FALCON, parallel_attn=True)),
+    "falcon_seq": ("FalconConfig", dict(FALCON, parallel_attn=False)),
+    "falcon_new": ("FalconConfig", dict(FALCON, new_decoder_architecture=True, num_kv_heads=2)),
+    # Olmo-2: norms after attention and after the MLP (before each add), none before them.
+    "olmo2": ("Olmo2Config", dict(GQA, bos_token_id=1, eos_token_id=2, pad_token_id=2)),
     "llama": ("LlamaConfig", dict(GQA)),
     "qwen2": ("Qwen2Config", dict(GQA, tie_word_embeddings=True)),
     "qwen3": ("Qwen3Config", dict(GQA, head_dim=8)),
@@ -99,10 +112,11 @@ FAMILIES = {
                                    word_embed_proj_dim=16, do_layer_norm_before=False)),
     "phi": ("PhiConfig", dict(BASE)),
     "mistral": ("MistralConfig", dict(GQA, sliding_window=4)),
-    "granite": ("GraniteConfig", dict(GQA, logits_scaling=4.0)),  # divides the logits
+    # divides the logits; scales what each sublayer adds to the residual
+    "granite": ("GraniteConfig", dict(GQA, logits_scaling=4.0, residual_multiplier=0.7)),
     "cohere": ("CohereConfig", dict(GQA, logit_scale=3.0)),  # multiplies the logits
 }
-TIED = {"gpt2", "qwen2", "gemma2", "gemma3", "opt", "opt_proj", "cohere"}
+TIED = {"gpt2", "qwen2", "gemma2", "gemma3", "opt", "opt_proj", "cohere", "falcon", "falcon_seq", "falcon_new"}
 
 
 @functools.cache

@@ -26,6 +26,8 @@ A new analysis: its module, its test, one entry in :data:`ANALYSES` and one rule
 - ``causal_fidelity``      lens-chosen residual directions ablated in the model: same effect?
 - ``anomaly_detection``    an IsolationForest on lens trajectories: injections, shuffles, code
 - ``fact_localization``    the first layer at which each lens ranks a fact's answer top-1 / top-5
+- ``attention_mlp``        each block's KL drop split into its attention's and its MLP's (the
+                           attention lens position), with CIs over sequences
 - ``live``                 (helper) the model and lenses on text outside the cache
 - ``findings``             (helper) estimates with bootstrap CIs, sample sizes and verdicts
 - ``lens_corpus_matrix``   every trained lens on every corpus: the tuned/logit KL ratio per layer
@@ -108,6 +110,7 @@ ANALYSES = (
              ("translator", "anomaly_sequences", "anomaly_other", "anomaly_tokens", "anomaly_stride")),
     Analysis("fact_localization", ("fact_prompts", "fact_layers", "fact_depths"), "fact localization",
              ("translator",)),
+    Analysis("attention_mlp", ("attention_mlp",), "attention vs MLP", ("translator",)),
     Analysis("compare_models", ("compare_models", "compare_anatomy", "compare_depth", "compare_facts"),
              "Across models and checkpoints",
              ("translator",), per_run=False),

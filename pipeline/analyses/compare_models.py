@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from ..plots import figure, save
-from ..tables import write_table_df
+from ..tables import block_rows, write_table_df
 from .findings import Finding, bootstrap, lens_kl_by_sequence, removed_share, whole, write_findings
 
 COLUMNS = ["model", "revision", "corpus", "split", "lens", "translator", "layer", "depth", "n_layers",
@@ -40,9 +40,10 @@ FACT_COLUMNS = [*RUN, "fact_set", "lens", "translator", "n_prompts", "n_kept", "
 
 
 def comparison_table(frames: list[pd.DataFrame]) -> pd.DataFrame:
-    """Concatenate layer_metrics tables; adds n_layers; drops the model-output rows."""
+    """Concatenate layer_metrics tables (their block rows: the depth axis of the comparison);
+    adds n_layers; drops the model-output rows."""
     out = []
-    for df in frames:
+    for df in map(block_rows, frames):
         n_layers = int(df.layer.max()) if (df.lens == "model").any() else int(df.layer.max()) + 1
         out.append(df[df.lens != "model"].assign(n_layers=n_layers)[COLUMNS])
     return pd.concat(out, ignore_index=True)

@@ -176,11 +176,13 @@ def seq_len_of(tokens: pd.DataFrame) -> int:
 
 def lens_kl_by_sequence(token_dir: Path, translator: str) -> pd.DataFrame:
     """Per evaluated sequence of a per-token table: the sums over its tokens of the logit and
-    the tuned lens's KL, each averaged over layers (``logit``, ``tuned``), and its token count
+    the tuned lens's KL, each averaged over (block) layers (``logit``, ``tuned``), and its token count
     (``n``): what every "how much does the tuned lens remove" finding is a ratio of."""
+    from ..tables import read_token_metrics
+
     cols = ["lens", "translator", "layer", "token_index", "kl"]
-    t = pd.read_parquet(token_dir, columns=cols).astype({"lens": str, "translator": str})
-    seq_len = seq_len_of(pd.read_parquet(token_dir, columns=["lens", "token_index", "next_token_rank"])
+    t = read_token_metrics(token_dir, cols).astype({"lens": str, "translator": str})  # block rows
+    seq_len = seq_len_of(read_token_metrics(token_dir, ["lens", "token_index", "next_token_rank"])
                          .astype({"lens": str}))
     per_token = {}
     for lens, tr in (("logit", "none"), ("tuned", translator)):

@@ -35,7 +35,7 @@ from ..errors import LenspipeError
 from ..plots import figure, save
 from ..progress import Progress
 from ..sampling import spread_sequences, token_index
-from ..tables import read_provenance, write_table_df
+from ..tables import block_rows, read_provenance, read_token_metrics, write_table_df
 from .findings import BOOTSTRAP, Finding, bootstrap, spearman, whole, write_findings
 
 log = logging.getLogger(__name__)
@@ -145,13 +145,13 @@ def layer_contributions(layer_metrics: Path, token_dir: Path, model_dir: Path, s
     packed = load_split(split)
     seq_len = packed.tokens.shape[1]
     store_seqs, split_seqs = skip_sample(layer_metrics, seq_len, skip_tokens)
-    tokens = pd.read_parquet(token_dir, columns=["lens", "translator", "layer", "token_index", "kl"])
+    tokens = read_token_metrics(token_dir, ["lens", "translator", "layer", "token_index", "kl"])  # block rows
     tokens = tokens[tokens.token_index.isin(token_index(store_seqs, seq_len))]
     tokens = tokens.astype({"lens": str, "translator": str, "kl": np.float64})
     n_layers = int(tokens.loc[tokens.lens == "model", "layer"].iloc[0])
     kl = {"tuned": _lens_kl(tokens, "tuned", translator, n_layers, seq_len),
           "logit": _lens_kl(tokens, "logit", "none", n_layers, seq_len)}
-    lm = pd.read_parquet(layer_metrics)
+    lm = block_rows(pd.read_parquet(layer_metrics))
     kl_all = lm[(lm.lens == "tuned") & (lm.translator == translator)].sort_values("layer").kl.to_numpy()
     ids = torch.from_numpy(packed.tokens[split_seqs]).long()  # (n_seq, seq_len): the same tokens
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()

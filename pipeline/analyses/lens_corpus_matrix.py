@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from ..plots import figure, save
-from ..tables import write_table_df
+from ..tables import block_rows, write_table_df
 from .findings import Finding, bootstrap, kl_reduction, lens_kl_by_sequence, whole, write_findings
 
 KEYS = ["model", "revision", "train_corpus", "corpus", "split", "translator", "layer"]
@@ -54,7 +54,7 @@ def matrix_table(frames: list[pd.DataFrame]) -> pd.DataFrame:
 def lens_corpus_matrix(layer_metrics: list[Path], out_dir: Path, translator: str = "affine") -> pd.DataFrame:
     """Write lens_corpus_matrix.parquet, its findings and .png from every pair's
     layer_metrics.parquet (and the per-token table beside each, for the findings)."""
-    frames = [pd.read_parquet(p) for p in layer_metrics]
+    frames = [block_rows(pd.read_parquet(p)) for p in layer_metrics]
     df = matrix_table(frames)
     prov = {"analysis": "lens_corpus_matrix", "inputs": [str(p) for p in layer_metrics], "translator": translator}
     write_table_df(df, Path(out_dir) / "lens_corpus_matrix.parquet", prov)

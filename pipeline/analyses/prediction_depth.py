@@ -33,7 +33,7 @@ import torch
 
 from ..errors import LenspipeError
 from ..plots import figure, save
-from ..tables import write_table_df
+from ..tables import read_token_metrics, write_table_df
 from .findings import Finding, mean_finding, model_token_index, per_sequence, seq_len_of, sequence_of, write_findings
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def read_token_table(token_dir: Path) -> tuple[pd.DataFrame, torch.Tensor, int, 
     if not Path(token_dir).is_dir():
         raise LenspipeError(f"no per-token table at {token_dir}: set evaluate.token_metrics to true "
                             "(or keep auto with at most 65,536 evaluated tokens) to run this analysis")
-    tokens = pd.read_parquet(token_dir)
+    tokens = read_token_metrics(token_dir)  # the block depth axis
     model = tokens[tokens.lens == "model"].sort_values("token_index")
     n_layers = int(model.layer.iloc[0])
     return tokens, torch.from_numpy(model.top1_id.to_numpy().copy()), n_layers, model.next_token_id.to_numpy()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
+from .. import positions as P
 from ..errors import ConfigError
 from ..lens import kinds
 from ..store.dtypes import DTYPES
@@ -29,6 +31,11 @@ class ExtractConfig:
     run with an error), ``float32``, or 8 bits a value with a float32 scale per layer and
     token: ``fp8`` (float8 e4m3fn) or ``int8`` (half the bytes of bfloat16; they cannot
     overflow; their cost to lens quality is measured in the README, "Compact stores")."""
+    positions: list[str] = field(default_factory=lambda: list(P.DEFAULT))
+    """Lens positions to store (pipeline.positions): ``block`` (the residual between blocks,
+    always) and ``attention`` (inside each block, after its attention sublayer, before its
+    MLP: another ``n_layers`` states a token, so about twice the bytes; every lens is then
+    trained and evaluated there too)."""
     device: str = "auto"
     """``auto`` (CUDA if available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
     compute_dtype: str = "auto"
@@ -62,12 +69,26 @@ class ExtractConfig:
             raise ConfigError("extract.batch_size must be >= 1")
         if self.dtype not in STORE_DTYPES:
             raise ConfigError(f"extract.dtype must be one of {STORE_DTYPES}, got {self.dtype!r}")
+        try:
+            self.positions = list(P.check(self.positions))  # in depth order, whatever the config's
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"extract.positions: {e}") from None
         if self.compression not in COMPRESSIONS:
             raise ConfigError(f"extract.compression must be one of {COMPRESSIONS}")
         if self.chunk_tokens < 1 or self.shard_tokens % self.chunk_tokens:
             raise ConfigError(
                 f"extract.shard_tokens ({self.shard_tokens}) must be a positive multiple of "
                 f"chunk_tokens ({self.chunk_tokens})")
+
+    def store_settings(self) -> dict:
+        """What shapes a store besides its budget: every field but ``device`` and ``max_tokens``,
+        and ``positions`` only where it is not the default, so a store of block states has the
+        provenance (and fingerprint) of a store from before positions, and caches made then
+        stay valid."""
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("device", "max_tokens")}
+        if tuple(self.positions) == P.DEFAULT:
+            del out["positions"]
+        return out
 
     def budget(self, split: str, seq_len: int) -> int | None:
         """Number of sequences to extract for ``split`` (None = all)."""
@@ -237,7 +258,7 @@ class AnalysesConfig:
     enabled: bool = True
     """Run the analysis rules (prediction depth, layer contributions, translator anatomy,
     token categories, layer transfer, causal fidelity, anomaly detection, fact localization,
-    model comparison) and put them in the report."""
+    attention vs MLP, model comparison) and put them in the report."""
     translator: str | None = None
     """Tuned lens the analyses use; null = the first of ``train.kinds``. Translator
     anatomy needs a kind registered as a linear map (affine, linear, scaling)."""

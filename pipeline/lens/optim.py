@@ -24,8 +24,15 @@ from __future__ import annotations
 import torch
 
 from ..config import TrainConfig
+from ..positions import BLOCK, Key, as_key
 from .kinds import get as kind_of
 from .tuned import TunedLens
+
+
+def _translators(lens: TunedLens) -> list[torch.nn.Module]:
+    """Every translator of the lens: the block position's, then the attention position's
+    (so a block-only lens's parameters keep their order in the optimiser)."""
+    return [*lens.translators.values(), *lens.attention.values()]
 
 
 def _identity_centred(lens: TunedLens) -> list[torch.Tensor]:
@@ -33,13 +40,13 @@ def _identity_centred(lens: TunedLens) -> list[torch.Tensor]:
     weight of a ``linear`` translator, W h, W = I at the identity). Plain weight decay
     would pull it toward the zero map; it is decayed toward I instead
     (``decay_to_identity``), so weight decay means "toward the logit lens" for every kind."""
-    return [p for t in lens.translators.values() for p in t.identity_centred()]
+    return [p for t in _translators(lens) for p in t.identity_centred()]
 
 
 def make_optimizer(lens: TunedLens, cfg: TrainConfig):
     """Optimiser and schedule over the lens's translators (the head is frozen)."""
     centred = {id(p) for p in _identity_centred(lens)}
-    params = [p for p in lens.translators.parameters() if p.requires_grad]
+    params = [p for t in _translators(lens) for p in t.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if id(p) not in centred]},
               {"params": [p for p in params if id(p) in centred], "weight_decay": 0.0,
                "decay_to_identity": cfg.weight_decay}]
@@ -72,58 +79,64 @@ def decay_to_identity(opt) -> None:
                 w.grad.add_(w, alpha=wd).diagonal().sub_(wd)
 
 
-def optimizer_step(lens: TunedLens, layers: list[int], opt, cfg: TrainConfig,
-                   multipliers: dict[int, tuple[float, float]] | None = None) -> None:
-    """Scale each layer's gradient (``step_multipliers``), clip it on its own, decay, step,
-    clear the gradients.
+def optimizer_step(lens: TunedLens, keys: list[Key], opt, cfg: TrainConfig,
+                   multipliers: dict[Key, tuple[float, float]] | None = None) -> None:
+    """Scale each lens position's gradient (``step_multipliers``), clip it on its own, decay,
+    step, clear the gradients. ``keys``: the (position, layer) of the translators stepped.
 
     Per layer, not jointly as the reference does: a joint norm scales every layer's step
     by the others' gradients (on SmolLM2 the joint norm was 4.75, so each step was cut to
     0.21x), which made a lens depend on which layers shared its job. Translators are
     independent problems; clipped one by one, ``train.layer_groups`` changes nothing.
     """
+    keys = [as_key(k) for k in keys]
     # With step multipliers m, this is SGD on the translator in units of the residual's scale
     # (weights W sqrt(m)): its gradient is the raw one times sqrt(m), clipped there, and its
     # step, back in the raw units, times sqrt(m) again.
     if multipliers:
-        scale_steps(lens, layers, multipliers, 0.5)
+        scale_steps(lens, keys, multipliers, 0.5)
     if cfg.clip_grad:
-        for layer in layers:
-            torch.nn.utils.clip_grad_norm_(lens.translators[str(layer)].parameters(), cfg.clip_grad)
+        for key in keys:
+            torch.nn.utils.clip_grad_norm_(lens.translator(key).parameters(), cfg.clip_grad)
     if multipliers:
-        scale_steps(lens, layers, multipliers, 0.5)
+        scale_steps(lens, keys, multipliers, 0.5)
     decay_to_identity(opt)
     opt.step()  # parameters without a gradient (stopped layers) are left as they are
     opt.zero_grad(set_to_none=True)
 
 
 @torch.no_grad()
-def residual_scales(store, layers: list[int]) -> dict[int, float]:
-    """Median per-token RMS of the residual at each of ``layers`` and at the output
-    (``store.n_layers``), over the store's first shard."""
+def residual_scales(store, keys: list[Key]) -> dict[Key, float]:
+    """Median per-token RMS of the residual at each lens position of ``keys`` and at the
+    output (block ``store.n_layers``), over the store's first shard."""
     n = min(store.attrs["params"]["shard_tokens"], store.n_tokens)
-    x = store.layers([*layers, store.n_layers], 0, n)  # (k+1, n, d)
-    rms = x.double().pow(2).mean(-1).sqrt().median(-1).values  # (k+1,)
-    return {layer: float(r) for layer, r in zip([*layers, store.n_layers], rms)}
+    out = {}
+    for position in dict.fromkeys([p for p, _ in keys] + [BLOCK.name]):
+        layers = [layer for p, layer in keys if p == position] + ([store.n_layers] if position == BLOCK.name else [])
+        x = store.layers(layers, 0, n, position=position)  # (k, n, d)
+        rms = x.double().pow(2).mean(-1).sqrt().median(-1).values  # (k,)
+        out.update({(position, layer): float(r) for layer, r in zip(layers, rms)})
+    return out
 
 
-def step_multipliers(lens: TunedLens, scales: dict[int, float] | None) -> dict[int, tuple[float, float]]:
-    """Per layer (weight multiplier (s_L / s_l)^2, bias multiplier s_L^2); 1 for a kind that
-    is not a linear map (an mlp's hidden layers have no one input scale) or without scales."""
+def step_multipliers(lens: TunedLens, scales: dict[Key, float] | None) -> dict[Key, tuple[float, float]]:
+    """Per lens position (weight multiplier (s_L / s_l)^2, bias multiplier s_L^2); 1 for a
+    kind that is not a linear map (an mlp's hidden layers have no one input scale) or
+    without scales."""
     if not scales:
         return {}
-    s_out = scales[lens.n_layers]
-    return {layer: ((s_out / max(scales[layer], 1e-12)) ** 2, s_out ** 2) for layer in lens.layers
+    s_out = scales[(BLOCK.name, lens.n_layers)]
+    return {key: ((s_out / max(scales[key], 1e-12)) ** 2, s_out ** 2) for key in lens.keys()
             if kind_of(lens.kind).linear_map}
 
 
 @torch.no_grad()
-def scale_steps(lens: TunedLens, layers: list[int], multipliers: dict[int, tuple[float, float]],
+def scale_steps(lens: TunedLens, keys: list[Key], multipliers: dict[Key, tuple[float, float]],
                 power: float = 1.0) -> None:
-    """Multiply each layer's gradients by its step multipliers to the ``power`` (biases by
-    the second multiplier)."""
-    for layer in layers:
-        w_mul, b_mul = multipliers.get(layer, (1.0, 1.0))
-        for name, p in lens.translators[str(layer)].named_parameters():
+    """Multiply each lens position's gradients by its step multipliers to the ``power``
+    (biases by the second multiplier)."""
+    for key in keys:
+        w_mul, b_mul = multipliers.get(key, (1.0, 1.0))
+        for name, p in lens.translator(key).named_parameters():
             if p.grad is not None:
                 p.grad.mul_((b_mul if name.endswith("bias") else w_mul) ** power)

@@ -2,7 +2,9 @@
 
 The reference implementation's format (Belrose et al. 2023): one residual ``nn.Linear``
 per layer, so only kinds registered as exact affine maps (:mod:`pipeline.lens.kinds`'s
-``linear_map``) can be written, and what is read is an "affine" :class:`TunedLens`.
+``linear_map``) can be written, and what is read is an "affine" :class:`TunedLens`. It has
+no place for lenses inside the blocks: a lens with attention-position translators is
+exported with its block translators only, and the export says so (a warning naming them).
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ def export_reference(lens: TunedLens, path: str | Path) -> None:
                             f"this lens has {lens.layers} (merge the layer groups first)")
     if not kinds.get(lens.kind).linear_map:
         raise LenspipeError(f"the tuned-lens format holds affine translators only, not {lens.kind!r}")
+    if lens.attention_layers:
+        log.warning("%s: the tuned-lens format holds block positions only; the lens's %d translators at the "
+                    "attention position (layers %s) are not exported", path, len(lens.attention_layers),
+                    lens.attention_layers)
     state = {}
     for layer, t in lens.translators.items():  # the reference computes h + (W h + b)
         w, b = t.affine_map(torch.float32)  # (d, d), (d,): "affine"'s own W, so the round trip is bit-exact

@@ -1,7 +1,11 @@
 """Logit and tuned lenses (Belrose et al. 2023, arXiv:2303.08112): residual state -> logits.
 
 Layer ``i`` is residual index ``i`` of ``model.residual.LAYER_CONVENTION`` (the input of
-block ``i``); index ``n_layers`` is the model's own output and needs no translator. Also:
+block ``i``); index ``n_layers`` is the model's own output and needs no translator. A lens
+may also have translators at the ``attention`` position (``pipeline.positions``: inside
+block ``i``, after its attention sublayer): separate translators of the same kind, saved in
+the same file under ``attn.{layer}.*``. Every method takes a ``position`` (default
+``block``); a lens position is the key (position, layer). Also:
 lenspipe's own lens format (``translators.safetensors`` + ``lens.json``). The tuned-lens
 0.2.x format is :mod:`pipeline.lens.reference`; the closed-form start :mod:`pipeline.lens.lstsq`.
 """
@@ -16,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from .. import positions as P
 from ..errors import LenspipeError
 from ..model.head import UnembedHead, load_unembed_head
 from ..model.prepare import read_model_info
@@ -47,10 +52,10 @@ class LogitLens(nn.Module):
         super().__init__()
         self.head = head
 
-    def translate(self, h: Tensor, layer: int) -> Tensor:
+    def translate(self, h: Tensor, layer: int, position: str = "block") -> Tensor:
         return h
 
-    def forward(self, h: Tensor, layer: int) -> Tensor:
+    def forward(self, h: Tensor, layer: int, position: str = "block") -> Tensor:
         return self.head(h)  # (..., vocab)
 
 
@@ -62,18 +67,24 @@ class TunedLens(nn.Module):
     """
 
     def __init__(self, head: UnembedHead, translators: dict[int, Translator] | nn.ModuleDict, *,
-                 kind: str, d_model: int, n_layers: int, model_info: dict, origin: dict | None = None):
+                 kind: str, d_model: int, n_layers: int, model_info: dict, origin: dict | None = None,
+                 attention: dict[int, Translator] | nn.ModuleDict | None = None):
         super().__init__()
         items = {int(k): t for k, t in translators.items()}
+        mids = {int(k): t for k, t in (attention or {}).items()}
         if not items:
             raise LenspipeError("a tuned lens needs at least one translator")
         bad = [i for i in items if not 0 <= i < n_layers]
         if bad:
             raise LenspipeError(f"translators for layers {bad}: layers are 0..{n_layers - 1} "
                                 f"(layer {n_layers} is the model's output and needs none)")
-        if any(t.kind != kind or t.d_model != d_model for t in items.values()):
+        bad = [i for i in mids if not 0 <= i < n_layers]
+        if bad:
+            raise LenspipeError(f"attention translators for layers {bad}: blocks are 0..{n_layers - 1}")
+        every = [*items.values(), *mids.values()]
+        if any(t.kind != kind or t.d_model != d_model for t in every):
             raise LenspipeError(f"all translators must be {kind!r} with d_model={d_model}")
-        opts = {json.dumps(t.opts, sort_keys=True) for t in items.values()}
+        opts = {json.dumps(t.opts, sort_keys=True) for t in every}
         if len(opts) > 1:
             raise LenspipeError(f"translators of one lens must share their options, got {sorted(opts)}")
         for key, want in (("d_model", d_model), ("n_layers", n_layers)):
@@ -82,47 +93,98 @@ class TunedLens(nn.Module):
         _check_head(head, d_model)
         self.head = head.requires_grad_(False)
         self.translators = nn.ModuleDict({str(k): items[k] for k in sorted(items)})
+        """The block position's translators, by layer."""
+        self.attention = nn.ModuleDict({str(k): mids[k] for k in sorted(mids)})
+        """The attention position's translators, by layer (often none)."""
         self.kind, self.d_model, self.n_layers = kind, d_model, n_layers
         self.model_info, self.origin = dict(model_info), origin
         self.opts = json.loads(opts.pop())
 
     @classmethod
     def create(cls, head: UnembedHead, kind: str, *, d_model: int, n_layers: int, model_info: dict,
-               layers: list[int] | None = None, **opts) -> TunedLens:
-        """A fresh lens (= the logit lens) with a ``kind`` translator per layer (default all)."""
+               layers: list[int] | None = None, attention_layers: list[int] | None = None, **opts) -> TunedLens:
+        """A fresh lens (= the logit lens) with a ``kind`` translator per layer (default all),
+        and one per layer of ``attention_layers`` at the attention position (default none)."""
         layers = list(range(n_layers)) if layers is None else layers
         translators = {i: make_translator(kind, d_model, **opts) for i in layers}
-        return cls(head, translators, kind=kind, d_model=d_model, n_layers=n_layers, model_info=model_info)
+        attention = {i: make_translator(kind, d_model, **opts) for i in attention_layers or []}
+        return cls(head, translators, kind=kind, d_model=d_model, n_layers=n_layers, model_info=model_info,
+                   attention=attention)
 
     @property
     def layers(self) -> list[int]:
+        """The block layers with a translator."""
         return [int(k) for k in self.translators]
 
-    def translate(self, h: Tensor, layer: int) -> Tensor:
-        if layer == self.n_layers:
-            return h  # the last block's output: the head alone gives the model's logits
-        if str(layer) not in self.translators:
-            raise LenspipeError(f"this lens has no translator for layer {layer} (it has {self.layers})")
-        return self.translators[str(layer)](h)  # (..., d_model)
+    @property
+    def attention_layers(self) -> list[int]:
+        """The layers with a translator at the attention position."""
+        return [int(k) for k in self.attention]
 
-    def forward(self, h: Tensor, layer: int) -> Tensor:
-        return self.head(self.translate(h, layer))  # (..., vocab)
+    @property
+    def positions(self) -> tuple[str, ...]:
+        return P.DEFAULT + ((P.ATTENTION.name,) if len(self.attention) else ())
+
+    def keys(self) -> list[P.Key]:
+        """Every lens position with a translator, in depth order (block 0, attention 0, ...)."""
+        return sorted([(P.BLOCK.name, i) for i in self.layers] + [(P.ATTENTION.name, i) for i in self.attention_layers],
+                      key=P.depth_rank)
+
+    def _dict(self, position: str) -> nn.ModuleDict:
+        if position not in P.POSITIONS:
+            raise LenspipeError(f"unknown lens position {position!r}; positions are {P.names()}")
+        return self.translators if position == P.BLOCK.name else self.attention
+
+    def translator(self, key: P.Key) -> Translator:
+        """The translator of lens position ``key`` = (position, layer)."""
+        position, layer = key
+        translators = self._dict(position)
+        if str(layer) not in translators:
+            where = "" if position == P.BLOCK.name else f" at the {position} position"
+            have = self.layers if position == P.BLOCK.name else self.attention_layers
+            raise LenspipeError(f"this lens has no translator for layer {layer}{where} (it has {have})")
+        return translators[str(layer)]
+
+    def translate(self, h: Tensor, layer: int, position: str = "block") -> Tensor:
+        if layer == self.n_layers and position == P.BLOCK.name:
+            return h  # the last block's output: the head alone gives the model's logits
+        return self.translator((position, layer))(h)  # (..., d_model)
+
+    def forward(self, h: Tensor, layer: int, position: str = "block") -> Tensor:
+        return self.head(self.translate(h, layer, position))  # (..., vocab)
 
     def merge(self, other: TunedLens) -> TunedLens:
         """The union of two lenses trained on disjoint layer groups (translators shared)."""
         mine, theirs = self._signature(), other._signature()
         if mine != theirs:
             raise LenspipeError(f"cannot merge lenses of different models or kinds: {mine} vs {theirs}")
-        overlap = sorted(set(self.layers) & set(other.layers))
+        overlap = set(self.keys()) & set(other.keys())
         if overlap:
-            raise LenspipeError(f"cannot merge lenses: both have translators for layers {overlap}")
+            where = [f"{pos.layer_word}s {sorted(layer for p, layer in overlap if p == pos.name)}"
+                     for pos in P.POSITIONS.values() if any(p == pos.name for p, _ in overlap)]
+            raise LenspipeError(f"cannot merge lenses: both have translators for {' and '.join(where)}")
         both = {**dict(self.translators.items()), **dict(other.translators.items())}
+        mids = {**dict(self.attention.items()), **dict(other.attention.items())}
         return TunedLens(self.head, both, kind=self.kind, d_model=self.d_model,
-                         n_layers=self.n_layers, model_info=self.model_info, origin=self.origin)
+                         n_layers=self.n_layers, model_info=self.model_info, origin=self.origin, attention=mids)
 
     def _signature(self) -> dict[str, Any]:
         return {"weights_sha256": self.model_info.get("weights_sha256"), "kind": self.kind,
                 "opts": self.opts, "d_model": self.d_model, "n_layers": self.n_layers}
+
+    def translator_state(self) -> dict[str, Tensor]:
+        """Every translator's parameters: ``{layer}.{param}`` at the block position (as lenses
+        have always saved them), ``attn.{layer}.{param}`` at the attention position."""
+        state = dict(self.translators.state_dict())
+        state.update({f"{P.ATTENTION.prefix}{k}": v for k, v in self.attention.state_dict().items()})
+        return state
+
+    def load_translator_state(self, state: dict[str, Tensor]) -> None:
+        """The inverse of :meth:`translator_state` (strict: every key, nothing else)."""
+        prefix = P.ATTENTION.prefix
+        self.translators.load_state_dict({k: v for k, v in state.items() if not k.startswith(prefix)}, strict=True)
+        self.attention.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
+                                       strict=True)
 
     # ----------------------------------------------------------------------- own format
 
@@ -130,11 +192,14 @@ class TunedLens(nn.Module):
              metrics: dict | None = None) -> None:
         """Write ``path/`` = translators.safetensors + lens.json, atomically."""
         state = {k: v.detach().to("cpu", torch.float32).contiguous()
-                 for k, v in self.translators.state_dict().items()}  # "{layer}.{param}"
+                 for k, v in self.translator_state().items()}  # "{layer}.{param}", "attn.{layer}.{param}"
         meta = {
             "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "kind": self.kind,
             "translator_opts": self.opts, "d_model": self.d_model, "n_layers": self.n_layers,
             "layers": self.layers, "layer_convention": LAYER_CONVENTION,
+            # only where there are any: a block-only lens.json is that of a lens from before positions
+            **({"attention_layers": self.attention_layers, "attention_position": P.ATTENTION.meaning}
+               if len(self.attention) else {}),
             "model": {k: self.model_info[k] for k in IDENTITY_KEYS if k in self.model_info},
             "origin": self.origin, "training_config": training_config, "metrics": metrics,
             "versions": package_versions(), "created": now_utc(),
@@ -162,25 +227,27 @@ class TunedLens(nn.Module):
             raise LenspipeError(f"{path} is a 'linear' lens of an older lenspipe, whose linear translators (W h + b) "
                                 "had a bias and so were the function class of 'affine'; 'linear' is now W h without "
                                 "one: retrain it (or train 'affine')")
-        translators = nn.ModuleDict({str(i): make_translator(meta["kind"], meta["d_model"], **meta["translator_opts"])
-                                     for i in meta["layers"]})
+        def fresh(layers):
+            return {i: make_translator(meta["kind"], meta["d_model"], **meta["translator_opts"]) for i in layers}
+
+        lens = cls(head, fresh(meta["layers"]), kind=meta["kind"], d_model=meta["d_model"], n_layers=meta["n_layers"],
+                   model_info=meta["model"], origin=meta.get("origin"), attention=fresh(meta.get("attention_layers", [])))
         try:
-            translators.load_state_dict(load_file(str(path / WEIGHTS_FILE)), strict=True)
+            lens.load_translator_state(load_file(str(path / WEIGHTS_FILE)))
         except RuntimeError as exc:
             raise LenspipeError(f"{path / WEIGHTS_FILE} does not fit its {META_FILE}: {exc}") from None
-        return cls(head, translators, kind=meta["kind"], d_model=meta["d_model"], n_layers=meta["n_layers"],
-                   model_info=meta["model"], origin=meta.get("origin"))
+        return lens
 
 
 @torch.no_grad()
-def logits_into(lens: LogitLens | TunedLens, h: Tensor, layer: int) -> Tensor:
-    """(n, vocab) logits of ``lens`` at ``layer`` for h (n, d_model), no gradient, written
+def logits_into(lens: LogitLens | TunedLens, h: Tensor, layer: int, position: str = "block") -> Tensor:
+    """(n, vocab) logits of ``lens`` at ``layer`` (of ``position``) for h (n, d_model), no gradient, written
     into this thread's reused buffer (``metrics.workspace``): evaluation and validation run
     every lens at every layer, and a fresh (n, vocab) tensor per call was mostly page faults.
     The result is overwritten by the next call in this thread."""
     from ..metrics import workspace
 
-    h = lens.translate(h, layer)  # (n, d_model)
+    h = lens.translate(h, layer, position)  # (n, d_model)
     w = lens.head.unembed.weight
     vocab = getattr(lens.head.unembed, "out_features", None)  # None: a head without a buffer path
     out = None if vocab is None else workspace().take("logits", (h.shape[0], vocab), w.dtype, w.device)

@@ -2,7 +2,8 @@
 
 - ``parts``     ``find_parts``: embeddings, blocks, final norm, projection and unembedding of any causal LM
 - ``head``      ``UnembedHead``: the final norm to the logits, from a model or from a checkpoint alone
-- ``residual``  ``residual_stream`` by ``LAYER_CONVENTION``; ``check_unembed``
+- ``sublayers`` inside a block: the residual after its attention sublayer (``MidBlockCapture``), checked
+- ``residual``  ``residual_stream`` by ``LAYER_CONVENTION``, ``residual_states`` at every position; ``check_unembed``
 - ``resume``    ``Resumable``: the rest of a forward pass from any residual index (interventions)
 - ``prepare``   ``prepare_model``: any source (hub id, local dir, GGUF) -> local HF dir; ``export_head``
 

@@ -62,7 +62,7 @@ class ModelParts:
         return [n for n in names if n is not None]
 
 
-def _text_config(model: nn.Module):
+def text_config(model: nn.Module):
     config = getattr(model, "config", None)
     if config is None:
         raise UnsupportedModel(f"{type(model).__name__} has no `config`; expected a Hugging Face model")
@@ -151,7 +151,7 @@ def _logit_postprocessing(config) -> tuple[float | None, float]:
 
 def find_parts(model: nn.Module) -> ModelParts:
     """Locate embedding, blocks, final norm, projection and unembedding of a causal LM."""
-    config = _text_config(model)
+    config = text_config(model)
     n_layers = _n_layers(config)
     blocks_name, blocks = _find_blocks(model, n_layers)
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None

@@ -1,17 +1,21 @@
 """The residual stream of a causal LM by the one convention every stage shares
-(``LAYER_CONVENTION``), and the check that the unembedding head reproduces its logits.
+(``LAYER_CONVENTION``), at the block boundaries and, on request, inside each block after its
+attention (``model.sublayers``); and the check that the unembedding head reproduces its logits.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import UnsupportedModel
+from ..positions import ATTENTION, BLOCK, DEFAULT
 from .head import unembed_head
-from .parts import find_parts
+from .parts import text_config, find_parts
+from .sublayers import MidBlockCapture
 
 LAYER_CONVENTION = (
     "Residual stream index convention: resid has shape (n_layers + 1, batch, pos, d_model) "
@@ -38,6 +42,17 @@ def residual_stream(model: nn.Module, input_ids: Tensor, attention_mask: Tensor 
     the base model (no unembedding: ~20% of SmolLM2's forward FLOPs) and returns None logits;
     the logits stay reproducible from ``resid[n_layers]`` through the UnembedHead.
     """
+    states, logits = residual_states(model, input_ids, attention_mask, with_logits=with_logits)
+    return states[BLOCK.name], logits
+
+
+def residual_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None, *,
+                    positions: tuple[str, ...] | list[str] = DEFAULT, with_logits: bool = True,
+                    verify: bool = False) -> tuple[dict[str, Tensor], Tensor | None]:
+    """:func:`residual_stream` at every lens position of ``positions`` (``pipeline.positions``):
+    {"block": (n_layers+1, batch, pos, d_model), "attention": (n_layers, batch, pos, d_model)},
+    float32, and the logits. ``verify``: check that the attention position is what the blocks
+    compute (:meth:`sublayers.MidBlockCapture.verify`; once per run, on its first batch)."""
     parts = find_parts(model)
     captured: list[list[Tensor]] = [[] for _ in range(parts.n_layers + 1)]
 
@@ -48,6 +63,7 @@ def residual_stream(model: nn.Module, input_ids: Tensor, attention_mask: Tensor 
     def pre_hook(_mod, args, kwargs):
         save(0, args[0] if args else kwargs["hidden_states"])  # (batch, pos, d_model)
 
+    mid = MidBlockCapture(parts.blocks, text_config(model), verify) if ATTENTION.name in positions else None
     handles = [parts.blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True)]
     for i, block in enumerate(parts.blocks):
         handles.append(block.register_forward_hook(
@@ -55,7 +71,7 @@ def residual_stream(model: nn.Module, input_ids: Tensor, attention_mask: Tensor 
     try:
         device = parts.embed.weight.device  # where the first computation happens
         mask = attention_mask.to(device) if attention_mask is not None else None
-        with torch.inference_mode():
+        with torch.inference_mode(), mid or contextlib.nullcontext():
             runner = model if with_logits else getattr(model, "base_model", model)
             out = runner(input_ids=input_ids.to(device), attention_mask=mask, use_cache=False)
     finally:
@@ -66,11 +82,15 @@ def residual_stream(model: nn.Module, input_ids: Tensor, attention_mask: Tensor 
         raise UnsupportedModel(f"blocks did not each run exactly once (calls per index: {counts})")
     # Built outside inference mode so the results are ordinary tensors: inference tensors
     # cannot be saved for backward, which would break training a lens on them directly.
-    resid = torch.stack([c[0] for c in captured])  # (n_layers + 1, batch, pos, d_model)
+    states = {BLOCK.name: torch.stack([c[0] for c in captured])}  # (n_layers + 1, batch, pos, d_model)
+    if mid is not None:
+        if verify:
+            mid.verify(states[BLOCK.name], type(model).__name__, parts.embed.weight.dtype)
+        states[ATTENTION.name] = mid.states()  # (n_layers, batch, pos, d_model)
     if not with_logits:
-        return resid, None
+        return states, None
     logits = out.logits if hasattr(out, "logits") else out[0]  # return_dict=False gives a tuple
-    return resid, logits.to(torch.float32, copy=True)  # (batch, pos, vocab)
+    return states, logits.to(torch.float32, copy=True)  # (batch, pos, vocab)
 
 
 def check_unembed(model: nn.Module, resid: Tensor, logits: Tensor, atol: float = 1e-3) -> float:

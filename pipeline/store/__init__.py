@@ -6,6 +6,7 @@
 - ``engine``    which zarr codec pipeline (zarrs or zarr-python's) encodes and decodes the chunks
 - ``encoding``  values into stored chunks: the range check, the cast or quantisation, the codecs
 - ``manifest``  the SHA256SUMS manifest, and the digests taken as shard files are written
+- ``decode``    stored values back to float32, every storage dtype
 - ``reader``    ``open_store`` -> ``ActivationStore`` (float32 tensors); ``check_store_model``
 - ``arrays``    the store's group and arrays as created, and the checks before a resume
 - ``shards``    the writer's shard pipeline: whole shards written, made durable, recorded

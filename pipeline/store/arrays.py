@@ -4,42 +4,48 @@ directory refused, the consolidated metadata written when it completes."""
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from pathlib import Path
 
 import numpy as np
 import zarr
 
+from .. import positions as P
 from ..errors import StoreError
 from ..provenance import now_utc, package_versions, sha256_json
-from .dtypes import SCALE_ARRAY, SCALE_DTYPE, SCALE_FILL
+from .dtypes import SCALE_DTYPE, SCALE_FILL
 from .encoding import TOKEN_FILL, compressors
 from .layout import FORMAT, LOCK_NAME, StoreParams, array_names, check_schema
 
 
 def create_arrays(group: zarr.Group, p: StoreParams) -> None:
-    """``resid``, ``tokens`` and, for a scaled dtype, ``scale``: each sharded by tokens, one
-    shard file per ``shard_tokens`` tokens (see :mod:`pipeline.store.layout`)."""
+    """``resid``, ``tokens``, the attention position's ``attn`` if stored and, for a scaled
+    dtype, each one's row scales: each sharded by tokens, one shard file per ``shard_tokens``
+    tokens (see :mod:`pipeline.store.layout`)."""
     spec = p.spec
-    group.create_array(
-        "resid", shape=(p.n_layers + 1, p.n_tokens, p.d_model), dtype=spec.stored,
-        shards=(p.n_layers + 1, p.shard_tokens, p.d_model), chunks=(1, p.chunk_tokens, p.d_model),
-        compressors=compressors(p.compression, p.level, spec.stored.itemsize), fill_value=spec.fill,
-        dimension_names=("layer", "token", "feature"),
-        attributes={"encoding": spec.encoding, "dtype": p.dtype,
-                    **({"scale": SCALE_ARRAY} if spec.scaled else {})}, overwrite=True)
-    group.create_array(
-        "tokens", shape=(p.n_tokens,), dtype="int32", chunks=(p.shard_tokens,),
-        compressors=compressors(p.compression, p.level, 4), fill_value=TOKEN_FILL,
-        dimension_names=("token",), overwrite=True)
-    if spec.scaled:
-        # One float32 per row of resid: values = float32(resid) * scale[..., None].
+    for a in p.value_arrays():
+        if a.is_scale:
+            # One float32 per row of its values: values = float32(q) * scale[..., None].
+            of = P.POSITIONS[a.position].array
+            group.create_array(
+                a.name, shape=a.shape(p), dtype=SCALE_DTYPE, shards=a.shape(p, p.shard_tokens),
+                chunks=(1, p.chunk_tokens), compressors=compressors(p.compression, p.level, SCALE_DTYPE.itemsize),
+                fill_value=SCALE_FILL, dimension_names=("layer", "token"), attributes={"of": of, "per": "row"},
+                overwrite=True)
+            continue
+        scale = P.POSITIONS[a.position].scale_array
         group.create_array(
-            SCALE_ARRAY, shape=(p.n_layers + 1, p.n_tokens), dtype=SCALE_DTYPE,
-            shards=(p.n_layers + 1, p.shard_tokens), chunks=(1, p.chunk_tokens),
-            compressors=compressors(p.compression, p.level, SCALE_DTYPE.itemsize), fill_value=SCALE_FILL,
-            dimension_names=("layer", "token"), attributes={"of": "resid", "per": "row"}, overwrite=True)
+            a.name, shape=a.shape(p), dtype=spec.stored, shards=a.shape(p, p.shard_tokens),
+            chunks=(1, p.chunk_tokens, p.d_model), compressors=compressors(p.compression, p.level, spec.stored.itemsize),
+            fill_value=spec.fill, dimension_names=("layer", "token", "feature"),
+            attributes={"encoding": spec.encoding, "dtype": p.dtype, **({"scale": scale} if spec.scaled else {}),
+                        **({"position": a.position} if a.position != P.BLOCK.name else {})},
+            overwrite=True)
+        if a.name == P.BLOCK.array:  # the tokens after resid, in the order zarr.json has always listed them
+            group.create_array(
+                "tokens", shape=(p.n_tokens,), dtype="int32", chunks=(p.shard_tokens,),
+                compressors=compressors(p.compression, p.level, 4), fill_value=TOKEN_FILL,
+                dimension_names=("token",), overwrite=True)
 
 
 def ensure_arrays(group: zarr.Group, p: StoreParams) -> None:
@@ -61,8 +67,8 @@ def own_fill_values(group: zarr.Group, p: StoreParams) -> bool:
 
 def initial_attrs(p: StoreParams, provenance: dict, fingerprint: str) -> dict:
     return {
-        "format": FORMAT, "schema_version": p.spec.schema_version, "fingerprint": fingerprint,
-        "params": dataclasses.asdict(p), "provenance": provenance, "dtype": p.dtype,
+        "format": FORMAT, "schema_version": p.schema_version, "fingerprint": fingerprint,
+        "params": p.as_attrs(), "provenance": provenance, "dtype": p.dtype,
         "encoding": p.spec.encoding, "d_model": p.d_model,
         "n_layers": p.n_layers, "n_tokens": p.n_tokens, "seq_len": p.seq_len,
         "package_versions": package_versions(), "created": now_utc(), "finished": None,
@@ -72,7 +78,7 @@ def initial_attrs(p: StoreParams, provenance: dict, fingerprint: str) -> dict:
 
 def fingerprint(p: StoreParams, provenance: dict) -> str:
     try:
-        return sha256_json({"params": dataclasses.asdict(p), "provenance": provenance})
+        return sha256_json({"params": p.as_attrs(), "provenance": provenance})
     except TypeError as e:
         raise StoreError(f"store provenance must be JSON-serialisable: {e}") from e
 
@@ -82,7 +88,7 @@ def check_resumable(root: Path, attrs: dict, p: StoreParams, provenance: dict) -
     if attrs.get("fingerprint") == fingerprint(p, provenance):
         return
     old = {**attrs.get("params", {}), **{f"provenance.{k}": v for k, v in attrs.get("provenance", {}).items()}}
-    new = {**dataclasses.asdict(p), **{f"provenance.{k}": v for k, v in provenance.items()}}
+    new = {**p.as_attrs(), **{f"provenance.{k}": v for k, v in provenance.items()}}
     diffs = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
              if old.get(k) != new.get(k)]
     raise StoreError(f"the store at {root} was written with different parameters "

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import LenspipeError
+from ..positions import as_key
 from .reader import ActivationStore
 
 
@@ -61,7 +62,8 @@ class TokenBatches:
         return sum(len(b.batches) for b in self.epoch_plan(0))
 
     def _load(self, buf: Buffer) -> tuple[torch.Tensor, torch.Tensor]:
-        parts = [self.store.layers(self.layers, s, e) for s, e in buf.ranges]  # (k, n_i, d)
+        keys = [as_key(k) for k in self.layers]  # block layers, or lens positions (position, layer)
+        parts = [self.store.states(keys, s, e) for s, e in buf.ranges]  # (k, n_i, d)
         index = torch.cat([torch.arange(s, e) for s, e in buf.ranges])  # (n,) store token index
         # One transfer per buffer; batches are then gathered on the device (on a GPU the
         # per-batch host-side gather was the bottleneck).

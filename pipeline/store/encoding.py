@@ -16,8 +16,9 @@ def torch_dtype(spec: StorageDtype) -> torch.dtype:
     return getattr(torch, spec.torch_name)
 
 
-def check_finite(x: torch.Tensor, dtype: str, first_index: int, seq_len: int) -> None:
-    """Refuse a batch (L+1, n, d) with inf/nan, or with values the storage dtype cannot hold.
+def check_finite(x: torch.Tensor, dtype: str, first_index: int, seq_len: int, what: str = "layer") -> None:
+    """Refuse a batch (rows, n, d) with inf/nan, or with values the storage dtype cannot hold;
+    the message names the row as ``what`` N (``layer``, ``attention layer``).
 
     One min/max reduction on the source tensor, on its own device (the GPU when extraction
     runs there); only a suspicious batch pays for the exact check of a cast copy (bf16
@@ -29,7 +30,7 @@ def check_finite(x: torch.Tensor, dtype: str, first_index: int, seq_len: int) ->
     if not peak <= spec.max:  # also true for nan
         bad = ~torch.isfinite(x if spec.scaled else x.to(torch_dtype(spec)))
         if bool(bad.any()):
-            _raise_nonfinite(x, bad, dtype, first_index, seq_len)
+            _raise_nonfinite(x, bad, dtype, first_index, seq_len, what)
 
 
 def cast_into(out: np.ndarray, x: torch.Tensor, dtype: str, scale: np.ndarray | None = None) -> None:
@@ -89,11 +90,11 @@ def _quantise_into(target: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, s
 
 
 def _raise_nonfinite(x: torch.Tensor, bad: torch.Tensor, dtype: str, first_index: int,
-                     seq_len: int) -> None:
+                     seq_len: int, what: str = "layer") -> None:
     layer, t, feature = (int(v) for v in bad.nonzero()[0])
     index = first_index + t
     seq, pos = divmod(index, seq_len)
-    where = f"layer {layer}, token index {index} (sequence {seq}, position {pos}), feature {feature}"
+    where = f"{what} {layer}, token index {index} (sequence {seq}, position {pos}), feature {feature}"
     value = float(x[layer, t, feature])
     if not np.isfinite(value):
         raise StoreError(f"non-finite activation {value} at {where}: the model itself produced "

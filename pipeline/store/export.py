@@ -6,7 +6,8 @@ i.e. a zarr ZipStore, written once and then renamed into place. Import unpacks i
 hdf5 (h5py): ``resid`` (n_layers+1, n_tokens, d_model) in the storage dtype (bfloat16 and
 fp8 kept as uint16 / uint8 bits with an ``encoding`` attribute, as in the zarr store),
 chunked like the store's inner chunks; for fp8 and int8 ``scale`` (n_layers+1, n_tokens)
-float32, the row scales; ``tokens``; the store's attributes (provenance, parameters), its
+float32, the row scales; with the attention position ``attn`` (n_layers, n_tokens, d_model)
+(and ``attn_scale``) alike; ``tokens``; the store's attributes (provenance, parameters), its
 per-shard records and its COMPLETE marker as JSON attributes. Import rebuilds a zarr store
 shard by shard through the ordinary writer, from the stored values as they are
 (``StoreWriter.write_stored``: no decode and re-encode), and then checks that every
@@ -34,10 +35,10 @@ import numpy as np
 from ..errors import StoreError, output_errors
 from ..progress import Progress
 from ..provenance import atomic_dir, sha256_json
-from .dtypes import SCALE_ARRAY
+from .. import positions as P
 from .layout import COMPLETE_NAME, H5_META_SHA256, LOCK_NAME, StoreParams, record_name
 from .reader import is_hdf5_file, open_store
-from .verify import h5_datasets, verify
+from .verify import verify
 from .writer import StoreWriter
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,6 @@ def _export_hdf5(src: str | os.PathLike, tmp: Path) -> None:
 
     store = open_store(src)  # str, not Path: a URL stays a URL
     p = store.params
-    raw = store._resid  # (L+1, n, d) in the storage dtype: copied bit for bit
     records = [store.location.read_json(record_name(i)) for i in range(p.n_shards)]
     meta = {"lenspipe_attrs": json.dumps(store.attrs, default=str), "lenspipe_records": json.dumps(records),
             "lenspipe_complete": json.dumps(store.location.read_json(COMPLETE_NAME))}
@@ -90,23 +90,25 @@ def _export_hdf5(src: str | os.PathLike, tmp: Path) -> None:
         f.attrs.update(meta)
         f.attrs[H5_META_SHA256] = sha256_json(meta)  # the records' checksums cover the data
         chunk = min(p.chunk_tokens, p.n_tokens)
-        ds = f.create_dataset("resid", shape=raw.shape, dtype=raw.dtype, chunks=(1, chunk, p.d_model),
-                              compression="gzip", compression_opts=1, shuffle=True)
-        if p.spec.encoding is not None:
-            ds.attrs["encoding"] = p.spec.encoding  # the bits of a dtype h5py does not have
-        scales = None
-        if store._scale is not None:
-            scales = f.create_dataset(SCALE_ARRAY, shape=store._scale.shape, dtype=store._scale.dtype,
-                                      chunks=(1, chunk), compression="gzip", compression_opts=1, shuffle=True)
-            ds.attrs["scale"] = SCALE_ARRAY  # values = float32(resid) * scale[..., None]
+        # every value array in the storage dtype (states) or float32 (scales): copied bit for bit
+        datasets = {}
+        for a in p.value_arrays():
+            src_array = store.value_arrays[a.name]
+            ds = f.create_dataset(a.name, shape=src_array.shape, dtype=src_array.dtype,
+                                  chunks=(1, chunk) if a.is_scale else (1, chunk, p.d_model),
+                                  compression="gzip", compression_opts=1, shuffle=True)
+            if not a.is_scale and p.spec.encoding is not None:
+                ds.attrs["encoding"] = p.spec.encoding  # the bits of a dtype h5py does not have
+            if not a.is_scale and p.spec.scaled:
+                ds.attrs["scale"] = P.POSITIONS[a.position].scale_array  # values = float32(q) * scale[..., None]
+            datasets[a.name] = (ds, src_array)
         f.create_dataset("tokens", data=store.tokens().numpy().astype(np.int32))
         with Progress(p.n_tokens, "export hdf5", unit="tok") as bar:
             for i in range(p.n_shards):
                 sink.check()  # stop at the first failed write (a full disk)
                 s, e = p.shard_span(i)
-                ds[:, s:e, :] = raw[:, s:e, :]
-                if scales is not None:
-                    scales[:, s:e] = store._scale[:, s:e]
+                for ds, src_array in datasets.values():
+                    ds[:, s:e] = src_array[:, s:e]
                 bar.update(e - s)
 
 
@@ -217,13 +219,13 @@ def _import_hdf5(src: Path, dest: Path) -> None:
     with h5py.File(src, "r") as f:
         attrs, records = json.loads(f.attrs["lenspipe_attrs"]), json.loads(f.attrs["lenspipe_records"])
         params = attrs["params"]
-        names = h5_datasets(StoreParams(**params))
+        names = [a.name for a in StoreParams(**params).value_arrays()]
         with StoreWriter.open(dest, **params, provenance=attrs["provenance"]) as w, \
                 Progress(params["n_tokens"], "import hdf5", unit="tok") as bar:
             for s in range(0, params["n_tokens"], params["shard_tokens"]):
                 e = min(s + params["shard_tokens"], params["n_tokens"])
-                scale = f[SCALE_ARRAY][:, s:e] if SCALE_ARRAY in names else None
-                w.write_stored(f["resid"][:, s:e, :], f["tokens"][s:e], scale)
+                values = {name: f[name][:, s:e] for name in names}
+                w.write_stored(values.pop("resid"), f["tokens"][s:e], values.pop("scale", None), **values)
                 bar.update(e - s)
     loc = open_store(dest).location
     mine = [loc.read_json(record_name(i)) for i in range(len(records))]

@@ -28,9 +28,10 @@ def store_info(path_or_url: str | os.PathLike) -> dict[str, Any]:
         "shard_tokens": params.shard_tokens, "chunk_tokens": params.chunk_tokens,
         "created": store.attrs.get("created"), "finished": store.attrs.get("finished"),
     }
-    raw_token = store.spec.bytes_per_token(store.n_layers, store.d_model)
-    info.update(scaled=store.spec.scaled, raw_bytes_per_token=raw_token,
-                raw_bytes_per_value=raw_token / ((store.n_layers + 1) * store.d_model))
+    raw_token = params.bytes_per_token()
+    rows = sum(a.rows for a in params.value_arrays() if not a.is_scale)
+    info.update(scaled=store.spec.scaled, positions=list(store.positions), raw_bytes_per_token=raw_token,
+                raw_bytes_per_value=raw_token / (rows * store.d_model), states_per_token=rows)
     try:  # sizes on disk are known for local stores only
         sizes = measure_compression(path_or_url)
         info.update(stored_bytes=sizes["stored_bytes"], raw_bytes=sizes["raw_bytes"], ratio=sizes["ratio"],
@@ -54,6 +55,7 @@ def format_info(info: dict[str, Any]) -> str:
         f"tokens:       {info['tokens']:,} ({info['tokens'] // info['seq_len']:,} sequences of {info['seq_len']})",
         f"layers:       {info['layers']} x d_model {info['d_model']}, {info['dtype']}"
         + (" (a float32 scale per layer and token)" if info["scaled"] else ""),
+        f"positions:    {', '.join(info['positions'])} ({info['states_per_token']} states per token)",
         f"bytes:        {info['raw_bytes_per_value']:.3f} per value, {info['raw_bytes_per_token']:,} per token "
         "uncompressed" + ("" if info["stored_bytes_per_token"] is None
                           else f"; {info['stored_bytes_per_token']:,.0f} per token on disk"),
@@ -66,18 +68,18 @@ def format_info(info: dict[str, Any]) -> str:
 
 
 def measure_compression(path: str | os.PathLike) -> dict:
-    """Bytes stored on disk for the activations (``resid``, and the ``scale`` of an 8-bit
-    store) vs their uncompressed size (local stores and zips)."""
+    """Bytes stored on disk for the activations (``resid``, ``attn`` where stored, and the
+    scales of an 8-bit store) vs their uncompressed size (local stores and zips)."""
     store = open_store(path, allow_incomplete=True)
     stored = _stored_value_bytes(store)
-    raw = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in store._value_arrays)
+    raw = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in store.value_arrays.values())
     return {"stored_bytes": stored, "raw_bytes": raw, "ratio": raw / stored if stored else float("nan"),
             "dtype": store.dtype, "compression": store.params.compression, "level": store.params.level}
 
 
 def _stored_value_bytes(store: ActivationStore) -> int:
     loc = store.location
-    names = tuple(f"{a.basename}/" for a in store._value_arrays)
+    names = tuple(f"{a.basename}/" for a in store.value_arrays.values())
     if loc.is_url:
         raise ValueError(f"sizes on disk are unknown for a remote store ({loc.zarr_store})")
     if loc.is_zip:

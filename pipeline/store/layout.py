@@ -9,6 +9,10 @@ Layout of a store directory (a zarr v3 group)::
                          fp8 as its raw bits in uint8 (float8_e4m3fn-bits), int8 as int8
     scale/               fp8 and int8 only: (n_layers+1, n_tokens) float32, one scale per row;
                          shard = (all layers, shard_tokens), inner chunk = (1, chunk_tokens)
+    attn/                with positions [block, attention] only: (n_layers, n_tokens, d_model),
+                         the residual inside each block after its attention sublayer
+                         (:mod:`pipeline.positions`); sharded, chunked, encoded like resid/
+    attn_scale/          fp8 and int8 with attention: attn/'s row scales, like scale/
     tokens/              (n_tokens,) int32; one chunk per shard
     progress/shard-NNNNNN.json   one record per durably written shard (per-layer xxh3-128 checksum)
     SHA256SUMS           sha256 of every file, in ``sha256sum`` format, written at finalize
@@ -28,14 +32,16 @@ from typing import Any
 import numpy as np
 import xxhash
 
+from .. import positions as P
 from ..errors import StoreError
-from .dtypes import DTYPES, SCALE_ARRAY, StorageDtype
+from .dtypes import DTYPES, SCALE_DTYPE, StorageDtype
 
 #: The newest store schema version. 1: resid + tokens; 2: also the per-row ``scale`` array
-#: of the 8-bit dtypes. Each store is written with the lowest version that describes it
-#: (``StorageDtype.schema_version``): a bfloat16 store is still version 1.
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+#: of the 8-bit dtypes; 3: also the attention position's ``attn`` array (and its scales).
+#: Each store is written with the lowest version that describes it (:func:`schema_version`):
+#: a bfloat16 store of block states is still version 1.
+SCHEMA_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 FORMAT = "lenspipe-activations"
 COMPLETE_NAME = "COMPLETE"
 LOCK_NAME = "writer.lock"
@@ -62,6 +68,23 @@ class StoreParams:
     chunk_tokens: int
     compression: str
     level: int
+    positions: tuple[str, ...] = P.DEFAULT
+    """The lens positions stored (:mod:`pipeline.positions`): ``block`` in ``resid``, and
+    ``attention`` in ``attn``."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "positions", tuple(self.positions))  # JSON gives a list
+
+    def as_attrs(self) -> dict[str, Any]:
+        """The parameters as the store's attributes hold them (and its fingerprint hashes
+        them): a block-only store leaves ``positions`` out, so it is the store every lenspipe
+        before positions wrote, fingerprint included, and caches made then stay valid."""
+        out = dataclasses.asdict(self)
+        if self.positions == P.DEFAULT:
+            del out["positions"]
+        else:
+            out["positions"] = list(self.positions)
+        return out
 
     def validate(self) -> None:
         for name in ("n_layers", "d_model", "n_tokens", "seq_len", "shard_tokens", "chunk_tokens"):
@@ -81,6 +104,11 @@ class StoreParams:
             a, b = getattr(self, name), getattr(self, multiple_of)
             if a % b:
                 raise StoreError(f"{name}={a} must be a multiple of {multiple_of}={b}")
+        try:
+            if P.check(self.positions) != self.positions:
+                raise ValueError(f"positions {list(self.positions)} are not in the order {P.names()}")
+        except ValueError as e:
+            raise StoreError(f"store parameter positions: {e}") from None
 
     @property
     def spec(self) -> StorageDtype:
@@ -94,6 +122,58 @@ class StoreParams:
         """Token range [start, stop) of shard i; the last one may be short."""
         start = i * self.shard_tokens
         return start, min(start + self.shard_tokens, self.n_tokens)
+
+    @property
+    def schema_version(self) -> int:
+        """The version it is written with: 3 with the attention array, else the dtype's
+        (so a lenspipe that predates an array refuses the store by version)."""
+        return 3 if P.ATTENTION.name in self.positions else self.spec.schema_version
+
+    def value_arrays(self) -> list["ValueArray"]:
+        """The arrays of stored values, each sharded by tokens with all its rows in a shard:
+        every position's states, and (8-bit dtypes) their row scales."""
+        out = []
+        for name in self.positions:
+            pos = P.POSITIONS[name]
+            out.append(ValueArray(pos.array, name, pos.n_states(self.n_layers), False))
+            if self.spec.scaled:
+                out.append(ValueArray(pos.scale_array, name, pos.n_states(self.n_layers), True))
+        return out
+
+    def bytes_per_token(self) -> int:
+        """Uncompressed bytes of one token: every position's rows (+ a float32 scale per row)."""
+        return sum(a.rows * a.row_bytes(self) for a in self.value_arrays())
+
+
+@dataclasses.dataclass(frozen=True)
+class ValueArray:
+    """One array of stored values: a position's states (rows, n_tokens, d_model) in the
+    storage dtype, or their per-row scales (rows, n_tokens) float32."""
+
+    name: str
+    position: str
+    rows: int
+    is_scale: bool
+
+    def shape(self, p: StoreParams, n_tokens: int | None = None) -> tuple[int, ...]:
+        n = p.n_tokens if n_tokens is None else n_tokens
+        return (self.rows, n) if self.is_scale else (self.rows, n, p.d_model)
+
+    def dtype(self, p: StoreParams) -> np.dtype:
+        return SCALE_DTYPE if self.is_scale else p.spec.stored
+
+    def row_bytes(self, p: StoreParams) -> int:
+        return SCALE_DTYPE.itemsize if self.is_scale else p.d_model * p.spec.stored.itemsize
+
+    def shard_file(self, i: int) -> str:
+        """Shard i's file, relative to the store root (zarr v3's default chunk keys)."""
+        return f"{self.name}/c/0/{i}" if self.is_scale else f"{self.name}/c/0/{i}/0"
+
+    @property
+    def what(self) -> str:
+        """How verify names one of its rows: ``layer`` (of resid), ``scales of layer``,
+        ``attention layer``, ``scales of attention layer``."""
+        return f"{'scales of ' if self.is_scale else ''}{P.POSITIONS[self.position].layer_word}"
 
 
 def params_from_attrs(attrs: dict) -> StoreParams:
@@ -111,13 +191,15 @@ def check_schema(attrs: dict, where: str) -> None:
 
 
 def array_names(p: StoreParams) -> tuple[str, ...]:
-    """The store's arrays, each sharded by tokens: every shard has one file in each."""
-    return ("resid", "tokens", SCALE_ARRAY) if p.spec.scaled else ("resid", "tokens")
+    """The store's arrays, each sharded by tokens: every shard has one file in each
+    (resid, tokens, then the rest of :meth:`StoreParams.value_arrays`)."""
+    values = [a.name for a in p.value_arrays()]
+    return (values[0], "tokens", *values[1:])
 
 
 def shard_files(p: StoreParams, i: int) -> list[str]:
     """The files of shard i, relative to the store root (zarr v3's default chunk keys)."""
-    keys = {"resid": f"resid/c/0/{i}/0", "tokens": f"tokens/c/{i}", SCALE_ARRAY: f"{SCALE_ARRAY}/c/0/{i}"}
+    keys = {a.name: a.shard_file(i) for a in p.value_arrays()} | {"tokens": f"tokens/c/{i}"}
     return [keys[name] for name in array_names(p)]
 
 
@@ -131,10 +213,19 @@ def _array_digest(a: np.ndarray) -> str:
     return xxhash.xxh3_128_hexdigest(memoryview(np.ascontiguousarray(a)).cast("B"))
 
 
-def shard_checksums(resid: np.ndarray, tokens: np.ndarray, scale: np.ndarray | None = None) -> dict[str, Any]:
+def shard_checksums(resid: np.ndarray, tokens: np.ndarray, scale: np.ndarray | None = None,
+                    **others: np.ndarray) -> dict[str, Any]:
     """Checksums of the stored bytes of one shard: per layer (resid (L+1, n, d)), tokens,
-    and per layer of the scales (scale (L+1, n)) of a scaled store."""
+    per layer of the scales (scale (L+1, n)) of a scaled store, and per row of the other
+    value arrays (``others`` by name: attn (L, n, d), attn_scale (L, n))."""
     sums = {"resid_xxh3": [_array_digest(layer) for layer in resid], "tokens_xxh3": _array_digest(tokens)}
-    if scale is not None:
-        sums["scale_xxh3"] = [_array_digest(layer) for layer in scale]
+    for name, values in ({"scale": scale} | others).items():
+        if values is not None:
+            sums[f"{name}_xxh3"] = [_array_digest(row) for row in values]
     return sums
+
+
+def checksums_of(values: dict[str, np.ndarray], tokens: np.ndarray) -> dict[str, Any]:
+    """:func:`shard_checksums` of a shard's value arrays given by name (resid, scale, attn, ...)."""
+    others = dict(values)
+    return shard_checksums(others.pop("resid"), tokens, others.pop("scale", None), **others)

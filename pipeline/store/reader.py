@@ -14,93 +14,16 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import zarr
 
+from .. import positions as P
 from ..errors import StoreError
 from . import engine
-from .dtypes import BF16_BITS, DTYPES, FP8_E4M3_BITS, SCALE_ARRAY, StorageDtype
+from .decode import _decode_block, decode, decode_bf16, decode_into, to_tensor  # noqa: F401 (re-exported)
+from .dtypes import SCALE_ARRAY
 from .layout import COMPLETE_NAME, check_schema, params_from_attrs
 from .location import DAMAGED_ADVICE, Location, read_failure
 
 if TYPE_CHECKING:  # torch takes seconds to import: `lenspipe info` and verify never need it
     import torch
-
-
-# ---------------------------------------------------------------- decoding
-
-def to_tensor(raw: np.ndarray, spec: StorageDtype, scale: np.ndarray | None = None) -> "torch.Tensor":
-    """Stored numpy values (and row scales) -> float32 tensor."""
-    import torch
-
-    return torch.from_numpy(decode(raw, spec, scale))
-
-
-def decode(raw: np.ndarray, spec: StorageDtype, scale: np.ndarray | None = None) -> np.ndarray:
-    """Stored values (and, for a scaled dtype, their row scales ``raw.shape[:-1]``) ->
-    a new float32 array."""
-    out = np.empty(raw.shape, np.float32)
-    decode_into(raw, out, spec, scale)
-    return out
-
-
-def decode_bf16(raw: np.ndarray) -> np.ndarray:
-    """bf16 bit patterns (int16) -> float32: a bf16 is the top half of the float32 with the
-    same bits. One numpy shift into the output (~5 GB/s of float32 out here), where torch's
-    bfloat16 -> float32 conversion into a fresh tensor ran at ~1.1 GB/s (page faults)."""
-    return decode(raw, DTYPES["bfloat16"])
-
-
-def decode_into(raw: np.ndarray, out: np.ndarray, spec: StorageDtype, scale: np.ndarray | None = None) -> None:
-    """Stored values -> float32 written into ``out`` (same shape; it may be a strided view).
-    A scaled dtype's values are multiplied by their row's scale (``scale``: raw.shape[:-1]).
-
-    bf16 as one numpy shift into ``out`` (~2.2 GB/s of bf16 per core here). torch's own
-    conversion into a preallocated output runs ~1.7x faster per core, but its two OpenMP
-    threads then contend with the reading threads of zarrs and TensorStore: one-layer reads
-    with zstd lost ~25% (benchmarks/RESULTS.md, fifth round). int8: one multiply, float32(q)
-    * scale. fp8: see :func:`_decode_fp8`."""
-    if spec.encoding == BF16_BITS:
-        # int16 -> uint32 sign-extends; the shift pushes those extension bits out of the word
-        np.left_shift(raw, 16, out=out.view(np.uint32), dtype=np.uint32, casting="unsafe")
-    elif spec.encoding == FP8_E4M3_BITS:
-        _decode_fp8(raw, out, scale)
-    elif spec.scaled:
-        np.multiply(raw, scale[..., None], out=out, dtype=np.float32)
-    else:
-        np.copyto(out, raw, casting="same_kind")  # float16 / float32 -> float32
-
-
-#: The float32 bits of an fp8 e4m3fn placed at bits 26..20 and 31 (see _decode_fp8).
-_FP8_MASK = np.uint32(0x87F00000).view(np.int32)
-_TWO_120 = np.float32(2.0 ** 120)
-
-
-def _decode_fp8(raw: np.ndarray, out: np.ndarray, scale: np.ndarray) -> None:
-    """fp8 e4m3fn bits -> float32(q) * scale, bit for bit, at ~1.4 G values/s per core here
-    (a 256-entry table through ``np.take``: ~0.5, since take widens the indices to int64).
-
-    The 7 exponent and mantissa bits of an e4m3fn, placed at bits 26..20 of a float32 (the
-    sign at 31), make a float32 of exactly 2^-120 times its value, subnormals included (both
-    formats' subnormals have the smallest exponent). Shifting the int8 view left by 20
-    sign-extends into bits 31..27; the mask keeps bit 31 (the sign) only. The 2^120 is
-    folded into the scale, exactly (a power of 2), where that stays finite; the product then
-    rounds once, as float32(q) * scale does."""
-    raw, out, scale = (a[None] for a in (raw, out, scale)) if raw.ndim == 2 else (raw, out, scale)
-    with np.errstate(over="ignore"):
-        folded = scale * _TWO_120
-    exact = bool(np.isfinite(folded).all())  # scale < 2^8 (a row absmax below 114,688)
-    for i in range(raw.shape[0]):  # a layer at a time: the three passes stay in the cache
-        bits = out[i].view(np.int32)
-        np.left_shift(raw[i].view(np.int8), 20, out=bits, dtype=np.int32, casting="unsafe")
-        np.bitwise_and(bits, _FP8_MASK, out=bits)
-        if exact:
-            np.multiply(out[i], folded[i, ..., None], out=out[i])
-        else:
-            np.multiply(out[i], _TWO_120, out=out[i])
-            np.multiply(out[i], scale[i, ..., None], out=out[i])
-
-
-def _decode_block(block: np.ndarray, spec: StorageDtype, scale: np.ndarray | None = None) -> np.ndarray:
-    """Numpy-only decode for dask; ``scale`` with a trailing axis of 1 (dask aligns blocks)."""
-    return decode(block, spec, None if scale is None else scale[..., 0])
 
 
 # ---------------------------------------------------------------- opening
@@ -190,12 +113,20 @@ class ActivationStore:
         self.is_complete = complete
         self.location = loc
         self.spec = self.params.spec
-        self._resid = group["resid"]  # (L+1, n_tokens, d) in the storage dtype
+        self.positions: tuple[str, ...] = self.params.positions
+        """The lens positions it holds (``pipeline.positions``): block, and maybe attention."""
+        #: Every array of stored values by name: resid (L+1, n_tokens, d) and attn (L, n_tokens,
+        #: d) in the storage dtype, scale and attn_scale (rows, n_tokens) float32.
+        self.value_arrays: dict[str, zarr.Array] = {a.name: group[a.name] for a in self.params.value_arrays()}
         self._tokens = group["tokens"]  # (n_tokens,) int32
-        self._scale = group[SCALE_ARRAY] if self.spec.scaled else None  # (L+1, n_tokens) float32
-        #: What a read of values reads: resid, and the scales of a scaled dtype.
-        self._value_arrays = [self._resid] if self._scale is None else [self._resid, self._scale]
-        self._ts_handles: Any = None  # engine.read_array's handles, opened on first use (False: none)
+        #: What a read of one position's values reads: its states, and their scales in a scaled dtype.
+        self._states = {name: [self.value_arrays[a] for a in (pos.array, pos.scale_array) if a in self.value_arrays]
+                        for name, pos in P.POSITIONS.items() if name in self.positions}
+        self._resid = self.value_arrays["resid"]
+        self._scale = self.value_arrays.get(SCALE_ARRAY)  # None unless scaled
+        self._value_arrays = self._states[P.BLOCK.name]
+        #: engine.read_array's handles per position, opened on first use (False: none)
+        self._ts_by_position: dict[str, Any] = {}
 
     def __repr__(self) -> str:
         return (f"ActivationStore({self.location.zarr_store!r}, layers={self.n_layers + 1}, "
@@ -209,18 +140,45 @@ class ActivationStore:
         records = self.location.load_records(self.params)
         return records[-1]["stop"] if records else 0
 
-    def layers(self, layers: int | Sequence[int], start: int = 0, stop: int | None = None) -> "torch.Tensor":
-        """(len(layers), n, d_model) float32, or (n, d_model) for one int layer."""
+    def layers(self, layers: int | Sequence[int], start: int = 0, stop: int | None = None,
+               position: str = "block") -> "torch.Tensor":
+        """(len(layers), n, d_model) float32, or (n, d_model) for one int layer: the block
+        residual (layer l = the input of block l), or with ``position="attention"`` the
+        residual inside block l after its attention sublayer (:meth:`attention`)."""
         import torch
 
         start, stop = self._token_range(start, stop)
         if isinstance(layers, (int, np.integer)):
-            return torch.from_numpy(self._read(lambda: self._read_layers([self._layer(layers)], start, stop)[0],
+            idx = [self._layer(layers, position)]
+            return torch.from_numpy(self._read(lambda: self._read_layers(idx, start, stop, position)[0],
                                                start, stop))  # (n, d)
-        idx = [self._layer(i) for i in layers]
-        return torch.from_numpy(self._read(lambda: self._read_layers(idx, start, stop), start, stop))
+        idx = [self._layer(i, position) for i in layers]
+        return torch.from_numpy(self._read(lambda: self._read_layers(idx, start, stop, position), start, stop))
 
-    def _read_layers(self, idx: list[int], start: int, stop: int) -> np.ndarray:
+    def states(self, keys: Sequence[tuple[str, int]], start: int = 0, stop: int | None = None) -> "torch.Tensor":
+        """(len(keys), n, d_model) float32: the lens positions ``keys`` = (position, layer), in
+        the order given, one read per position (block keys only: one :meth:`layers` read)."""
+        import torch
+
+        by_position = {}
+        for i, (position, layer) in enumerate(keys):
+            by_position.setdefault(position, []).append((i, layer))
+        if len(by_position) == 1:
+            (position, rows), = by_position.items()
+            return self.layers([layer for _, layer in rows], start, stop, position)
+        out = None
+        for position, rows in by_position.items():
+            x = self.layers([layer for _, layer in rows], start, stop, position)  # (k, n, d)
+            if out is None:
+                out = torch.empty((len(keys), *x.shape[1:]), dtype=x.dtype)
+            out[[i for i, _ in rows]] = x
+        return out
+
+    def attention(self, layers: int | Sequence[int], start: int = 0, stop: int | None = None) -> "torch.Tensor":
+        """:meth:`layers` at the attention position: inside block l, after its attention."""
+        return self.layers(layers, start, stop, position=P.ATTENTION.name)
+
+    def _read_layers(self, idx: list[int], start: int, stop: int, position: str = "block") -> np.ndarray:
         """(k, n, d) float32 values of the layers ``idx``, decoded into one array.
 
         Reads go in pieces of at most READ_TOKENS tokens (cut at multiples of it), the next
@@ -232,58 +190,69 @@ class ActivationStore:
         out = np.empty((len(idx), stop - start, self.d_model), np.float32)
         cuts = [start, *range((start // READ_TOKENS + 1) * READ_TOKENS, stop, READ_TOKENS), stop]
         pieces = list(zip(cuts, cuts[1:]))
-        handles = self._tensorstore()
+        arrays = self._position_arrays(position)
+        handles = self._tensorstore(position)
         # Basic slices only: zarr 3.1's orthogonal selection (`oindex`) measured ~30x
         # slower than a slice over the same shard. Both read only the chosen layers' chunks.
         if len(idx) > 1 and idx == list(range(idx[0], idx[0] + len(idx))):
             layers = slice(idx[0], idx[0] + len(idx))
             if handles is None:
-                self._zarr_range(layers, pieces, out)
+                self._zarr_range(arrays, layers, pieces, out)
             else:
                 self._pipelined(pieces, lambda a, b: _Reads([h[layers, a:b].read() for h in handles]),
                                 lambda a, b: out[:, a:b])
             return out
         for i, layer in enumerate(idx):
             if handles is None:
-                self._decode(self._stored(layer, start, stop), out[i])
+                self._decode(self._stored(arrays, layer, start, stop), out[i])
             else:
                 self._pipelined(pieces, lambda a, b, layer=layer: _Reads([h[layer, a:b].read() for h in handles]),
                                 lambda a, b, i=i: out[i, a:b])
         return out
 
-    def _stored(self, layers: int | slice, a: int, b: int) -> list[np.ndarray]:
-        """The stored values of ``layers`` x tokens [a, b) (and their scales), through zarr."""
-        return [arr[layers, a:b] for arr in self._value_arrays]
+    @staticmethod
+    def _stored(arrays: list, layers: int | slice, a: int, b: int) -> list[np.ndarray]:
+        """The stored values of ``layers`` x tokens [a, b) (and their scales) of one
+        position's ``arrays``, through zarr."""
+        return [arr[layers, a:b] for arr in arrays]
 
     def _decode(self, stored: list[np.ndarray], out: np.ndarray) -> None:
         decode_into(stored[0], out, self.spec, stored[1] if len(stored) > 1 else None)
 
-    def _tensorstore(self) -> list | None:
-        """TensorStore's handles on ``resid`` (and ``scale``) of a complete store in a local
-        directory, opened on first use; None where reads go through zarr (a URL, a .zip, an
-        incomplete store, or ``engine.configure(tensorstore_reads=False)``).
+    def _tensorstore(self, position: str = "block") -> list | None:
+        """TensorStore's handles on one position's arrays (``resid`` and ``scale``, or
+        ``attn`` and ``attn_scale``) of a complete store in a local directory, opened on first
+        use; None where reads go through zarr (a URL, a .zip, an incomplete store, or
+        ``engine.configure(tensorstore_reads=False)``).
 
         Why: zarr-python spends ~0.3 ms of indexing on each inner chunk, which held one-layer
         reads at ~0.5x of raw file reads (TensorStore: ~1x); and with zstd, TensorStore read
         ranges of all layers 1.2-1.35x faster than zarrs (benchmarks/RESULTS.md, fourth and
         fifth rounds)."""
-        if self._ts_handles is None:
+        if position not in self._ts_by_position:
             local = self.is_complete and not (self.location.is_url or self.location.is_zip)
             handles = [engine.read_array(os.path.join(self.location.zarr_store, arr.basename))
-                       for arr in self._value_arrays] if local else [None]
-            self._ts_handles = False if None in handles else handles
-        return None if self._ts_handles is False else self._ts_handles
+                       for arr in self._states[position]] if local else [None]
+            self._ts_by_position[position] = False if None in handles else handles
+        return None if self._ts_by_position[position] is False else self._ts_by_position[position]
 
-    def _zarr_range(self, layers: slice, pieces: list[tuple[int, int]], out: np.ndarray) -> None:
+    @property
+    def _ts_handles(self) -> Any:
+        """The block position's TensorStore handles: None before a read, False where reads go
+        through zarr."""
+        return self._ts_by_position.get(P.BLOCK.name)
+
+    def _zarr_range(self, arrays: list, layers: slice, pieces: list[tuple[int, int]], out: np.ndarray) -> None:
         """Layers ``layers`` into ``out`` (k, n, d), through zarr: it read a whole shard of
         all layers ~3.4x slower than the same bytes in 1,024-token pieces."""
         if len(pieces) == 1:  # no second thread for a short read
-            self._decode(self._stored(layers, *pieces[0]), out)
+            self._decode(self._stored(arrays, layers, *pieces[0]), out)
             return
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(1, "lenspipe-read") as pool:
-            self._pipelined(pieces, lambda a, b: pool.submit(self._stored, layers, a, b), lambda a, b: out[:, a:b])
+            self._pipelined(pieces, lambda a, b: pool.submit(self._stored, arrays, layers, a, b),
+                            lambda a, b: out[:, a:b])
 
     def _pipelined(self, pieces: list[tuple[int, int]], submit, out_of) -> None:
         """Decode each piece into ``out_of(a, b)`` (offsets from the first piece's start)
@@ -303,20 +272,30 @@ class ActivationStore:
         raw = self._read(lambda: self._tokens[start:stop], start, stop)  # (n,) int32
         return torch.from_numpy(raw.astype(np.int64))
 
-    def dask(self):
-        """Lazy (n_layers+1, n_tokens, d_model) float32 dask array, one block per inner chunk."""
+    def dask(self, position: str = "block"):
+        """Lazy (n_layers+1, n_tokens, d_model) float32 dask array, one block per inner chunk
+        (``position="attention"``: (n_layers, n_tokens, d_model))."""
         import dask.array as da  # ~2 s to import: only for the callers that want it
 
-        raw = da.from_zarr(self._resid, chunks=self._resid.chunks)
-        if self._scale is None:
+        values, *scales = self._position_arrays(position)
+        raw = da.from_zarr(values, chunks=values.chunks)
+        if not scales:
             return raw.map_blocks(_decode_block, self.spec, dtype=np.float32)
-        scale = da.from_zarr(self._scale, chunks=self._scale.chunks)[:, :, None]  # blocks aligned with raw's
+        scale = da.from_zarr(scales[0], chunks=scales[0].chunks)[:, :, None]  # blocks aligned with raw's
         return da.map_blocks(_decode_block, raw, self.spec, scale, dtype=np.float32)
 
-    def _layer(self, i: int) -> int:
-        n = self.n_layers + 1
+    def _position_arrays(self, position: str) -> list:
+        if position not in self._states:
+            raise StoreError(f"the store at {self.location.zarr_store} holds positions {list(self.positions)}, not "
+                             f"{position!r}: extract it with extract.positions including {position!r}")
+        return self._states[position]
+
+    def _layer(self, i: int, position: str = "block") -> int:
+        self._position_arrays(position)
+        n = P.POSITIONS[position].n_states(self.n_layers)
         if not -n <= int(i) < n:
-            raise StoreError(f"layer {i} out of range: the store holds layers 0..{n - 1}")
+            where = "" if position == P.BLOCK.name else f" at the {position} position"
+            raise StoreError(f"layer {i} out of range: the store holds layers 0..{n - 1}{where}")
         return int(i) % n
 
     def _token_range(self, start: int, stop: int | None) -> tuple[int, int]:

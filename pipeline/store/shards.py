@@ -24,29 +24,28 @@ import zarr
 from ..errors import StoreError, disk_full, disk_full_message
 from ..provenance import now_utc, write_json_atomic
 from . import engine
-from .dtypes import SCALE_ARRAY, SCALE_DTYPE
-from .layout import StoreParams, array_names, record_name, shard_checksums, shard_files
+from .layout import StoreParams, array_names, checksums_of, record_name, shard_files
 from .manifest import file_digest
 
 
 @dataclasses.dataclass
 class ShardBuffers:
-    """One shard's stored values: resid (L+1, shard_tokens, d) in the storage dtype, tokens
-    (shard_tokens,) int32 and, for a scaled dtype, scale (L+1, shard_tokens) float32."""
+    """One shard's stored values, per value array of the store (``StoreParams.value_arrays``):
+    resid (L+1, shard_tokens, d) in the storage dtype, attn (L, shard_tokens, d) where the
+    attention position is stored, and for a scaled dtype each one's row scales (rows,
+    shard_tokens) float32; and the tokens (shard_tokens,) int32."""
 
-    resid: np.ndarray
+    values: dict[str, np.ndarray]
     tokens: np.ndarray
-    scale: np.ndarray | None
 
     @classmethod
     def empty(cls, p: StoreParams) -> "ShardBuffers":
-        return cls(np.empty((p.n_layers + 1, p.shard_tokens, p.d_model), p.spec.stored),
-                   np.empty((p.shard_tokens,), np.int32),
-                   np.empty((p.n_layers + 1, p.shard_tokens), SCALE_DTYPE) if p.spec.scaled else None)
+        return cls({a.name: np.empty(a.shape(p, p.shard_tokens), a.dtype(p)) for a in p.value_arrays()},
+                   np.empty((p.shard_tokens,), np.int32))
 
     def head(self, n: int) -> "ShardBuffers":
         """The first ``n`` tokens (a short last shard)."""
-        return ShardBuffers(self.resid[:, :n], self.tokens[:n], None if self.scale is None else self.scale[:, :n])
+        return ShardBuffers({name: a[:, :n] for name, a in self.values.items()}, self.tokens[:n])
 
 
 def _fsync_file(path: Path) -> None:
@@ -130,8 +129,7 @@ class ShardPipeline:
         files = [self.root / name for name in shard_files(self.params, shard)]
         if self._hasher is not None:
             self._digests.update((path, self._hasher.submit(file_digest, path)) for path in files)
-        record = {"shard": shard, "start": start, "stop": stop,
-                  **shard_checksums(bufs.resid, bufs.tokens, bufs.scale)}
+        record = {"shard": shard, "start": start, "stop": stop, **checksums_of(bufs.values, bufs.tokens)}
         if self._syncer is None:
             return self._make_durable(files, record)
         return self._syncer.submit(self._make_durable, files, record)
@@ -165,11 +163,10 @@ class ShardPipeline:
         raise StoreError(disk_full_message(e, f"shard {shard} of the store at {self.root}")) from e
 
     def _write_values(self, start: int, stop: int, bufs: ShardBuffers) -> None:
-        """One whole shard of activations (and of their scales): through TensorStore
-        (:func:`engine.shard_writer`), else through zarr."""
-        self._write_array("resid", start, stop, bufs.resid)
-        if bufs.scale is not None:
-            self._write_array(SCALE_ARRAY, start, stop, bufs.scale)
+        """One whole shard of every position's states (and of their scales): through
+        TensorStore (:func:`engine.shard_writer`), else through zarr."""
+        for name, values in bufs.values.items():
+            self._write_array(name, start, stop, values)
 
     def _write_array(self, name: str, start: int, stop: int, values: np.ndarray) -> None:
         handle = self._shard_writers.get(name)

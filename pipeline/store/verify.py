@@ -13,9 +13,9 @@ import numpy as np
 
 from ..errors import StoreError
 from ..provenance import sha256_json
-from .dtypes import SCALE_ARRAY
-from .layout import (COMPLETE_NAME, H5_META, H5_META_SHA256, MANIFEST_NAME, StoreParams, record_name,
-                     shard_checksums)
+from .. import positions as P
+from .layout import (COMPLETE_NAME, H5_META, H5_META_SHA256, MANIFEST_NAME, StoreParams, ValueArray, array_names,
+                     checksums_of, record_name)
 from .location import DAMAGED_ADVICE
 from .reader import ActivationStore, is_hdf5_file, open_store
 
@@ -39,7 +39,7 @@ def verify(path_or_url: str | os.PathLike) -> dict:
         _verify_shard(store, i, record)
     return {"path": where, "complete": True, "n_shards": len(records),
             "n_tokens": store.n_tokens, "n_layers": store.n_layers, "d_model": store.d_model,
-            "dtype": store.dtype, "checked_values": (store.n_layers + 1) * store.n_tokens * store.d_model,
+            "dtype": store.dtype, "positions": list(store.positions), "checked_values": _n_values(store.params),
             "checked_files_sha256": n_files}
 
 
@@ -84,17 +84,15 @@ def _manifest_lines(data: bytes, where: str) -> list[tuple[str, str]]:
 
 def _shard_of(name: str) -> str:
     parts = name.split("/")
-    if parts[1:3] == ["c", "0"] and (parts[0], len(parts)) in (("resid", 5), (SCALE_ARRAY, 4)):
+    if parts[1:3] == ["c", "0"] and len(parts) in (4, 5):  # <values>/c/0/<shard>/0, <scales>/c/0/<shard>
         return f" (shard {parts[3]})"
     return ""
 
 
 def _check_shapes(store: ActivationStore) -> None:
     p = store.params
-    want = {"resid": (p.n_layers + 1, p.n_tokens, p.d_model), "tokens": (p.n_tokens,)}
-    got = {"resid": store._resid.shape, "tokens": store._tokens.shape}
-    if store._scale is not None:
-        want[SCALE_ARRAY], got[SCALE_ARRAY] = (p.n_layers + 1, p.n_tokens), store._scale.shape
+    want = {a.name: a.shape(p) for a in p.value_arrays()} | {"tokens": (p.n_tokens,)}
+    got = {name: a.shape for name, a in store.value_arrays.items()} | {"tokens": store._tokens.shape}
     if want != got:
         raise StoreError(f"{store.location.zarr_store}: array shapes {got} do not match the "
                          f"recorded parameters {want}")
@@ -117,25 +115,25 @@ def _load_all_records(store: ActivationStore) -> list[dict]:
 def _verify_shard(store: ActivationStore, i: int, record: dict) -> None:
     start, stop = record["start"], record["stop"]
     what = f"{store.location.zarr_store}: shard {i} (tokens {start}..{stop})"
-    raw = _read_shard(store, store._resid, start, stop, what)  # (L+1, n, d) storage dtype
-    scale = None if store._scale is None else _read_shard(store, store._scale, start, stop, what)  # (L+1, n)
+    # (rows, n, d) in the storage dtype, (rows, n) float32 scales
+    values = {a.name: _read_shard(store, a, start, stop, what) for a in store.params.value_arrays()}
     try:
         tokens = store._tokens[start:stop]  # (n,) int32
     except Exception as e:  # a decode failure is data damage here
         raise StoreError(f"{what}: its token ids cannot be decoded ({e!r}); {DAMAGED_ADVICE}") from e
-    mismatch = _checksum_mismatch(shard_checksums(raw, tokens, scale), record)
+    mismatch = _checksum_mismatch(checksums_of(values, tokens), record, store.params)
     if mismatch:
         raise StoreError(f"{what}, {mismatch}: checksum mismatch (stored data differs "
                          "from what was written); re-download or re-extract")
-    problem = _value_problem(store.params, raw, scale)
+    problem = _value_problem(store.params, values)
     if problem:
         raise StoreError(f"{what}, {problem}")
 
 
-def _checksum_mismatch(sums: dict, record: dict) -> str | None:
-    """What of a shard differs from its record: ``layer N``, ``token ids`` or ``scales of
-    layer N``; None when nothing does."""
-    for key, what in (("resid_xxh3", "layer"), ("scale_xxh3", "scales of layer")):
+def _checksum_mismatch(sums: dict, record: dict, p: StoreParams) -> str | None:
+    """What of a shard differs from its record: ``layer N``, ``token ids``, ``scales of
+    layer N``, ``attention layer N``, ...; None when nothing does."""
+    for key, what in [(f"{a.name}_xxh3", a.what) for a in p.value_arrays()]:
         if key in sums or key in record:
             got, want = sums.get(key, []), record.get(key, [])
             bad = [layer for layer in range(max(len(got), len(want)))
@@ -145,27 +143,35 @@ def _checksum_mismatch(sums: dict, record: dict) -> str | None:
     return "token ids" if sums["tokens_xxh3"] != record.get("tokens_xxh3") else None
 
 
-def _value_problem(p: StoreParams, raw: np.ndarray, scale: np.ndarray | None) -> str | None:
-    """``layer N <what is wrong>`` for the first layer of a shard whose values a writer
-    could not have stored (:meth:`StorageDtype.problem`), else None."""
-    for layer, values in enumerate(raw):
-        problem = p.spec.problem(values, None if scale is None else scale[layer])
-        if problem:
-            return f"layer {layer}: {problem}"
+def _value_problem(p: StoreParams, values: dict[str, np.ndarray]) -> str | None:
+    """``layer N <what is wrong>`` (``attention layer N ...``) for the first row of a shard
+    whose values a writer could not have stored (:meth:`StorageDtype.problem`), else None."""
+    for a in p.value_arrays():
+        if a.is_scale:
+            continue
+        pos = P.POSITIONS[a.position]
+        scale = values.get(pos.scale_array)
+        for layer, rows in enumerate(values[a.name]):
+            problem = p.spec.problem(rows, None if scale is None else scale[layer])
+            if problem:
+                return f"{pos.layer_word} {layer}: {problem}"
     return None
 
 
-def _read_shard(store: ActivationStore, array, start: int, stop: int, what: str) -> np.ndarray:
-    """A whole shard of ``array`` in one read; on failure, re-read layer by layer to name the culprit."""
-    noun = "layer" if array is store._resid else "scales of layer"
+def _read_shard(store: ActivationStore, a: ValueArray, start: int, stop: int, what: str) -> np.ndarray:
+    """A whole shard of value array ``a`` in one read; on failure, re-read row by row to
+    name the culprit."""
+    array = store.value_arrays[a.name]
     try:
         return array[:, start:stop]
     except Exception as whole:  # any decode failure is data damage here
-        failed = [layer for layer in range(store.n_layers + 1) if not _layer_decodes(array, layer, start, stop)]
-        if failed and len(failed) <= store.n_layers:
-            raise StoreError(f"{what}, {noun} {failed[0]}: cannot be decoded ({whole!r})") from whole
+        failed = [layer for layer in range(a.rows) if not _layer_decodes(array, layer, start, stop)]
+        if failed and len(failed) < a.rows:
+            raise StoreError(f"{what}, {a.what} {failed[0]}: cannot be decoded ({whole!r})") from whole
         # Every layer failing points at what they share: the shard index at the file's end.
-        raise StoreError(f"{what}: {'its scales ' if noun != 'layer' else ''}cannot be decoded, in any "
+        where = "" if a.position == P.BLOCK.name else f"{a.position} "
+        its = "" if a.name == P.BLOCK.array else f"its {where}{'scales' if a.is_scale else 'states'} "
+        raise StoreError(f"{what}: {its}cannot be decoded, in any "
                          f"layer (damaged shard index?) ({whole!r})") from whole
 
 
@@ -199,7 +205,12 @@ def verify_hdf5(path: str | os.PathLike) -> dict:
             _h5_check_shard(f, path, params, i, record)
     return {"path": path, "format": "hdf5", "complete": True, "n_shards": len(records),
             "n_tokens": params.n_tokens, "n_layers": params.n_layers, "d_model": params.d_model,
-            "dtype": params.dtype, "checked_values": (params.n_layers + 1) * params.n_tokens * params.d_model}
+            "dtype": params.dtype, "positions": list(params.positions), "checked_values": _n_values(params)}
+
+
+def _n_values(p: StoreParams) -> int:
+    """The stored activations of a store: every position's states."""
+    return sum(a.rows * p.n_tokens * p.d_model for a in p.value_arrays() if not a.is_scale)
 
 
 def _h5_damage(path: str, what: str) -> StoreError:
@@ -220,9 +231,10 @@ def _h5_metadata(f, path: str) -> tuple[StoreParams, list[dict]]:
         attrs, records, marker = (json.loads(meta[k]) for k in H5_META)
         params = StoreParams(**attrs["params"])
         params.validate()
-        shapes = tuple(f[name].shape for name in h5_datasets(params))
-        want = ((params.n_layers + 1, params.n_tokens, params.d_model), (params.n_tokens,),
-                (params.n_layers + 1, params.n_tokens))[:len(shapes)]
+        shapes = tuple(f[name].shape if name in f else None for name in h5_datasets(params))
+        by_name = {a.name: a for a in params.value_arrays()}
+        want = tuple((params.n_tokens,) if name == "tokens" else by_name[name].shape(params)
+                     for name in h5_datasets(params))
         if shapes != want:
             raise _h5_damage(path, f"holds arrays of shapes {shapes}, not the {want} its parameters record")
         if len(records) != params.n_shards or marker.get("records_sha256") != sha256_json(records):
@@ -235,22 +247,23 @@ def _h5_metadata(f, path: str) -> tuple[StoreParams, list[dict]]:
 
 
 def h5_datasets(p: StoreParams) -> tuple[str, ...]:
-    """The datasets of an HDF5 export: resid, tokens, and scale for a scaled dtype."""
-    return ("resid", "tokens", SCALE_ARRAY) if p.spec.scaled else ("resid", "tokens")
+    """The datasets of an HDF5 export: the store's arrays (resid, tokens, and scale for a
+    scaled dtype, attn and attn_scale for the attention position)."""
+    return array_names(p)
 
 
 def _h5_check_shard(f, path: str, params: StoreParams, i: int, record: dict) -> None:
     s, e = params.shard_span(i)
     where = f"shard {i} (tokens {s}..{e})"
     try:
-        # (L+1, n, d) storage dtype, (n,) int32, (L+1, n) float32 scales
-        raw, tokens, *scale = (f[name][:, s:e] if name != "tokens" else f[name][s:e] for name in h5_datasets(params))
+        # (rows, n, d) storage dtype, (rows, n) float32 scales; (n,) int32
+        values = {a.name: f[a.name][:, s:e] for a in params.value_arrays()}
+        tokens = f["tokens"][s:e]
     except Exception as err:  # see verify_hdf5
         raise _h5_damage(path, f"cannot be read at {where} ({err})") from err
-    scale = scale[0] if scale else None
-    mismatch = _checksum_mismatch(shard_checksums(raw, tokens, scale), record)
+    mismatch = _checksum_mismatch(checksums_of(values, tokens), record, params)
     if mismatch:
         raise _h5_damage(path, f"{where}, {mismatch}: checksum mismatch (the data differs from what was written)")
-    problem = _value_problem(params, raw, scale)
+    problem = _value_problem(params, values)
     if problem:
         raise _h5_damage(path, f"{where}, {problem}")

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import zarr
 
+from .. import positions as P
 from ..errors import StoreError
 from ..provenance import acquire_lock, now_utc, sha256_json, write_json_atomic
 from . import arrays, engine
@@ -31,6 +32,14 @@ from .layout import COMPLETE_NAME, LOCK_NAME, PROGRESS_DIR, StoreParams, array_n
 from .location import Location
 from .manifest import write_manifest
 from .shards import ShardBuffers, ShardPipeline
+
+def _tensor(values: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """A batch of states as a floating-point tensor, on the device it is on."""
+    if isinstance(values, np.ndarray) and not values.flags.writeable:
+        values = values.copy()  # torch warns on read-only numpy memory
+    x = torch.as_tensor(values).detach()
+    return x if x.is_floating_point() else x.float()
+
 
 #: Puts tokens [i, j) of a batch into a shard's buffers at offset ``at``.
 _Put = Callable[[ShardBuffers, int, int, int], None]
@@ -59,8 +68,8 @@ class StoreWriter:
     @classmethod
     def open(cls, path: str | os.PathLike, *, n_layers: int, d_model: int, n_tokens: int,
              seq_len: int, dtype: str = "bfloat16", shard_tokens: int, chunk_tokens: int,
-             compression: str = "zstd", level: int = 3, provenance: dict,
-             background: bool = True) -> "StoreWriter":
+             compression: str = "zstd", level: int = 3, positions: tuple[str, ...] | list[str] = P.DEFAULT,
+             provenance: dict, background: bool = True) -> "StoreWriter":
         """Create the store at ``path``, or resume it if it was interrupted.
 
         Resuming needs identical parameters and provenance (else StoreError). A store that
@@ -69,7 +78,7 @@ class StoreWriter:
         on the same store raises StoreError.
         """
         params = StoreParams(n_layers, d_model, n_tokens, seq_len, dtype, shard_tokens,
-                             chunk_tokens, compression, level)
+                             chunk_tokens, compression, level, tuple(positions))
         params.validate()
         fingerprint = arrays.fingerprint(params, provenance)
         root = Path(path).absolute()
@@ -103,49 +112,66 @@ class StoreWriter:
 
     # -- appending ------------------------------------------------------------------
 
-    def write(self, resid: torch.Tensor | np.ndarray, tokens: torch.Tensor | np.ndarray) -> None:
-        """Append a batch at the current position: resid (n_layers+1, n, d_model), tokens (n,)."""
+    def write(self, resid: torch.Tensor | np.ndarray, tokens: torch.Tensor | np.ndarray,
+              attention: torch.Tensor | np.ndarray | None = None) -> None:
+        """Append a batch at the current position: resid (n_layers+1, n, d_model), tokens (n,)
+        and, in a store of the attention position, attention (n_layers, n, d_model)."""
         self._check_writable()
-        if isinstance(resid, np.ndarray) and not resid.flags.writeable:
-            resid = resid.copy()  # torch warns on read-only numpy memory
-        x = torch.as_tensor(resid).detach()  # (L+1, n, d), still on its device
-        if not x.is_floating_point():
-            x = x.float()
+        states = {P.BLOCK.name: _tensor(resid)}  # (rows, n, d), still on its device
+        if attention is not None:
+            states[P.ATTENTION.name] = _tensor(attention)
         tokens = torch.as_tensor(tokens).cpu().numpy()  # (n,)
-        n = self._check_batch(tuple(x.shape), tokens)
+        shapes = {P.POSITIONS[name].array: tuple(x.shape) for name, x in states.items()}
+        n = self._check_batch(shapes, tokens)
         if n == 0:
             return
-        check_finite(x, self.params.dtype, self._pos, self.params.seq_len)
         dtype = self.params.dtype
+        for name, x in states.items():
+            check_finite(x, dtype, self._pos, self.params.seq_len, P.POSITIONS[name].layer_word)
+        targets = [(P.POSITIONS[name], x) for name, x in states.items()]
 
         def put(bufs: ShardBuffers, at: int, i: int, j: int) -> None:
-            scale = None if bufs.scale is None else bufs.scale[:, at:at + j - i]
-            cast_into(bufs.resid[:, at:at + j - i], x[:, i:j], dtype, scale)
+            for pos, x in targets:
+                scale = bufs.values.get(pos.scale_array)
+                cast_into(bufs.values[pos.array][:, at:at + j - i], x[:, i:j], dtype,
+                          None if scale is None else scale[:, at:at + j - i])
 
         self._append(n, tokens.astype(np.int32), put)
 
-    def write_stored(self, resid: np.ndarray, tokens: np.ndarray, scale: np.ndarray | None = None) -> None:
+    def write_stored(self, resid: np.ndarray, tokens: np.ndarray, scale: np.ndarray | None = None,
+                     **others: np.ndarray) -> None:
         """Append a batch of values already in the storage dtype, as another store holds them
-        (an HDF5 export's import): resid (n_layers+1, n, d_model), tokens (n,) and, for a
-        scaled dtype, scale (n_layers+1, n) float32. Copied bit for bit, after a check that
-        they are values a writer stores (finite, scales > 0)."""
+        (an HDF5 export's import): resid (n_layers+1, n, d_model), tokens (n,), for a scaled
+        dtype scale (n_layers+1, n) float32, and the store's other value arrays by name
+        (attn (n_layers, n, d_model), attn_scale (n_layers, n)). Copied bit for bit, after a
+        check that they are values a writer stores (finite, scales > 0)."""
         self._check_writable()
-        spec = self.params.spec
-        resid, tokens = np.asarray(resid), np.asarray(tokens)
-        n = self._check_batch(resid.shape, tokens)
-        if resid.dtype != spec.stored or (scale is None) == spec.scaled:
+        p, spec = self.params, self.params.spec
+        given = {name: np.asarray(a) for name, a in ({"resid": resid, "scale": scale} | others).items()
+                 if a is not None}
+        tokens = np.asarray(tokens)
+        arrays = p.value_arrays()
+        resid, scale = given.get("resid"), given.get("scale")
+        if resid is None or resid.dtype != spec.stored or (scale is None) == spec.scaled:
             raise StoreError(f"stored values of a {spec.name} store are {spec.stored}"
                              + (" with float32 row scales" if spec.scaled else " without scales")
-                             + f", got {resid.dtype}" + ("" if scale is None else " with scales"))
-        scale = None if scale is None else np.asarray(scale, np.float32)
-        if not spec.valid(resid) or (scale is not None and not (np.isfinite(scale) & (scale > 0)).all()):
+                             + f", got {None if resid is None else resid.dtype}" + ("" if scale is None else " with scales"))
+        if sorted(given) != sorted(a.name for a in arrays) or any(given[a.name].dtype != spec.stored for a in arrays
+                                                                 if not a.is_scale):
+            raise StoreError(f"stored values of a {spec.name} store of positions {list(p.positions)} are "
+                             f"{', '.join(f'{a.name} ({a.dtype(p)})' for a in arrays)}; got "
+                             f"{', '.join(f'{k} ({v.dtype})' for k, v in sorted(given.items()))}")
+        n = self._check_batch({a.name: given[a.name].shape for a in arrays}, tokens)
+        given = {a.name: given[a.name].astype(np.float32, copy=False) if a.is_scale else given[a.name]
+                 for a in arrays}
+        if not all((np.isfinite(given[a.name]) & (given[a.name] > 0)).all() if a.is_scale else spec.valid(given[a.name])
+                   for a in arrays):
             raise StoreError(f"stored values at token {self._pos} hold inf/nan (or invalid scales); "
                              "the source is damaged")
 
         def put(bufs: ShardBuffers, at: int, i: int, j: int) -> None:
-            bufs.resid[:, at:at + j - i] = resid[:, i:j]
-            if scale is not None:
-                bufs.scale[:, at:at + j - i] = scale[:, i:j]
+            for name, values in given.items():
+                bufs.values[name][:, at:at + j - i] = values[:, i:j]
 
         self._append(n, tokens.astype(np.int32), put)
 
@@ -155,12 +181,23 @@ class StoreWriter:
         if self._closed or self._shards.broken:
             raise StoreError(f"this writer for {self.root} is closed or failed; reopen it to resume")
 
-    def _check_batch(self, shape: tuple[int, ...], tok: np.ndarray) -> int:
+    def _check_batch(self, shapes: dict[str, tuple[int, ...]], tok: np.ndarray) -> int:
+        """The batch's token count, after checking the shape of each array given (by name:
+        resid, attn, and any scales) and of the tokens."""
         p = self.params
-        if len(shape) != 3 or shape[0] != p.n_layers + 1 or shape[2] != p.d_model:
-            raise StoreError(f"resid batch has shape {tuple(shape)}, expected "
-                             f"({p.n_layers + 1}, n, {p.d_model})")
-        n = shape[1]
+        states = {P.POSITIONS[name].array: P.POSITIONS[name] for name in p.positions}
+        missing = sorted(set(states) - set(shapes))
+        if missing or set(shapes) - {a.name for a in p.value_arrays()}:
+            raise StoreError(f"a batch of this store holds {', '.join(states)} (positions {list(p.positions)}); "
+                             f"got {', '.join(shapes)}" + (" (extract with these positions, or write them)"
+                                                            if missing else ""))
+        n = shapes["resid"][1] if len(shapes["resid"]) > 1 else -1
+        for name, shape in shapes.items():
+            a = next(a for a in p.value_arrays() if a.name == name)
+            want = a.shape(p, n)
+            if tuple(shape) != want:
+                want_text = str(want).replace(str(n), "n") if n >= 0 else str(want)
+                raise StoreError(f"{name} batch has shape {tuple(shape)}, expected {want_text}")
         if tok.shape != (n,) or not np.issubdtype(tok.dtype, np.integer):
             raise StoreError(f"tokens batch must be ({n},) integers, got {tok.shape} {tok.dtype}")
         if n and (tok.min() < 0 or tok.max() > np.iinfo(np.int32).max):
