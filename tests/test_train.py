@@ -278,6 +278,36 @@ def test_weight_decay_pulls_every_kind_toward_the_identity(tiny_run):
         assert dist() == pytest.approx(0.5 * before, rel=1e-5), kind  # lr 1: (1 - lr*wd) of the way
 
 
+@pytest.mark.parametrize("optimizer, power", [("sgd", 1.0), ("adam", 0.5)])
+def test_step_multipliers_scale_each_step(tiny_run, optimizer, power):
+    """``train.step_scale: residual``: with multipliers (w, b) SGD's first step on a weight is
+    w times the plain step (b on a bias); Adam's, whose step ignores its gradient's scale,
+    sqrt(w) and sqrt(b) times. Layers without a multiplier step as before."""
+    from pipeline.model.head import load_unembed_head
+    from pipeline.positions import as_key
+
+    head = load_unembed_head(tiny_run[1])
+    d = head.unembed.weight.shape[1]
+    c = cfg(weight_decay=0.0, momentum=0.0, clip_grad=0, optimizer=optimizer)
+    grads = {name: torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) for i, (name, p) in
+             enumerate(TunedLens.create(head, "affine", d_model=d, n_layers=2, model_info={},
+                                        layers=[0, 1]).translators.named_parameters())}
+
+    def step(multipliers):
+        lens = TunedLens.create(head, "affine", d_model=d, n_layers=2, model_info={}, layers=[0, 1])
+        opt, _ = tr.make_optimizer(lens, c)
+        for name, p in lens.translators.named_parameters():
+            p.grad = grads[name].clone()
+        tr.optimizer_step(lens, [0, 1], opt, c, multipliers)
+        return {name: p.detach().clone() for name, p in lens.translators.named_parameters()}
+
+    plain, scaled = step(None), step({as_key(0): (9.0, 4.0)})
+    for name, p in scaled.items():
+        m = (4.0 if name.endswith("bias") else 9.0) ** power if name.startswith("0.") else 1.0
+        torch.testing.assert_close(p, plain[name] * m, rtol=1e-5, atol=1e-7, msg=name)
+        assert plain[name].abs().max() > 0
+
+
 def test_validation_sequences_spread_over_the_store(tiny_run, tmp_path):
     metrics, _ = run(tiny_run, tmp_path / "v", steps=0, val_tokens=32)  # 2 of the test store's 8 sequences
     first, second = metrics["val_sequences"]

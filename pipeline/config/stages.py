@@ -133,8 +133,9 @@ class TrainConfig:
     decayed toward I."""
     step_scale: str = "none"
     """``residual``: each layer's gradient step is scaled by the size of its residual stream
-    relative to the output's (``(s_L / s_l)^2`` for weights, ``s_L^2`` for biases; see
-    pipeline.lens.optim), so that one learning rate suits every layer; ``none``: one step
+    relative to the output's (SGD: ``(s_L / s_l)^2`` for weights, ``s_L^2`` for biases; Adam:
+    their square roots; see pipeline.lens.optim), so that one learning rate suits every
+    layer; ``none``: one step
     size for all layers, as the reference. Affects the kinds that are linear maps."""
     warmup_steps: int = 0
     """Linear warm-up steps before the linear decay to zero."""
@@ -264,9 +265,11 @@ class AnalysesConfig:
     anatomy needs a kind registered as a linear map (affine, linear, scaling)."""
     taus: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99])
     """Confidence thresholds of the early-exit curve."""
-    skip_tokens: int = 512
-    """Held-out tokens on which each block is skipped to measure its real removal cost
-    (one forward pass per block: about 1 s per block for SmolLM2 on 2 CPU cores)."""
+    skip_tokens: int = 2048
+    """Held-out tokens (whole evaluated sequences, spread over the evaluation) on which each
+    block is skipped to measure its real removal cost: 8 sequences of SmolLM2's 256 tokens,
+    the fewest a finding resolves on (pipeline.analyses.layer_contributions). Each skip
+    runs the model from that block on (pipeline.model.resume)."""
     transfer_tokens: int = 256
     """Tokens sampled for the layer-transfer matrix."""
     transfer_stride: int = 2

@@ -15,7 +15,8 @@ SGD at the reference's rate of 1 lowered the KL of layer 2 by 5% in 8 steps whil
 bias gradient by ``s_L^2`` (the bias acts on a constant input of size 1 where W acts on one
 of size s_l), clipping in between at the square root: a step of one size then moves every
 layer's prediction alike, which is SGD (clipping included) on the translator written in
-units of the residual's scale. The scales are
+units of the residual's scale. Adam's step is invariant to its gradient's scale, so with Adam
+the second square root multiplies the step itself (``scale_updates``). The scales are
 medians over the first shard of the training store, recorded in lens.json.
 """
 
@@ -98,11 +99,34 @@ def optimizer_step(lens: TunedLens, keys: list[Key], opt, cfg: TrainConfig,
     if cfg.clip_grad:
         for key in keys:
             torch.nn.utils.clip_grad_norm_(lens.translator(key).parameters(), cfg.clip_grad)
-    if multipliers:
+    adam = cfg.optimizer == "adam"
+    if multipliers and not adam:
         scale_steps(lens, keys, multipliers, 0.5)
     decay_to_identity(opt)
+    before = _parameters(lens, keys) if multipliers and adam else None
     opt.step()  # parameters without a gradient (stopped layers) are left as they are
+    if before is not None:
+        # Adam's step does not grow with its gradient, so the second sqrt(m) goes on the
+        # step itself: Adam on the translator in units of the residual's scale.
+        scale_updates(lens, keys, multipliers, before)
     opt.zero_grad(set_to_none=True)
+
+
+@torch.no_grad()
+def _parameters(lens: TunedLens, keys: list[Key]) -> dict[tuple[Key, str], torch.Tensor]:
+    return {(key, name): p.detach().clone() for key in keys for name, p in lens.translator(key).named_parameters()}
+
+
+@torch.no_grad()
+def scale_updates(lens: TunedLens, keys: list[Key], multipliers: dict[Key, tuple[float, float]],
+                  before: dict[tuple[Key, str], torch.Tensor]) -> None:
+    """Multiply the step just taken (parameter minus ``before``) by the square root of each
+    lens position's multipliers (biases by the second)."""
+    for key in keys:
+        w_mul, b_mul = multipliers.get(key, (1.0, 1.0))
+        for name, p in lens.translator(key).named_parameters():
+            m = (b_mul if name.endswith("bias") else w_mul) ** 0.5
+            p.copy_(before[(key, name)] + (p - before[(key, name)]) * m)
 
 
 @torch.no_grad()
