@@ -13,21 +13,13 @@ Runs are `kind:optimizer:lr_scale`.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pandas as pd
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from pipeline.config import TrainConfig  # noqa: E402
-from pipeline.train import train  # noqa: E402
-
-STORES = ROOT / "data/stores/smollm2-135m/shakespeare"
-MODEL = ROOT / "data/models/smollm2-135m"
+# The default run's stores and model, and the library on the path: as train_curves.py.
+from train_curves import MODEL, STORES, TrainConfig, train
 
 
 def main() -> None:

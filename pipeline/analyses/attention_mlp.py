@@ -27,9 +27,9 @@ spread) / sqrt(n): the 16 sequences of the default evaluation (4,096 tokens) res
 difference of ~0.5 of the drops' typical size, which SmolLM2's tuned lens shows at the
 layers where one sublayer does most of the work (the first blocks and the last), and not
 at the mid-depth layers whose drops are a few hundredths of a nat on either side; the
-overall attention share of the KL removed (null 0.5) is resolved at either model's budget.
-Gemma-3's smaller evaluation (3 sequences, ``config/two-architectures.yaml``) resolves
-nothing per layer (fewer than ``findings.MIN_UNITS`` sequences).
+overall attention share of the KL removed (null 0.5) needs fewer. Gemma-3's smaller
+evaluation (3 sequences, ``config/two-architectures.yaml``) resolves nothing (fewer than
+``findings.MIN_UNITS`` sequences): its estimates and CIs are shown, not answers.
 """
 
 from __future__ import annotations
