@@ -68,8 +68,11 @@ def test_two_architectures_config_gives_gemma_its_own_budgets():
     assert cfg.for_model("smollm2-135m") is cfg
     gemma = cfg.for_model("gemma-3-270m")
     assert gemma.extract.max_tokens == {"train": 8192, "validation": 2048, "test": 2048}
-    assert gemma.train.steps < cfg.train.steps and gemma.evaluate.max_tokens < cfg.evaluate.max_tokens
-    assert gemma.train.kinds == cfg.train.kinds and gemma.train.lr_scale == cfg.train.lr_scale  # the rest is shared
+    assert gemma.train.batch_tokens < cfg.train.batch_tokens and gemma.evaluate.max_tokens < cfg.evaluate.max_tokens
+    # Gemma's KL steps: Adam scaled to the residual stream (plain SGD diverges on it)
+    assert (gemma.train.optimizer, gemma.train.step_scale) == ("adam", "residual")
+    assert (cfg.train.optimizer, cfg.train.step_scale) == ("sgd", "none")
+    assert gemma.train.kinds == cfg.train.kinds and gemma.train.momentum == cfg.train.momentum  # the rest is shared
     assert cfg.extract.max_tokens["train"] == 24576  # the global section is left alone
 
 
