@@ -12,12 +12,12 @@ Reads the stores and prepared model of a finished run under data/ (the two-archi
 config), writes the lens and its layer_metrics table under /tmp/lenspipe-recipes/MODEL-NAME and
 prints the held-out KL per layer.
 """
-import json
 import sys
 import time
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -27,20 +27,9 @@ from pipeline.evaluate import evaluate  # noqa: E402
 from pipeline.train import train  # noqa: E402
 
 
-def value(v: str):
-    if v.startswith("["):
-        return json.loads(v)
-    for f in (int, float):
-        try:
-            return f(v)
-        except ValueError:
-            pass
-    return v
-
-
 def main() -> None:
     model, name = sys.argv[1], sys.argv[2]
-    kw = {k: value(v) for k, v in (a.split("=", 1) for a in sys.argv[3:])}
+    kw = {k: yaml.safe_load(v) for k, v in (a.split("=", 1) for a in sys.argv[3:])}  # 8, 0.01, [13, 17], adam
     eval_tokens = kw.pop("eval_tokens", 4096)
     data = ROOT / "data"
     stores, model_dir = data / f"stores/{model}/shakespeare", data / f"models/{model}"

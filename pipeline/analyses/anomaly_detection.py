@@ -23,8 +23,9 @@ resampled). Two normal samples of the same text, ``control`` against ``normal``,
 at 0.5 inside their CI; if they do not, the detector or the CI is biased and no AUROC of
 the table can be trusted. At AUROC 0.5 its standard error is sqrt((n1 + n2 + 1) /
 (12 n1 n2)): a half-width of 0.05 needs n1 = n2 = 256 windows per class; the default
-``anomaly_sequences`` of 200 gives 0.057 (16 per class gave +-0.2: injection 0.68 [0.48, 0.84] against a
-control of 0.63 [0.43, 0.82] could not say whether injections are detectable at all). The
+``anomaly_sequences`` of 200 gives 0.057 (16 per class gave +-0.2: injection 0.68
+[0.48, 0.84] against a control of 0.63 [0.43, 0.82] could not say whether injections are
+detectable at all). The
 detector is fitted on as many validation windows. Shuffled tokens and code, far from the
 play text, are resolved with fewer (``anomaly_other`` windows each). Whether the lens adds
 to the output alone is the AUROC difference, trajectory+final minus final, resampled on the

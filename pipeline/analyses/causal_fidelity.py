@@ -37,9 +37,10 @@ the lens's directions matter more to the model than random ones: the ratio of th
 model effects (null 1), from 8 random directions by default (the fewest a finding resolves
 on). On SmolLM2 that resolved the ratio at layer 8 (13x [2.6, 35]) but not at 15 or 22 (5x
 [0.3, 15], 3x [0.9, 7]): random directions' effects are heavy-tailed, so the baseline's mean
-needs more of them there than the default run's 15 minutes afford (``analyses.causal_random``;
-each costs as much as an extracted direction). The effects are means over ``causal_tokens`` held-out
-tokens; what limits the Spearman is the number of directions, not of tokens.
+needs more of them there than the default run's 15 minutes afford
+(``analyses.causal_random``; each costs as much as an extracted direction). The effects are
+means over ``causal_tokens`` held-out tokens; what limits the Spearman is the number of
+directions, not of tokens.
 """
 
 from __future__ import annotations

@@ -19,9 +19,9 @@ lens: per kept prompt, the first top-1 layer of the logit lens minus that of the
 averaged, with a bootstrap CI over prompts (null 0), per fact set. The per-prompt
 difference has an SD of about 4 layers on SmolLM2, so 50 kept prompts give a half-width of
 about 1 layer, enough to resolve the ~4-layer difference measured; each set has about 100
-prompts (99 and 126) so that a model keeping half of them has about 50 (Gemma-3-270M keeps 5 of the
-statements without its BOS token; with it, about half of them and nearly all of the cloze
-set).
+prompts (99 and 126) so that a model keeping half of them has about 50 (Gemma-3-270M
+keeps 5 of the statements without its BOS token; with it, about half of them and nearly all
+of the cloze set).
 """
 
 from __future__ import annotations

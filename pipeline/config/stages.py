@@ -135,8 +135,8 @@ class TrainConfig:
     """``residual``: each layer's gradient step is scaled by the size of its residual stream
     relative to the output's (SGD: ``(s_L / s_l)^2`` for weights, ``s_L^2`` for biases; Adam:
     their square roots; see pipeline.lens.optim), so that one learning rate suits every
-    layer; ``none``: one step
-    size for all layers, as the reference. Affects the kinds that are linear maps."""
+    layer; ``none``: one step size for all layers, as the reference. Affects the kinds that
+    are linear maps."""
     warmup_steps: int = 0
     """Linear warm-up steps before the linear decay to zero."""
     clip_grad: float = 1.0

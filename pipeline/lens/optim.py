@@ -112,21 +112,27 @@ def optimizer_step(lens: TunedLens, keys: list[Key], opt, cfg: TrainConfig,
     opt.zero_grad(set_to_none=True)
 
 
+def _scaled(lens: TunedLens, keys: list[Key], multipliers: dict[Key, tuple[float, float]]):
+    """(parameter, its multiplier) of every translator of ``keys``: a bias gets the lens
+    position's second multiplier, every other parameter its first."""
+    for key in keys:
+        w_mul, b_mul = multipliers.get(key, (1.0, 1.0))
+        for name, p in lens.translator(key).named_parameters():
+            yield p, (b_mul if name.endswith("bias") else w_mul)
+
+
 @torch.no_grad()
-def _parameters(lens: TunedLens, keys: list[Key]) -> dict[tuple[Key, str], torch.Tensor]:
-    return {(key, name): p.detach().clone() for key in keys for name, p in lens.translator(key).named_parameters()}
+def _parameters(lens: TunedLens, keys: list[Key]) -> list[torch.Tensor]:
+    return [p.detach().clone() for key in keys for p in lens.translator(key).parameters()]
 
 
 @torch.no_grad()
 def scale_updates(lens: TunedLens, keys: list[Key], multipliers: dict[Key, tuple[float, float]],
-                  before: dict[tuple[Key, str], torch.Tensor]) -> None:
-    """Multiply the step just taken (parameter minus ``before``) by the square root of each
-    lens position's multipliers (biases by the second)."""
-    for key in keys:
-        w_mul, b_mul = multipliers.get(key, (1.0, 1.0))
-        for name, p in lens.translator(key).named_parameters():
-            m = (b_mul if name.endswith("bias") else w_mul) ** 0.5
-            p.copy_(before[(key, name)] + (p - before[(key, name)]) * m)
+                  before: list[torch.Tensor]) -> None:
+    """Multiply the step just taken (parameter minus ``before``, in ``_parameters`` order) by
+    the square root of each lens position's multipliers (biases by the second)."""
+    for (p, m), b in zip(_scaled(lens, keys, multipliers), before, strict=True):
+        p.copy_(b + (p - b) * m ** 0.5)
 
 
 @torch.no_grad()
@@ -159,8 +165,6 @@ def scale_steps(lens: TunedLens, keys: list[Key], multipliers: dict[Key, tuple[f
                 power: float = 1.0) -> None:
     """Multiply each lens position's gradients by its step multipliers to the ``power``
     (biases by the second multiplier)."""
-    for key in keys:
-        w_mul, b_mul = multipliers.get(key, (1.0, 1.0))
-        for name, p in lens.translator(key).named_parameters():
-            if p.grad is not None:
-                p.grad.mul_((b_mul if name.endswith("bias") else w_mul) ** power)
+    for p, m in _scaled(lens, keys, multipliers):
+        if p.grad is not None:
+            p.grad.mul_(m ** power)
