@@ -1,6 +1,6 @@
 """The store's write and read paths against raw files and against the codec alone.
 
-    python benchmarks/bench_store_io.py [--layers 30 --tokens 16384 --d-model 576]
+    python benchmarks/bench_store_io.py [--layers 30 --tokens 16384 --d-model 576 | --source STORE]
         [--dtypes bfloat16,fp8,int8] [--compressions none,zstd:1,zstd:3,blosc-zstd:1,blosc-lz4:5]
         [--pipelines zarrs,zarr] [--writers tensorstore,zarr] [--rounds 3] [--dir DIR]
 
@@ -69,6 +69,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipeline.allocator import keep_freed_memory  # noqa: E402
+from pipeline.errors import StoreError  # noqa: E402
 from pipeline.store import engine  # noqa: E402
 from pipeline.store.dtypes import DTYPES, SCALE_DTYPE, StorageDtype  # noqa: E402
 from pipeline.store.encoding import cast_into  # noqa: E402
@@ -86,6 +87,37 @@ def activations(layers: int, d_model: int, seed: int = 0) -> torch.Tensor:
     scale = torch.logspace(-1, 2, d_model)[torch.randperm(d_model, generator=g)]  # (d,)
     depth = torch.linspace(1, 8, layers + 1)[:, None, None]  # the stream grows with depth
     return torch.randn(layers + 1, BATCH, d_model, generator=g) * scale * depth  # (L+1, n, d)
+
+
+def source_activations(path: str, windows: int = 8) -> torch.Tensor:
+    """(layers+1, BATCH, d) float32 from a real store, as its reader returns them:
+    ``windows`` runs of consecutive tokens spread evenly over the store, so the codec sees
+    real neighbours and the sample covers the whole split. The synthetic stream's bytes on
+    disk and codec CPU differ from a real model's (int8 most: its zeros); this measures them."""
+    try:
+        store = open_store(path)
+    except StoreError as e:
+        raise SystemExit(f"--source: {e}") from None
+    run = BATCH // windows
+    if store.n_tokens < BATCH:
+        raise SystemExit(f"--source {path}: {store.n_tokens} tokens, fewer than the {BATCH} a batch needs")
+    starts = np.linspace(0, store.n_tokens - run, windows).astype(int)
+    layers = range(store.n_layers + 1)
+    return torch.cat([store.layers(layers, int(a), int(a) + run) for a in starts], dim=1)  # (L+1, BATCH, d)
+
+
+def input_activations(args: argparse.Namespace) -> tuple[torch.Tensor, str]:
+    """The batch every arm writes (``--source`` store, else the synthetic stream) and its name."""
+    if args.source:
+        return source_activations(args.source), f"the stream of {args.source}"
+    return activations(args.layers, args.d_model), "a synthetic stream"
+
+
+def add_input_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--layers", type=int, default=30, help="the synthetic stream's layers")
+    ap.add_argument("--d-model", type=int, default=576, help="the synthetic stream's d_model")
+    ap.add_argument("--source", default=None,
+                    help="a store to take the activations from (its layers and d_model) instead")
 
 
 def timed_cpu(fn) -> tuple[float, float]:
@@ -333,9 +365,8 @@ def arm_ratios(m: dict, codec: dict, work: dict, gb: float, threads: int, layers
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--layers", type=int, default=30)
+    add_input_arguments(ap)
     ap.add_argument("--tokens", type=int, default=16384)
-    ap.add_argument("--d-model", type=int, default=576)
     ap.add_argument("--dtypes", default="bfloat16,fp8,int8", help=f"storage dtypes, of {list(DTYPES)}")
     ap.add_argument("--compressions", default="none,zstd:3,blosc-lz4-bitshuffle:5,zstd:1,blosc-zstd:1,blosc-lz4:5")
     ap.add_argument("--pipelines", default="zarrs,zarr")
@@ -351,12 +382,12 @@ def main() -> None:
         ap.error(f"unknown --dtypes {unknown}; known: {list(DTYPES)}")
     threads = torch.get_num_threads()
     default = default_compression()
-    x = activations(args.layers, args.d_model)  # (L+1, BATCH, d)
-    shape = (args.layers + 1, args.tokens, args.d_model)
+    x, source = input_activations(args)  # (L+1, BATCH, d)
+    shape = (x.shape[0], args.tokens, x.shape[2])
     act_gb = np.prod(shape) * 4 / 1e9  # the activations as float32, what the reader returns
     root = Path(tempfile.mkdtemp(dir=args.dir, prefix="bench_store_io-"))
-    print(f"{shape[0]} layers x {args.tokens} tokens x {args.d_model} = {act_gb:.3f} GB of float32 activations; "
-          f"shard {SHARD} tokens, chunk {CHUNK}; {threads} threads; {args.rounds} paired rounds; in {root}")
+    print(f"{shape[0]} layers x {args.tokens} tokens x {shape[2]} = {act_gb:.3f} GB of float32 activations; "
+          f"shard {SHARD} tokens, chunk {CHUNK}; {threads} threads; {args.rounds} paired rounds; {source}; in {root}")
     print("GB/s are of activations (float32, 4 bytes a value, what the reader returns); 'stored' GB/s of "
           "uncompressed storage-dtype bytes (scales included)")
     print("| dtype | pipeline | writer | compression | bytes/token on disk | bytes/value | codec enc/dec GB/s | "

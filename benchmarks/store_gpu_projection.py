@@ -1,7 +1,7 @@
 """Projection, not a measurement: the store on a GPU machine, from its CPU costs measured here.
 
     python benchmarks/store_gpu_projection.py [--cores 16 --disk-gb-s 1.4 --forward-tok-s 631579
-        --train-token-layers-s 940686] [--dtypes bfloat16,fp8,int8]
+        --train-token-layers-s 940686] [--dtypes bfloat16,fp8,int8] [--source STORE]
         [--compressions none,zstd:3,blosc-lz4-bitshuffle:5]
 
 No GPU was lent when issue 13's store work was done, so its GPU targets (extraction >= 0.5x
@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_store_io import activations, store_bytes, store_read_all, store_write, timed_cpu  # noqa: E402
+from bench_store_io import add_input_arguments, input_activations, store_bytes, store_read_all, store_write, timed_cpu  # noqa: E402
 from pipeline.allocator import keep_freed_memory  # noqa: E402
 from pipeline.store import engine  # noqa: E402
 from pipeline.store.dtypes import DTYPES  # noqa: E402
@@ -75,17 +75,17 @@ def main() -> None:
     ap.add_argument("--disk-gb-s", type=float, default=1.4)
     ap.add_argument("--forward-tok-s", type=float, default=631_579)
     ap.add_argument("--train-token-layers-s", type=float, default=940_686)
-    ap.add_argument("--layers", type=int, default=30)
-    ap.add_argument("--d-model", type=int, default=576)
+    add_input_arguments(ap)
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--dtypes", default="bfloat16,fp8,int8")
     ap.add_argument("--compressions", default="none,zstd:3,blosc-lz4-bitshuffle:5")
     args = ap.parse_args()
     keep_freed_memory()
     engine.configure(threads=torch.get_num_threads())
-    x = activations(args.layers, args.d_model)  # (L+1, batch, d) float32
-    bf16_bytes = DTYPES["bfloat16"].bytes_per_token(args.layers, args.d_model)
-    print(f"measured here: {torch.get_num_threads()} threads; projected to {args.cores} cores, disk "
+    x, source = input_activations(args)  # (L+1, batch, d) float32
+    n_layers, d_model = x.shape[0] - 1, x.shape[2]
+    bf16_bytes = DTYPES["bfloat16"].bytes_per_token(n_layers, d_model)
+    print(f"measured here on {source}: {torch.get_num_threads()} threads; projected to {args.cores} cores, disk "
           f"{args.disk_gb_s} GB/s; the bare forward makes {args.forward_tok_s:,.0f} tokens/s "
           f"({args.forward_tok_s * bf16_bytes / 1e9:.1f} GB/s as bf16), training at its baseline reads "
           f"{args.train_token_layers_s:,.0f} token-layers/s")
@@ -101,7 +101,7 @@ def main() -> None:
                 rates = {"forward pass": args.forward_tok_s, "store CPU": args.cores / c["write"],
                          "disk": args.disk_gb_s * 1e9 / c["bytes"]}
                 bound = min(rates, key=rates.get)
-                reads = args.cores / c["read"] * (args.layers + 1)  # token-layers/s
+                reads = args.cores / c["read"] * (n_layers + 1)  # token-layers/s
                 print(f"| {dtype} | {comp} | {c['bytes']:,.0f} | {c['bytes'] / bf16_bytes:.3f} | "
                       f"{c['write'] * 1e6:.2f} | {c['read'] * 1e6:.2f} | {rates['store CPU']:,.0f} | "
                       f"{rates['disk']:,.0f} | {rates[bound]:,.0f} | {rates[bound] / args.forward_tok_s:.3f} | "
