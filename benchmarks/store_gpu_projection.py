@@ -39,7 +39,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_store_io import add_input_arguments, input_activations, store_bytes, store_read_all, store_write, timed_cpu  # noqa: E402
+from bench_store_io import (  # noqa: E402
+    add_input_arguments, input_activations, store_bytes, store_read_all, store_write, timed_cpu)
 from pipeline.allocator import keep_freed_memory  # noqa: E402
 from pipeline.store import engine  # noqa: E402
 from pipeline.store.dtypes import DTYPES  # noqa: E402

@@ -123,7 +123,8 @@ def _scaled(lens: TunedLens, keys: list[Key], multipliers: dict[Key, tuple[float
 
 @torch.no_grad()
 def _parameters(lens: TunedLens, keys: list[Key]) -> list[torch.Tensor]:
-    return [p.detach().clone() for key in keys for p in lens.translator(key).parameters()]
+    """Copies of the parameters of ``keys``, in ``_scaled``'s order (scale_updates zips them)."""
+    return [p.detach().clone() for p, _ in _scaled(lens, keys, {})]
 
 
 @torch.no_grad()
