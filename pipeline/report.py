@@ -19,6 +19,8 @@ import pandas as pd
 
 from .analyses import ANALYSES
 from .corpus import split_separator
+from .lens.stopping import training_table
+from .lens.tuned import read_lens_meta
 from .paths import Artifacts
 from .plots import figure, save
 from .positions import BLOCK, POSITIONS
@@ -141,15 +143,17 @@ def report(runs: list[Artifacts], kinds: list[str], out_dir: Path, prompts: list
         sections += _other_corpora(run, out_dir, stem, figs)
         figs.update({title: _copy_png(png, out_dir / f"{stem}-{png.name}") for title, _, png in sections if png})
         table = headline(df)
+        training = training_table(df, prov, {k: read_lens_meta(d) for k, d in lens_dirs.items()})
         md += [f"## {name}", "", _summary_sentence(df), ""] + [f"- **{t}**: {text}" for t, text, _ in sections]
-        md += ["", table.to_markdown(), ""]
+        md += ["", table.to_markdown(), "", "### Lens training: how each layer stopped", "",
+               training.to_markdown(index=False), ""]
         answers = [(a, a.findings(run.analyses_dir)) for a in per_run if _written(a, run)]
         md += _findings_md(answers)
         md += [f"![{k}]({p.name})" for k, p in figs.items()] + ["", "Provenance:", "", "```json",
                                                                 json.dumps(prov, indent=1, default=str)[:4000], "```", ""]
         body += [f"<h2>{html.escape(name)}</h2>", f"<p>{html.escape(_summary_sentence(df))}</p>"]
         body += ["<ul>"] + [f"<li><b>{html.escape(t)}</b>: {html.escape(x)}</li>" for t, x, _ in sections] + ["</ul>"]
-        body += [table.to_html()]
+        body += [table.to_html(), "<h3>lens training: how each layer stopped</h3>", training.to_html(index=False)]
         body += _findings_html(answers)
         body += [f"<h3>{html.escape(k)}</h3>{_img(p)}" for k, p in figs.items()]
         body += ["<h3>provenance</h3><pre>", html.escape(json.dumps(prov, indent=1, default=str)), "</pre>"]

@@ -29,7 +29,8 @@ from .config import TrainConfig
 from .devices import resolve_device
 from .errors import StoreError
 from .lens import kinds
-from .lens.lstsq import LeastSquaresAccumulator, init_translator_lstsq
+from .lens.lstsq import LeastSquaresAccumulator
+from .lens.stopping import converged, stopping
 from .lens.optim import make_optimizer, optimizer_step, residual_scales, step_multipliers
 from .lens.tuned import LogitLens, TunedLens, logits_into, read_lens_meta
 from .model.head import load_unembed_head
@@ -118,9 +119,19 @@ def _init_kind(cfg: TrainConfig, kind: str) -> str:
 
 
 @torch.no_grad()
-def fit_least_squares(lens: TunedLens, store: ActivationStore, cfg: TrainConfig, device) -> None:
-    """Set each affine/linear translator to the least-squares map of its lens position ->
-    the last layer (with an intercept where the translator has a bias)."""
+def fit_least_squares(lens: TunedLens, store: ActivationStore, cfg: TrainConfig, device) -> dict:
+    """Set each translator to its closed-form start (``Translator.fit_closed_form``) from one
+    pass over the store; returns the statistics per lens position."""
+    accs = least_squares_stats(lens, store, device)
+    for key, acc in accs.items():
+        lens.translator(key).fit_closed_form(acc, cfg.ridge)
+    return accs
+
+
+@torch.no_grad()
+def least_squares_stats(lens: TunedLens, store: ActivationStore, device) -> dict[P.Key, LeastSquaresAccumulator]:
+    """The streamed statistics of a fit of each lens position -> the last layer, over the
+    whole store: O(tokens x d_model^2), no vocabulary matmul."""
     keys = lens.keys()
     accs = {key: LeastSquaresAccumulator(lens.d_model, device=device) for key in keys}
     shard = store.attrs["params"]["shard_tokens"]
@@ -131,9 +142,7 @@ def fit_least_squares(lens: TunedLens, store: ActivationStore, cfg: TrainConfig,
             for j, key in enumerate(keys):
                 accs[key].update(x[j], x[-1])
             bar.update(e - s)
-    for key in keys:
-        t = lens.translator(key)
-        init_translator_lstsq(t, *accs[key].solve(cfg.ridge, intercept=t.intercept))
+    return accs
 
 
 def _last(store: ActivationStore) -> P.Key:
@@ -327,7 +336,7 @@ def _train(store_path, val_store_path, model_dir, out_dir: Path, cfg: TrainConfi
     layers = cfg.layer_list(store.n_layers)
     inside = P.ATTENTION.name in store.positions  # the store decides: every position it holds is trained
     lens = TunedLens.create(head, kind, d_model=store.d_model, n_layers=store.n_layers, model_info=info,
-                            layers=layers, attention_layers=layers if inside else None,
+                            layers=layers, attention_layers=layers if inside else None, seed=cfg.seed,
                             **kinds.get(kind).options_from(cfg)).to(device)
     keys = lens.keys()
     opt, sched = make_optimizer(lens, cfg)
@@ -365,7 +374,11 @@ def _finish(lens, state: TrainState, cfg, kind, out_dir: Path, store, val: Valid
                "steps": state.step, "seconds": seconds, "init": _init_kind(cfg, kind),
                "train_store": str(store.location.zarr_store), "train_store_fingerprint": store.attrs.get("fingerprint"),
                "val_sequences": [int(i) for i in val.sequences],
-               "residual_scales": by_label(scales) if scales else None}
+               "residual_scales": by_label(scales) if scales else None,
+               "stopping": by_label(stopping(state.history, state.best_val, state.bad_evals, state.step, cfg)),
+               # the convergence study's test KL for this model, kind and training data, where measured
+               "converged_test_kl": converged(lens.model_info.get("weights_sha256"), kind,
+                                              store.attrs.get("fingerprint"), "train_store") or None}
     lens.save(out_dir, training_config=asdict(cfg) | {"kind": kind}, metrics=metrics)
     write_train_log(out_dir / "train_log.parquet", state.history, kind,
                     {"training_config": asdict(cfg) | {"kind": kind}, "model": store.provenance.get("model"),

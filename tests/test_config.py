@@ -71,7 +71,7 @@ def test_two_architectures_config_gives_gemma_its_own_budgets():
     assert gemma.train.batch_tokens < cfg.train.batch_tokens and gemma.evaluate.max_tokens < cfg.evaluate.max_tokens
     # Gemma's KL steps: Adam scaled to the residual stream (plain SGD diverges on it)
     assert (gemma.train.optimizer, gemma.train.step_scale) == ("adam", "residual")
-    assert (cfg.train.optimizer, cfg.train.step_scale) == ("sgd", "none")
+    assert (cfg.train.optimizer, cfg.train.step_scale) == ("adam", "residual")  # the default's recipe (issue 34)
     assert gemma.train.kinds == cfg.train.kinds and gemma.train.momentum == cfg.train.momentum  # the rest is shared
     assert cfg.extract.max_tokens["train"] == 24576  # the global section is left alone
 

@@ -134,3 +134,29 @@ def test_evaluation_samples_whole_sequences_across_the_store(setup, tmp_path):
     again = run(setup, tmp_path / "again", max_tokens=2 * SEQ)  # deterministic for a seed
     assert read_provenance(tmp_path / "again" / "layer_metrics.parquet")["evaluated"] == ev
     pd.testing.assert_frame_equal(df, again)
+
+
+def test_report_says_how_each_layer_stopped_and_its_ratio_to_converged(setup, tmp_path, monkeypatch):
+    """The report's training table: per layer the stop reason from lens.json, the evaluated
+    KL and, for a model and test store the convergence study measured (a converged.json
+    entry), the converged KL and the ratio; nothing for another test store."""
+    import pipeline.lens.stopping as stopping
+    from pipeline.lens.tuned import read_lens_meta
+    from pipeline.store.reader import open_store
+
+    root, _ = setup
+    df = run(setup, tmp_path)
+    prov = read_provenance(tmp_path / "layer_metrics.parquet")
+    meta = read_lens_meta(root / "affine")
+    monkeypatch.setattr(stopping, "CONVERGED_FILE", tmp_path / "converged.json")
+    table = stopping.training_table(df, prov, {"affine": meta})
+    stops = meta["metrics"]["stopping"]
+    assert list(table.stopped) == [stops["0"]["reason"], stops["1"]["reason"]]
+    assert table["converged KL"].isna().all()
+    stopping.study_entry(meta["model"]["weights_sha256"], open_store(root / "train.zarr").attrs["fingerprint"],
+                         prov["store_fingerprint"], prov["evaluate_config"]["max_tokens"],
+                         {"affine": {"0": 0.5, "1": 0.25}}, {"by": "test"})
+    table = stopping.training_table(df, prov, {"affine": meta})
+    kl = df[(df.lens == "tuned")].set_index("layer").kl
+    assert table["ratio to converged"].tolist() == [round(kl[0] / 0.5, 3), round(kl[1] / 0.25, 3)]
+    assert stopping.converged(meta["model"]["weights_sha256"], "affine", "another store", "test_store") == {}

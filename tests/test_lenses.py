@@ -24,6 +24,7 @@ D, N_LAYERS = 32, 2  # tiny_model("llama"): hidden_size 32, 2 blocks
 VARIANTS = [
     ("affine", {}), ("affine", {"bias": False}), ("linear", {}), ("scaling", {}),
     ("mlp", {}), ("mlp", {"hidden": 16, "depth": 2, "activation": "relu"}), ("mlp", {"bias": False}),
+    ("mlp", {"affine": False}),  # lenses from before the affine path
 ]
 IDS = ["-".join([k, *(f"{a}={b}" for a, b in o.items())]) for k, o in VARIANTS]
 #: The fields of tuned_lens.nn.lenses.TunedLensConfig in tuned-lens 0.2.0.
@@ -100,6 +101,19 @@ def test_linear_has_no_bias_anywhere(head, info, tmp_path):
         torch.testing.assert_close(back.translate(h, layer), h + h @ w.T)
 
 
+def test_an_mlp_lens_from_before_the_affine_path_still_loads(head, info, tmp_path):
+    lens = make_lens(head, info, "mlp", affine=False)
+    lens.save(tmp_path / "old")
+    meta = json.loads((tmp_path / "old" / META_FILE).read_text())
+    del meta["translator_opts"]["affine"]  # as an older lenspipe wrote it
+    (tmp_path / "old" / META_FILE).write_text(json.dumps(meta))
+    loaded = TunedLens.load(tmp_path / "old", head=head)
+    h = randn(3, D)
+    with torch.no_grad():
+        assert torch.equal(loaded(h, 1), lens(h, 1))
+    assert loaded.translator(("block", 0)).affine is None
+
+
 def test_an_old_linear_lens_with_a_bias_is_refused_clearly(head, info, tmp_path):
     lens = make_lens(head, info, "affine")
     lens.save(tmp_path / "old")
@@ -121,14 +135,59 @@ def test_scaling_by_hand():
 
 @pytest.mark.parametrize("depth", [1, 2])
 @pytest.mark.parametrize("residual", [True, False])
-def test_mlp_by_hand(depth, residual):
+@pytest.mark.parametrize("affine", [True, False])
+def test_mlp_by_hand(depth, residual, affine):
     h = randn(2, 3, D)
-    t = randomise(make_translator("mlp", D, hidden=8, depth=depth, residual=residual))
+    t = randomise(make_translator("mlp", D, hidden=8, depth=depth, residual=residual, affine=affine))
     z = h
     for lin in t.net[::2]:  # Linear, act, Linear, act ...
         z = F.gelu(z @ lin.weight.T + lin.bias)  # (..., hidden)
-    out = z @ t.out.weight.T + t.out.bias  # (..., d)
+    if affine:  # the affine path h -> A h + b; the branch's output layer has no bias of its own
+        assert t.out.bias is None
+        out = z @ t.out.weight.T + h @ t.affine.weight.T + t.affine.bias  # (..., d)
+    else:
+        out = z @ t.out.weight.T + t.out.bias  # (..., d)
     torch.testing.assert_close(t(h), h + out if residual else out)
+
+
+def _fitted_stats(d_in=D, d_out=D, n=400):
+    X, Y, _, _ = synthetic(n=n, d_in=d_in, d_out=d_out)
+    acc = LeastSquaresAccumulator(d_in, n_out=d_out)
+    acc.update(X, Y)
+    return X, Y, acc
+
+
+def test_mlp_starts_as_the_affine_least_squares_map():
+    """The mlp's closed-form start is the affine lens's, bit for bit: its affine part from
+    least squares, its branch's output layer at zero (so its KL steps start from there)."""
+    X, _, acc = _fitted_stats()
+    affine, mlp = make_translator("affine", D), randomise(make_translator("mlp", D, hidden=8))
+    affine.fit_closed_form(acc, 1e-6)
+    mlp.fit_closed_form(acc, 1e-6)
+    h = X[:16].float()
+    with torch.no_grad():
+        assert torch.equal(mlp(h), affine(h))
+        assert mlp.net[0].weight.abs().sum() > 0  # the branch's hidden layer stays random: it can learn
+    with pytest.raises(LenspipeError, match="least-squares"):
+        make_translator("mlp", D, affine=False).fit_closed_form(acc, 1e-6)
+
+
+def test_scaling_starts_from_the_per_dimension_least_squares_fit():
+    """Each output dimension regressed on its own input dimension (with an intercept), as
+    numpy's polyfit does it; not the diagonal of the full fit."""
+    import numpy as np
+
+    X, Y, acc = _fitted_stats()
+    t = make_translator("scaling", D)
+    t.fit_closed_form(acc, 0.0)
+    for i in (0, 7, D - 1):
+        slope, intercept = np.polyfit(X[:, i].numpy(), Y[:, i].numpy(), 1)
+        assert abs((1 + t.scale[i].item()) - slope) < 1e-4 * max(1, abs(slope))
+        assert abs(t.bias[i].item() - intercept) < 1e-4 * max(1, abs(intercept))
+    full_diagonal = acc.solve(0.0)[0].diagonal()
+    assert not torch.allclose(1 + t.scale.detach(), full_diagonal, atol=1e-3)
+    with pytest.raises(LenspipeError, match="as many inputs as outputs"):
+        LeastSquaresAccumulator(4, n_out=3).solve_diagonal()
 
 
 @pytest.mark.parametrize("kind,opts", VARIANTS, ids=IDS)
@@ -315,7 +374,7 @@ def test_init_translator_lstsq():
     with torch.no_grad():
         torch.testing.assert_close(t(h).double(), h.double() @ A.T + c, rtol=0, atol=1e-3)
     with pytest.raises(LenspipeError, match="not 'mlp'"):
-        init_translator_lstsq(make_translator("mlp", D), W, b)
+        init_translator_lstsq(make_translator("mlp", D, affine=False), W, b)
     for kind, opts in (("affine", {"bias": False}), ("linear", {})):
         with pytest.raises(LenspipeError, match="nonzero intercept"):
             init_translator_lstsq(make_translator(kind, D, **opts), W, b)

@@ -143,8 +143,10 @@ def test_deterministic_with_seed_and_seed_matters(tiny_run, tmp_path):
     assert any(not torch.equal(pa[k], pc[k]) for k in pa)
 
 
-def test_interrupted_training_resumes_to_identical_lens(tiny_run, tmp_path, monkeypatch):
-    _, ref = run(tiny_run, tmp_path / "ref", init="identity", optimizer="adam")
+@pytest.mark.parametrize("kind, init", [("affine", "identity"), ("mlp", "auto")])
+def test_interrupted_training_resumes_to_identical_lens(tiny_run, tmp_path, monkeypatch, kind, init):
+    """Also an mlp from its closed-form start."""
+    _, ref = run(tiny_run, tmp_path / "ref", init=init, optimizer="adam", kind=kind)
     calls = {"n": 0}
     real = tr.train_step
 
@@ -156,10 +158,10 @@ def test_interrupted_training_resumes_to_identical_lens(tiny_run, tmp_path, monk
 
     monkeypatch.setattr(tr, "train_step", crash_at_step_5)
     with pytest.raises(KeyboardInterrupt):
-        run(tiny_run, tmp_path / "x", init="identity", optimizer="adam")
+        run(tiny_run, tmp_path / "x", init=init, optimizer="adam", kind=kind)
     assert (tmp_path / ".x.ckpt.pt").exists() and not (tmp_path / "x").exists()
     monkeypatch.setattr(tr, "train_step", real)
-    _, resumed = run(tiny_run, tmp_path / "x", init="identity", optimizer="adam")
+    _, resumed = run(tiny_run, tmp_path / "x", init=init, optimizer="adam", kind=kind)
     p_ref, p_res = _params(ref), _params(resumed)
     assert all(torch.equal(p_ref[k], p_res[k]) for k in p_ref)
     assert not (tmp_path / ".x.ckpt.pt").exists()
@@ -231,11 +233,12 @@ def test_training_kl_is_exact_and_thread_independent():
     assert abs(got[0].item() - exact.item()) < 1e-5
 
 
-def test_layer_groups_give_the_one_job_lens_bitwise(tiny_run, tmp_path):
+@pytest.mark.parametrize("kind, init", [("affine", "identity"), ("mlp", "auto")])
+def test_layer_groups_give_the_one_job_lens_bitwise(tiny_run, tmp_path, kind, init):
     # Clipping and early stopping once acted on all layers jointly, so a layer's steps
     # depended on which layers shared its job. Clipping (0.05: it acts on every step)
-    # and patience are per layer now.
-    kw = dict(init="identity", steps=12, clip_grad=0.05, patience=1, eval_every=2)
+    # and patience are per layer now; an mlp's random branch is drawn per layer.
+    kw = dict(init=init, steps=12, clip_grad=0.05, patience=1, eval_every=2, kind=kind)
     _, whole = run(tiny_run, tmp_path / "all", **kw)
     _, g0 = run(tiny_run, tmp_path / "g0", layers=[0], **kw)
     _, g1 = run(tiny_run, tmp_path / "g1", layers=[1], **kw)
@@ -321,3 +324,31 @@ def test_fused_kl_never_writes_into_a_view_of_the_callers_tensor():
     target = torch.log_softmax(torch.randn(4, 7, dtype=torch.float64), -1)
     kl_loss(w[:, :7], target).backward()
     assert torch.equal(w.detach(), before)
+
+
+def test_every_kind_starts_from_its_closed_form(tiny_run, tmp_path):
+    """init auto fits every built-in kind in closed form; the mlp starts as the affine
+    least-squares lens on the same tokens (the same validation KL, to the bit), and the
+    per-dimension scaling fit lies between the logit lens and the full affine fit."""
+    starts = {kind: run(tiny_run, tmp_path / kind, kind=kind, steps=0)[0] for kind in ("affine", "mlp", "scaling")}
+    assert {m["init"] for m in starts.values()} == {"lstsq"}
+    assert starts["mlp"]["val_kl_init"] == starts["affine"]["val_kl_init"]
+    for layer, logit in starts["affine"]["val_kl_logit_lens"].items():
+        assert starts["affine"]["val_kl_init"][layer] <= starts["scaling"]["val_kl_init"][layer] < logit
+
+
+def test_lens_json_says_how_each_layer_stopped(tiny_run, tmp_path):
+    """Per layer: the reason training ended, the step of the translator kept, and the
+    validation's change over the last quarter of the steps (the convergence criterion)."""
+    from pipeline.lens.stopping import last_quarter_change
+
+    metrics, _ = run(tiny_run, tmp_path / "all", steps=8, eval_every=2, patience=0)
+    for label, s in metrics["stopping"].items():
+        assert s["reason"] == "steps exhausted" and s["last_step"] == 8 and 0 <= s["best_step"] <= 8
+        assert s["val_change_last_quarter"] is not None
+    early, _ = run(tiny_run, tmp_path / "early", steps=40, eval_every=1, patience=1, lr_scale=30.0)
+    assert any(s["reason"].startswith("early stop") and s["last_step"] < 40 for s in early["stopping"].values())
+    closed, _ = run(tiny_run, tmp_path / "closed", steps=0)
+    assert {s["reason"] for s in closed["stopping"].values()} == {"closed form only (steps: 0)"}
+    assert last_quarter_change([(0, 2.0), (4, 1.5), (6, 1.2), (8, 1.197)]) == pytest.approx(-0.0025)
+    assert last_quarter_change([(0, 2.0)]) is None

@@ -7,8 +7,9 @@ know before any model is touched:
 
 - ``linear_map``: its translators are exactly h -> h + W h + b (``Translator.affine_map``),
   so translator anatomy and the tuned-lens 0.2.x export apply;
-- ``lstsq``: it can start from the closed-form least-squares fit (``init: auto`` uses it;
-  ``Translator.set_affine_map``).
+- ``lstsq``: it starts from a closed-form fit to the last layer (``init: auto`` uses it;
+  ``Translator.fit_closed_form``: the least-squares map by default, through
+  ``set_affine_map``; a kind with another function class fits its own, as ``scaling`` does).
 
 Config validation, the JSON schema's list of kinds, the workflow's wildcard constraint,
 training's options and initialisation, anatomy and the export all derive from here. The
@@ -39,7 +40,8 @@ class TranslatorKind:
     linear_map: bool = False
     """Translators are h -> h + W h + b exactly; the class implements ``affine_map``."""
     lstsq: bool = False
-    """The closed-form least-squares start applies; the class implements ``set_affine_map``."""
+    """It has a closed-form start: the class implements ``fit_closed_form`` (by default the
+    least-squares map through ``set_affine_map``)."""
     options: dict[str, str] = field(default_factory=dict)
     """Constructor option -> the ``train`` config field that sets it (e.g. mlp's hidden width)."""
 
@@ -118,7 +120,8 @@ def _import_file(path: Path) -> None:
 for _kind in (
     TranslatorKind("affine", "pipeline.lens.translators:AffineTranslator", linear_map=True, lstsq=True),
     TranslatorKind("linear", "pipeline.lens.translators:LinearTranslator", linear_map=True, lstsq=True),
-    TranslatorKind("mlp", "pipeline.lens.translators:MLPTranslator", options={"hidden": "mlp_hidden", "depth": "mlp_depth"}),
-    TranslatorKind("scaling", "pipeline.lens.translators:ScalingTranslator", linear_map=True),
+    TranslatorKind("mlp", "pipeline.lens.translators:MLPTranslator", lstsq=True,
+                   options={"hidden": "mlp_hidden", "depth": "mlp_depth"}),
+    TranslatorKind("scaling", "pipeline.lens.translators:ScalingTranslator", linear_map=True, lstsq=True),
 ):
     register(_kind)

@@ -8,7 +8,6 @@ import torch
 from torch import Tensor
 
 from ..errors import LenspipeError
-from .translators import Translator
 
 
 class LeastSquaresAccumulator:
@@ -53,6 +52,27 @@ class LeastSquaresAccumulator:
         of positive terms, so rebuilding them here loses no digits (the subtraction the
         centred update avoids is the other direction).
         """
+        xx, xy, lam = self._moments(ridge, intercept)
+        d_in = xx.shape[0]
+        reg = xx + lam * torch.eye(d_in, dtype=xx.dtype, device=xx.device)
+        w = torch.linalg.solve(reg, xy).T  # (d_out, d_in)
+        b = self.mean_y - w @ self.mean_x if intercept else torch.zeros_like(self.mean_y)  # (d_out,)
+        return w.float(), b.float()
+
+    def solve_diagonal(self, ridge: float = 1e-6, intercept: bool = True) -> tuple[Tensor, Tensor]:
+        """(s (d,), c (d,)) float32 minimising |Y - X diag(s) - c|^2 + lam |s|^2: each output
+        dimension fitted from its own input dimension alone (d_in == d_out), with the same
+        relative ridge as ``solve``; ``intercept=False``: c = 0."""
+        if self.cxx.shape[0] != self.cxy.shape[1]:
+            raise LenspipeError(f"a per-dimension fit needs as many inputs as outputs, not "
+                                f"{self.cxx.shape[0]} and {self.cxy.shape[1]}")
+        xx, xy, lam = self._moments(ridge, intercept)
+        s = xy.diagonal() / (xx.diagonal() + lam)  # (d,)
+        c = self.mean_y - s * self.mean_x if intercept else torch.zeros_like(self.mean_y)  # (d,)
+        return s.float(), c.float()
+
+    def _moments(self, ridge: float, intercept: bool) -> tuple[Tensor, Tensor, float]:
+        """(sum xx^T, sum xy^T, lam): centred for a fit with an intercept, raw without."""
         if self.n < 2:
             raise LenspipeError(f"least squares needs at least 2 samples, got {self.n}")
         d_in = self.cxx.shape[0]
@@ -61,13 +81,10 @@ class LeastSquaresAccumulator:
         if not intercept:
             xx = xx + self.n * torch.outer(self.mean_x, self.mean_x)  # sum x x^T
             xy = xy + self.n * torch.outer(self.mean_x, self.mean_y)  # sum x y^T
-        reg = xx + lam * torch.eye(d_in, dtype=xx.dtype, device=xx.device)
-        w = torch.linalg.solve(reg, xy).T  # (d_out, d_in)
-        b = self.mean_y - w @ self.mean_x if intercept else torch.zeros_like(self.mean_y)  # (d_out,)
-        return w.float(), b.float()
+        return xx, xy, lam
 
 
-def init_translator_lstsq(translator: Translator, W: Tensor, b: Tensor) -> None:
+def init_translator_lstsq(translator, W: Tensor, b: Tensor) -> None:
     """Set a translator so that translator(h) == W h + b (kinds registered with ``lstsq``;
     b must be 0 for one without an intercept, ``Translator.intercept``)."""
     translator.set_affine_map(W, b)

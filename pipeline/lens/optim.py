@@ -26,7 +26,6 @@ import torch
 
 from ..config import TrainConfig
 from ..positions import BLOCK, Key, as_key
-from .kinds import get as kind_of
 from .tuned import TunedLens
 
 
@@ -151,14 +150,14 @@ def residual_scales(store, keys: list[Key]) -> dict[Key, float]:
 
 
 def step_multipliers(lens: TunedLens, scales: dict[Key, float] | None) -> dict[Key, tuple[float, float]]:
-    """Per lens position (weight multiplier (s_L / s_l)^2, bias multiplier s_L^2); 1 for a
-    kind that is not a linear map (an mlp's hidden layers have no one input scale) or
-    without scales."""
+    """Per lens position (weight multiplier (s_L / s_l)^2, bias multiplier s_L^2); {} without
+    scales. Every kind: an mlp's weights get the multipliers of its affine part (its branch
+    starts at zero and its first layer reads the same residual), so that an mlp lens and an
+    affine one trained with the same settings take steps of the same size."""
     if not scales:
         return {}
     s_out = scales[(BLOCK.name, lens.n_layers)]
-    return {key: ((s_out / max(scales[key], 1e-12)) ** 2, s_out ** 2) for key in lens.keys()
-            if kind_of(lens.kind).linear_map}
+    return {key: ((s_out / max(scales[key], 1e-12)) ** 2, s_out ** 2) for key in lens.keys()}
 
 
 @torch.no_grad()

@@ -102,12 +102,23 @@ class TunedLens(nn.Module):
 
     @classmethod
     def create(cls, head: UnembedHead, kind: str, *, d_model: int, n_layers: int, model_info: dict,
-               layers: list[int] | None = None, attention_layers: list[int] | None = None, **opts) -> TunedLens:
+               layers: list[int] | None = None, attention_layers: list[int] | None = None,
+               seed: int | None = None, **opts) -> TunedLens:
         """A fresh lens (= the logit lens) with a ``kind`` translator per layer (default all),
-        and one per layer of ``attention_layers`` at the attention position (default none)."""
+        and one per layer of ``attention_layers`` at the attention position (default none).
+        ``seed``: a kind's random init (an mlp's branch) is drawn per lens position from
+        (seed, position, layer), so a layer's translator does not depend on the others."""
         layers = list(range(n_layers)) if layers is None else layers
-        translators = {i: make_translator(kind, d_model, **opts) for i in layers}
-        attention = {i: make_translator(kind, d_model, **opts) for i in attention_layers or []}
+
+        def fresh(position: int, layer: int):
+            if seed is None:
+                return make_translator(kind, d_model, **opts)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed * 1_000_003 + position * 10_007 + layer)
+                return make_translator(kind, d_model, **opts)
+
+        translators = {i: fresh(0, i) for i in layers}
+        attention = {i: fresh(1, i) for i in attention_layers or []}
         return cls(head, translators, kind=kind, d_model=d_model, n_layers=n_layers, model_info=model_info,
                    attention=attention)
 
@@ -227,8 +238,12 @@ class TunedLens(nn.Module):
             raise LenspipeError(f"{path} is a 'linear' lens of an older lenspipe, whose linear translators (W h + b) "
                                 "had a bias and so were the function class of 'affine'; 'linear' is now W h without "
                                 "one: retrain it (or train 'affine')")
+        opts = dict(meta["translator_opts"])
+        if meta["kind"] == "mlp":
+            opts.setdefault("affine", False)  # an mlp lens from before the affine path
+
         def fresh(layers):
-            return {i: make_translator(meta["kind"], meta["d_model"], **meta["translator_opts"]) for i in layers}
+            return {i: make_translator(meta["kind"], meta["d_model"], **opts) for i in layers}
 
         lens = cls(head, fresh(meta["layers"]), kind=meta["kind"], d_model=meta["d_model"], n_layers=meta["n_layers"],
                    model_info=meta["model"], origin=meta.get("origin"), attention=fresh(meta.get("attention_layers", [])))
