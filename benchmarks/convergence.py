@@ -6,10 +6,13 @@
 
 ``extract`` writes a train store of ``--tokens`` tokens (10x the default run's 24,576)
 beside the default run's (``data/convergence/<model>/<corpus>/train.zarr``) from the same
-prepared model and split, with the config's extract settings. ``run`` trains every run of
-the plan below that has no result yet (each run resumes from its checkpoint and is saved
-on its own, so an interrupted study continues where it stopped); ``report`` prints the
-per-layer table and draws test KL against CPU seconds.
+prepared model and split, with the config's extract settings. ``run`` trains the baselines
+and the rate sweeps, ``long`` the best optimiser's long runs (once the sweeps are done),
+``candidates`` short recipes on the default store, ``defaults`` the config's own recipe
+per kind; each trains only the runs that have no result yet (a run resumes from its
+checkpoint and is saved on its own, so an interrupted study continues where it stopped).
+``report`` prints the per-layer table, draws validation KL against CPU seconds and
+records the converged KL in ``pipeline/lens/converged.json``.
 
 Each run trains one kind at a few layers (a lens position is trained and stopped on its
 own, so a layer's translator does not depend on which layers train beside it) and is
