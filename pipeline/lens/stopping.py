@@ -47,7 +47,7 @@ def stopping(history: list[dict], best_val: dict, bad_evals: dict, steps_run: in
             reason = f"early stop: {cfg.patience} validations without gain"
         else:
             reason = "steps exhausted" if steps_run >= cfg.steps else "stopped with the other layers"
-        best = min((v, s) for s, v in curve if v == best_val.get(key))[1] if key in best_val else None
+        best = min((s for s, v in curve if v == best_val[key]), default=None) if key in best_val else None
         out[key] = {"reason": reason, "best_step": best, "last_step": curve[-1][0],
                     "val_change_last_quarter": last_quarter_change(curve)}
     return out
