@@ -15,9 +15,11 @@ BIN := $(VENV)/bin
 
 .PHONY: run test test-all setup clean-outputs
 run: setup
-	$(BIN)/snakemake --cores $(CORES)
+	$(BIN)/snakemake --cores $(CORES) $(if $(CONFIG),--configfile $(CONFIG))
 
 test: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/pytest
 
 test-all: setup

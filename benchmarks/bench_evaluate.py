@@ -19,6 +19,7 @@ the best round of each is kept. Prints token-layers/s of both and, last,
 speed-up of its cache-sized row blocks (an "unblocked" arm: the same code with every pass
 over all rows at once, as before).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,12 +33,12 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from pipeline import metrics as M  # noqa: E402
-from pipeline.evaluate import Job, evaluate_tensors  # noqa: E402
-from pipeline.lens.tuned import LogitLens, TunedLens  # noqa: E402
-from pipeline.metrics import fused  # noqa: E402
-from pipeline.model.head import UnembedHead  # noqa: E402
-from pipeline.tables import LOGIT  # noqa: E402
+from pipeline import metrics as M
+from pipeline.evaluate import Job, evaluate_tensors
+from pipeline.lens.tuned import LogitLens, TunedLens
+from pipeline.metrics import fused
+from pipeline.model.head import UnembedHead
+from pipeline.tables import LOGIT
 
 SEQ_LEN = 256
 
@@ -45,7 +46,7 @@ SEQ_LEN = 256
 def lenses(d_model: int, vocab: int, n_layers: int) -> dict:
     g = torch.Generator().manual_seed(0)
     unembed = nn.Linear(d_model, vocab, bias=False)
-    unembed.weight.data = torch.randn(vocab, d_model, generator=g) / d_model ** 0.5
+    unembed.weight.data = torch.randn(vocab, d_model, generator=g) / d_model**0.5
     head = UnembedHead(nn.RMSNorm(d_model), None, unembed).eval()
     tuned = TunedLens.create(head, "affine", d_model=d_model, n_layers=n_layers, model_info={})
     for t in tuned.translators.values():  # a trained lens is not the identity
@@ -78,8 +79,9 @@ def main() -> None:
             torch.softmax(head(x[0], out=z_buf), dim=-1, out=q_buf)
 
     with tempfile.TemporaryDirectory() as tmp:
-        job = Job(store="", model_dir="", lens_dirs=(), seq_len=SEQ_LEN, n_layers=a.layers, topk=5, n_bins=10,
-                  token_dir=tmp)
+        job = Job(
+            store="", model_dir="", lens_dirs=(), seq_len=SEQ_LEN, n_layers=a.layers, topk=5, n_bins=10, token_dir=tmp
+        )
 
         def evaluate() -> None:
             evaluate_tensors(job, lens, x, ids, seqs, token_bytes, 0)
@@ -101,10 +103,15 @@ def main() -> None:
                     t0 = time.perf_counter()
                     fn()
                     best[name] = min(best[name], time.perf_counter() - t0)
-        print(f"threads={torch.get_num_threads()} tokens={n} lens-layers={lens_layers} d_model={a.d_model} "
-              f"vocab={a.vocab}")
+        print(
+            f"threads={torch.get_num_threads()} tokens={n} lens-layers={lens_layers} d_model={a.d_model} "
+            f"vocab={a.vocab}"
+        )
         for name, s in best.items():
-            print(f"{name:9s} {n * lens_layers / s:10,.0f} token-layers/s  ({s / lens_layers * 1e3:.0f} ms per lens-layer)")
+            print(
+                f"{name:9s} {n * lens_layers / s:10,.0f} token-layers/s  "
+                f"({s / lens_layers * 1e3:.0f} ms per lens-layer)"
+            )
         passes(lens, x, ids, z_buf)
         print(f"blocked/unblocked={best['unblocked'] / best['evaluate']:.2f} (speed-up of cache-sized row blocks)")
         print(f"ratio={best['bare'] / best['evaluate']:.2f}")
@@ -126,14 +133,16 @@ def passes(lens: dict, x: torch.Tensor, ids: torch.Tensor, z: torch.Tensor) -> N
 
     steps = {
         "head (matmul)": lambda b: head(x[0], out=z) if b == blocks[0] else None,
-        "softmax": lambda b: torch.softmax(z[b], -1, out=q[:rows(b)]),
+        "softmax": lambda b: torch.softmax(z[b], -1, out=q[: rows(b)]),
         "argmax (segment maxima)": lambda b: fused._argmax_rows(z[b]),
-        "sum q": lambda b: q[:rows(b)].sum(-1),
-        "<q, z> (entropy)": lambda b: torch.mul(q[:rows(b)], z[b], out=tmp[:rows(b)]).sum(-1),
-        "<p, z> (KL)": lambda b: torch.mul(final["p"][b], z[b], out=tmp[:rows(b)]).sum(-1),
-        "rank: > (x2: top-k, next token)": lambda b: torch.gt(z[b], t[b], out=tmp[:rows(b)]).sum(-1),
-        "rank: == (x2)": lambda b: torch.eq(z[b], t[b], out=tmp[:rows(b)]).sum(-1),
-        "logit_stats (all)": lambda b: M.logit_stats(z, final, ids, 5, with_rank=True, ws=ws) if b == blocks[0] else None,
+        "sum q": lambda b: q[: rows(b)].sum(-1),
+        "<q, z> (entropy)": lambda b: torch.mul(q[: rows(b)], z[b], out=tmp[: rows(b)]).sum(-1),
+        "<p, z> (KL)": lambda b: torch.mul(final["p"][b], z[b], out=tmp[: rows(b)]).sum(-1),
+        "rank: > (x2: top-k, next token)": lambda b: torch.gt(z[b], t[b], out=tmp[: rows(b)]).sum(-1),
+        "rank: == (x2)": lambda b: torch.eq(z[b], t[b], out=tmp[: rows(b)]).sum(-1),
+        "logit_stats (all)": lambda b: (
+            M.logit_stats(z, final, ids, 5, with_rank=True, ws=ws) if b == blocks[0] else None
+        ),
     }
     print(f"  passes over {len(blocks)} blocks of {blocks[0].stop} rows:")
     for name, fn in steps.items():

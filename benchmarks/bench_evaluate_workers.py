@@ -29,16 +29,29 @@ def one(n_workers: int, args, cores: int) -> float:
 
     fill = lambda p, **kw: Path(paths.fill(p, data_dir=DATA, **RUN, **kw))  # noqa: E731
     threads = max(1, cores // n_workers)
-    with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-            Client(cluster) as client:
+    with (
+        LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
         client.run(torch.set_num_threads, threads)
-        cfg = EvaluateConfig(max_tokens=args.tokens, chunk_tokens=args.chunk, bootstrap=100,
-                             token_metrics=False, scheduler=cluster.scheduler_address)
+        cfg = EvaluateConfig(
+            max_tokens=args.tokens,
+            chunk_tokens=args.chunk,
+            bootstrap=100,
+            token_metrics=False,
+            scheduler=cluster.scheduler_address,
+        )
         out = Path(tempfile.mkdtemp())
         t0 = time.perf_counter()
-        evaluate(fill(paths.STORE, split="test"), fill(paths.CORPUS_SPLIT, split="test"), fill(paths.MODEL_DIR),
-                 {"affine": fill(paths.LENS_DIR, kind="affine")}, cfg, out, {"model": RUN["model"], "corpus": RUN["corpus"],
-                                                                              "split": "test"})
+        evaluate(
+            fill(paths.STORE, split="test"),
+            fill(paths.CORPUS_SPLIT, split="test"),
+            fill(paths.MODEL_DIR),
+            {"affine": fill(paths.LENS_DIR, kind="affine")},
+            cfg,
+            out,
+            {"model": RUN["model"], "corpus": RUN["corpus"], "split": "test"},
+        )
         seconds = time.perf_counter() - t0
         shutil.rmtree(out)
     return args.tokens / seconds
@@ -57,8 +70,10 @@ def main() -> None:
             rates[n].append(one(n, args, cores))
             print(f"round {r + 1}: {n} worker(s): {rates[n][-1]:.1f} tok/s", flush=True)
     mean = {n: sum(v) / len(v) for n, v in rates.items()}
-    print(f"\n{cores} cores, {args.tokens} tokens in chunks of {args.chunk}: 1 worker {mean[1]:.1f} tok/s, "
-          f"2 workers {mean[2]:.1f} tok/s, ratio 2/1 = {mean[2] / mean[1]:.2f}")
+    print(
+        f"\n{cores} cores, {args.tokens} tokens in chunks of {args.chunk}: 1 worker {mean[1]:.1f} tok/s, "
+        f"2 workers {mean[2]:.1f} tok/s, ratio 2/1 = {mean[2] / mean[1]:.2f}"
+    )
 
 
 if __name__ == "__main__":

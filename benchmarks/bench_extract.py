@@ -29,12 +29,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.config import ExtractConfig  # noqa: E402
-from pipeline.corpus import load_split  # noqa: E402
-from pipeline.extract import extract, load_model  # noqa: E402
-from pipeline.store.info import measure_compression  # noqa: E402
-from pipeline.store.reader import open_store  # noqa: E402
-from pipeline.store.writer import StoreWriter  # noqa: E402
+from pipeline.config import ExtractConfig
+from pipeline.corpus import load_split
+from pipeline.extract import extract, load_model
+from pipeline.store.info import measure_compression
+from pipeline.store.reader import open_store
+from pipeline.store.writer import StoreWriter
 
 MODEL = ROOT / "data/models/smollm2-135m"
 SPLIT = ROOT / "data/corpora/shakespeare/smollm2-135m/test.npz"
@@ -45,7 +45,7 @@ def bare_forward(model, tokens: torch.Tensor, batch_size: int) -> float:
     t0 = time.perf_counter()
     with torch.inference_mode():
         for s in range(0, len(tokens), batch_size):
-            model(input_ids=tokens[s:s + batch_size], use_cache=False)
+            model(input_ids=tokens[s : s + batch_size], use_cache=False)
     return tokens.numel() / (time.perf_counter() - t0)
 
 
@@ -61,10 +61,18 @@ def extract_rate(n_tokens: int, batch_size: int, tmp: Path) -> float:
 
 def write_variant(src, out: Path, compression: str, chunk_tokens: int) -> None:
     p = src.attrs["params"]
-    with StoreWriter.open(out, n_layers=src.n_layers, d_model=src.d_model, n_tokens=src.n_tokens,
-                          seq_len=src.seq_len, dtype="bfloat16", shard_tokens=p["shard_tokens"],
-                          chunk_tokens=chunk_tokens, compression=compression,
-                          provenance={"bench": True}) as w:
+    with StoreWriter.open(
+        out,
+        n_layers=src.n_layers,
+        d_model=src.d_model,
+        n_tokens=src.n_tokens,
+        seq_len=src.seq_len,
+        dtype="bfloat16",
+        shard_tokens=p["shard_tokens"],
+        chunk_tokens=chunk_tokens,
+        compression=compression,
+        provenance={"bench": True},
+    ) as w:
         for s in range(0, src.n_tokens, p["shard_tokens"]):
             e = min(s + p["shard_tokens"], src.n_tokens)
             w.write(src.layers(range(src.n_layers + 1), s, e), src.tokens(s, e))
@@ -94,6 +102,7 @@ def main() -> None:
     n_tokens = args.batches * batch * packed.meta["seq_len"]
     # the same sequences extract() selects, so both arms see identical inputs
     from pipeline.sampling import select_sequences
+
     idx = select_sequences(len(packed.tokens), n_tokens // packed.meta["seq_len"], 0)
     tokens = torch.from_numpy(packed.tokens[idx]).long()
     model = load_model(MODEL, torch.device("cpu"), torch.float32)
@@ -117,14 +126,18 @@ def storage(src_path: Path, tmp: Path, batch_tokens: int) -> None:
     src = open_store(src_path)
     values = (src.n_layers + 1) * src.n_tokens * src.d_model
     print(f"\nstore: {src.n_layers + 1} layers x {src.n_tokens} tokens x {src.d_model} (bf16)")
-    print(f"{'compression':12} {'chunk':>6} {'bytes/value':>11} {'ratio':>6} {'1-layer GB/s':>13} {'all-layers GB/s':>16}")
+    print(
+        f"{'compression':12} {'chunk':>6} {'bytes/value':>11} {'ratio':>6} {'1-layer GB/s':>13} {'all-layers GB/s':>16}"
+    )
     for compression, chunk in [("none", 512), ("zstd", 512), ("blosc-zstd", 512), ("zstd", 128), ("zstd", 2048)]:
         out = tmp / f"{compression}-{chunk}.zarr"
         write_variant(src, out, compression, chunk)
         c = measure_compression(out)
         one, allr = read_rates(out, batch_tokens)
-        print(f"{compression:12} {chunk:>6} {c['stored_bytes'] / values:>11.3f} {c['ratio']:>6.2f} "
-              f"{one:>13.2f} {allr:>16.2f}")
+        print(
+            f"{compression:12} {chunk:>6} {c['stored_bytes'] / values:>11.3f} {c['ratio']:>6.2f} "
+            f"{one:>13.2f} {allr:>16.2f}"
+        )
         shutil.rmtree(out)
 
 

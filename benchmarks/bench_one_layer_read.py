@@ -10,6 +10,7 @@ TensorStore (``engine.read_array``, the default for local stores). Best of 5 rea
 layer 15 each, from the page cache; store reads with the store already open and, apart,
 with its opening. Ratios are raw time / store time (zstd: the codec's own cost included).
 """
+
 from __future__ import annotations
 
 import shutil
@@ -20,9 +21,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
-import bench_store_io as B  # noqa: E402
-from pipeline.store import engine  # noqa: E402
-from pipeline.store.reader import open_store  # noqa: E402
+import bench_store_io as B
+
+from pipeline.store import engine
+from pipeline.store.reader import open_store
 
 N_TOKENS, SHAPE, LAYER = 16384, (31, 16384, 576), 15
 
@@ -50,10 +52,12 @@ def main() -> None:
             for reader in ("zarr", "tensorstore"):
                 engine.configure("zarrs", threads=2, tensorstore_reads=reader == "tensorstore")
                 opened = open_store(path)
-                read = best(lambda: opened.layers(LAYER))
-                both = best(lambda: open_store(path).layers(LAYER))
-                print(f"{compression} chunk {chunk} {reader:11s}: read (opened) {read * 1e3:.1f} ms, ratio "
-                      f"{raw / read:.2f}; open + read {both * 1e3:.1f} ms, ratio {raw / both:.2f}")
+                read = best(lambda opened=opened: opened.layers(LAYER))
+                both = best(lambda path=path: open_store(path).layers(LAYER))
+                print(
+                    f"{compression} chunk {chunk} {reader:11s}: read (opened) {read * 1e3:.1f} ms, ratio "
+                    f"{raw / read:.2f}; open + read {both * 1e3:.1f} ms, ratio {raw / both:.2f}"
+                )
     finally:
         shutil.rmtree(root)
 

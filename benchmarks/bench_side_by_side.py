@@ -12,6 +12,7 @@ timed from process start to the last exit, so imports and set-up count as they d
 Rounds alternate the arms; the best round of each is kept. Last line:
 ``ratio=X`` = one job's time / side by side's (above 1: side by side is faster).
 """
+
 from __future__ import annotations
 
 import argparse

@@ -53,6 +53,7 @@ The last line is ``write_ratio=X read_ratio=Y codec=NAME`` for the default dtype
 compression, pipeline and writer, each a store / raw ratio, ``read_ratio`` the lower of the
 two read patterns.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,13 +69,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from pipeline.allocator import keep_freed_memory  # noqa: E402
-from pipeline.errors import StoreError  # noqa: E402
-from pipeline.store import engine  # noqa: E402
-from pipeline.store.dtypes import DTYPES, SCALE_DTYPE, StorageDtype  # noqa: E402
-from pipeline.store.encoding import cast_into  # noqa: E402
-from pipeline.store.reader import decode_into, open_store  # noqa: E402
-from pipeline.store.writer import StoreWriter  # noqa: E402
+from pipeline.allocator import keep_freed_memory
+from pipeline.errors import StoreError
+from pipeline.store import engine
+from pipeline.store.dtypes import DTYPES, SCALE_DTYPE, StorageDtype
+from pipeline.store.encoding import cast_into
+from pipeline.store.reader import decode_into, open_store
+from pipeline.store.writer import StoreWriter
 
 SHARD, CHUNK, BATCH = 4096, 512, 2048
 
@@ -116,8 +117,9 @@ def input_activations(args: argparse.Namespace) -> tuple[torch.Tensor, str]:
 def add_input_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--layers", type=int, default=30, help="the synthetic stream's layers")
     ap.add_argument("--d-model", type=int, default=576, help="the synthetic stream's d_model")
-    ap.add_argument("--source", default=None,
-                    help="a store to take the activations from (its layers and d_model) instead")
+    ap.add_argument(
+        "--source", default=None, help="a store to take the activations from (its layers and d_model) instead"
+    )
 
 
 def timed_cpu(fn) -> tuple[float, float]:
@@ -142,6 +144,7 @@ def stored_gb(shape: tuple[int, int, int], spec: StorageDtype) -> float:
 
 # ---------------------------------------------------------------- raw files
 
+
 def raw_write(root: Path, x: torch.Tensor, n_tokens: int, spec: StorageDtype) -> None:
     """One file per shard: the values (L+1, shard, d) in the storage dtype, then the row
     scales (L+1, shard) of a scaled dtype."""
@@ -150,7 +153,7 @@ def raw_write(root: Path, x: torch.Tensor, n_tokens: int, spec: StorageDtype) ->
     sbuf = np.empty((x.shape[0], SHARD), SCALE_DTYPE) if spec.scaled else None
     for s in range(0, n_tokens, SHARD):
         for b in range(0, SHARD, BATCH):
-            cast_into(buf[:, b:b + BATCH], x, spec.name, None if sbuf is None else sbuf[:, b:b + BATCH])
+            cast_into(buf[:, b : b + BATCH], x, spec.name, None if sbuf is None else sbuf[:, b : b + BATCH])
         fd = os.open(root / f"{s // SHARD}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             os.write(fd, memoryview(buf).cast("B"))
@@ -169,10 +172,10 @@ def raw_read_layer(root: Path, shape: tuple[int, int, int], layer: int, spec: St
     for s in range(0, n, SHARD):
         with open(root / f"{s // SHARD}", "rb", buffering=0) as f:
             f.seek(layer * span)
-            f.readinto(memoryview(raw[s:s + SHARD]).cast("B"))
+            f.readinto(memoryview(raw[s : s + SHARD]).cast("B"))
             if scale is not None:
                 f.seek(L1 * span + layer * SHARD * SCALE_DTYPE.itemsize)
-                f.readinto(memoryview(scale[s:s + SHARD]).cast("B"))
+                f.readinto(memoryview(scale[s : s + SHARD]).cast("B"))
     out = np.empty((n, d), np.float32)
     decode_into(raw, out, spec, scale)
     return torch.from_numpy(out)  # (n, d) float32, as the store returns
@@ -192,12 +195,24 @@ def raw_read_all(root: Path, shape: tuple[int, int, int], spec: StorageDtype) ->
 
 # ---------------------------------------------------------------- the store
 
-def store_write(path: Path, x: torch.Tensor, n_tokens: int, compression: str, chunk_tokens: int = CHUNK,
-                dtype: str = "bfloat16") -> None:
+
+def store_write(
+    path: Path, x: torch.Tensor, n_tokens: int, compression: str, chunk_tokens: int = CHUNK, dtype: str = "bfloat16"
+) -> None:
     name, level = parse(compression)
-    with StoreWriter.open(path, n_layers=x.shape[0] - 1, d_model=x.shape[2], n_tokens=n_tokens,
-                          seq_len=256, shard_tokens=SHARD, chunk_tokens=chunk_tokens, compression=name,
-                          level=level, dtype=dtype, provenance={}) as w:
+    with StoreWriter.open(
+        path,
+        n_layers=x.shape[0] - 1,
+        d_model=x.shape[2],
+        n_tokens=n_tokens,
+        seq_len=256,
+        shard_tokens=SHARD,
+        chunk_tokens=chunk_tokens,
+        compression=name,
+        level=level,
+        dtype=dtype,
+        provenance={},
+    ) as w:
         tokens = torch.arange(1, BATCH + 1)  # never all fill_value
         for _ in range(0, n_tokens, BATCH):
             w.write(x, tokens)
@@ -215,6 +230,7 @@ def store_bytes(path: Path) -> int:
 
 # ---------------------------------------------------------------- the codec alone
 
+
 def codec_rates(x: torch.Tensor, compression: str, threads: int, spec: StorageDtype = DTYPES["bfloat16"]) -> dict:
     """The compressor alone on the inner chunks of ``x`` in the storage dtype (and of its
     row scales), with ``threads`` threads: encode and decode GB/s, CPU seconds (every
@@ -226,9 +242,14 @@ def codec_rates(x: torch.Tensor, compression: str, threads: int, spec: StorageDt
     arrays = [(values, _numcodec(name, level, spec.stored.itemsize))]
     if scale is not None:
         arrays.append((scale, _numcodec(name, level, SCALE_DTYPE.itemsize)))
-    jobs = [(codec, np.ascontiguousarray(a[i, c:c + CHUNK])) for a, codec in arrays for i in range(a.shape[0])
-            for c in range(0, a.shape[1], CHUNK)]
+    jobs = [
+        (codec, np.ascontiguousarray(a[i, c : c + CHUNK]))
+        for a, codec in arrays
+        for i in range(a.shape[0])
+        for c in range(0, a.shape[1], CHUNK)
+    ]
     gb = sum(a.nbytes for a, _ in arrays) / 1e9
+
     def encode_all():
         return list(pool.map(lambda job: job[0].encode(job[1]), jobs))
 
@@ -236,10 +257,14 @@ def codec_rates(x: torch.Tensor, compression: str, threads: int, spec: StorageDt
         enc = [(codec, data) for (codec, _), data in zip(jobs, encode_all())]
         # best of 3, as the store's arms are: the bound is the codec at its fastest
         t_enc, c_enc = min(timed_cpu(encode_all) for _ in range(3))
-        t_dec, c_dec = min(timed_cpu(lambda: list(pool.map(lambda job: job[0].decode(job[1]), enc)))
-                           for _ in range(3))
-    return {"enc": gb / t_enc, "dec": gb / t_dec, "enc_cpu": c_enc / gb, "dec_cpu": c_dec / gb,
-            "frac": sum(len(data) for _, data in enc) / (gb * 1e9)}
+        t_dec, c_dec = min(timed_cpu(lambda: list(pool.map(lambda job: job[0].decode(job[1]), enc))) for _ in range(3))
+    return {
+        "enc": gb / t_enc,
+        "dec": gb / t_dec,
+        "enc_cpu": c_enc / gb,
+        "dec_cpu": c_dec / gb,
+        "frac": sum(len(data) for _, data in enc) / (gb * 1e9),
+    }
 
 
 def _numcodec(name: str, level: int, typesize: int = 2):
@@ -287,6 +312,7 @@ def default_compression() -> tuple[str, str]:
 
 # ---------------------------------------------------------------- one arm
 
+
 def paired(rounds: int, arms: dict, before=None) -> dict:
     """Best time of each arm over ``rounds`` rounds that run the arms in turn; the CPU
     seconds of that best round as ``<arm>_cpu``."""
@@ -300,8 +326,16 @@ def paired(rounds: int, arms: dict, before=None) -> dict:
     return {name: wall for name, (wall, _) in best.items()} | {f"{name}_cpu": cpu for name, (_, cpu) in best.items()}
 
 
-def measure(root: Path, x: torch.Tensor, shape: tuple[int, int, int], compression: str, pipeline: str,
-            writer: str, rounds: int, spec: StorageDtype = DTYPES["bfloat16"]) -> dict:
+def measure(
+    root: Path,
+    x: torch.Tensor,
+    shape: tuple[int, int, int],
+    compression: str,
+    pipeline: str,
+    writer: str,
+    rounds: int,
+    spec: StorageDtype = DTYPES["bfloat16"],
+) -> dict:
     engine.configure(pipeline, threads=torch.get_num_threads(), shard_writes=writer == "tensorstore")
     n_tokens, mid = shape[1], shape[0] // 2
     raw, path = root / "raw", root / f"{spec.name}-{pipeline}-{writer}-{compression.replace(':', '-')}.zarr"
@@ -310,14 +344,25 @@ def measure(root: Path, x: torch.Tensor, shape: tuple[int, int, int], compressio
         shutil.rmtree(raw if name == "raw_write" else path, ignore_errors=True)
         os.sync()  # the other arm's dirty pages are on disk before this one starts
 
-    t = paired(rounds, {"raw_write": lambda: raw_write(raw, x, n_tokens, spec),
-                        "write": lambda: store_write(path, x, n_tokens, compression, dtype=spec.name)}, fresh)
+    t = paired(
+        rounds,
+        {
+            "raw_write": lambda: raw_write(raw, x, n_tokens, spec),
+            "write": lambda: store_write(path, x, n_tokens, compression, dtype=spec.name),
+        },
+        fresh,
+    )
     store = open_store(path)
     store.layers(0)  # opens the one-layer reader (TensorStore: ~1 s of import, once per process)
-    t |= paired(2 * rounds, {"raw_read_layer": lambda: raw_read_layer(raw, shape, mid, spec),
-                             "read_layer": lambda: store.layers(mid),
-                             "raw_read_all": lambda: raw_read_all(raw, shape, spec),
-                             "read_all": lambda: store_read_all(store)})
+    t |= paired(
+        2 * rounds,
+        {
+            "raw_read_layer": lambda: raw_read_layer(raw, shape, mid, spec),
+            "read_layer": lambda: store.layers(mid),
+            "raw_read_all": lambda: raw_read_all(raw, shape, spec),
+            "read_all": lambda: store_read_all(store),
+        },
+    )
     t["size"] = store_bytes(path)
     shutil.rmtree(path)
     return t
@@ -335,9 +380,11 @@ def work_cpu(x: torch.Tensor, spec: StorageDtype = DTYPES["bfloat16"]) -> dict[s
 
     arrays = [a for a in stored_batch(x, spec) if a is not None]  # (L+1, n, d) values, (L+1, n) scales
     gb = sum(a.nbytes for a in arrays) / 1e9
-    jobs = {"sha256": lambda: [hashlib.sha256(memoryview(a).cast("B")).digest() for a in arrays],
-            "xxh3": lambda: [xxhash.xxh3_128_digest(memoryview(layer).cast("B")) for a in arrays for layer in a],
-            "check": lambda: check_finite(x, spec.name, 0, 256)}
+    jobs = {
+        "sha256": lambda: [hashlib.sha256(memoryview(a).cast("B")).digest() for a in arrays],
+        "xxh3": lambda: [xxhash.xxh3_128_digest(memoryview(layer).cast("B")) for a in arrays for layer in a],
+        "check": lambda: check_finite(x, spec.name, 0, 256),
+    }
     return {name: min(timed_cpu(job)[1] for _ in range(3)) / gb for name, job in jobs.items()}
 
 
@@ -358,8 +405,13 @@ def arm_ratios(m: dict, codec: dict, work: dict, gb: float, threads: int, layers
         else:
             codec_rate, extra = codec["dec"], codec["dec_cpu"]
         bound_time = max((m[f"raw_{arm}_cpu"] + gb * share * extra) / threads, m[f"raw_{arm}"] * frac)
-        out[arm] = {"rate": rate, "raw_rate": raw_rate, "raw": rate / raw_rate,
-                    "bound": rate / min(raw_rate, codec_rate), "work": bound_time / m[arm]}
+        out[arm] = {
+            "rate": rate,
+            "raw_rate": raw_rate,
+            "raw": rate / raw_rate,
+            "bound": rate / min(raw_rate, codec_rate),
+            "work": bound_time / m[arm],
+        }
     return out
 
 
@@ -386,14 +438,20 @@ def main() -> None:
     shape = (x.shape[0], args.tokens, x.shape[2])
     act_gb = np.prod(shape) * 4 / 1e9  # the activations as float32, what the reader returns
     root = Path(tempfile.mkdtemp(dir=args.dir, prefix="bench_store_io-"))
-    print(f"{shape[0]} layers x {args.tokens} tokens x {shape[2]} = {act_gb:.3f} GB of float32 activations; "
-          f"shard {SHARD} tokens, chunk {CHUNK}; {threads} threads; {args.rounds} paired rounds; {source}; in {root}")
-    print("GB/s are of activations (float32, 4 bytes a value, what the reader returns); 'stored' GB/s of "
-          "uncompressed storage-dtype bytes (scales included)")
-    print("| dtype | pipeline | writer | compression | bytes/token on disk | bytes/value | codec enc/dec GB/s | "
-          "codec enc/dec CPU s/GB | raw write / read 1 / read all GB/s | write GB/s | stored | ratio | vs bound | "
-          "vs work | read 1 layer GB/s | stored | ratio | vs work | read all GB/s | stored | ratio | vs work | "
-          "reads vs bound |")
+    print(
+        f"{shape[0]} layers x {args.tokens} tokens x {shape[2]} = {act_gb:.3f} GB of float32 activations; "
+        f"shard {SHARD} tokens, chunk {CHUNK}; {threads} threads; {args.rounds} paired rounds; {source}; in {root}"
+    )
+    print(
+        "GB/s are of activations (float32, 4 bytes a value, what the reader returns); 'stored' GB/s of "
+        "uncompressed storage-dtype bytes (scales included)"
+    )
+    print(
+        "| dtype | pipeline | writer | compression | bytes/token on disk | bytes/value | codec enc/dec GB/s | "
+        "codec enc/dec CPU s/GB | raw write / read 1 / read all GB/s | write GB/s | stored | ratio | vs bound | "
+        "vs work | read 1 layer GB/s | stored | ratio | vs work | read all GB/s | stored | ratio | vs work | "
+        "reads vs bound |"
+    )
     print("|" + "---|" * 23)
     last = None
     try:
@@ -402,8 +460,11 @@ def main() -> None:
             gb = stored_gb(shape, spec)  # uncompressed stored bytes: the unit of the ratios
             act = act_gb / gb  # activation bytes per stored byte
             work = work_cpu(x, spec)
-            print(f"{dtype}: CPU s per stored GB besides the raw I/O and the codec: "
-                  + ", ".join(f"{k} {v:.3f}" for k, v in work.items()), flush=True)
+            print(
+                f"{dtype}: CPU s per stored GB besides the raw I/O and the codec: "
+                + ", ".join(f"{k} {v:.3f}" for k, v in work.items()),
+                flush=True,
+            )
             for pipeline in args.pipelines.split(","):
                 for writer in args.writers.split(","):
                     for comp in args.compressions.split(","):
@@ -412,13 +473,16 @@ def main() -> None:
                         r = arm_ratios(m, codec, work, gb, threads, shape[0])
                         w, r1, ra = r["write"], r["read_layer"], r["read_all"]
                         enc_cpu = f"{codec['enc_cpu']:.2f} / {codec['dec_cpu']:.2f}" if comp != "none" else "-"
-                        print(f"| {dtype} | {pipeline} | {writer} | {comp} | {m['size'] / args.tokens:,.0f} | "
-                              f"{m['size'] / np.prod(shape):.3f} | {codec['enc']:.2f} / {codec['dec']:.2f} | "
-                              f"{enc_cpu} | {w['raw_rate'] * act:.2f} / {r1['raw_rate'] * act:.2f} / "
-                              f"{ra['raw_rate'] * act:.2f} | {w['rate'] * act:.2f} | {w['rate']:.2f} | {w['raw']:.2f} | "
-                              f"{w['bound']:.2f} | {w['work']:.2f} | {r1['rate'] * act:.2f} | {r1['rate']:.2f} | "
-                              f"{r1['raw']:.2f} | {r1['work']:.2f} | {ra['rate'] * act:.2f} | {ra['rate']:.2f} | "
-                              f"{ra['raw']:.2f} | {ra['work']:.2f} | {min(r1['bound'], ra['bound']):.2f} |", flush=True)
+                        print(
+                            f"| {dtype} | {pipeline} | {writer} | {comp} | {m['size'] / args.tokens:,.0f} | "
+                            f"{m['size'] / np.prod(shape):.3f} | {codec['enc']:.2f} / {codec['dec']:.2f} | "
+                            f"{enc_cpu} | {w['raw_rate'] * act:.2f} / {r1['raw_rate'] * act:.2f} / "
+                            f"{ra['raw_rate'] * act:.2f} | {w['rate'] * act:.2f} | {w['rate']:.2f} | {w['raw']:.2f} | "
+                            f"{w['bound']:.2f} | {w['work']:.2f} | {r1['rate'] * act:.2f} | {r1['rate']:.2f} | "
+                            f"{r1['raw']:.2f} | {r1['work']:.2f} | {ra['rate'] * act:.2f} | {ra['rate']:.2f} | "
+                            f"{ra['raw']:.2f} | {ra['work']:.2f} | {min(r1['bound'], ra['bound']):.2f} |",
+                            flush=True,
+                        )
                         if pipeline == engine.DEFAULT and writer == "tensorstore" and (dtype, comp) == default:
                             last = (w["raw"], min(r1["raw"], ra["raw"]), comp)
                             # the issue's target is 0.8 of min(raw, codec): how close the work
@@ -427,8 +491,10 @@ def main() -> None:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     if last:
-        print(f"{last[2]} on {threads} threads, of min(raw, codec): the work bound reaches "
-              + ", ".join(f"{arm} {v:.2f}" for arm, v in reach.items()))
+        print(
+            f"{last[2]} on {threads} threads, of min(raw, codec): the work bound reaches "
+            + ", ".join(f"{arm} {v:.2f}" for arm, v in reach.items())
+        )
         print(f"write_ratio={last[0]:.2f} read_ratio={last[1]:.2f} codec={last[2]}")
 
 

@@ -31,11 +31,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.config import TrainConfig, load_config  # noqa: E402
-from pipeline.lens.tuned import TunedLens  # noqa: E402
-from pipeline.model.head import load_unembed_head  # noqa: E402
-from pipeline.store.reader import open_store  # noqa: E402
-from pipeline.train import TrainState, autocast, make_optimizer, run_training, train  # noqa: E402
+from pipeline.config import TrainConfig, load_config
+from pipeline.lens.tuned import TunedLens
+from pipeline.model.head import load_unembed_head
+from pipeline.store.reader import open_store
+from pipeline.train import TrainState, autocast, make_optimizer, run_training, train
 
 MODEL = ROOT / "data/models/smollm2-135m"
 STORES = ROOT / "data/stores/smollm2-135m/shakespeare"
@@ -51,10 +51,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def training_rate(head, store, layers, cfg: TrainConfig, device=torch.device("cpu")) -> float:
+CPU = torch.device("cpu")
+
+
+def training_rate(head, store, layers, cfg: TrainConfig, device=CPU) -> float:
     """Token-layers/s of the real training loop (no setup, no validation)."""
-    lens = TunedLens.create(head, "affine", d_model=store.d_model, n_layers=store.n_layers,
-                            model_info={}, layers=layers).to(device)
+    lens = TunedLens.create(
+        head, "affine", d_model=store.d_model, n_layers=store.n_layers, model_info={}, layers=layers
+    ).to(device)
     opt, sched = make_optimizer(lens, cfg)
     _sync(device)
     t0 = time.perf_counter()
@@ -63,7 +67,7 @@ def training_rate(head, store, layers, cfg: TrainConfig, device=torch.device("cp
     return cfg.steps * cfg.batch_tokens * len(layers) / (time.perf_counter() - t0)
 
 
-def baseline_rate(head, n_layers: int, steps: int, batch: int, device=torch.device("cpu")) -> float:
+def baseline_rate(head, n_layers: int, steps: int, batch: int, device=CPU) -> float:
     """log_softmax(h W^T) forward + backward (input gradient only), nothing else; bf16
     autocast on CUDA as training uses."""
     weight = head.unembed.weight.detach().to(device)  # (vocab, d_model)
@@ -95,8 +99,10 @@ def main() -> None:
     for _ in range(args.rounds):
         a.append(training_rate(head, store, layers, cfg))
         b.append(baseline_rate(head, len(layers), args.steps, cfg.batch_tokens))
-    print(f"threads={torch.get_num_threads()} layers={len(layers)} steps={args.steps} "
-          f"batch_tokens={cfg.batch_tokens} d_model={store.d_model} vocab={head.unembed.weight.shape[0]}")
+    print(
+        f"threads={torch.get_num_threads()} layers={len(layers)} steps={args.steps} "
+        f"batch_tokens={cfg.batch_tokens} d_model={store.d_model} vocab={head.unembed.weight.shape[0]}"
+    )
     print(f"training  token-layers/s: {' '.join(f'{v:.0f}' for v in a)}")
     print(f"baseline  token-layers/s: {' '.join(f'{v:.0f}' for v in b)}")
     print(f"RATIO training/baseline: {sum(a) / sum(b):.3f}")
@@ -104,10 +110,18 @@ def main() -> None:
         default = load_config(ROOT / "config/config.yaml").train
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
-            train(STORES / "train.zarr", STORES / "validation.zarr", MODEL, Path(tmp) / "lens",
-                  replace(default, checkpoint_every=0), "affine")
-            print(f"whole default train() call (all layers, setup + least squares + validation): "
-                  f"{time.perf_counter() - t0:.0f} s")
+            train(
+                STORES / "train.zarr",
+                STORES / "validation.zarr",
+                MODEL,
+                Path(tmp) / "lens",
+                replace(default, checkpoint_every=0),
+                "affine",
+            )
+            print(
+                f"whole default train() call (all layers, setup + least squares + validation): "
+                f"{time.perf_counter() - t0:.0f} s"
+            )
 
 
 if __name__ == "__main__":

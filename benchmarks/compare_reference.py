@@ -66,6 +66,7 @@ CHECK_LAYERS = (1, 10, 20, 29)
 
 # =============================================================================== export
 
+
 def cmd_export(args) -> None:
     import numpy as np
 
@@ -87,6 +88,7 @@ def cmd_export(args) -> None:
 
 # =============================================================================== reference side
 
+
 def cmd_train_reference(args) -> None:
     import numpy as np
     import torch
@@ -103,8 +105,9 @@ def cmd_train_reference(args) -> None:
 
     class CPUAutocastOff(real_autocast):  # type: ignore[misc, valid-type]
         def __init__(self, device_type, dtype=None, enabled=True, cache_enabled=None):
-            super().__init__(device_type, dtype=dtype, enabled=enabled and device_type != "cpu",
-                             cache_enabled=cache_enabled)
+            super().__init__(
+                device_type, dtype=dtype, enabled=enabled and device_type != "cpu", cache_enabled=cache_enabled
+            )
 
     torch.autocast = CPUAutocastOff
 
@@ -143,24 +146,40 @@ def cmd_train_reference(args) -> None:
         tokens_per_step=args.tokens_per_step,
         loss=LossChoice.KL,  # the default, spelled out
     )
-    print(f"reference: tuned-lens {getattr(tuned_lens, '__version__', '0.2.0')}, torch {torch.__version__}, "
-          f"transformers {transformers.__version__}, {torch.get_num_threads()} threads; "
-          f"{n_seq} sequences x {seq_len} tokens, {steps} steps x {args.tokens_per_step} tokens", flush=True)
+    print(
+        f"reference: tuned-lens {getattr(tuned_lens, '__version__', '0.2.0')}, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}, {torch.get_num_threads()} threads; "
+        f"{n_seq} sequences x {seq_len} tokens, {steps} steps x {args.tokens_per_step} tokens",
+        flush=True,
+    )
     load0, t0, cpu0 = _loadavg(), time.perf_counter(), time.process_time()
     train.execute()
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
-    print(f"reference training wall time: {seconds:.1f} s (process CPU time {cpu_seconds:.1f} s; "
-          f"load average before/after {load0} / {_loadavg()})", flush=True)
+    print(
+        f"reference training wall time: {seconds:.1f} s (process CPU time {cpu_seconds:.1f} s; "
+        f"load average before/after {load0} / {_loadavg()})",
+        flush=True,
+    )
 
     report = {
-        "seconds": seconds, "cpu_seconds": cpu_seconds, "loadavg_before": load0, "loadavg_after": _loadavg(),
-        "steps": steps, "tokens_per_step": args.tokens_per_step,
-        "tokens_seen": steps * args.tokens_per_step, "train_tokens": int(tokens.size),
-        "step_losses": step_losses, "model_check": check,
+        "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+        "loadavg_before": load0,
+        "loadavg_after": _loadavg(),
+        "steps": steps,
+        "tokens_per_step": args.tokens_per_step,
+        "tokens_seen": steps * args.tokens_per_step,
+        "train_tokens": int(tokens.size),
+        "step_losses": step_losses,
+        "model_check": check,
         "optimizer": {k: str(v) for k, v in vars(train.opt).items()},
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "tuned_lens": _dist_version("tuned-lens"), "torchdata": _dist_version("torchdata"),
-                     "datasets": _dist_version("datasets")},
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "tuned_lens": _dist_version("tuned-lens"),
+            "torchdata": _dist_version("torchdata"),
+            "datasets": _dist_version("datasets"),
+        },
         "threads": torch.get_num_threads(),
         "autocast_on_cpu": False,
     }
@@ -185,8 +204,11 @@ def check_model(model_cfg, tokens_path: Path, first_seq) -> dict:
         logp = out.logits[0].float().log_softmax(-1)  # (seq, vocab)
         logq = Unembed(model)(want[-1]).float().log_softmax(-1)
         kl = (logp.exp() * (logp - logq)).sum(-1).mean().item()
-    print(f"model check: median relative residual error per layer {errs}; "
-          f"KL(HF 4.x logits || reference Unembed(stored last layer)) {kl:.2e} nats", flush=True)
+    print(
+        f"model check: median relative residual error per layer {errs}; "
+        f"KL(HF 4.x logits || reference Unembed(stored last layer)) {kl:.2e} nats",
+        flush=True,
+    )
     if max(errs.values()) > 3e-2 or kl > 1e-2:
         raise SystemExit("the patched model does not reproduce the stored activations: not the same model")
     del model
@@ -209,6 +231,7 @@ def _dist_version(name: str) -> str | None:
 
 
 # =============================================================================== our side, re-timed
+
 
 def cmd_time_ours(args) -> None:
     """Our whole path, timed, into scratch space, for a wall-time comparison under the same
@@ -239,13 +262,20 @@ def cmd_time_ours(args) -> None:
             shutil.rmtree(store_path)
         t0, cpu0 = time.perf_counter(), time.process_time()
         summary = extract(Path(args.model), Path(args.corpus) / f"{split}.npz", store_path, ext_cfg, split)
-        report[f"extract_{split}"] = {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - cpu0,
-                                      "stage_seconds": summary.get("seconds")}
-        same = open_store(store_path).attrs.get("fingerprint") == open_store(real_stores / f"{split}.zarr").attrs.get("fingerprint")
+        report[f"extract_{split}"] = {
+            "seconds": time.perf_counter() - t0,
+            "cpu_seconds": time.process_time() - cpu0,
+            "stage_seconds": summary.get("seconds"),
+        }
+        same = open_store(store_path).attrs.get("fingerprint") == open_store(real_stores / f"{split}.zarr").attrs.get(
+            "fingerprint"
+        )
         report[f"extract_{split}"]["same_fingerprint_as_real_store"] = same
         if not same:
-            raise SystemExit(f"re-extracted {split} store differs from {real_stores / f'{split}.zarr'}: "
-                             "the config does not match what built the real stores")
+            raise SystemExit(
+                f"re-extracted {split} store differs from {real_stores / f'{split}.zarr'}: "
+                "the config does not match what built the real stores"
+            )
     meta = json.loads((Path(args.ours) / "lens.json").read_text())
     cfg_dict = dict(meta["training_config"])
     kind = cfg_dict.pop("kind")
@@ -253,20 +283,28 @@ def cmd_time_ours(args) -> None:
     cfg = TrainConfig(**{k: v for k, v in cfg_dict.items() if k in names})
     t0, cpu0 = time.perf_counter(), time.process_time()
     metrics = train(stores / "train.zarr", stores / "validation.zarr", Path(args.model), out / "lens", cfg, kind)
-    report["train"] = {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - cpu0,
-                       "metrics_seconds": metrics["seconds"]}
+    report["train"] = {
+        "seconds": time.perf_counter() - t0,
+        "cpu_seconds": time.process_time() - cpu0,
+        "metrics_seconds": metrics["seconds"],
+    }
     report["loadavg_after"] = _loadavg()
     total = sum(report[k]["seconds"] for k in ("extract_train", "extract_validation", "train"))
-    report["seconds"], report["cpu_seconds"] = total, sum(
-        report[k]["cpu_seconds"] for k in ("extract_train", "extract_validation", "train"))
+    report["seconds"], report["cpu_seconds"] = (
+        total,
+        sum(report[k]["cpu_seconds"] for k in ("extract_train", "extract_validation", "train")),
+    )
     (out / "retime.json").write_text(json.dumps(report, indent=2))
-    print(f"ours, re-run: extract train {report['extract_train']['seconds']:.1f} s + validation "
-          f"{report['extract_validation']['seconds']:.1f} s + train {report['train']['seconds']:.1f} s "
-          f"= {total:.1f} s wall (process CPU {report['cpu_seconds']:.1f} s), load average "
-          f"{report['loadavg_before']} -> {report['loadavg_after']}")
+    print(
+        f"ours, re-run: extract train {report['extract_train']['seconds']:.1f} s + validation "
+        f"{report['extract_validation']['seconds']:.1f} s + train {report['train']['seconds']:.1f} s "
+        f"= {total:.1f} s wall (process CPU {report['cpu_seconds']:.1f} s), load average "
+        f"{report['loadavg_before']} -> {report['loadavg_after']}"
+    )
 
 
 # =============================================================================== evaluation
+
 
 def cmd_evaluate(args) -> None:
     import torch
@@ -301,11 +339,19 @@ def cmd_evaluate(args) -> None:
                     sums[name][i] += kl_loss(lens(x[i], i), target).item() * (e - s)
             print(f"  evaluated tokens {e}/{n} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
     kl = {name: [v / n for v in vals] for name, vals in sums.items()}
-    result = {"store": str(args.store), "tokens": n, "layers": layers, "kl": kl,
-              "eval_seconds": time.perf_counter() - t0,
-              "reference_meta": json.loads((Path(args.reference) / "lenspipe_benchmark.json").read_text()),
-              "ours_meta": {k: v for k, v in json.loads((Path(args.ours) / "lens.json").read_text()).items()
-                            if k in ("training_config", "metrics", "created", "versions")}}
+    result = {
+        "store": str(args.store),
+        "tokens": n,
+        "layers": layers,
+        "kl": kl,
+        "eval_seconds": time.perf_counter() - t0,
+        "reference_meta": json.loads((Path(args.reference) / "lenspipe_benchmark.json").read_text()),
+        "ours_meta": {
+            k: v
+            for k, v in json.loads((Path(args.ours) / "lens.json").read_text()).items()
+            if k in ("training_config", "metrics", "created", "versions")
+        },
+    }
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
     print(report(result, args.bar, Path(args.extract_json), None))
@@ -318,42 +364,74 @@ def report(result: dict, bar: float, extract_json: Path, retime: dict | None) ->
     ratio = [o / r for o, r in zip(kl["ours"], kl["reference"])]
     mean = {name: sum(v) / len(v) for name, v in kl.items()}
     over = [i for i, q in zip(layers, ratio) if q > bar]
-    lines = [f"held-out KL(final || lens), nats/token, on all {result['tokens']} tokens of {result['store']}",
-             "", "| layer | logit lens | reference | ours | ours/reference |", "|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"held-out KL(final || lens), nats/token, on all {result['tokens']} tokens of {result['store']}",
+        "",
+        "| layer | logit lens | reference | ours | ours/reference |",
+        "|---:|---:|---:|---:|---:|",
+    ]
     for j, i in enumerate(layers):
-        lines.append(f"| {i} | {kl['logit'][j]:.4f} | {kl['reference'][j]:.4f} | {kl['ours'][j]:.4f} | {ratio[j]:.3f} |")
-    lines.append(f"| **mean** | {mean['logit']:.4f} | {mean['reference']:.4f} | {mean['ours']:.4f} | "
-                 f"{mean['ours'] / mean['reference']:.3f} |")
+        lines.append(
+            f"| {i} | {kl['logit'][j]:.4f} | {kl['reference'][j]:.4f} | {kl['ours'][j]:.4f} | {ratio[j]:.3f} |"
+        )
+    lines.append(
+        f"| **mean** | {mean['logit']:.4f} | {mean['reference']:.4f} | {mean['ours']:.4f} | "
+        f"{mean['ours'] / mean['reference']:.3f} |"
+    )
     worst = max(range(len(ratio)), key=ratio.__getitem__)
-    lines += ["", (f"ours/reference per layer: min {min(ratio):.3f}, max {ratio[worst]:.3f} (layer {layers[worst]}); "
-              f"layers above {bar}x: {over if over else 'none'}")]
+    lines += [
+        "",
+        (
+            f"ours/reference per layer: min {min(ratio):.3f}, max {ratio[worst]:.3f} (layer {layers[worst]}); "
+            f"layers above {bar}x: {over if over else 'none'}"
+        ),
+    ]
 
     extract = json.loads(extract_json.read_text())["seconds"]
     val_json = extract_json.with_name("validation.extract.json")
     val_extract = json.loads(val_json.read_text())["seconds"] if val_json.is_file() else 0.0
     ours_train = result["ours_meta"]["metrics"]["seconds"]
     ref = ref_meta["seconds"]
-    lines += ["", "wall time (s), as run:",
-              f"  reference training (its loop; the model runs forward every step): {ref:.1f}"
-              + (f"  [process CPU {ref_meta['cpu_seconds']:.1f}, load avg {ref_meta['loadavg_before']}"
-                 f" -> {ref_meta['loadavg_after']}]" if "cpu_seconds" in ref_meta else ""),
-              f"  ours, training from the stores (lens.json metrics.seconds):      {ours_train:.1f}",
-              f"  ours, extraction of the train store (paid once, train.extract.json): {extract:.1f}",
-              f"  ours, extraction of the validation store (read by training):     {val_extract:.1f}",
-              (f"  ours/reference: training only {ours_train / ref:.3f}; training + extraction "
-              f"{(ours_train + extract + val_extract) / ref:.3f}")]
+    lines += [
+        "",
+        "wall time (s), as run:",
+        f"  reference training (its loop; the model runs forward every step): {ref:.1f}"
+        + (
+            f"  [process CPU {ref_meta['cpu_seconds']:.1f}, load avg {ref_meta['loadavg_before']}"
+            f" -> {ref_meta['loadavg_after']}]"
+            if "cpu_seconds" in ref_meta
+            else ""
+        ),
+        f"  ours, training from the stores (lens.json metrics.seconds):      {ours_train:.1f}",
+        f"  ours, extraction of the train store (paid once, train.extract.json): {extract:.1f}",
+        f"  ours, extraction of the validation store (read by training):     {val_extract:.1f}",
+        (
+            f"  ours/reference: training only {ours_train / ref:.3f}; training + extraction "
+            f"{(ours_train + extract + val_extract) / ref:.3f}"
+        ),
+    ]
     if retime:
         r_ref, r_ours = retime["reference"], retime["ours"]
         ext = r_ours["extract_train"]["seconds"] + r_ours["extract_validation"]["seconds"]
-        lines += ["", "wall time (s), re-run back to back on the same machine (`time-ours`, then the reference):",
-                  (f"  reference training: {r_ref['seconds']:.1f} [process CPU {r_ref['cpu_seconds']:.1f}; "
-                  f"load avg {r_ref['loadavg_before']} -> {r_ref['loadavg_after']}]"),
-                  f"  ours, training:     {r_ours['train']['seconds']:.1f} [process CPU {r_ours['train']['cpu_seconds']:.1f}]",
-                  (f"  ours, extraction of train + validation stores: {r_ours['extract_train']['seconds']:.1f} + "
-                  f"{r_ours['extract_validation']['seconds']:.1f} [load avg {r_ours['loadavg_before']} -> "
-                  f"{r_ours['loadavg_after']}]"),
-                  (f"  ours/reference: training only {r_ours['train']['seconds'] / r_ref['seconds']:.3f}; "
-                  f"training + extraction {(r_ours['train']['seconds'] + ext) / r_ref['seconds']:.3f}")]
+        lines += [
+            "",
+            "wall time (s), re-run back to back on the same machine (`time-ours`, then the reference):",
+            (
+                f"  reference training: {r_ref['seconds']:.1f} [process CPU {r_ref['cpu_seconds']:.1f}; "
+                f"load avg {r_ref['loadavg_before']} -> {r_ref['loadavg_after']}]"
+            ),
+            f"  ours, training:     {r_ours['train']['seconds']:.1f} "
+            f"[process CPU {r_ours['train']['cpu_seconds']:.1f}]",
+            (
+                f"  ours, extraction of train + validation stores: {r_ours['extract_train']['seconds']:.1f} + "
+                f"{r_ours['extract_validation']['seconds']:.1f} [load avg {r_ours['loadavg_before']} -> "
+                f"{r_ours['loadavg_after']}]"
+            ),
+            (
+                f"  ours/reference: training only {r_ours['train']['seconds'] / r_ref['seconds']:.3f}; "
+                f"training + extraction {(r_ours['train']['seconds'] + ext) / r_ref['seconds']:.3f}"
+            ),
+        ]
     lines.append(f"(evaluation took {result['eval_seconds']:.0f} s)")
     return "\n".join(lines)
 
@@ -362,12 +440,15 @@ def cmd_report(args) -> None:
     result = json.loads(Path(args.result).read_text())
     retime = None
     if args.retime_reference and args.retime_ours:
-        retime = {"reference": json.loads(Path(args.retime_reference).read_text()),
-                  "ours": json.loads(Path(args.retime_ours).read_text())}
+        retime = {
+            "reference": json.loads(Path(args.retime_reference).read_text()),
+            "ours": json.loads(Path(args.retime_ours).read_text()),
+        }
     print(report(result, args.bar, Path(args.extract_json), retime))
 
 
 # =============================================================================== main
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -404,8 +485,13 @@ def main() -> None:
     r.add_argument("--retime-ours", help="retime.json of `time-ours`")
     r.add_argument("--bar", type=float, default=1.05)
     args = p.parse_args()
-    {"export": cmd_export, "train-reference": cmd_train_reference, "time-ours": cmd_time_ours,
-     "evaluate": cmd_evaluate, "report": cmd_report}[args.cmd](args)
+    {
+        "export": cmd_export,
+        "train-reference": cmd_train_reference,
+        "time-ours": cmd_time_ours,
+        "evaluate": cmd_evaluate,
+        "report": cmd_report,
+    }[args.cmd](args)
 
 
 if __name__ == "__main__":

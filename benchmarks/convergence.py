@@ -37,11 +37,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.config import TrainConfig, load_config  # noqa: E402
+from pipeline.config import TrainConfig, load_config
 
 DATA = ROOT / "data"
 MODEL, CORPUS = "smollm2-135m", "shakespeare"
-LONG = dict(val_tokens=1024, patience=0, checkpoint_every=25)
+# branch_lr 1: the mlp's branch at the affine part's rate (the long runs predate the setting)
+LONG = dict(val_tokens=1024, patience=0, checkpoint_every=25, branch_lr=1.0)
 
 
 @dataclass
@@ -61,35 +62,62 @@ class Run:
 #: optimiser and the three rates swept (lr_scale). Gemma-3-270M's step costs ~5x SmolLM2's
 #: (vocabulary 262,144), its train store is 8,192 tokens (10x: 81,920).
 STUDY = {
-    MODEL: dict(sweep=18, layers=[6, 29], more=[0, 6, 12, 18, 24, 29], batch=512,
-                steps={"adam": 250, "sgd": 250},
-                rates={"adam": [1.0, 3.0, 10.0], "sgd": [0.3, 1.0, 3.0]}),
-    "gemma-3-270m": dict(sweep=12, layers=[3], more=[3, 12], batch=128,
-                         steps={"adam": 160}, rates={"adam": [0.01, 0.025, 0.1]}),
+    MODEL: dict(
+        sweep=18,
+        layers=[6, 29],
+        more=[0, 6, 12, 18, 24, 29],
+        batch=512,
+        steps={"adam": 250, "sgd": 250},
+        rates={"adam": [1.0, 3.0, 10.0], "sgd": [0.3, 1.0, 3.0]},
+    ),
+    "gemma-3-270m": dict(
+        sweep=12, layers=[3], more=[3, 12], batch=128, steps={"adam": 160}, rates={"adam": [0.01, 0.025, 0.1]}
+    ),
 }
-OLD_DEFAULT = {MODEL: dict(steps=8, batch_tokens=512, optimizer="sgd", lr_scale=1.0, val_tokens=512),
-               "gemma-3-270m": dict(steps=8, batch_tokens=128, val_tokens=256, optimizer="adam", step_scale="residual",
-                                    lr_scale=0.025, checkpoint_every=0)}
+OLD_DEFAULT = {
+    MODEL: dict(steps=8, batch_tokens=512, optimizer="sgd", lr_scale=1.0, val_tokens=512),
+    "gemma-3-270m": dict(
+        steps=8,
+        batch_tokens=128,
+        val_tokens=256,
+        optimizer="adam",
+        step_scale="residual",
+        lr_scale=0.025,
+        checkpoint_every=0,
+    ),
+}
 
 
 def _long(study: dict, opt: str, lr: float, **kw) -> dict:
     steps = study["steps"][opt]
     extra = {"step_scale": "residual"} if "gemma" in str(study.get("name", "")) else {}
-    return LONG | dict(steps=steps, optimizer=opt, lr_scale=lr, eval_every=max(1, steps // 16),
-                       batch_tokens=study["batch"]) | extra | kw
+    return (
+        LONG
+        | dict(steps=steps, optimizer=opt, lr_scale=lr, eval_every=max(1, steps // 16), batch_tokens=study["batch"])
+        | extra
+        | kw
+    )
+
+
+def experiment(model: str):
+    """The config ``model`` runs under (its ``overrides`` merged): SmolLM2's is the default's."""
+    return load_config(ROOT / "config/two-architectures.yaml").for_model(model)
 
 
 def plan(model: str) -> list[Run]:
     """The study's baselines and rate sweeps (one layer), in the order they run."""
     study = STUDY[model] | {"name": model}
     more = study["more"]
-    runs = [Run("default-before", "default", more, OLD_DEFAULT[model]),
-            Run("lstsq-default", "default", more, dict(steps=0)),
-            Run("lstsq-big", "big", more, dict(steps=0)),
-            Run("scaling-closed-form", "default", more, dict(steps=0), kind="scaling")]
+    runs = [
+        Run("default-before", "default", more, OLD_DEFAULT[model]),
+        Run("lstsq-default", "default", more, dict(steps=0)),
+        Run("lstsq-big", "big", more, dict(steps=0)),
+        Run("scaling-closed-form", "default", more, dict(steps=0), kind="scaling"),
+    ]
     for opt, rates in study["rates"].items():
-        runs += [Run(f"{opt}-lr{lr:g}-sweep", "big", [study["sweep"]], _long(study, opt, lr), long=True)
-                 for lr in rates]
+        runs += [
+            Run(f"{opt}-lr{lr:g}-sweep", "big", [study["sweep"]], _long(study, opt, lr), long=True) for lr in rates
+        ]
     return runs
 
 
@@ -119,12 +147,15 @@ def long_runs(model: str) -> list[Run]:
     the mlp with it at every layer, and the reference's recipe; known once the sweeps ran."""
     study = STUDY[model] | {"name": model}
     opt, lr = best_optimizer(model)
-    runs = [Run(f"{opt}-long", "big", study["layers"], _long(study, opt, lr), long=True),
-            Run("mlp-long", "big", [study["sweep"], *study["layers"]], _long(study, opt, lr), kind="mlp", long=True)]
+    runs = [
+        Run(f"{opt}-long", "big", study["layers"], _long(study, opt, lr), long=True),
+        Run("mlp-long", "big", [study["sweep"], *study["layers"]], _long(study, opt, lr), kind="mlp", long=True),
+    ]
     if "sgd" in study["steps"]:
         # the reference's recipe: identity start, Nesterov SGD at rate 1, its weight decay and clipping
-        runs.append(Run("reference-recipe", "big", [study["sweep"]],
-                        _long(study, "sgd", 1.0, init="identity"), long=True))
+        runs.append(
+            Run("reference-recipe", "big", [study["sweep"]], _long(study, "sgd", 1.0, init="identity"), long=True)
+        )
     return runs
 
 
@@ -132,38 +163,68 @@ def candidates(model: str, layers: list[int]) -> list[Run]:
     """Short recipes on the default store, from which the default is chosen (the default's
     24,576 tokens, its validation of 512 tokens and its early stopping), and the config's
     own recipe for each kind (``default``, ``default-mlp``, ``default-scaling``)."""
-    runs = [Run(f"short-{opt}-lr{lr:g}-{steps}", "default", layers,
-                dict(steps=steps, optimizer=opt, lr_scale=lr))
-            for opt, lr, steps in (("adam", 1.0, 8), ("adam", 3.0, 8), ("adam", 1.0, 16), ("adam", 3.0, 16),
-                                   ("sgd", 1.0, 16), ("adam", 1.0, 24), ("adam", 1.0, 48))]
+    runs = [
+        Run(f"short-{opt}-lr{lr:g}-{steps}", "default", layers, dict(steps=steps, optimizer=opt, lr_scale=lr))
+        for opt, lr, steps in (
+            ("adam", 1.0, 8),
+            ("adam", 3.0, 8),
+            ("adam", 1.0, 16),
+            ("adam", 3.0, 16),
+            ("sgd", 1.0, 16),
+            ("adam", 1.0, 24),
+            ("adam", 1.0, 48),
+        )
+    ]
     # without early stopping (each layer keeps its best validated translator all the same)
-    runs += [Run(f"short-{opt}-lr{lr:g}-{steps}-patience0", "default", layers,
-                 dict(steps=steps, optimizer=opt, lr_scale=lr, patience=0))
-             for opt, lr, steps in (("adam", 1.0, 12), ("adam", 1.0, 16), ("adam", 3.0, 16))]
+    runs += [
+        Run(
+            f"short-{opt}-lr{lr:g}-{steps}-patience0",
+            "default",
+            layers,
+            dict(steps=steps, optimizer=opt, lr_scale=lr, patience=0),
+        )
+        for opt, lr, steps in (("adam", 1.0, 12), ("adam", 1.0, 16), ("adam", 3.0, 16))
+    ]
     # steps scaled to each layer's residual (train.step_scale: residual): a late layer's
     # least-squares map is close to its optimum and Adam's first steps of 1e-3 overshoot it
-    runs += [Run(f"short-adam-residual-lr{lr:g}-{steps}", "default", layers,
-                 dict(steps=steps, optimizer="adam", lr_scale=lr, step_scale="residual"))
-             for lr, steps in ((0.1, 16), (0.3, 16), (0.03, 16))]
+    runs += [
+        Run(
+            f"short-adam-residual-lr{lr:g}-{steps}",
+            "default",
+            layers,
+            dict(steps=steps, optimizer="adam", lr_scale=lr, step_scale="residual"),
+        )
+        for lr, steps in ((0.1, 16), (0.3, 16), (0.03, 16))
+    ]
     return runs
 
 
 def defaults(model: str, layers: list[int]) -> list[Run]:
     """The config's own recipe for each kind (``default``, ``default-mlp``,
     ``default-scaling``); remove their results after changing the config."""
-    train = asdict(load_config(ROOT / "config/config.yaml").train)
-    return [Run("default" if kind == "affine" else f"default-{kind}", "default", layers, dict(train), kind=kind)
-            for kind in ("affine", "mlp", "scaling")]
+    train = asdict(experiment(model).train)
+    return [
+        Run("default" if kind == "affine" else f"default-{kind}", "default", layers, dict(train), kind=kind)
+        for kind in ("affine", "mlp", "scaling")
+    ]
 
 
 # ----------------------------------------------------------------------------- running
 
+
 def paths(model: str, corpus: str = CORPUS) -> dict[str, Path]:
     stores = DATA / "stores" / model / corpus
     big = DATA / "convergence" / model / corpus
-    return {"default": stores / "train.zarr", "big": big / "train.zarr", "validation": stores / "validation.zarr",
-            "test": stores / "test.zarr", "model": DATA / "models" / model, "split": DATA / "corpora" / corpus / model,
-            "runs": big / "runs", "lenses": big / "lenses"}
+    return {
+        "default": stores / "train.zarr",
+        "big": big / "train.zarr",
+        "validation": stores / "validation.zarr",
+        "test": stores / "test.zarr",
+        "model": DATA / "models" / model,
+        "split": DATA / "corpora" / corpus / model,
+        "runs": big / "runs",
+        "lenses": big / "lenses",
+    }
 
 
 def load(model: str, name: str) -> dict | None:
@@ -183,14 +244,27 @@ def run_one(model: str, run: Run) -> dict:
     metrics = train(p[run.store], p["validation"], p["model"], out, cfg, run.kind)
     wall, cpu = time.monotonic() - t0, time.process_time() - c0
     log = pd.read_parquet(out / "train_log.parquet").dropna(subset=["val_kl"])
-    curve = {str(layer): [[int(s), float(v)] for s, v in zip(g["step"], g["val_kl"])]
-             for layer, g in log.groupby("layer")}
-    res = {"name": run.name, "kind": run.kind, "store": run.store, "long": run.long, "train": asdict(cfg),
-           "wall_s": wall, "cpu_s": cpu, "steps": metrics["steps"], "val_curve": curve,
-           "test_kl": test_kl(model, out), "val_kl": metrics["val_kl"], "val_kl_init": metrics["val_kl_init"],
-           "logit_val_kl": metrics["val_kl_logit_lens"], "machine": machine(),
-           # the process's peak so far: run a run alone (--only) for its own peak
-           "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    curve = {
+        str(layer): [[int(s), float(v)] for s, v in zip(g["step"], g["val_kl"])] for layer, g in log.groupby("layer")
+    }
+    res = {
+        "name": run.name,
+        "kind": run.kind,
+        "store": run.store,
+        "long": run.long,
+        "train": asdict(cfg),
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "steps": metrics["steps"],
+        "val_curve": curve,
+        "test_kl": test_kl(model, out),
+        "val_kl": metrics["val_kl"],
+        "val_kl_init": metrics["val_kl_init"],
+        "logit_val_kl": metrics["val_kl_logit_lens"],
+        "machine": machine(),
+        # the process's peak so far: run a run alone (--only) for its own peak
+        "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
     p["runs"].mkdir(parents=True, exist_ok=True)
     (p["runs"] / f"{run.name}.json").write_text(json.dumps(res, indent=1))
     return res
@@ -204,7 +278,8 @@ def test_kl(model: str, lens_dir: Path, tokens: int = 4096) -> dict[str, float]:
 
     p = paths(model)
     lens = TunedLens.load(lens_dir, model_dir=p["model"])
-    val = Validation(open_store(p["test"]), lens.keys(), tokens, lens.head, "cpu", 512, seed=0)
+    store = open_store(p["test"])  # Gemma's test store holds 2,048 tokens: all of them
+    val = Validation(store, lens.keys(), min(tokens, store.n_tokens), lens.head, "cpu", 512, seed=0)
     kl = {str(k[1]): v for k, v in val.kl(lens).items()}
     return kl | {f"logit.{k[1]}": v for k, v in val.kl(LogitLens(lens.head)).items()}
 
@@ -219,14 +294,24 @@ def machine() -> str:
 def extract_big(model: str, tokens: int) -> None:
     from pipeline.extract import extract
 
-    cfg = load_config(ROOT / "config/config.yaml").extract
+    cfg = experiment(model).extract
     cfg = replace(cfg, max_tokens={"train": tokens})
     p = paths(model)
     t0, c0 = time.monotonic(), time.process_time()
     summary = extract(p["model"], p["split"] / "train.npz", p["big"], cfg, "train")
-    (p["big"].parent / "extract.json").write_text(json.dumps(
-        {"summary": summary, "wall_s": time.monotonic() - t0, "cpu_s": time.process_time() - c0,
-         "tokens": tokens, "machine": machine()}, indent=1, default=str))
+    (p["big"].parent / "extract.json").write_text(
+        json.dumps(
+            {
+                "summary": summary,
+                "wall_s": time.monotonic() - t0,
+                "cpu_s": time.process_time() - c0,
+                "tokens": tokens,
+                "machine": machine(),
+            },
+            indent=1,
+            default=str,
+        )
+    )
 
 
 def main() -> None:
@@ -245,8 +330,12 @@ def main() -> None:
         from convergence_report import report
 
         return report(args.model, args.figure)
-    chosen = {"run": plan, "long": long_runs, "candidates": lambda m: candidates(m, args.layers),
-              "defaults": lambda m: defaults(m, args.layers)}
+    chosen = {
+        "run": plan,
+        "long": long_runs,
+        "candidates": lambda m: candidates(m, args.layers),
+        "defaults": lambda m: defaults(m, args.layers),
+    }
     runs = chosen[args.what](args.model)
     for run in runs:
         if args.only and run.name not in args.only:
@@ -256,8 +345,11 @@ def main() -> None:
             print(f"{run.name:32s} {'done' if done else 'to do'}")
             continue
         res = run_one(args.model, run)
-        print(f"{run.name}: {res['wall_s']:.0f} s wall, {res['cpu_s']:.0f} CPU s; test KL "
-              + ", ".join(f"{k} {v:.3f}" for k, v in res["test_kl"].items() if not k.startswith("logit")), flush=True)
+        print(
+            f"{run.name}: {res['wall_s']:.0f} s wall, {res['cpu_s']:.0f} CPU s; test KL "
+            + ", ".join(f"{k} {v:.3f}" for k, v in res["test_kl"].items() if not k.startswith("logit")),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

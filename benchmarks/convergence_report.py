@@ -16,7 +16,7 @@ from pathlib import Path
 from convergence import CORPUS, load, paths
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from pipeline.lens.stopping import CONVERGED_CHANGE, last_quarter_change, study_entry  # noqa: E402
+from pipeline.lens.stopping import CONVERGED_CHANGE, last_quarter_change, study_entry
 
 
 def results(model: str) -> dict[str, dict]:
@@ -44,12 +44,22 @@ def table(res: dict[str, dict]) -> str:
 
     conv = converged_kl(res, "affine")
     conv_mlp = converged_kl(res, "mlp")
-    cols = {"default before": "default-before", "default after": "default", "least squares (24,576 tok)": "lstsq-default",
-            "least squares (262,144 tok)": "lstsq-big", "mlp default": "default-mlp", "scaling default": "default-scaling"}
+    cols = {
+        "default before": "default-before",
+        "default after": "default",
+        "least squares (24,576 tok)": "lstsq-default",
+        "least squares (262,144 tok)": "lstsq-big",
+        "mlp default": "default-mlp",
+        "scaling default": "default-scaling",
+    }
     rows = []
     for layer in sorted(conv, key=int):
-        row = {"layer": int(layer), "converged": conv[layer][0], "by": conv[layer][1],
-               "converged (< 0.5% last quarter)": "yes" if conv[layer][2] else "no"}
+        row = {
+            "layer": int(layer),
+            "converged": conv[layer][0],
+            "by": conv[layer][1],
+            "converged (< 0.5% last quarter)": "yes" if conv[layer][2] else "no",
+        }
         for col, run in cols.items():
             row[col] = res.get(run, {}).get("test_kl", {}).get(layer)
         for col in ("default before", "default after"):
@@ -98,9 +108,14 @@ def record(model: str, res: dict[str, dict]) -> None:
     p = paths(model)
     sha = json.loads((p["model"] / "lenspipe_model.json").read_text())["weights_sha256"]
     kinds = {kind: {layer: v[0] for layer, v in converged_kl(res, kind).items()} for kind in ("affine", "mlp")}
-    study_entry(sha, open_store(p["default"]).attrs.get("fingerprint"), open_store(p["test"]).attrs.get("fingerprint"),
-                4096, {k: v for k, v in kinds.items() if v},
-                {"model": model, "corpus": CORPUS, "by": "benchmarks/convergence.py", "results": "benchmarks/RESULTS.md"})
+    study_entry(
+        sha,
+        open_store(p["default"]).attrs.get("fingerprint"),
+        open_store(p["test"]).attrs.get("fingerprint"),
+        4096,
+        {k: v for k, v in kinds.items() if v},
+        {"model": model, "corpus": CORPUS, "by": "benchmarks/convergence.py", "results": "benchmarks/RESULTS.md"},
+    )
 
 
 def report(model: str, figure: Path) -> None:
@@ -108,8 +123,10 @@ def report(model: str, figure: Path) -> None:
     print(table(res))
     print()
     for name, r in res.items():
-        print(f"{name:28s} {r['wall_s']:7.0f} s wall {r['cpu_s']:7.0f} CPU s  steps {r['steps']:4d}  layers "
-              + ",".join(r["val_curve"]))
+        print(
+            f"{name:28s} {r['wall_s']:7.0f} s wall {r['cpu_s']:7.0f} CPU s  steps {r['steps']:4d}  layers "
+            + ",".join(r["val_curve"])
+        )
     layers = sorted(converged_kl(res, "affine"), key=int)
     curves_figure(res, figure, [x for x in layers if x in ("6", "18", "29", "3", "12")] or layers[:3])
     record(model, res)

@@ -35,8 +35,8 @@ def mean_kl64(lens, store, seqs: list[int], layer: int, rows: int = 256) -> floa
     x = read_sequences(store, [layer, store.n_layers], seqs).double()  # (2, n, d_model)
     total = 0.0
     for s in range(0, x.shape[1], rows):
-        final = torch.log_softmax(lens.head(x[1, s:s + rows]), -1)  # (rows, vocab)
-        logq = torch.log_softmax(lens(x[0, s:s + rows], layer), -1)
+        final = torch.log_softmax(lens.head(x[1, s : s + rows]), -1)  # (rows, vocab)
+        logq = torch.log_softmax(lens(x[0, s : s + rows], layer), -1)
         total += (final.exp() * (final - logq)).sum().item()
     return total / x.shape[1]
 
@@ -56,8 +56,7 @@ def main() -> None:
     meta = lens_json["metrics"]
     val_store = open_store(data / f"stores/{RUN}/validation.zarr")
     # lenses from before the sequences were recorded validated on the store's first tokens
-    val_seqs = meta.get("val_sequences") or list(range(lens_json["training_config"]["val_tokens"]
-                                                        // val_store.seq_len))
+    val_seqs = meta.get("val_sequences") or list(range(lens_json["training_config"]["val_tokens"] // val_store.seq_len))
     err_val = 0.0
     print("validation KL (lens.json vs float64)")
     for layer in layers:
@@ -69,8 +68,10 @@ def main() -> None:
     lm, prov = pd.read_parquet(tables), read_provenance(tables)
     test_store = open_store(data / f"stores/{RUN}/test.zarr")
     # tables from before the sample was recorded evaluated the store's first max_tokens
-    ev = prov.get("evaluated") or {"sequences": list(range(prov["evaluate_config"]["max_tokens"] // test_store.seq_len)),
-                                   "documents": "the store's first sequences"}
+    ev = prov.get("evaluated") or {
+        "sequences": list(range(prov["evaluate_config"]["max_tokens"] // test_store.seq_len)),
+        "documents": "the store's first sequences",
+    }
     ev["n_tokens"] = len(ev["sequences"]) * test_store.seq_len
     err_eval = 0.0
     print(f"evaluation KL (layer_metrics vs float64, {ev['n_tokens']} tokens: {ev['documents']})")

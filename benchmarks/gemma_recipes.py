@@ -6,12 +6,14 @@ e.g. the recipes of benchmarks/RESULTS.md ("A KL-trained lens for Gemma-3"):
 
     gemma-3-270m ls steps=0 batch_tokens=256 val_tokens=256 eval_tokens=2048
     gemma-3-270m kl steps=8 batch_tokens=128 val_tokens=256 step_scale=residual lr_scale=0.01 eval_tokens=2048
-    gemma-3-270m adamres optimizer=adam steps=8 batch_tokens=128 val_tokens=256 step_scale=residual lr_scale=0.025 eval_tokens=2048
+    gemma-3-270m adamres optimizer=adam steps=8 batch_tokens=128 val_tokens=256 step_scale=residual \
+        lr_scale=0.025 eval_tokens=2048
 
 Reads the stores and prepared model of a finished run under data/ (the two-architectures
 config), writes the lens and its layer_metrics table under /tmp/lenspipe-recipes/MODEL-NAME and
 prints the held-out KL per layer.
 """
+
 import sys
 import time
 from pathlib import Path
@@ -22,9 +24,9 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.config import EvaluateConfig, TrainConfig  # noqa: E402
-from pipeline.evaluate import evaluate  # noqa: E402
-from pipeline.train import train  # noqa: E402
+from pipeline.config import EvaluateConfig, TrainConfig
+from pipeline.evaluate import evaluate
+from pipeline.train import train
 
 
 def main() -> None:
@@ -37,9 +39,16 @@ def main() -> None:
     t = time.time()
     train(stores / "train.zarr", stores / "validation.zarr", model_dir, out, TrainConfig(**kw), "affine")
     print(name, "train", f"{time.time() - t:.0f}s", flush=True)
-    evaluate(stores / "test.zarr", data / f"corpora/shakespeare/{model}/test.npz", model_dir, {"affine": out},
-             EvaluateConfig(max_tokens=eval_tokens, chunk_tokens=256, token_metrics=False), out / "tables",
-             {"model": model, "revision": None, "corpus": "shakespeare", "split": "test"}, threads=2)
+    evaluate(
+        stores / "test.zarr",
+        data / f"corpora/shakespeare/{model}/test.npz",
+        model_dir,
+        {"affine": out},
+        EvaluateConfig(max_tokens=eval_tokens, chunk_tokens=256, token_metrics=False),
+        out / "tables",
+        {"model": model, "revision": None, "corpus": "shakespeare", "split": "test"},
+        threads=2,
+    )
     df = pd.read_parquet(out / "tables/layer_metrics.parquet")
     kl = df[df.lens == "tuned"].set_index("layer").kl
     print(name, "test mean tuned KL", kl.mean(), flush=True)

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+
 # The default run's stores and model, and the library on the path: as train_curves.py.
 from train_curves import MODEL, STORES, TrainConfig, train
 
@@ -31,18 +32,27 @@ def main() -> None:
     val = dict(val_tokens=1024, patience=0, checkpoint_every=0, layers=args.layers)
     curves = {}
     with tempfile.TemporaryDirectory() as tmp:
-        ref = train(STORES / "train.zarr", STORES / "validation.zarr", MODEL, Path(tmp) / "affine",
-                    TrainConfig(**val, eval_every=4), "affine")["val_kl"]
+        ref = train(
+            STORES / "train.zarr",
+            STORES / "validation.zarr",
+            MODEL,
+            Path(tmp) / "affine",
+            TrainConfig(**val, eval_every=4),
+            "affine",
+        )["val_kl"]
         for run in args.runs:
             kind, opt, lr = run.split(":")
-            cfg = TrainConfig(**val, steps=args.steps, optimizer=opt, lr_scale=float(lr),
-                              eval_every=max(1, args.steps // 8))
+            cfg = TrainConfig(
+                **val, steps=args.steps, optimizer=opt, lr_scale=float(lr), eval_every=max(1, args.steps // 8)
+            )
             t0 = time.monotonic()
             train(STORES / "train.zarr", STORES / "validation.zarr", MODEL, Path(tmp) / run, cfg, kind)
             log = pd.read_parquet(Path(tmp) / run / "train_log.parquet").dropna(subset=["val_kl"])
             curves[f"{run} ({time.monotonic() - t0:.0f} s)"] = log.pivot(index="step", columns="layer", values="val_kl")
-    print(f"validation KL (nats) on 1,024 tokens, batches of 512 tokens; the default affine lens: "
-          + ", ".join(f"layer {k} {v:.3f}" for k, v in sorted(ref.items(), key=lambda kv: int(kv[0]))))
+    print(
+        "validation KL (nats) on 1,024 tokens, batches of 512 tokens; the default affine lens: "
+        + ", ".join(f"layer {k} {v:.3f}" for k, v in sorted(ref.items(), key=lambda kv: int(kv[0])))
+    )
     for layer in args.layers:
         print(f"\nlayer {layer}")
         print(pd.DataFrame({run: c[layer] for run, c in curves.items()}).round(3).to_markdown())

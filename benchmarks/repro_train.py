@@ -34,7 +34,8 @@ from pipeline.train import train
 threads, layers, out = int(sys.argv[1]), json.loads(sys.argv[2]), Path(sys.argv[3])
 torch.set_num_threads(threads)
 cfg = replace(load_config("config/config.yaml").train, layers=layers)
-m = train(Path(sys.argv[4]) / "train.zarr", Path(sys.argv[4]) / "validation.zarr", Path(sys.argv[5]), out, cfg, "affine")
+stores = Path(sys.argv[4])
+m = train(stores / "train.zarr", stores / "validation.zarr", Path(sys.argv[5]), out, cfg, "affine")
 print(json.dumps(m["val_kl"]))
 """
 
@@ -51,16 +52,26 @@ def one_run(out: Path, layers: list[int], threads: int, loaded: bool) -> dict:
     burner = subprocess.Popen([sys.executable, "-c", BURNER]) if loaded else None
     try:
         t0 = time.perf_counter()
-        done = subprocess.run([sys.executable, "-c", TRAIN, str(threads), json.dumps(layers), str(out),
-                               str(STORES), str(MODEL)], cwd=ROOT, capture_output=True, text=True, check=True)
+        done = subprocess.run(
+            [sys.executable, "-c", TRAIN, str(threads), json.dumps(layers), str(out), str(STORES), str(MODEL)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         seconds = time.perf_counter() - t0
     finally:
         if burner:
             burner.kill()
             burner.wait()
     weights = hashlib.sha256((out / "translators.safetensors").read_bytes()).hexdigest()
-    return {"val_kl": json.loads(done.stdout.strip().splitlines()[-1]), "sha256": weights, "seconds": seconds,
-            "threads": threads, "loaded": loaded}
+    return {
+        "val_kl": json.loads(done.stdout.strip().splitlines()[-1]),
+        "sha256": weights,
+        "seconds": seconds,
+        "threads": threads,
+        "loaded": loaded,
+    }
 
 
 def difference(tmp: Path, i: int, r: dict, ref: dict) -> str:
@@ -91,9 +102,12 @@ def main() -> None:
             results.append(r)
             ref = results[0]
             same = r["sha256"] == ref["sha256"] and r["val_kl"] == ref["val_kl"]
-            print(f"run {i:2d}  threads={threads} loaded={str(loaded):5s} {r['seconds']:6.1f} s  "
-                  f"weights {r['sha256'][:12]}  val_kl[{layers[-1]}]={r['val_kl'][str(layers[-1])]:.10f}  "
-                  f"{'bitwise equal' if same else 'DIFFERS: ' + difference(Path(tmp), i, r, ref)}", flush=True)
+            print(
+                f"run {i:2d}  threads={threads} loaded={str(loaded):5s} {r['seconds']:6.1f} s  "
+                f"weights {r['sha256'][:12]}  val_kl[{layers[-1]}]={r['val_kl'][str(layers[-1])]:.10f}  "
+                f"{'bitwise equal' if same else 'DIFFERS: ' + difference(Path(tmp), i, r, ref)}",
+                flush=True,
+            )
     ref = results[0]
     two = results[:-1]
     equal = sum(r["sha256"] == ref["sha256"] and r["val_kl"] == ref["val_kl"] for r in two)

@@ -6,6 +6,7 @@ Prints one row per job (rule, wildcards, seconds from its start to its "Finished
 then the sum per rule and the run's span. Jobs that ran side by side overlap: the per-rule
 sums can add up to more than the span.
 """
+
 from __future__ import annotations
 
 import re
@@ -25,7 +26,7 @@ def jobs(text: str) -> list[tuple[str, str, float]]:
             now = datetime.strptime(m.group(1), "%a %b %d %H:%M:%S %Y")
             continue
         s = line.strip()
-        if (m := re.match(r"^(?:local)?rule (\w+):$", s)):
+        if m := re.match(r"^(?:local)?rule (\w+):$", s):
             pending = [m.group(1), "", now]
         elif pending and s.startswith("wildcards:"):
             pending[1] = s.split(":", 1)[1].strip()
@@ -45,8 +46,11 @@ def main() -> None:
         print(f"{rule:22s} {s:7.0f} s  {wc}")
         total[rule] += s
     print("\nper rule (s):", ", ".join(f"{r} {s:.0f}" for r, s in sorted(total.items(), key=lambda kv: -kv[1])))
-    stamps = [datetime.strptime(m.group(1), "%a %b %d %H:%M:%S %Y")
-              for m in map(STAMP.match, map(str.strip, log.read_text().splitlines())) if m]
+    stamps = [
+        datetime.strptime(m.group(1), "%a %b %d %H:%M:%S %Y")
+        for m in map(STAMP.match, map(str.strip, log.read_text().splitlines()))
+        if m
+    ]
     print(f"span: {(stamps[-1] - stamps[0]).total_seconds():.0f} s ({log})")
 
 

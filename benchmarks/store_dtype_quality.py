@@ -23,6 +23,7 @@ how far the largest feature of a row stands above the row's RMS. All results als
 ``<out>/quality.json``. Steps already done in ``--out`` are reused (stores resume, lenses
 and tables are kept).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,18 +34,17 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from pipeline.config import EvaluateConfig, ExtractConfig, TrainConfig  # noqa: E402
-from pipeline.evaluate import evaluate  # noqa: E402
-from pipeline.extract import extract  # noqa: E402
-from pipeline.store.dtypes import DTYPES  # noqa: E402
-from pipeline.store.info import measure_compression  # noqa: E402
-from pipeline.store.reader import open_store  # noqa: E402
-from pipeline.train import train  # noqa: E402
+from pipeline.config import EvaluateConfig, ExtractConfig, TrainConfig
+from pipeline.evaluate import evaluate
+from pipeline.extract import extract
+from pipeline.store.dtypes import DTYPES
+from pipeline.store.info import measure_compression
+from pipeline.store.reader import open_store
+from pipeline.train import train
 
 MODEL, CORPUS, KIND = "smollm2-135m", "shakespeare", "affine"
 SPLITS = ("train", "validation", "test")
@@ -58,8 +58,13 @@ def extract_all(data: Path, out: Path, dtype: str, splits=SPLITS) -> dict[str, d
         store = out / "stores" / dtype / f"{split}.zarr"
         done = store.with_suffix(".extract.json")
         if not done.exists() or not (store / "COMPLETE").exists():
-            summary = extract(model_dir, data / "corpora" / CORPUS / MODEL / f"{split}.npz", store,
-                              dataclasses.replace(ExtractConfig(), dtype=dtype), split)
+            summary = extract(
+                model_dir,
+                data / "corpora" / CORPUS / MODEL / f"{split}.npz",
+                store,
+                dataclasses.replace(ExtractConfig(), dtype=dtype),
+                split,
+            )
             done.write_text(json.dumps(summary))
         summaries[split] = json.loads(done.read_text())
     return summaries
@@ -79,9 +84,16 @@ def evaluate_on(data: Path, out: Path, lens_dtype: str, store_dtype: str) -> pd.
     if not (tables / "layer_metrics.parquet").exists():
         cfg = dataclasses.replace(EvaluateConfig(), token_metrics=False)
         identity = {"model": MODEL, "revision": None, "corpus": CORPUS, "train_corpus": CORPUS, "split": cfg.split}
-        evaluate(out / "stores" / store_dtype / "test.zarr", data / "corpora" / CORPUS / MODEL / "test.npz",
-                 data / "models" / MODEL, {KIND: out / "lenses" / lens_dtype}, cfg, tables, identity,
-                 threads=torch.get_num_threads())
+        evaluate(
+            out / "stores" / store_dtype / "test.zarr",
+            data / "corpora" / CORPUS / MODEL / "test.npz",
+            data / "models" / MODEL,
+            {KIND: out / "lenses" / lens_dtype},
+            cfg,
+            tables,
+            identity,
+            threads=torch.get_num_threads(),
+        )
     return pd.read_parquet(tables / "layer_metrics.parquet")
 
 
@@ -94,8 +106,10 @@ def bytes_per_token(out: Path, dtype: str) -> dict[str, float]:
     store = out / "stores" / dtype / "train.zarr"
     s = open_store(store)
     sizes = measure_compression(store)
-    return {"stored": sizes["stored_bytes"] / s.n_tokens,
-            "uncompressed": DTYPES[dtype].bytes_per_token(s.n_layers, s.d_model)}
+    return {
+        "stored": sizes["stored_bytes"] / s.n_tokens,
+        "uncompressed": DTYPES[dtype].bytes_per_token(s.n_layers, s.d_model),
+    }
 
 
 def rounding_by_layer(out: Path, dtype: str, n_tokens: int = 4096) -> pd.DataFrame:
@@ -111,17 +125,25 @@ def rounding_by_layer(out: Path, dtype: str, n_tokens: int = 4096) -> pd.DataFra
         absmax = x.abs().amax(-1)
         rms = x.pow(2).mean(-1).sqrt()
         row_err = (y - x).pow(2).mean(-1).sqrt() / rms.clamp_min(1e-30)
-        rows.append({"layer": layer, "row_rel_rms_err": float(row_err.mean()),
-                     "zero_frac": float((y == 0).double().mean()), "exact_zero_frac": float((x == 0).double().mean()),
-                     "peak_over_rms": float((absmax / rms.clamp_min(1e-30)).median()),
-                     "sink_over_median_row": float(absmax.max() / absmax.median())})
+        rows.append(
+            {
+                "layer": layer,
+                "row_rel_rms_err": float(row_err.mean()),
+                "zero_frac": float((y == 0).double().mean()),
+                "exact_zero_frac": float((x == 0).double().mean()),
+                "peak_over_rms": float((absmax / rms.clamp_min(1e-30)).median()),
+                "sink_over_median_row": float(absmax.max() / absmax.median()),
+            }
+        )
     return pd.DataFrame(rows)
 
 
 def markdown(df: pd.DataFrame, floats: str = "{:.4f}") -> str:
     head = "| " + " | ".join(df.columns) + " |\n|" + "---|" * len(df.columns) + "\n"
-    body = "".join("| " + " | ".join(floats.format(v) if isinstance(v, float) else str(v) for v in row) + " |\n"
-                   for row in df.itertuples(index=False))
+    body = "".join(
+        "| " + " | ".join(floats.format(v) if isinstance(v, float) else str(v) for v in row) + " |\n"
+        for row in df.itertuples(index=False)
+    )
     return head + body
 
 
@@ -157,12 +179,15 @@ def main() -> None:
         per_layer[f"{d} %"] = (100 * (own - base) / base).values
         per_layer[f"{d} lens on bf16 %"] = (100 * (on_bf16 - base) / base).values
         per_layer[f"{d} logit - bf16"] = (kl_by_layer(tables[d, d], "logit") - base_logit).values
-        summary[d] = {"mean_tuned_kl": float(own.mean()), "mean_diff_nats": float((own - base).mean()),
-                      "mean_diff_pct_of_mean": float(100 * (own - base).mean() / base.mean()),
-                      "mean_of_layer_pct": float((100 * (own - base) / base).mean()),
-                      "max_layer_pct": float((100 * (own - base) / base).max()),
-                      "lens_on_bf16_mean_diff_pct": float(100 * (on_bf16 - base).mean() / base.mean()),
-                      "logit_mean_diff_nats": float((kl_by_layer(tables[d, d], "logit") - base_logit).mean())}
+        summary[d] = {
+            "mean_tuned_kl": float(own.mean()),
+            "mean_diff_nats": float((own - base).mean()),
+            "mean_diff_pct_of_mean": float(100 * (own - base).mean() / base.mean()),
+            "mean_of_layer_pct": float((100 * (own - base) / base).mean()),
+            "max_layer_pct": float((100 * (own - base) / base).max()),
+            "lens_on_bf16_mean_diff_pct": float(100 * (on_bf16 - base).mean() / base.mean()),
+            "logit_mean_diff_nats": float((kl_by_layer(tables[d, d], "logit") - base_logit).mean()),
+        }
     summary["bfloat16"] = {"mean_tuned_kl": float(base.mean()), "mean_logit_kl": float(base_logit.mean())}
     if not args.no_float32:
         for d in dtypes:
@@ -170,19 +195,32 @@ def main() -> None:
             summary[d]["on_float32_mean_tuned_kl"] = float(on32.mean())
         summary["float32_logit_mean_kl"] = float(kl_by_layer(tables["bfloat16", "float32"], "logit").mean())
 
-    print(f"\n## Per layer: held-out tuned-lens KL (nats), each dtype's lens on its own test store, vs bf16\n")
+    print("\n## Per layer: held-out tuned-lens KL (nats), each dtype's lens on its own test store, vs bf16\n")
     print(markdown(per_layer))
     means = pd.DataFrame([{"dtype": d, **{k: v for k, v in summary[d].items()}} for d in dtypes])
     print("## Means over layers\n")
     print(markdown(means))
     sizes = {d: bytes_per_token(args.out, d) for d in dtypes}
     print("## Bytes per token (train store) and the logits check (test store, first 64 positions)\n")
-    print(markdown(pd.DataFrame([{"dtype": d, "on disk (zstd-3)": sizes[d]["stored"],
-                                  "uncompressed": float(sizes[d]["uncompressed"]),
-                                  "vs bf16 on disk": sizes[d]["stored"] / sizes["bfloat16"]["stored"],
-                                  "logits max abs err": checks[d]["stored_logits_max_err"],
-                                  "logits KL (nats)": checks[d]["stored_logits_kl"]} for d in checks if d in sizes]),
-                   "{:.4g}"))
+    print(
+        markdown(
+            pd.DataFrame(
+                [
+                    {
+                        "dtype": d,
+                        "on disk (zstd-3)": sizes[d]["stored"],
+                        "uncompressed": float(sizes[d]["uncompressed"]),
+                        "vs bf16 on disk": sizes[d]["stored"] / sizes["bfloat16"]["stored"],
+                        "logits max abs err": checks[d]["stored_logits_max_err"],
+                        "logits KL (nats)": checks[d]["stored_logits_kl"],
+                    }
+                    for d in checks
+                    if d in sizes
+                ]
+            ),
+            "{:.4g}",
+        )
+    )
     rounding = {}
     if not args.no_float32:
         print(f"float32 store's logits check: max abs err {checks['float32']['stored_logits_max_err']:.3g}\n")
@@ -192,9 +230,20 @@ def main() -> None:
             print(f"## What {d} rounding does, per layer (test store vs float32, first 4,096 tokens)\n")
             print(markdown(r, "{:.4g}"))
     print(f"total {seconds / 60:.1f} min")
-    (args.out / "quality.json").write_text(json.dumps(
-        {"per_layer": per_layer.to_dict("records"), "summary": summary, "bytes_per_token": sizes,
-         "checks": checks, "rounding": rounding, "seconds": seconds, "dtypes": dtypes}, indent=1))
+    (args.out / "quality.json").write_text(
+        json.dumps(
+            {
+                "per_layer": per_layer.to_dict("records"),
+                "summary": summary,
+                "bytes_per_token": sizes,
+                "checks": checks,
+                "rounding": rounding,
+                "seconds": seconds,
+                "dtypes": dtypes,
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ sustains its rate. Defaults: the H200 machine of benchmarks/RESULTS.md (16 cores
 /tmp 1.4 GB/s, SmolLM2-135M's bare forward 631,579 tokens/s, its training baseline 940,686
 token-layers/s at 8,192-token batches).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,12 +40,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_store_io import (  # noqa: E402
-    add_input_arguments, input_activations, store_bytes, store_read_all, store_write, timed_cpu)
-from pipeline.allocator import keep_freed_memory  # noqa: E402
-from pipeline.store import engine  # noqa: E402
-from pipeline.store.dtypes import DTYPES  # noqa: E402
-from pipeline.store.reader import open_store  # noqa: E402
+from bench_store_io import add_input_arguments, input_activations, store_bytes, store_read_all, store_write, timed_cpu
+
+from pipeline.allocator import keep_freed_memory
+from pipeline.store import engine
+from pipeline.store.dtypes import DTYPES
+from pipeline.store.reader import open_store
 
 
 def cpu_seconds(fn, rounds: int = 2) -> float:
@@ -86,27 +87,37 @@ def main() -> None:
     x, source = input_activations(args)  # (L+1, batch, d) float32
     n_layers, d_model = x.shape[0] - 1, x.shape[2]
     bf16_bytes = DTYPES["bfloat16"].bytes_per_token(n_layers, d_model)
-    print(f"measured here on {source}: {torch.get_num_threads()} threads; projected to {args.cores} cores, disk "
-          f"{args.disk_gb_s} GB/s; the bare forward makes {args.forward_tok_s:,.0f} tokens/s "
-          f"({args.forward_tok_s * bf16_bytes / 1e9:.1f} GB/s as bf16), training at its baseline reads "
-          f"{args.train_token_layers_s:,.0f} token-layers/s")
-    print("| dtype | compression | bytes/token on disk | vs bf16 uncompressed | write CPU us/token | "
-          "read CPU us/token | store writes tok/s (cores) | disk tok/s | extraction tok/s | x forward | bound | "
-          "store reads token-layers/s (cores) | training x baseline (reads) |")
+    print(
+        f"measured here on {source}: {torch.get_num_threads()} threads; projected to {args.cores} cores, disk "
+        f"{args.disk_gb_s} GB/s; the bare forward makes {args.forward_tok_s:,.0f} tokens/s "
+        f"({args.forward_tok_s * bf16_bytes / 1e9:.1f} GB/s as bf16), training at its baseline reads "
+        f"{args.train_token_layers_s:,.0f} token-layers/s"
+    )
+    print(
+        "| dtype | compression | bytes/token on disk | vs bf16 uncompressed | write CPU us/token | "
+        "read CPU us/token | store writes tok/s (cores) | disk tok/s | extraction tok/s | x forward | bound | "
+        "store reads token-layers/s (cores) | training x baseline (reads) |"
+    )
     print("|" + "---|" * 13)
     root = Path(tempfile.mkdtemp(prefix="store_gpu_projection-"))
     try:
         for dtype in args.dtypes.split(","):
             for comp in args.compressions.split(","):
                 c = store_costs(root, x, args.tokens, comp, dtype)
-                rates = {"forward pass": args.forward_tok_s, "store CPU": args.cores / c["write"],
-                         "disk": args.disk_gb_s * 1e9 / c["bytes"]}
+                rates = {
+                    "forward pass": args.forward_tok_s,
+                    "store CPU": args.cores / c["write"],
+                    "disk": args.disk_gb_s * 1e9 / c["bytes"],
+                }
                 bound = min(rates, key=rates.get)
                 reads = args.cores / c["read"] * (n_layers + 1)  # token-layers/s
-                print(f"| {dtype} | {comp} | {c['bytes']:,.0f} | {c['bytes'] / bf16_bytes:.3f} | "
-                      f"{c['write'] * 1e6:.2f} | {c['read'] * 1e6:.2f} | {rates['store CPU']:,.0f} | "
-                      f"{rates['disk']:,.0f} | {rates[bound]:,.0f} | {rates[bound] / args.forward_tok_s:.3f} | "
-                      f"{bound} | {reads:,.0f} | {min(1.0, reads / args.train_token_layers_s):.2f} |", flush=True)
+                print(
+                    f"| {dtype} | {comp} | {c['bytes']:,.0f} | {c['bytes'] / bf16_bytes:.3f} | "
+                    f"{c['write'] * 1e6:.2f} | {c['read'] * 1e6:.2f} | {rates['store CPU']:,.0f} | "
+                    f"{rates['disk']:,.0f} | {rates[bound]:,.0f} | {rates[bound] / args.forward_tok_s:.3f} | "
+                    f"{bound} | {reads:,.0f} | {min(1.0, reads / args.train_token_layers_s):.2f} |",
+                    flush=True,
+                )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

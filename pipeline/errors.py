@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 
 class LenspipeError(Exception):
@@ -49,8 +49,9 @@ DISK_FULL_ERRNOS = frozenset({28, 122})  # ENOSPC, EDQUOT (Linux numbering)
 #: errno values meaning "nothing can be created at this location": permissions, a read-only
 #: filesystem, or a pseudo-filesystem such as /proc that refuses new files (ENOENT there,
 #: although the parent exists: callers create missing parents first).
-UNWRITABLE_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR,
-                               errno.EISDIR, errno.EFBIG})
+UNWRITABLE_ERRNOS = frozenset(
+    {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EFBIG}
+)
 
 
 def disk_full(e: BaseException) -> bool:
@@ -64,9 +65,11 @@ def disk_full(e: BaseException) -> bool:
 
 def disk_full_message(e: BaseException, what: str) -> str:
     where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-    return (f"no space left on the device while writing {what}{where}: free some space or "
-            "point data_dir at a larger disk, then re-run; work already completed is kept "
-            "and nothing half-written is taken as finished")
+    return (
+        f"no space left on the device while writing {what}{where}: free some space or "
+        "point data_dir at a larger disk, then re-run; work already completed is kept "
+        "and nothing half-written is taken as finished"
+    )
 
 
 @contextlib.contextmanager
@@ -82,14 +85,17 @@ def output_errors(dest: str | os.PathLike, what: str) -> Iterator[None]:
     except (OSError, StoreError) as e:
         # e.filename is often our temporary name, which is gone by now: name dest instead.
         if any(disk_full(c) for c in _causes(e)):
-            raise OutputError(f"no space left on the device while writing {what} {dest}: free some "
-                              "space, then re-run; nothing half-written was left behind") from e
+            raise OutputError(
+                f"no space left on the device while writing {what} {dest}: free some "
+                "space, then re-run; nothing half-written was left behind"
+            ) from e
         if isinstance(e, StoreError):
             raise
         if e.errno in UNWRITABLE_ERRNOS:
             # os.strerror: h5py's own strerror is a page of HDF5 internals
-            raise OutputError(f"cannot write {what} {dest} ({os.strerror(e.errno)}); choose a location "
-                              "you can write to") from e
+            raise OutputError(
+                f"cannot write {what} {dest} ({os.strerror(e.errno)}); choose a location you can write to"
+            ) from e
         raise
 
 

@@ -32,13 +32,19 @@ from .lens.tuned import LogitLens, TunedLens, logits_into, read_lens_meta
 from .model.head import load_unembed_head
 from .progress import Progress
 from .provenance import exclusive_output, package_versions
-from .sampling import (document_counts, format_documents, read_sequence_tokens, read_sequences, split_sequences,
-                       spread_sequences, token_index)
+from .sampling import (
+    document_counts,
+    format_documents,
+    read_sequence_tokens,
+    read_sequences,
+    split_sequences,
+    spread_sequences,
+    token_index,
+)
 from .store.reader import check_store_model, open_store
-from .tables import LOGIT, MODEL, lens_identity, calibration_table, layer_metrics_table, write_table
+from .tables import LOGIT, MODEL, calibration_table, layer_metrics_table, lens_identity, write_table
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass(frozen=True)
@@ -87,15 +93,21 @@ def _per_seq(values: torch.Tensor, mask: torch.Tensor | None, seq_len: int):
     return sums.numpy(), counts.numpy()
 
 
-def _metric_values(st: dict[str, torch.Tensor], chunk: "Chunk") -> dict[str, tuple]:
+def _metric_values(st: dict[str, torch.Tensor], chunk: Chunk) -> dict[str, tuple]:
     """Per-token values and the mask each metric is averaged under (None = all tokens)."""
     m = chunk.mask
-    return {"kl": (st["kl"], None), "ce": (st["ce"], m), "acc": ((st["top1"] == chunk.next_ids).double(), m),
-            "agree_top1": (st["agree_top1"].double(), None), "agree_topk": (st["agree_topk"].double(), None),
-            "entropy": (st["entropy"], None), "nats_per_byte": (st["ce"], m)}
+    return {
+        "kl": (st["kl"], None),
+        "ce": (st["ce"], m),
+        "acc": ((st["top1"] == chunk.next_ids).double(), m),
+        "agree_top1": (st["agree_top1"].double(), None),
+        "agree_topk": (st["agree_topk"].double(), None),
+        "entropy": (st["entropy"], None),
+        "nats_per_byte": (st["ce"], m),
+    }
 
 
-def _add(result: ChunkResult, key, vals: dict, chunk: "Chunk", seq_len: int) -> None:
+def _add(result: ChunkResult, key, vals: dict, chunk: Chunk, seq_len: int) -> None:
     out = {}
     for name, (v, m) in vals.items():
         out[name] = _per_seq(v, m, seq_len)
@@ -107,6 +119,7 @@ def _add(result: ChunkResult, key, vals: dict, chunk: "Chunk", seq_len: int) -> 
 @dataclass
 class Chunk:
     """The per-chunk inputs every lens shares."""
+
     x: dict[str, torch.Tensor]  # per position: block (L+1, n, d_model), attention (L, n, d_model)
     ids: torch.Tensor  # (n,)
     next_ids: torch.Tensor  # (n,)
@@ -133,9 +146,12 @@ def _evaluate_one(result: ChunkResult, key, z, chunk: Chunk, job: Job, tokens: l
 def evaluate_chunk(job: Job, seqs: tuple[int, ...], token_bytes: np.ndarray, part: int) -> ChunkResult:
     """All lenses x all lens positions on the whole store sequences ``seqs``."""
     store = open_store(job.store)
-    x = {position: read_sequences(store, [(position, layer) for layer in
-                                          range(P.POSITIONS[position].n_states(job.n_layers))], seqs)
-         for position in job.positions}  # block (L+1, n, d_model), attention (L, n, d_model)
+    x = {
+        position: read_sequences(
+            store, [(position, layer) for layer in range(P.POSITIONS[position].n_states(job.n_layers))], seqs
+        )
+        for position in job.positions
+    }  # block (L+1, n, d_model), attention (L, n, d_model)
     ids = read_sequence_tokens(store, seqs)  # (n,)
     return evaluate_tensors(job, _lenses(job.model_dir, job.lens_dirs), x, ids, seqs, token_bytes, part)
 
@@ -149,8 +165,15 @@ def _lens_keys(name: str, lens, job: Job) -> list[P.Key]:
 
 
 @torch.no_grad()
-def evaluate_tensors(job: Job, lenses: dict[str, Any], x: dict[str, torch.Tensor] | torch.Tensor,
-                     ids: torch.Tensor, seqs: tuple[int, ...], token_bytes: np.ndarray, part: int) -> ChunkResult:
+def evaluate_tensors(
+    job: Job,
+    lenses: dict[str, Any],
+    x: dict[str, torch.Tensor] | torch.Tensor,
+    ids: torch.Tensor,
+    seqs: tuple[int, ...],
+    token_bytes: np.ndarray,
+    part: int,
+) -> ChunkResult:
     """The compute of :func:`evaluate_chunk` on the states ``x`` already read (per position:
     block (L+1, n, d_model), attention (L, n, d_model); a tensor: the block's) and token ids
     (n,) (benchmarks/bench_evaluate.py times it alone)."""
@@ -158,16 +181,30 @@ def evaluate_tensors(job: Job, lenses: dict[str, Any], x: dict[str, torch.Tensor
     next_ids, mask = M.next_token_targets(ids, job.seq_len)  # (n,), (n,)
     final_logits = logits_into(lenses[LOGIT], x[P.BLOCK.name][-1], job.n_layers)  # (n, vocab), a reused buffer
     nbytes = torch.from_numpy(np.roll(token_bytes, -1)).double()  # bytes of the next token
-    chunk = Chunk(x, ids, next_ids, mask, M.final_stats(final_logits), token_index(seqs, job.seq_len),
-                  _per_seq(nbytes, mask, job.seq_len)[0])
+    chunk = Chunk(
+        x,
+        ids,
+        next_ids,
+        mask,
+        M.final_stats(final_logits),
+        token_index(seqs, job.seq_len),
+        _per_seq(nbytes, mask, job.seq_len)[0],
+    )
     result, tokens = ChunkResult(), []
     _evaluate_one(result, (MODEL, P.BLOCK.name, job.n_layers), final_logits, chunk, job, tokens)
     for name, lens in lenses.items():
         keys = _lens_keys(name, lens, job)
-        tops = {(position, layer): _evaluate_one(result, (name, position, layer),
-                                                 logits_into(lens, x[position][layer], layer, position), chunk, job,
-                                                 tokens)
-                for position, layer in keys}
+        tops = {
+            (position, layer): _evaluate_one(
+                result,
+                (name, position, layer),
+                logits_into(lens, x[position][layer], layer, position),
+                chunk,
+                job,
+                tokens,
+            )
+            for position, layer in keys
+        }
         for key, a in tops.items():  # consistency: top-1 kept by the next lens layer
             b = tops.get(_successor(key, keys, job.n_layers), chunk.final["top1"])
             result.sums[(name, *key)]["consistency"] = _per_seq((a == b).double(), None, job.seq_len)
@@ -185,13 +222,18 @@ def _successor(key: P.Key, keys: list[P.Key], n_layers: int) -> P.Key:
 
 def _token_rows(key: ResultKey, chunk: Chunk, st: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     n, mask = len(chunk.ids), chunk.mask.numpy()
-    return {"lens": np.full(n, key[0]), "layer": np.full(n, key[2], np.int32),
-            "position": np.full(n, key[1]), "token_index": chunk.index,
-            "token_id": chunk.ids.numpy().astype(np.int32),
-            "next_token_id": np.where(mask, chunk.next_ids.numpy(), -1).astype(np.int32),
-            "top1_id": st["top1"].numpy().astype(np.int32), "top1_prob": st["top1_prob"].float().numpy(),
-            "next_token_rank": np.where(mask, st["rank"].numpy(), -1).astype(np.int32),
-            "kl": st["kl"].float().numpy()}
+    return {
+        "lens": np.full(n, key[0]),
+        "layer": np.full(n, key[2], np.int32),
+        "position": np.full(n, key[1]),
+        "token_index": chunk.index,
+        "token_id": chunk.ids.numpy().astype(np.int32),
+        "next_token_id": np.where(mask, chunk.next_ids.numpy(), -1).astype(np.int32),
+        "top1_id": st["top1"].numpy().astype(np.int32),
+        "top1_prob": st["top1_prob"].float().numpy(),
+        "next_token_rank": np.where(mask, st["rank"].numpy(), -1).astype(np.int32),
+        "kl": st["kl"].float().numpy(),
+    }
 
 
 def _write_token_part(job: Job, rows: list[dict], part: int) -> None:
@@ -206,8 +248,11 @@ def _write_token_part(job: Job, rows: list[dict], part: int) -> None:
         kind, translator = lens_identity(lens)
         out = Path(job.token_dir) / f"model={model}" / f"lens={kind}" / f"translator={translator or 'none'}"
         out.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table.replace_schema_metadata({"lenspipe": job.provenance}),
-                       out / f"part-{part:05d}.parquet", compression="zstd")
+        pq.write_table(
+            table.replace_schema_metadata({"lenspipe": job.provenance}),
+            out / f"part-{part:05d}.parquet",
+            compression="zstd",
+        )
 
 
 def _combine(results: list[ChunkResult]) -> ChunkResult:
@@ -229,8 +274,13 @@ def summarize(combined: ChunkResult, cfg: EvaluateConfig) -> list[dict[str, Any]
     """One dict per (lens, position, layer): point estimates, bootstrap CIs, derived metrics."""
     rows = []
     for (lens, position, layer), metrics in sorted(combined.sums.items(), key=lambda kv: result_order(kv[0])):
-        row: dict[str, Any] = {"lens": lens, "position": position, "layer": layer,
-                               "n_tokens": int(metrics["kl"][1].sum()), "n_predicted": int(metrics["ce"][1].sum())}
+        row: dict[str, Any] = {
+            "lens": lens,
+            "position": position,
+            "layer": layer,
+            "n_tokens": int(metrics["kl"][1].sum()),
+            "n_predicted": int(metrics["ce"][1].sum()),
+        }
         for name, (s, c) in metrics.items():
             row[name] = float(s.sum() / max(c.sum(), 1e-12))
             lo, hi = M.bootstrap_ci(torch.from_numpy(s), torch.from_numpy(c), n_boot=cfg.bootstrap, seed=cfg.seed)
@@ -251,12 +301,13 @@ def _plan(store, cfg: EvaluateConfig) -> list[tuple[int, ...]]:
     k = None if cfg.max_tokens is None else cfg.max_tokens // store.seq_len
     seqs = [int(i) for i in spread_sequences(store.n_tokens // store.seq_len, k, cfg.seed)]
     per = max(1, cfg.chunk_tokens // store.seq_len)
-    return [tuple(seqs[i:i + per]) for i in range(0, len(seqs), per)]
+    return [tuple(seqs[i : i + per]) for i in range(0, len(seqs), per)]
 
 
 @dataclass
 class SplitTokens:
     """Per store token, what the packed split knows about it."""
+
     token_bytes: np.ndarray  # (n_tokens,) UTF-8 bytes the token covers
     doc_index: np.ndarray  # (n_tokens,) index into doc_ids
     doc_ids: list[str]
@@ -268,12 +319,16 @@ def _split_tokens(store, split_path: Path) -> SplitTokens:
     packed = load_split(split_path)
     sel = store.provenance.get("seq_index", "all")
     idx = np.arange(len(packed.tokens)) if sel == "all" else np.asarray(sel)
-    if packed.meta["fingerprint"] != store.provenance.get("corpus", {}).get("fingerprint") or \
-            not np.array_equal(packed.tokens[idx].reshape(-1), store.tokens().numpy()):
-        raise StoreError(f"the store {store.location.zarr_store} was not extracted from {split_path}: "
-                         "their tokens differ (another corpus, split or tokenizer)")
-    return SplitTokens(packed.token_bytes[idx].reshape(-1), packed.doc_index[idx].reshape(-1),
-                       list(packed.meta["doc_ids"]))
+    if packed.meta["fingerprint"] != store.provenance.get("corpus", {}).get("fingerprint") or not np.array_equal(
+        packed.tokens[idx].reshape(-1), store.tokens().numpy()
+    ):
+        raise StoreError(
+            f"the store {store.location.zarr_store} was not extracted from {split_path}: "
+            "their tokens differ (another corpus, split or tokenizer)"
+        )
+    return SplitTokens(
+        packed.token_bytes[idx].reshape(-1), packed.doc_index[idx].reshape(-1), list(packed.meta["doc_ids"])
+    )
 
 
 def evaluated_sample(store, plan: list[tuple[int, ...]], split: SplitTokens) -> dict[str, Any]:
@@ -282,12 +337,25 @@ def evaluated_sample(store, plan: list[tuple[int, ...]], split: SplitTokens) -> 
     seqs = [s for chunk in plan for s in chunk]
     idx = token_index(seqs, store.seq_len)
     docs = document_counts(split.doc_index[idx], split.doc_ids)
-    return {"sequences": seqs, "split_sequences": split_sequences(store, seqs), "n_tokens": len(idx),
-            "n_bytes": int(split.token_bytes[idx].sum()), "documents": docs}
+    return {
+        "sequences": seqs,
+        "split_sequences": split_sequences(store, seqs),
+        "n_tokens": len(idx),
+        "n_bytes": int(split.token_bytes[idx].sum()),
+        "documents": docs,
+    }
 
 
-def evaluate_lenses(store_path: Path, split_path: Path, model_dir: Path, lens_dirs: dict[str, Path],
-                    cfg: EvaluateConfig, token_dir: Path | None, identity: dict[str, str], threads: int = 1):
+def evaluate_lenses(
+    store_path: Path,
+    split_path: Path,
+    model_dir: Path,
+    lens_dirs: dict[str, Path],
+    cfg: EvaluateConfig,
+    token_dir: Path | None,
+    identity: dict[str, str],
+    threads: int = 1,
+):
     """Evaluate every lens on the store; returns (rows, calibration tables, sample), the
     sample as :func:`evaluated_sample` describes it."""
     import dask
@@ -297,24 +365,55 @@ def evaluate_lenses(store_path: Path, split_path: Path, model_dir: Path, lens_di
     split = _split_tokens(store, split_path)
     plan = _plan(store, cfg)
     sample = evaluated_sample(store, plan, split)
-    job = Job(str(store_path), str(model_dir), tuple((k, str(v)) for k, v in sorted(lens_dirs.items())),
-              store.seq_len, store.n_layers, cfg.topk, cfg.calibration_bins,
-              str(token_dir) if token_dir and cfg.want_token_table(sample["n_tokens"]) else None,
-              tuple(sorted(identity.items())),
-              json.dumps({"identity": identity, "evaluate_config": asdict(cfg), "store": str(store_path),
-                          "store_fingerprint": store.attrs.get("fingerprint"), "versions": package_versions()},
-                         default=str), store.positions)
-    tasks = [dask.delayed(evaluate_chunk)(job, seqs, split.token_bytes[token_index(seqs, store.seq_len)], i)
-             for i, seqs in enumerate(plan)]
-    log.info("evaluating %d lens(es) x %d lens positions (%s) on %d tokens (%s) in %d chunks", len(lens_dirs) + 1,
-             len(P.depth_order(store.n_layers, store.positions)), ", ".join(store.positions), sample["n_tokens"],
-             format_documents(sample["documents"]), len(tasks))
+    job = Job(
+        str(store_path),
+        str(model_dir),
+        tuple((k, str(v)) for k, v in sorted(lens_dirs.items())),
+        store.seq_len,
+        store.n_layers,
+        cfg.topk,
+        cfg.calibration_bins,
+        str(token_dir) if token_dir and cfg.want_token_table(sample["n_tokens"]) else None,
+        tuple(sorted(identity.items())),
+        json.dumps(
+            {
+                "identity": identity,
+                "evaluate_config": asdict(cfg),
+                "store": str(store_path),
+                "store_fingerprint": store.attrs.get("fingerprint"),
+                "versions": package_versions(),
+            },
+            default=str,
+        ),
+        store.positions,
+    )
+    tasks = [
+        dask.delayed(evaluate_chunk)(job, seqs, split.token_bytes[token_index(seqs, store.seq_len)], i)
+        for i, seqs in enumerate(plan)
+    ]
+    log.info(
+        "evaluating %d lens(es) x %d lens positions (%s) on %d tokens (%s) in %d chunks",
+        len(lens_dirs) + 1,
+        len(P.depth_order(store.n_layers, store.positions)),
+        ", ".join(store.positions),
+        sample["n_tokens"],
+        format_documents(sample["documents"]),
+        len(tasks),
+    )
     combined = _combine(_compute(tasks, cfg, threads))
     return summarize(combined, cfg), {k: v.table() for k, v in combined.calibration.items()}, sample
 
 
-def evaluate(store_path: Path, split_path: Path, model_dir: Path, lens_dirs: dict[str, Path],
-             cfg: EvaluateConfig, out_dir: Path, identity: dict[str, str], threads: int = 1) -> list[dict]:
+def evaluate(
+    store_path: Path,
+    split_path: Path,
+    model_dir: Path,
+    lens_dirs: dict[str, Path],
+    cfg: EvaluateConfig,
+    out_dir: Path,
+    identity: dict[str, str],
+    threads: int = 1,
+) -> list[dict]:
     """Evaluate and write ``out_dir``/{layer_metrics,calibration}.parquet (+ token_metrics/).
 
     One process at a time per ``out_dir`` (a second one is refused).
@@ -323,26 +422,45 @@ def evaluate(store_path: Path, split_path: Path, model_dir: Path, lens_dirs: dic
         return _evaluate(store_path, split_path, model_dir, lens_dirs, cfg, Path(out_dir), identity, threads)
 
 
-def _evaluate(store_path, split_path, model_dir, lens_dirs, cfg: EvaluateConfig, out_dir: Path,
-              identity: dict[str, str], threads: int) -> list[dict]:
+def _evaluate(
+    store_path,
+    split_path,
+    model_dir,
+    lens_dirs,
+    cfg: EvaluateConfig,
+    out_dir: Path,
+    identity: dict[str, str],
+    threads: int,
+) -> list[dict]:
     import shutil
 
     t0 = time.monotonic()
     token_dir = out_dir / "token_metrics"
     shutil.rmtree(token_dir, ignore_errors=True)
-    rows, calib, sample = evaluate_lenses(store_path, split_path, model_dir, lens_dirs, cfg,
-                                          token_dir, identity, threads)
+    rows, calib, sample = evaluate_lenses(
+        store_path, split_path, model_dir, lens_dirs, cfg, token_dir, identity, threads
+    )
     store = open_store(store_path)
     tokens_per_byte = sample["n_tokens"] / max(sample["n_bytes"], 1)
-    provenance = {"identity": identity, "evaluate_config": asdict(cfg), "store": str(store_path),
-                  "store_fingerprint": store.attrs.get("fingerprint"), "model": store.provenance.get("model"),
-                  "lenses": {k: read_lens_meta(Path(v)).get("translators_sha256") for k, v in lens_dirs.items()},
-                  "tokens_per_byte": tokens_per_byte, "evaluated": sample, "versions": package_versions(),
-                  "seconds": time.monotonic() - t0}
+    provenance = {
+        "identity": identity,
+        "evaluate_config": asdict(cfg),
+        "store": str(store_path),
+        "store_fingerprint": store.attrs.get("fingerprint"),
+        "model": store.provenance.get("model"),
+        "lenses": {k: read_lens_meta(Path(v)).get("translators_sha256") for k, v in lens_dirs.items()},
+        "tokens_per_byte": tokens_per_byte,
+        "evaluated": sample,
+        "versions": package_versions(),
+        "seconds": time.monotonic() - t0,
+    }
     write_table(calibration_table(calib, identity, store.n_layers, provenance), out_dir / "calibration.parquet")
-    write_table(layer_metrics_table(rows, identity, store.n_layers, tokens_per_byte, provenance,
-                                    format_documents(sample["documents"])),
-                out_dir / "layer_metrics.parquet")
+    write_table(
+        layer_metrics_table(
+            rows, identity, store.n_layers, tokens_per_byte, provenance, format_documents(sample["documents"])
+        ),
+        out_dir / "layer_metrics.parquet",
+    )
     log.info("evaluation written to %s in %.0f s", out_dir, time.monotonic() - t0)
     return rows
 

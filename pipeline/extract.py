@@ -61,14 +61,29 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype):
     return model.to(device).eval()
 
 
-def _provenance(model_dir: Path, split_meta: dict, seq_index: np.ndarray, n_total: int,
-                cfg: ExtractConfig, split: str, model) -> dict[str, Any]:
+def _provenance(
+    model_dir: Path, split_meta: dict, seq_index: np.ndarray, n_total: int, cfg: ExtractConfig, split: str, model
+) -> dict[str, Any]:
     info = read_model_info(model_dir)
     out = {
-        "model": {k: info.get(k) for k in ("name", "source", "revision", "resolved_commit",
-                                           "model_type", "weights_sha256", "tokenizer_sha256")},
-        "corpus": {"split": split, "fingerprint": split_meta["fingerprint"],
-                   "n_seq_in_split": n_total, "seq_len": split_meta["seq_len"]},
+        "model": {
+            k: info.get(k)
+            for k in (
+                "name",
+                "source",
+                "revision",
+                "resolved_commit",
+                "model_type",
+                "weights_sha256",
+                "tokenizer_sha256",
+            )
+        },
+        "corpus": {
+            "split": split,
+            "fingerprint": split_meta["fingerprint"],
+            "n_seq_in_split": n_total,
+            "seq_len": split_meta["seq_len"],
+        },
         "seq_index": "all" if len(seq_index) == n_total else seq_index.tolist(),
         "layer_convention": LAYER_CONVENTION,
         # only what shapes this split's store: not the device, not other splits' budgets
@@ -96,8 +111,11 @@ def _check_logits(model, ids: torch.Tensor, resid: torch.Tensor, dtype: str) -> 
         logits = logits.to(device)
         logp, logq = torch.log_softmax(logits.double(), -1), torch.log_softmax(mine.double(), -1)
         kl = (logp.exp() * (logp - logq)).sum(-1).mean()
-    return {"logits_max_err": err, "stored_logits_max_err": (mine - logits).abs().max().item(),
-            "stored_logits_kl": kl.item()}
+    return {
+        "logits_max_err": err,
+        "stored_logits_max_err": (mine - logits).abs().max().item(),
+        "stored_logits_kl": kl.item(),
+    }
 
 
 def stored_values(x: torch.Tensor, dtype: str) -> torch.Tensor:
@@ -130,27 +148,36 @@ def part_range(n_seq: int, seq_per_shard: int, part: int, parts: int) -> tuple[i
     so every shard of the assembled store is written by exactly one job."""
     n_shards = -(-n_seq // seq_per_shard)
     if parts > n_shards:
-        raise ConfigError(f"extract.parts={parts} exceeds this split's {n_shards} shards; use fewer parts "
-                          "or smaller shard_tokens")
+        raise ConfigError(
+            f"extract.parts={parts} exceeds this split's {n_shards} shards; use fewer parts or smaller shard_tokens"
+        )
     size, extra = divmod(n_shards, parts)
     first = part * size + min(part, extra)
     return first * seq_per_shard, min((first + size + (part < extra)) * seq_per_shard, n_seq)
 
 
-def extract_part(model_dir: Path, split_path: Path, store_path: Path, cfg: ExtractConfig, split: str,
-                 part: int) -> dict[str, Any]:
+def extract_part(
+    model_dir: Path, split_path: Path, store_path: Path, cfg: ExtractConfig, split: str, part: int
+) -> dict[str, Any]:
     """Part ``part`` of ``cfg.parts`` of the split's store (assembled by pipeline.parts)."""
     return extract(model_dir, split_path, store_path, cfg, split, part=(part, cfg.parts))
 
 
-def extract(model_dir: Path, split_path: Path, store_path: Path, cfg: ExtractConfig,
-            split: str, part: tuple[int, int] | None = None) -> dict[str, Any]:
+def extract(
+    model_dir: Path,
+    split_path: Path,
+    store_path: Path,
+    cfg: ExtractConfig,
+    split: str,
+    part: tuple[int, int] | None = None,
+) -> dict[str, Any]:
     """Extract ``split`` into ``store_path``; resumes an interrupted run. Returns a summary."""
     packed = load_split(split_path)
     seq_len = packed.meta["seq_len"]
     if cfg.shard_tokens % seq_len:
-        raise ConfigError(f"extract.shard_tokens ({cfg.shard_tokens}) must be a multiple of the corpus "
-                          f"seq_len ({seq_len})")
+        raise ConfigError(
+            f"extract.shard_tokens ({cfg.shard_tokens}) must be a multiple of the corpus seq_len ({seq_len})"
+        )
     seq_index = select_sequences(len(packed.tokens), cfg.budget(split, seq_len), cfg.seed)
     tokens = torch.from_numpy(packed.tokens[seq_index]).long()  # (n_seq, seq_len)
     device, dtype = resolve_compute(cfg)
@@ -161,9 +188,18 @@ def extract(model_dir: Path, split_path: Path, store_path: Path, cfg: ExtractCon
         lo, hi = part_range(len(tokens), cfg.shard_tokens // seq_len, *part)
         tokens = tokens[lo:hi]
         provenance["part"] = {"index": part[0], "of": part[1], "sequences": [lo, hi]}
-    params = dict(n_layers=parts.n_layers, d_model=parts.d_model, n_tokens=tokens.numel(), seq_len=seq_len,
-                  dtype=cfg.dtype, shard_tokens=cfg.shard_tokens, chunk_tokens=cfg.chunk_tokens,
-                  compression=cfg.compression, level=cfg.level, positions=tuple(cfg.positions))
+    params = dict(
+        n_layers=parts.n_layers,
+        d_model=parts.d_model,
+        n_tokens=tokens.numel(),
+        seq_len=seq_len,
+        dtype=cfg.dtype,
+        shard_tokens=cfg.shard_tokens,
+        chunk_tokens=cfg.chunk_tokens,
+        compression=cfg.compression,
+        level=cfg.level,
+        positions=tuple(cfg.positions),
+    )
     _reset_if_stale(Path(store_path), provenance, params)
     t0 = time.monotonic()
     with StoreWriter.open(store_path, **params, provenance=provenance) as writer:
@@ -177,12 +213,27 @@ def extract(model_dir: Path, split_path: Path, store_path: Path, cfg: ExtractCon
     seconds = time.monotonic() - t0
     n_new = (len(tokens) - first) * seq_len
     log.info("extracted %d tokens in %.1f s (%.0f tokens/s)", n_new, seconds, n_new / max(seconds, 1e-9))
-    return {"store": str(store_path), "n_tokens": tokens.numel(), "resumed_from": first * seq_len,
-            "seconds": seconds, "tokens_per_s": n_new / max(seconds, 1e-9), **checks}
+    return {
+        "store": str(store_path),
+        "n_tokens": tokens.numel(),
+        "resumed_from": first * seq_len,
+        "seconds": seconds,
+        "tokens_per_s": n_new / max(seconds, 1e-9),
+        **checks,
+    }
 
 
-def _run(model, tokens: torch.Tensor, first: int, batch_size: int, writer: StoreWriter,
-         device: torch.device, split: str, dtype: str, positions: tuple[str, ...]) -> dict[str, float]:
+def _run(
+    model,
+    tokens: torch.Tensor,
+    first: int,
+    batch_size: int,
+    writer: StoreWriter,
+    device: torch.device,
+    split: str,
+    dtype: str,
+    positions: tuple[str, ...],
+) -> dict[str, float]:
     """Forward batches from sequence ``first`` on and hand each to the (background) writer;
     returns the logits checks of the first batch (:func:`_check_logits`). The first batch
     also checks the attention position, where it is stored (``model.sublayers``)."""
@@ -190,21 +241,29 @@ def _run(model, tokens: torch.Tensor, first: int, batch_size: int, writer: Store
     checks: dict[str, float] = {}
     with Progress(tokens.numel(), f"extract {split}", initial=first * seq_len) as bar:
         for start in range(first, len(tokens), batch_size):
-            ids = tokens[start:start + batch_size].to(device)  # (batch, pos)
+            ids = tokens[start : start + batch_size].to(device)  # (batch, pos)
             states, _ = residual_states(model, ids, positions=positions, with_logits=False, verify=not checks)
             resid = states[BLOCK.name]  # (L+1, batch, pos, d)
             if not checks:  # once per run: the cache must reproduce the model exactly.
                 # A causal model's first CHECK_POS positions do not depend on later ones, so
                 # a short prefix suffices and costs ~1/40 of a batch.
                 checks = _check_logits(model, ids[:1, :CHECK_POS], resid[:, :1, :CHECK_POS], dtype)
-                log.info("logits check on %d positions: float32 last layer max abs error %.3g; stored "
-                         "(%s) last layer max abs error %.3g, mean KL(model || stored) %.3g nats",
-                         ids[:1, :CHECK_POS].numel(), checks["logits_max_err"], dtype,
-                         checks["stored_logits_max_err"], checks["stored_logits_kl"])
+                log.info(
+                    "logits check on %d positions: float32 last layer max abs error %.3g; stored "
+                    "(%s) last layer max abs error %.3g, mean KL(model || stored) %.3g nats",
+                    ids[:1, :CHECK_POS].numel(),
+                    checks["logits_max_err"],
+                    dtype,
+                    checks["stored_logits_max_err"],
+                    checks["stored_logits_kl"],
+                )
             n_layers1, b, t, d = resid.shape
             attn = states.get(ATTENTION.name)  # (L, batch, pos, d) or None
             # the writer casts and range-checks on this device; only storage bytes cross to host
-            writer.write(resid.reshape(n_layers1, b * t, d), ids.reshape(-1).cpu(),
-                         None if attn is None else attn.reshape(n_layers1 - 1, b * t, d))
+            writer.write(
+                resid.reshape(n_layers1, b * t, d),
+                ids.reshape(-1).cpu(),
+                None if attn is None else attn.reshape(n_layers1 - 1, b * t, d),
+            )
             bar.update(b * t)
     return checks or dict.fromkeys(("logits_max_err", "stored_logits_max_err", "stored_logits_kl"))

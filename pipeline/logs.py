@@ -6,8 +6,8 @@ import contextlib
 import logging
 import os
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 from .errors import LenspipeError, disk_full, disk_full_message
 

@@ -62,26 +62,51 @@ INPUTS = {
     "model_dir": (MODEL_DIR, MODEL_MARKER, "lenspipe prepare-model --model {model}"),
     "split": (CORPUS_SPLIT, CORPUS_SPLIT, "lenspipe prepare-corpus --model {model} --corpus {corpus}"),
     "store": (STORE, STORE, "lenspipe extract --model {model} --corpus {corpus} --split {split}"),
-    "store_part": (STORE_PART, STORE_PART_DONE,
-                   "lenspipe extract --model {model} --corpus {corpus} --split {split} --part {part}"),
+    "store_part": (
+        STORE_PART,
+        STORE_PART_DONE,
+        "lenspipe extract --model {model} --corpus {corpus} --split {split} --part {part}",
+    ),
     "lens": (LENS_DIR, LENS_META, "lenspipe train --model {model} --corpus {corpus} --kind {kind}"),
-    "lens_group": (LENS_GROUP_DIR, LENS_GROUP_META,
-                   "lenspipe train --model {model} --corpus {corpus} --kind {kind} --group {group}"),
+    "lens_group": (
+        LENS_GROUP_DIR,
+        LENS_GROUP_META,
+        "lenspipe train --model {model} --corpus {corpus} --kind {kind} --group {group}",
+    ),
     "layer_metrics": (LAYER_METRICS, LAYER_METRICS, "lenspipe evaluate --model {model} --corpus {corpus}"),
     "calibration": (CALIBRATION, CALIBRATION, "lenspipe evaluate --model {model} --corpus {corpus}"),
-    "token_metrics": (TOKEN_METRICS, TOKEN_METRICS, "lenspipe evaluate --model {model} --corpus {corpus} "
-                      "(with evaluate.token_metrics true, or auto and at most 65,536 tokens)"),
+    "token_metrics": (
+        TOKEN_METRICS,
+        TOKEN_METRICS,
+        "lenspipe evaluate --model {model} --corpus {corpus} "
+        "(with evaluate.token_metrics true, or auto and at most 65,536 tokens)",
+    ),
     # per-run analysis tables that compare_models reads across runs
-    "translator_anatomy": (ANALYSES_DIR + "/translator_anatomy.parquet", ANALYSES_DIR + "/translator_anatomy.parquet",
-                           "lenspipe translator-anatomy --model {model} --corpus {corpus}"),
-    "prediction_depth": (ANALYSES_DIR + "/prediction_depth.parquet", ANALYSES_DIR + "/prediction_depth.parquet",
-                         "lenspipe prediction-depth --model {model} --corpus {corpus}"),
-    "fact_prompts": (ANALYSES_DIR + "/fact_prompts.parquet", ANALYSES_DIR + "/fact_prompts.parquet",
-                     "lenspipe fact-localization --model {model} --corpus {corpus}"),
-    "fact_depths": (ANALYSES_DIR + "/fact_depths.parquet", ANALYSES_DIR + "/fact_depths.parquet",
-                    "lenspipe fact-localization --model {model} --corpus {corpus}"),
-    "across_layer_metrics": (ACROSS_LAYER_METRICS, ACROSS_LAYER_METRICS,
-                             "lenspipe evaluate --model {model} --corpus {corpus} --train-corpus {train_corpus}"),
+    "translator_anatomy": (
+        ANALYSES_DIR + "/translator_anatomy.parquet",
+        ANALYSES_DIR + "/translator_anatomy.parquet",
+        "lenspipe translator-anatomy --model {model} --corpus {corpus}",
+    ),
+    "prediction_depth": (
+        ANALYSES_DIR + "/prediction_depth.parquet",
+        ANALYSES_DIR + "/prediction_depth.parquet",
+        "lenspipe prediction-depth --model {model} --corpus {corpus}",
+    ),
+    "fact_prompts": (
+        ANALYSES_DIR + "/fact_prompts.parquet",
+        ANALYSES_DIR + "/fact_prompts.parquet",
+        "lenspipe fact-localization --model {model} --corpus {corpus}",
+    ),
+    "fact_depths": (
+        ANALYSES_DIR + "/fact_depths.parquet",
+        ANALYSES_DIR + "/fact_depths.parquet",
+        "lenspipe fact-localization --model {model} --corpus {corpus}",
+    ),
+    "across_layer_metrics": (
+        ACROSS_LAYER_METRICS,
+        ACROSS_LAYER_METRICS,
+        "lenspipe evaluate --model {model} --corpus {corpus} --train-corpus {train_corpus}",
+    ),
 }
 
 
@@ -108,21 +133,30 @@ class Artifacts:
     @classmethod
     def of(cls, cfg, model: str | None = None, corpus: str | None = None) -> Artifacts:
         """For a PipelineConfig (names already checked against it)."""
-        return cls(str(cfg.data_dir), model, corpus, cfg.evaluate.split,
-                   tuple((m, c) for m in cfg.models for c in cfg.train_corpora),
-                   tuple((m, t, e) for m in cfg.models for t, e in cfg.evaluations()))
+        return cls(
+            str(cfg.data_dir),
+            model,
+            corpus,
+            cfg.evaluate.split,
+            tuple((m, c) for m in cfg.models for c in cfg.train_corpora),
+            tuple((m, t, e) for m in cfg.models for t, e in cfg.evaluations()),
+        )
 
     def fill(self, pattern: str, **kw) -> str:
-        return fill(pattern, **{"data_dir": self.data_dir, "model": self.model, "corpus": self.corpus,
-                                "split": self.eval_split, **kw})
+        return fill(
+            pattern,
+            **{"data_dir": self.data_dir, "model": self.model, "corpus": self.corpus, "split": self.eval_split, **kw},
+        )
 
     def need(self, name: str, **kw) -> Path:
         """The path of input ``name`` (a key of INPUTS), after checking it has been made."""
         pattern, made, command = INPUTS[name]
         if not Path(self.fill(made, **kw)).exists():
             values = {"model": self.model, "corpus": self.corpus, "split": self.eval_split, **kw}
-            raise LenspipeError(f"no {name.replace('_', ' ')} at {self.fill(pattern, **kw)}: run "
-                                f"`{command.format(**values)}` first (with the same --config)")
+            raise LenspipeError(
+                f"no {name.replace('_', ' ')} at {self.fill(pattern, **kw)}: run "
+                f"`{command.format(**values)}` first (with the same --config)"
+            )
         return Path(self.fill(pattern, **kw))
 
     def layer_metrics(self, model: str, train_corpus: str, corpus: str) -> Path:

@@ -18,8 +18,8 @@ JSON (``"12"`` for block 12, as lenses have always named it; ``"attn.12"`` for a
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 Key = tuple[str, int]
 """A lens position: (position name, layer)."""
@@ -50,10 +50,18 @@ class Position:
         return "layer" if self.extra else f"{self.name} layer"
 
 
-BLOCK = Position("block", "resid", "scale", 1, 0.0, "",
-                 "the residual stream between blocks: layer l is the input of block l")
-ATTENTION = Position("attention", "attn", "attn_scale", 0, 0.5, "attn.",
-                     "inside block l, the residual after its attention sublayer, before its MLP")
+BLOCK = Position(
+    "block", "resid", "scale", 1, 0.0, "", "the residual stream between blocks: layer l is the input of block l"
+)
+ATTENTION = Position(
+    "attention",
+    "attn",
+    "attn_scale",
+    0,
+    0.5,
+    "attn.",
+    "inside block l, the residual after its attention sublayer, before its MLP",
+)
 POSITIONS: dict[str, Position] = {p.name: p for p in (BLOCK, ATTENTION)}
 #: What every lenspipe before positions extracted, and the default: block states only.
 DEFAULT = ("block",)
@@ -107,5 +115,5 @@ def parse_label(text: str) -> Key:
     """The inverse of :func:`label`."""
     for p in POSITIONS.values():
         if p.prefix and text.startswith(p.prefix):
-            return p.name, int(text[len(p.prefix):])
+            return p.name, int(text[len(p.prefix) :])
     return BLOCK.name, int(text)

@@ -14,8 +14,15 @@ log = logging.getLogger("lenspipe.progress")
 
 
 class Progress:
-    def __init__(self, total: int, desc: str, unit: str = "tok", interval: float = 15.0,
-                 initial: int = 0, force_bar: bool | None = None):
+    def __init__(
+        self,
+        total: int,
+        desc: str,
+        unit: str = "tok",
+        interval: float = 15.0,
+        initial: int = 0,
+        force_bar: bool | None = None,
+    ):
         self.total, self.desc, self.unit, self.interval = total, desc, unit, interval
         self.n = self._start_n = initial
         self._t0 = self._last = time.monotonic()
@@ -24,8 +31,7 @@ class Progress:
         if use_bar:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, unit_scale=True,
-                             dynamic_ncols=True)
+            self._bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True)
 
     @property
     def rate(self) -> float:
@@ -51,7 +57,7 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc) -> None:

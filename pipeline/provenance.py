@@ -10,16 +10,28 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .errors import LenspipeError
 
 #: Packages whose versions are recorded in every artifact's provenance.
 TRACKED_PACKAGES = (
-    "lenspipe", "torch", "transformers", "tokenizers", "datasets", "zarr", "numcodecs",
-    "numpy", "dask", "pyarrow", "safetensors", "gguf", "snakemake",
+    "lenspipe",
+    "torch",
+    "transformers",
+    "tokenizers",
+    "datasets",
+    "zarr",
+    "numcodecs",
+    "numpy",
+    "dask",
+    "pyarrow",
+    "safetensors",
+    "gguf",
+    "snakemake",
 )
 
 
@@ -50,7 +62,7 @@ def package_versions() -> dict[str, str]:
 
 
 def now_utc() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
@@ -106,8 +118,7 @@ def acquire_lock(path: str | os.PathLike, what: str, error: type[LenspipeError] 
     except BlockingIOError:
         holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
-        raise error(f"another process (pid {holder}) is writing {what}; wait for it to "
-                    "finish or stop it") from None
+        raise error(f"another process (pid {holder}) is writing {what}; wait for it to finish or stop it") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd

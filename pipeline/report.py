@@ -29,8 +29,12 @@ from .trajectory import plot_trajectory, trajectories
 
 log = logging.getLogger(__name__)
 
-PANELS = [("kl", "KL(model || lens) [nats]", True), ("ce", "cross-entropy to next token [nats]", True),
-          ("acc", "top-1 accuracy (next token)", False), ("agree_top1", "top-1 agreement with the model", False)]
+PANELS = [
+    ("kl", "KL(model || lens) [nats]", True),
+    ("ce", "cross-entropy to next token [nats]", True),
+    ("acc", "top-1 accuracy (next token)", False),
+    ("agree_top1", "top-1 agreement with the model", False),
+]
 
 
 def _label(row) -> str:
@@ -55,7 +59,7 @@ def plot_layer_metrics(df: pd.DataFrame, path: Path, title: str) -> None:
     for ax, (metric, ylabel, log_y) in zip(axes, PANELS):
         for name, g in lenses.groupby("name", sort=True):
             g = g.sort_values("x")
-            line, = ax.plot(g.x, g[metric], marker="o", ms=3, label=name)
+            (line,) = ax.plot(g.x, g[metric], marker="o", ms=3, label=name)
             if f"{metric}_lo" in g:
                 ax.fill_between(g.x, g[f"{metric}_lo"], g[f"{metric}_hi"], alpha=0.25)
             if inside:
@@ -67,8 +71,10 @@ def plot_layer_metrics(df: pd.DataFrame, path: Path, title: str) -> None:
         ax.set_yscale("log" if log_y else "linear")
         ax.grid(alpha=0.3)
     for ax in axes[2:]:
-        ax.set_xlabel("layer (0 = embeddings)" + ("; open markers at l + 0.5: inside block l, after its attention"
-                                                   if inside else ""))
+        ax.set_xlabel(
+            "layer (0 = embeddings)"
+            + ("; open markers at l + 0.5: inside block l, after its attention" if inside else "")
+        )
     axes[0].legend()
     save(fig, path, title=title)
 
@@ -76,8 +82,11 @@ def plot_layer_metrics(df: pd.DataFrame, path: Path, title: str) -> None:
 def calibration_by_lens(cal: pd.DataFrame) -> dict[tuple[str, str], pd.DataFrame]:
     """The calibration rows of each lens but the model's, keyed by (lens, translator)."""
     translator = cal.translator.fillna("")  # null for the logit lens (NaN or None in pandas)
-    return {(lens, tr): g for (lens, tr), g in cal.assign(translator=translator).groupby(["lens", "translator"])
-            if lens != "model"}
+    return {
+        (lens, tr): g
+        for (lens, tr), g in cal.assign(translator=translator).groupby(["lens", "translator"])
+        if lens != "model"
+    }
 
 
 def plot_calibration(cal: pd.DataFrame, path: Path, n_layers: int, title: str) -> None:
@@ -94,8 +103,13 @@ def plot_calibration(cal: pd.DataFrame, path: Path, n_layers: int, title: str) -
         g = model[model["count"] > 0]
         ax.plot(g.mean_confidence, g.accuracy, color="black", marker="s", ms=3, label="model output")
         ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1)
-        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top-1 probability)", ylabel="accuracy",
-               title="logit lens" if lens == "logit" else f"tuned lens ({translator})")
+        ax.set(
+            xlim=(0, 1),
+            ylim=(0, 1),
+            xlabel="confidence (top-1 probability)",
+            ylabel="accuracy",
+            title="logit lens" if lens == "logit" else f"tuned lens ({translator})",
+        )
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     save(fig, path, title=title)
@@ -108,7 +122,7 @@ def headline(df: pd.DataFrame) -> pd.DataFrame:
     table = block_rows(d).pivot_table(index="layer", columns="name", values="kl")
     for position in sorted(set(d.position) - {BLOCK.name}) if "position" in d.columns else []:
         at = d[d.position == position].pivot_table(index="layer", columns="name", values="kl")
-        table = table.join(at.rename(columns=lambda c: f"{c} @ {position}"))
+        table = table.join(at.rename(columns=lambda c, position=position: f"{c} @ {position}"))
     return table.round(3)
 
 
@@ -117,8 +131,9 @@ def _img(path: Path) -> str:
     return f'<img src="data:image/png;base64,{data}" style="max-width:100%">'
 
 
-def report(runs: list[Artifacts], kinds: list[str], out_dir: Path, prompts: list[str],
-           with_analyses: bool = True) -> Path:
+def report(
+    runs: list[Artifacts], kinds: list[str], out_dir: Path, prompts: list[str], with_analyses: bool = True
+) -> Path:
     """Plots for every (model, corpus) run and report.{html,md} in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     md, body = ["# lenspipe report", ""], ["<h1>lenspipe report</h1>"]
@@ -136,21 +151,39 @@ def report(runs: list[Artifacts], kinds: list[str], out_dir: Path, prompts: list
         separator = split_separator(run.need("split"))  # the prompts start as cached documents do
         for i, prompt in enumerate(prompts):
             figs[f"trajectory {i + 1}"] = out_dir / f"{stem}-trajectory-{i + 1}.png"
-            plot_trajectory(trajectories(run.need("model_dir"), lens_dirs, prompt, separator),
-                            figs[f"trajectory {i + 1}"], prompt)
-        sections = [(a.title, a.summary(run.analyses_dir), run.analyses_dir / f"{a.rule}.png")
-                    for a in per_run if _written(a, run)]
+            plot_trajectory(
+                trajectories(run.need("model_dir"), lens_dirs, prompt, separator), figs[f"trajectory {i + 1}"], prompt
+            )
+        sections = [
+            (a.title, a.summary(run.analyses_dir), run.analyses_dir / f"{a.rule}.png")
+            for a in per_run
+            if _written(a, run)
+        ]
         sections += _other_corpora(run, out_dir, stem, figs)
         figs.update({title: _copy_png(png, out_dir / f"{stem}-{png.name}") for title, _, png in sections if png})
         table = headline(df)
         training = training_table(df, prov, {k: read_lens_meta(d) for k, d in lens_dirs.items()})
         md += [f"## {name}", "", _summary_sentence(df), ""] + [f"- **{t}**: {text}" for t, text, _ in sections]
-        md += ["", table.to_markdown(), "", "### Lens training: how each layer stopped", "",
-               training.to_markdown(index=False), ""]
+        md += [
+            "",
+            table.to_markdown(),
+            "",
+            "### Lens training: how each layer stopped",
+            "",
+            training.to_markdown(index=False),
+            "",
+        ]
         answers = [(a, a.findings(run.analyses_dir)) for a in per_run if _written(a, run)]
         md += _findings_md(answers)
-        md += [f"![{k}]({p.name})" for k, p in figs.items()] + ["", "Provenance:", "", "```json",
-                                                                json.dumps(prov, indent=1, default=str)[:4000], "```", ""]
+        md += [f"![{k}]({p.name})" for k, p in figs.items()] + [
+            "",
+            "Provenance:",
+            "",
+            "```json",
+            json.dumps(prov, indent=1, default=str)[:4000],
+            "```",
+            "",
+        ]
         body += [f"<h2>{html.escape(name)}</h2>", f"<p>{html.escape(_summary_sentence(df))}</p>"]
         body += ["<ul>"] + [f"<li><b>{html.escape(t)}</b>: {html.escape(x)}</li>" for t, x, _ in sections] + ["</ul>"]
         body += [table.to_html(), "<h3>lens training: how each layer stopped</h3>", training.to_html(index=False)]
@@ -165,8 +198,10 @@ def report(runs: list[Artifacts], kinds: list[str], out_dir: Path, prompts: list
         body += [f"<h2>{html.escape(a.title)}</h2>", f"<p>{html.escape(text)}</p>"] + _findings_html(answers)
         body += [_img(png)]
     (out_dir / "report.md").write_text("\n".join(md))
-    (out_dir / "report.html").write_text("<!doctype html><meta charset=utf-8><title>lenspipe report</title>"
-                                         "<body style='font-family:sans-serif;max-width:1300px'>" + "\n".join(body))
+    (out_dir / "report.html").write_text(
+        "<!doctype html><meta charset=utf-8><title>lenspipe report</title>"
+        "<body style='font-family:sans-serif;max-width:1300px'>" + "\n".join(body)
+    )
     return out_dir / "report.html"
 
 
@@ -179,27 +214,46 @@ def findings_rows(findings: pd.DataFrame) -> pd.DataFrame:
     does not settle the question)."""
     from .analyses.findings import format_finding
 
-    null = findings.apply(lambda f: f" (null {f.null:g})" if f.test in ("differs", "includes") else
-                          f" (threshold {f.null:g})" if f.test == "at_least" else "", axis=1)
-    return pd.DataFrame({"question": findings.question,
-                         "estimate [95% CI]": findings.apply(format_finding, axis=1) + null,
-                         "sample size": findings.n.astype(int).astype(str) + " " + findings.unit,
-                         "verdict": findings.verdict}, columns=FINDING_COLUMNS)
+    null = findings.apply(
+        lambda f: (
+            f" (null {f.null:g})"
+            if f.test in ("differs", "includes")
+            else f" (threshold {f.null:g})"
+            if f.test == "at_least"
+            else ""
+        ),
+        axis=1,
+    )
+    return pd.DataFrame(
+        {
+            "question": findings.question,
+            "estimate [95% CI]": findings.apply(format_finding, axis=1) + null,
+            "sample size": findings.n.astype(int).astype(str) + " " + findings.unit,
+            "verdict": findings.verdict,
+        },
+        columns=FINDING_COLUMNS,
+    )
 
 
 def _findings_md(answers) -> list[str]:
     out = ["### Answers and their sample sizes", ""]
     for a, f in answers:
-        out += [f"**{a.title}.** {a.power()}", "", findings_rows(f).to_markdown(index=False) if len(f) else
-                "(no findings)", ""]
+        out += [
+            f"**{a.title}.** {a.power()}",
+            "",
+            findings_rows(f).to_markdown(index=False) if len(f) else "(no findings)",
+            "",
+        ]
     return out
 
 
 def _findings_html(answers) -> list[str]:
     out = ["<h3>Answers and their sample sizes</h3>"]
     for a, f in answers:
-        out += [f"<p><b>{html.escape(a.title)}.</b> {html.escape(a.power())}</p>",
-                findings_rows(f).to_html(index=False) if len(f) else "<p>(no findings)</p>"]
+        out += [
+            f"<p><b>{html.escape(a.title)}.</b> {html.escape(a.power())}</p>",
+            findings_rows(f).to_html(index=False) if len(f) else "<p>(no findings)</p>",
+        ]
     return out
 
 
@@ -239,7 +293,8 @@ def _summary_sentence(df: pd.DataFrame) -> str:
         parts.append(f"tuned ({tr}) {g.kl.mean():.2f} nats ({g.kl.mean() / logit:.3f}x)")
     for position, g in d[d.position != BLOCK.name].groupby("position") if "position" in d.columns else []:
         kls = [f"logit lens {g[g.lens == 'logit'].kl.mean():.2f}"] + [
-            f"tuned ({tr}) {t.kl.mean():.2f}" for tr, t in g[g.lens == "tuned"].groupby("translator")]
+            f"tuned ({tr}) {t.kl.mean():.2f}" for tr, t in g[g.lens == "tuned"].groupby("translator")
+        ]
         parts.append(f"at the {position} position {', '.join(kls)} nats")
     docs = d.documents.iloc[0] if "documents" in d and d.documents.notna().any() else None
     where = f" ({docs.replace('=', ': ')} tokens)" if docs else ""

@@ -9,7 +9,7 @@ range, and a pure function of (n, k, seed).
 from __future__ import annotations
 
 from collections import Counter
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -27,19 +27,37 @@ from . import positions as P
 LOGIT = "logit"
 MODEL = "model"  # the model's own output distribution: the baseline row at layer n_layers
 
-IDENTITY = [("model", pa.string()), ("revision", pa.string()), ("corpus", pa.string()),
-            ("train_corpus", pa.string()), ("split", pa.string()), ("lens", pa.string()), ("translator", pa.string()),
-            ("layer", pa.int64()), ("position", pa.string()), ("depth", pa.float64())]
-METRICS = ["kl", "kl_bpb", "ce", "ppl", "bpb", "acc", "agree_top1", "agree_topk", "entropy", "ece",
-           "consistency"]
+IDENTITY = [
+    ("model", pa.string()),
+    ("revision", pa.string()),
+    ("corpus", pa.string()),
+    ("train_corpus", pa.string()),
+    ("split", pa.string()),
+    ("lens", pa.string()),
+    ("translator", pa.string()),
+    ("layer", pa.int64()),
+    ("position", pa.string()),
+    ("depth", pa.float64()),
+]
+METRICS = ["kl", "kl_bpb", "ce", "ppl", "bpb", "acc", "agree_top1", "agree_topk", "entropy", "ece", "consistency"]
 WITH_CI = ["kl", "ce", "bpb", "acc", "agree_top1", "agree_topk", "entropy", "consistency"]
-LAYER_SCHEMA = pa.schema(IDENTITY + [("documents", pa.string()), ("n_tokens", pa.int64()),
-                                     ("n_predicted", pa.int64())]
-                         + [(m, pa.float64()) for m in METRICS]
-                         + [(f"{m}_{b}", pa.float64()) for m in WITH_CI for b in ("lo", "hi")])
-CALIBRATION_SCHEMA = pa.schema(IDENTITY + [("bin", pa.int64()), ("bin_lower", pa.float64()),
-                                           ("bin_upper", pa.float64()), ("count", pa.int64()),
-                                           ("mean_confidence", pa.float64()), ("accuracy", pa.float64())])
+LAYER_SCHEMA = pa.schema(
+    IDENTITY
+    + [("documents", pa.string()), ("n_tokens", pa.int64()), ("n_predicted", pa.int64())]
+    + [(m, pa.float64()) for m in METRICS]
+    + [(f"{m}_{b}", pa.float64()) for m in WITH_CI for b in ("lo", "hi")]
+)
+CALIBRATION_SCHEMA = pa.schema(
+    IDENTITY
+    + [
+        ("bin", pa.int64()),
+        ("bin_lower", pa.float64()),
+        ("bin_upper", pa.float64()),
+        ("count", pa.int64()),
+        ("mean_confidence", pa.float64()),
+        ("accuracy", pa.float64()),
+    ]
+)
 
 
 def lens_identity(name: str) -> tuple[str, str | None]:
@@ -52,18 +70,34 @@ def lens_identity(name: str) -> tuple[str, str | None]:
 def _identity(ident: dict[str, Any], name: str, position: str, layer: int, n_layers: int) -> dict[str, Any]:
     lens, translator = lens_identity(name)
     train_corpus = ident.get("train_corpus", ident["corpus"]) if lens == "tuned" else None
-    return {"model": ident["model"], "revision": ident.get("revision"), "corpus": ident["corpus"],
-            "train_corpus": train_corpus, "split": ident["split"], "lens": lens, "translator": translator, "layer": layer,
-            "position": position, "depth": P.depth(position, layer, n_layers)}
+    return {
+        "model": ident["model"],
+        "revision": ident.get("revision"),
+        "corpus": ident["corpus"],
+        "train_corpus": train_corpus,
+        "split": ident["split"],
+        "lens": lens,
+        "translator": translator,
+        "layer": layer,
+        "position": position,
+        "depth": P.depth(position, layer, n_layers),
+    }
 
 
-def layer_metrics_table(rows: list[dict], ident: dict[str, Any], n_layers: int, tokens_per_byte: float,
-                        provenance: dict[str, Any], documents: str) -> pa.Table:
+def layer_metrics_table(
+    rows: list[dict],
+    ident: dict[str, Any],
+    n_layers: int,
+    tokens_per_byte: float,
+    provenance: dict[str, Any],
+    documents: str,
+) -> pa.Table:
     """``documents``: the evaluated tokens per document (``hamlet=1536, ...``), in every row."""
     out = []
     for r in rows:
         row = _identity(ident, r["lens"], r.get("position", P.BLOCK.name), r["layer"], n_layers) | {
-            k: r.get(k) for k in LAYER_SCHEMA.names if k in r and k not in ("lens", "layer", "position")}
+            k: r.get(k) for k in LAYER_SCHEMA.names if k in r and k not in ("lens", "layer", "position")
+        }
         # KL in bits per byte, as the reference reports it: nats/token x tokens/byte / ln 2
         row["kl_bpb"] = r["kl"] * tokens_per_byte / 0.6931471805599453
         row["documents"] = documents
@@ -72,15 +106,21 @@ def layer_metrics_table(rows: list[dict], ident: dict[str, Any], n_layers: int, 
     return pa.Table.from_pylist(out, schema=schema)
 
 
-def calibration_table(tables: dict[tuple[str, str, int], dict[str, list]], ident: dict[str, Any], n_layers: int,
-                      provenance: dict[str, Any]) -> pa.Table:
+def calibration_table(
+    tables: dict[tuple[str, str, int], dict[str, list]],
+    ident: dict[str, Any],
+    n_layers: int,
+    provenance: dict[str, Any],
+) -> pa.Table:
     """``tables`` by (lens name, position, layer); rows lens by lens, in depth order."""
     out = []
     for (name, position, layer), t in sorted(tables.items(), key=lambda kv: (kv[0][0], P.depth_rank(kv[0][1:]))):
         base = _identity(ident, name, position, layer, n_layers)
         for b in range(len(t["count"])):
-            out.append(base | {"bin": b, **{k: t[k][b] for k in ("bin_lower", "bin_upper", "count",
-                                                                  "mean_confidence", "accuracy")}})
+            out.append(
+                base
+                | {"bin": b, **{k: t[k][b] for k in ("bin_lower", "bin_upper", "count", "mean_confidence", "accuracy")}}
+            )
     schema = CALIBRATION_SCHEMA.with_metadata({"lenspipe": json.dumps(provenance, default=str)})
     return pa.Table.from_pylist(out, schema=schema)
 
@@ -118,8 +158,7 @@ def block_rows(df):
     return df[df.position == P.BLOCK.name] if "position" in df.columns else df
 
 
-def read_token_metrics(token_dir: Path, columns: list[str] | None = None,
-                       positions: tuple[str, ...] = P.DEFAULT):
+def read_token_metrics(token_dir: Path, columns: list[str] | None = None, positions: tuple[str, ...] = P.DEFAULT):
     """The per-token table (``token_metrics/``) as a DataFrame, at ``positions`` only
     (default the block position; None: every position), read with a filter so the other
     positions' rows are never loaded. ``columns``: as ``pandas.read_parquet``'s."""

@@ -30,14 +30,14 @@ from .devices import resolve_device
 from .errors import StoreError
 from .lens import kinds
 from .lens.lstsq import LeastSquaresAccumulator
-from .lens.stopping import converged, stopping
 from .lens.optim import make_optimizer, optimizer_step, residual_scales, step_multipliers
+from .lens.stopping import converged, stopping
 from .lens.tuned import LogitLens, TunedLens, logits_into, read_lens_meta
 from .model.head import load_unembed_head
 from .model.prepare import read_model_info
 from .progress import Progress
-from .sampling import read_sequences, spread_sequences
 from .provenance import exclusive_output, package_versions, sha256_json
+from .sampling import read_sequences, spread_sequences
 from .store.batches import TokenBatches
 from .store.reader import ActivationStore, check_store_model, open_store
 from .train_log import write_train_log
@@ -114,6 +114,7 @@ def autocast(device: torch.device):
 
 # ----------------------------------------------------------------------------- setup
 
+
 def _init_kind(cfg: TrainConfig, kind: str) -> str:
     return ("lstsq" if kinds.get(kind).lstsq else "identity") if cfg.init == "auto" else cfg.init
 
@@ -152,18 +153,18 @@ def _last(store: ActivationStore) -> P.Key:
 
 # ----------------------------------------------------------------------------- validation
 
+
 class Validation:
     """Whole sequences of the validation store, spread over all of it (seeded), with their
     targets, kept in memory."""
 
-    def __init__(self, store: ActivationStore, keys: list[P.Key], n_tokens: int, head, device,
-                 chunk: int, seed: int):
+    def __init__(self, store: ActivationStore, keys: list[P.Key], n_tokens: int, head, device, chunk: int, seed: int):
         n_seq = store.n_tokens // store.seq_len
         self.sequences = spread_sequences(n_seq, max(1, n_tokens // store.seq_len), seed)
         self.keys, self.chunk = keys, chunk
         self.x = read_sequences(store, keys + [_last(store)], self.sequences).to(device)  # (k+1, n, d)
         n = self.x.shape[1]
-        self.targets = [targets(head, self.x[-1, s:s + chunk]) for s in range(0, n, chunk)]
+        self.targets = [targets(head, self.x[-1, s : s + chunk]) for s in range(0, n, chunk)]
 
     @torch.no_grad()
     def kl(self, lens, keys: list[P.Key] | None = None) -> dict[P.Key, float]:
@@ -174,7 +175,7 @@ class Validation:
                 continue
             total = 0.0
             for c, t in enumerate(self.targets):
-                h = self.x[j, c * self.chunk:(c + 1) * self.chunk]  # (chunk, d)
+                h = self.x[j, c * self.chunk : (c + 1) * self.chunk]  # (chunk, d)
                 total += t.kl(logits_into(lens, h, key[1], key[0])).sum().item()
             out[key] = total / self.x.shape[1]
         return out
@@ -221,8 +222,16 @@ def _ckpt_path(out_dir: Path) -> Path:
 
 def _save_ckpt(path: Path, fingerprint: str, lens, opt, sched, state: TrainState) -> None:
     tmp = path.with_suffix(".tmp")
-    torch.save({"fingerprint": fingerprint, "translators": lens.translator_state(),
-                "opt": opt.state_dict(), "sched": sched.state_dict(), "state": asdict(state)}, tmp)
+    torch.save(
+        {
+            "fingerprint": fingerprint,
+            "translators": lens.translator_state(),
+            "opt": opt.state_dict(),
+            "sched": sched.state_dict(),
+            "state": asdict(state),
+        },
+        tmp,
+    )
     os.replace(tmp, path)
 
 
@@ -245,9 +254,15 @@ def _load_ckpt(path: Path, fingerprint: str, lens, opt, sched) -> TrainState | N
 
 # ----------------------------------------------------------------------------- loop
 
-def train_step(lens: TunedLens, x: torch.Tensor, keys: list[P.Key], cfg: TrainConfig,
-               labels: tuple[torch.Tensor, torch.Tensor] | None,
-               active: list[P.Key] | None = None) -> dict[P.Key, float]:
+
+def train_step(
+    lens: TunedLens,
+    x: torch.Tensor,
+    keys: list[P.Key],
+    cfg: TrainConfig,
+    labels: tuple[torch.Tensor, torch.Tensor] | None,
+    active: list[P.Key] | None = None,
+) -> dict[P.Key, float]:
     """One batch for every active lens position (default: all): x (k+1, batch, d_model), row
     j for ``keys[j]`` (a bare layer: its block position), the last row the last layer;
     returns the loss per active lens position."""
@@ -277,9 +292,18 @@ def _next_token_labels(store: ActivationStore, tokens: torch.Tensor, idx: torch.
     return tokens[nxt], keep
 
 
-def run_training(lens: TunedLens, store: ActivationStore, val: Validation, cfg: TrainConfig,
-                 state: TrainState, opt, sched, ckpt: tuple[Path, str], device,
-                 multipliers: dict[P.Key, tuple[float, float]] | None = None) -> TrainState:
+def run_training(
+    lens: TunedLens,
+    store: ActivationStore,
+    val: Validation,
+    cfg: TrainConfig,
+    state: TrainState,
+    opt,
+    sched,
+    ckpt: tuple[Path, str],
+    device,
+    multipliers: dict[P.Key, tuple[float, float]] | None = None,
+) -> TrainState:
     keys = lens.keys()
     batches = TokenBatches(store, keys + [_last(store)], cfg.batch_tokens, cfg.buffer_shards, cfg.seed, device)
     tokens = store.tokens() if cfg.loss == "ce" else None
@@ -295,8 +319,10 @@ def run_training(lens: TunedLens, store: ActivationStore, val: Validation, cfg: 
             lr = sched.get_last_lr()[0]
             sched.step()
             state.step += 1
-            state.history += [{"step": state.step, "position": k[0], "layer": k[1], "train_loss": v, "lr": lr}
-                              for k, v in losses.items()]
+            state.history += [
+                {"step": state.step, "position": k[0], "layer": k[1], "train_loss": v, "lr": lr}
+                for k, v in losses.items()
+            ]
             if state.step % cfg.eval_every == 0 or state.step == cfg.steps:
                 state.record_validation(lens, val.kl(lens, active), state.step)
             if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
@@ -305,8 +331,9 @@ def run_training(lens: TunedLens, store: ActivationStore, val: Validation, cfg: 
     return state
 
 
-def train(store_path: Path, val_store_path: Path, model_dir: Path, out_dir: Path,
-          cfg: TrainConfig, kind: str) -> dict[str, Any]:
+def train(
+    store_path: Path, val_store_path: Path, model_dir: Path, out_dir: Path, cfg: TrainConfig, kind: str
+) -> dict[str, Any]:
     """Train one ``kind`` lens from the stores; write it to ``out_dir``. Resumable.
 
     One process at a time per ``out_dir``: a second one is refused (it would share the
@@ -316,8 +343,9 @@ def train(store_path: Path, val_store_path: Path, model_dir: Path, out_dir: Path
         return _train(store_path, val_store_path, model_dir, Path(out_dir), cfg, kind)
 
 
-def train_group(store_path: Path, val_store_path: Path, model_dir: Path, out_dir: Path,
-                cfg: TrainConfig, kind: str, group: int) -> dict[str, Any]:
+def train_group(
+    store_path: Path, val_store_path: Path, model_dir: Path, out_dir: Path, cfg: TrainConfig, kind: str, group: int
+) -> dict[str, Any]:
     """Train group ``group`` of ``cfg.layer_groups`` (a separate job); see pipeline.merge."""
     from dataclasses import replace
 
@@ -335,18 +363,35 @@ def _train(store_path, val_store_path, model_dir, out_dir: Path, cfg: TrainConfi
     head = load_unembed_head(model_dir).to(device)
     layers = cfg.layer_list(store.n_layers)
     inside = P.ATTENTION.name in store.positions  # the store decides: every position it holds is trained
-    lens = TunedLens.create(head, kind, d_model=store.d_model, n_layers=store.n_layers, model_info=info,
-                            layers=layers, attention_layers=layers if inside else None, seed=cfg.seed,
-                            **kinds.get(kind).options_from(cfg)).to(device)
+    lens = TunedLens.create(
+        head,
+        kind,
+        d_model=store.d_model,
+        n_layers=store.n_layers,
+        model_info=info,
+        layers=layers,
+        attention_layers=layers if inside else None,
+        seed=cfg.seed,
+        **kinds.get(kind).options_from(cfg),
+    ).to(device)
     keys = lens.keys()
     opt, sched = make_optimizer(lens, cfg)
-    fingerprint = sha256_json({"cfg": asdict(cfg), "kind": kind, "store": store.attrs.get("fingerprint"),
-                               "checkpoint_format": CHECKPOINT_FORMAT,
-                               "val": val_store.attrs.get("fingerprint"), "model": info["weights_sha256"]})
+    fingerprint = sha256_json(
+        {
+            "cfg": asdict(cfg),
+            "kind": kind,
+            "store": store.attrs.get("fingerprint"),
+            "checkpoint_format": CHECKPOINT_FORMAT,
+            "val": val_store.attrs.get("fingerprint"),
+            "model": info["weights_sha256"],
+        }
+    )
     ckpt = (_ckpt_path(Path(out_dir)), fingerprint)
     if inside and P.ATTENTION.name not in val_store.positions:
-        raise StoreError(f"the train store holds the attention position but the validation store "
-                         f"{val_store.location.zarr_store} does not: extract both with the same extract.positions")
+        raise StoreError(
+            f"the train store holds the attention position but the validation store "
+            f"{val_store.location.zarr_store} does not: extract both with the same extract.positions"
+        )
     val = Validation(val_store, keys, cfg.val_tokens, head, device, cfg.batch_tokens, cfg.seed)
     state = _load_ckpt(ckpt[0], fingerprint, lens, opt, sched)
     if state is None:
@@ -360,8 +405,18 @@ def _train(store_path, val_store_path, model_dir, out_dir: Path, cfg: TrainConfi
     return _finish(lens, state, cfg, kind, Path(out_dir), store, val, ckpt[0], time.monotonic() - t0, scales)
 
 
-def _finish(lens, state: TrainState, cfg, kind, out_dir: Path, store, val: Validation, ckpt: Path,
-            seconds: float, scales: dict[int, float] | None = None):
+def _finish(
+    lens,
+    state: TrainState,
+    cfg,
+    kind,
+    out_dir: Path,
+    store,
+    val: Validation,
+    ckpt: Path,
+    seconds: float,
+    scales: dict[int, float] | None = None,
+):
     """Keep each lens position's best validated translator, save the lens and its training log."""
     for key, tensors in state.best_state.items():
         lens.translator(key).load_state_dict(tensors)
@@ -369,28 +424,51 @@ def _finish(lens, state: TrainState, cfg, kind, out_dir: Path, store, val: Valid
     def by_label(values: dict) -> dict[str, float]:  # "12" (block 12), "attn.12": in depth order
         return {P.label(k): v for k, v in sorted(values.items(), key=lambda kv: P.depth_rank(kv[0]))}
 
-    metrics = {"val_kl": by_label(state.best_val), "val_kl_logit_lens": by_label(state.logit_lens_val),
-               "val_kl_init": by_label(state.init_val),
-               "steps": state.step, "seconds": seconds, "init": _init_kind(cfg, kind),
-               "train_store": str(store.location.zarr_store), "train_store_fingerprint": store.attrs.get("fingerprint"),
-               "val_sequences": [int(i) for i in val.sequences],
-               "residual_scales": by_label(scales) if scales else None,
-               "stopping": by_label(stopping(state.history, state.best_val, state.bad_evals, state.step, cfg)),
-               # the convergence study's test KL for this model, kind and training data, where measured
-               "converged_test_kl": converged(lens.model_info.get("weights_sha256"), kind,
-                                              store.attrs.get("fingerprint"), "train_store") or None}
+    metrics = {
+        "val_kl": by_label(state.best_val),
+        "val_kl_logit_lens": by_label(state.logit_lens_val),
+        "val_kl_init": by_label(state.init_val),
+        "steps": state.step,
+        "seconds": seconds,
+        "init": _init_kind(cfg, kind),
+        "train_store": str(store.location.zarr_store),
+        "train_store_fingerprint": store.attrs.get("fingerprint"),
+        "val_sequences": [int(i) for i in val.sequences],
+        "residual_scales": by_label(scales) if scales else None,
+        "stopping": by_label(stopping(state.history, state.best_val, state.bad_evals, state.step, cfg)),
+        # the convergence study's test KL for this model, kind and training data, where measured
+        "converged_test_kl": converged(
+            lens.model_info.get("weights_sha256"), kind, store.attrs.get("fingerprint"), "train_store"
+        )
+        or None,
+    }
     lens.save(out_dir, training_config=asdict(cfg) | {"kind": kind}, metrics=metrics)
-    write_train_log(out_dir / "train_log.parquet", state.history, kind,
-                    {"training_config": asdict(cfg) | {"kind": kind}, "model": store.provenance.get("model"),
-                     "train_store_fingerprint": metrics["train_store_fingerprint"],
-                     "translators_sha256": read_lens_meta(out_dir).get("translators_sha256"),
-                     "versions": package_versions()})
+    write_train_log(
+        out_dir / "train_log.parquet",
+        state.history,
+        kind,
+        {
+            "training_config": asdict(cfg) | {"kind": kind},
+            "model": store.provenance.get("model"),
+            "train_store_fingerprint": metrics["train_store_fingerprint"],
+            "translators_sha256": read_lens_meta(out_dir).get("translators_sha256"),
+            "versions": package_versions(),
+        },
+    )
     ckpt.unlink(missing_ok=True)
     for position in lens.positions:
-        def mean(values: dict) -> float:
+
+        def mean(values: dict, position=position) -> float:
             at = [v for k, v in values.items() if k[0] == position]
             return sum(at) / max(len(at), 1)
 
-        log.info("%s lens (%s position): mean validation KL %.3f nats (logit lens %.3f) after %d steps in %.0f s",
-                 kind, position, mean(state.best_val), mean(state.logit_lens_val), state.step, seconds)
+        log.info(
+            "%s lens (%s position): mean validation KL %.3f nats (logit lens %.3f) after %d steps in %.0f s",
+            kind,
+            position,
+            mean(state.best_val),
+            mean(state.logit_lens_val),
+            state.step,
+            seconds,
+        )
     return metrics

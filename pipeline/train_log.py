@@ -11,10 +11,17 @@ import pyarrow as pa
 from .positions import BLOCK, depth_rank
 from .tables import write_table
 
-SCHEMA = pa.schema([
-    ("kind", pa.string()), ("step", pa.int64()), ("layer", pa.int64()), ("position", pa.string()),
-    ("train_loss", pa.float64()), ("val_kl", pa.float64()), ("lr", pa.float64()),
-])
+SCHEMA = pa.schema(
+    [
+        ("kind", pa.string()),
+        ("step", pa.int64()),
+        ("layer", pa.int64()),
+        ("position", pa.string()),
+        ("train_loss", pa.float64()),
+        ("val_kl", pa.float64()),
+        ("lr", pa.float64()),
+    ]
+)
 
 
 def write_train_log(path: Path, history: list[dict], kind: str, provenance: dict) -> None:
@@ -24,9 +31,18 @@ def write_train_log(path: Path, history: list[dict], kind: str, provenance: dict
     rows: dict[tuple[int, tuple[int, float]], dict] = {}
     for rec in history:
         key = (rec.get("position", BLOCK.name), rec["layer"])
-        row = rows.setdefault((rec["step"], depth_rank(key)), {"kind": kind, "step": rec["step"],
-                                                               "layer": rec["layer"], "position": key[0],
-                                                               "train_loss": None, "val_kl": None, "lr": None})
+        row = rows.setdefault(
+            (rec["step"], depth_rank(key)),
+            {
+                "kind": kind,
+                "step": rec["step"],
+                "layer": rec["layer"],
+                "position": key[0],
+                "train_loss": None,
+                "val_kl": None,
+                "lr": None,
+            },
+        )
         row.update({k: v for k, v in rec.items() if k in ("train_loss", "val_kl", "lr")})
     schema = SCHEMA.with_metadata({"lenspipe": json.dumps(provenance, default=str)})
     table = pa.Table.from_pylist([rows[k] for k in sorted(rows)], schema=schema)

@@ -16,8 +16,9 @@ import numpy as np
 MAX_TOKENS = 24
 
 
-def trajectories(model_dir: Path, lens_dirs: dict[str, Path], prompt: str,
-                 separator: int | None = None) -> dict[str, Any]:
+def trajectories(
+    model_dir: Path, lens_dirs: dict[str, Path], prompt: str, separator: int | None = None
+) -> dict[str, Any]:
     """Top-1 token and its probability per (layer, position) of ``prompt``, per lens:
     ``{"inputs": [token text], "lenses": {name: {"prob": (L+1, pos), "tokens": [[text]]}}}``.
     The prompt is preceded by ``separator`` (the corpus's, as every cached document is)."""
@@ -34,15 +35,21 @@ def trajectories(model_dir: Path, lens_dirs: dict[str, Path], prompt: str,
 
     ids = torch.tensor([text_ids(tok, prompt, separator)[:MAX_TOKENS]])  # (1, pos)
     head = unembed_head(model)
-    lenses = {"logit lens": LogitLens(head)} | {f"tuned ({k})": TunedLens.load(p, head=head, model_dir=model_dir)
-                                                for k, p in lens_dirs.items()}  # load checks the lens fits the model
+    lenses = {"logit lens": LogitLens(head)} | {
+        f"tuned ({k})": TunedLens.load(p, head=head, model_dir=model_dir) for k, p in lens_dirs.items()
+    }  # load checks the lens fits the model
     out = {"inputs": [tok.decode([i]) for i in ids[0]], "lenses": {}}
     with torch.no_grad():
         resid, _ = residual_stream(model, ids, with_logits=False)  # (L+1, 1, pos, d_model)
         for name, lens in lenses.items():
-            probs = torch.stack([torch.softmax(lens(resid[i, 0], i), -1) for i in range(resid.shape[0])])  # (L+1, pos, V)
+            probs = torch.stack(
+                [torch.softmax(lens(resid[i, 0], i), -1) for i in range(resid.shape[0])]
+            )  # (L+1, pos, V)
             p, top = probs.max(-1)  # (L+1, pos)
-            out["lenses"][name] = {"prob": p.numpy(), "tokens": [[tok.decode([t]) for t in row] for row in top.tolist()]}
+            out["lenses"][name] = {
+                "prob": p.numpy(),
+                "tokens": [[tok.decode([t]) for t in row] for row in top.tolist()],
+            }
     return out
 
 
@@ -69,21 +76,26 @@ def plot_trajectory(traj: dict[str, Any], path: Path, prompt: str) -> None:
 def format_table(traj: dict[str, Any]) -> str:
     """The next-token prediction (top-1 after the prompt's last token) at each layer, per lens."""
     names = list(traj["lenses"])
-    cells = {n: [(repr(row[-1]), float(p[-1])) for row, p in zip(d["tokens"], d["prob"])]
-             for n, d in traj["lenses"].items()}
+    cells = {
+        n: [(repr(row[-1]), float(p[-1])) for row, p in zip(d["tokens"], d["prob"])] for n, d in traj["lenses"].items()
+    }
     width = {n: max(len(n), *(len(t) for t, _ in cells[n])) for n in names}
     n_rows = len(cells[names[0]])
-    lines = [f"top-1 next token after {traj['inputs'][-1]!r} at each layer (probability); "
-             f"layer {n_rows - 1} is the model's output",
-             "layer  " + "  ".join(f"{n:<{width[n]}}      " for n in names)]
+    lines = [
+        f"top-1 next token after {traj['inputs'][-1]!r} at each layer (probability); "
+        f"layer {n_rows - 1} is the model's output",
+        "layer  " + "  ".join(f"{n:<{width[n]}}      " for n in names),
+    ]
     for layer in range(n_rows):
-        lines.append(f"{layer:>5}  " + "  ".join(f"{cells[n][layer][0]:<{width[n]}} {cells[n][layer][1]:5.2f}"
-                                             for n in names))
+        lines.append(
+            f"{layer:>5}  " + "  ".join(f"{cells[n][layer][0]:<{width[n]}} {cells[n][layer][1]:5.2f}" for n in names)
+        )
     return "\n".join(line.rstrip() for line in lines)
 
 
-def trajectory(model_dir: Path, lens_dirs: dict[str, Path], prompt: str, out: Path,
-               separator: int | None = None) -> str:
+def trajectory(
+    model_dir: Path, lens_dirs: dict[str, Path], prompt: str, out: Path, separator: int | None = None
+) -> str:
     """Write the figure of ``prompt`` to ``out``; return the text table."""
     traj = trajectories(model_dir, lens_dirs, prompt, separator)
     plot_trajectory(traj, out, prompt)

@@ -8,14 +8,9 @@ as a param (:func:`section`), which the stage turns back into its dataclass (:fu
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
-import yaml
-
 from . import config as C
-from .errors import ConfigError
-from .lens import kinds
 
 #: The dataclasses a param may carry, by class name.
 _TYPES = {cls.__name__: cls for cls in (*C.SECTIONS.values(), C.ModelConfig, C.CorpusConfig)}
@@ -40,44 +35,10 @@ def typed(param: dict[str, Any]):
     return _TYPES[fields.pop("section")](**fields)
 
 
-def check_workflow_config(raw: dict[str, Any], schema_path: str | Path) -> PipelineConfig:
-    """Everything a config can get wrong, checked when the workflow starts (dry runs too).
-
-    First the JSON schema (types, unknown keys), with a one-line message naming the key
-    rather than Snakemake's dump of the schema; then the dataclasses' cross-field checks
-    and the embedded sources. Cheap: no torch, no model, no data.
-    """
-    import jsonschema
-
-    kinds.load_plugins(C.plugins_of(raw))  # before the schema: they may add translator kinds
-    schema = workflow_schema(schema_path)
-    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(raw))
-    if error is not None:
-        raise ConfigError(_schema_message(error))
-    return C.parse_config(raw)
-
-
-def workflow_schema(schema_path: str | Path) -> dict[str, Any]:
-    """The JSON schema, with the registered translator kinds, the storage dtypes and the lens
-    positions as the allowed values."""
-    from . import positions
-    from .store.dtypes import DTYPES
-
-    schema = yaml.safe_load(Path(schema_path).read_text())
-    defs = schema["$defs"]
-    defs["translator_kind"]["enum"] = kinds.names()
-    defs["translator_kind_or_null"]["enum"] = [*kinds.names(), None]
-    defs["store_dtype"]["enum"] = list(DTYPES)
-    defs["lens_position"]["enum"] = positions.names()
-    return schema
-
-
-def _schema_message(error) -> str:
-    key = ".".join(str(p) for p in error.absolute_path)
-    known = sorted(error.schema.get("properties", {})) if isinstance(error.schema, dict) else []
-    if error.validator == "additionalProperties" and isinstance(error.instance, dict) and known:
-        unknown = sorted(set(error.instance) - set(known))
-        where = f"under {key}" if key else "at the top level"
-        return (f"unknown key {'.'.join(filter(None, [key, str(unknown[0])]))}; known keys {where}: "
-                f"{', '.join(known)}")
-    return f"{key or 'the config'}: {error.message}"
+def check_workflow_config(files: list[str], given: dict[str, Any]) -> C.PipelineConfig:
+    """The workflow's config, checked when it starts (dry runs too): the config ``files``
+    given with ``--configfile`` (none: the default experiment, ``config/config.yaml``),
+    each with its ``base`` files, and ``given`` (Snakemake's merge of them and of
+    ``--config``) over them. Checked as the CLI checks it (:func:`pipeline.config.parse_config`).
+    Cheap: no torch, no model, no data."""
+    return C.parse_config(C.layered_config(files, given))

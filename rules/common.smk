@@ -5,7 +5,7 @@ import re
 import sys
 
 from pipeline import paths
-from pipeline.analyses import BY_RULE
+from pipeline.analyses import ANALYSES, BY_RULE, INPUTS as ANALYSIS_INPUTS
 from pipeline.config import SPLITS
 from pipeline.lens import kinds
 from pipeline.paths import Artifacts
@@ -19,7 +19,7 @@ def checked_config():
     from pipeline.workflow import check_workflow_config
 
     try:
-        return check_workflow_config(config, os.path.join(workflow.basedir, "config", "schema.yaml"))
+        return check_workflow_config(list(workflow.configfiles), config)
     except ConfigError as e:
         files = ", ".join(map(str, workflow.configfiles)) or "config/config.yaml"
         print(f"lenspipe: error: config ({files}): {e}", file=sys.stderr, flush=True)
@@ -40,6 +40,7 @@ ENV = "../envs/lenspipe.yaml"
 SMALL = dict(mem_mb=4000, runtime=30)
 MEDIUM = dict(mem_mb=6000, runtime=60)
 LARGE = dict(mem_mb=8000, runtime=240, gpu=0)
+SIZES = {"small": SMALL, "medium": MEDIUM, "large": LARGE}
 
 wildcard_constraints:
     model="[A-Za-z0-9._-]+",
@@ -51,12 +52,12 @@ wildcard_constraints:
     part=r"\d+",
 
 
-def P(pattern, **kw):
+def path_of(pattern, **kw):
     return paths.fill(pattern, data_dir=DATA, **kw)
 
 
 def log_of(rule, name):
-    return P(paths.LOG, rule=rule, name=name)
+    return path_of(paths.LOG, rule=rule, name=name)
 
 
 def parent_of_input(name):
@@ -75,7 +76,21 @@ def run_artifacts(w):
 
 def analysis_outputs(rule):
     a = BY_RULE[rule]
-    return a.outputs(P(paths.ANALYSES_DIR if a.per_run else paths.ANALYSES_ROOT))
+    return a.outputs(path_of(paths.ANALYSES_DIR if a.per_run else paths.ANALYSES_ROOT))
+
+
+def analysis_inputs(a):
+    """The inputs the registry declares for analysis ``a``: its run's, or every run's."""
+    values = {"eval": EVAL_SPLIT, "translator": CFG.analyses.translator}
+    out = {}
+    for name in a.inputs:
+        pattern, fixed = ANALYSIS_INPUTS[name]
+        filled = path_of(pattern, **{k: values.get(v, v) for k, v in fixed.items()})
+        if a.per_run:
+            out[name] = filled
+        else:
+            out[name] = all_evaluations() if name == "evaluations" else run_tables(filled)
+    return out
 
 
 def analysis_params(rule):
@@ -99,20 +114,20 @@ def extract_section(model, split):
 def all_stores():
     """Every store the config needs: every split of a corpus lenses train on, the held-out
     split of an evaluation-only one."""
-    return [P(paths.STORE_DONE, model=m, corpus=c, split=s) for m in MODELS for c in CORPORA
+    return [path_of(paths.STORE_DONE, model=m, corpus=c, split=s) for m in MODELS for c in CORPORA
             for s in CFG.splits_of(c)]
 
 
 def run_tables(pattern):
     """A table of every run (a model's lenses on the corpus they were trained on)."""
-    return [P(pattern, model=m, corpus=c) for m, c in RUNS]
+    return [path_of(pattern, model=m, corpus=c) for m, c in RUNS]
 
 
 def all_evaluations(name="layer_metrics"):
     """The layer_metrics (or calibration) table of every cell of the lens x corpus matrix."""
     across = paths.ACROSS_LAYER_METRICS if name == "layer_metrics" else paths.ACROSS_CALIBRATION
     own = paths.LAYER_METRICS if name == "layer_metrics" else paths.CALIBRATION
-    return [P(own if t == e else across, model=m, corpus=e, train_corpus=t) for m, t, e in EVALUATIONS]
+    return [path_of(own if t == e else across, model=m, corpus=e, train_corpus=t) for m, t, e in EVALUATIONS]
 
 
 def all_analyses(w=None):

@@ -4,19 +4,19 @@
 
 rule evaluate:
     input:
-        model=P(paths.MODEL_MARKER),
-        store=P(paths.STORE_DONE, split=EVAL_SPLIT),
-        split=P(paths.CORPUS_SPLIT, split=EVAL_SPLIT),
-        lenses=expand(P(paths.LENS_META, kind="{kind}"), kind=KINDS, allow_missing=True),
+        model=path_of(paths.MODEL_MARKER),
+        store=path_of(paths.STORE_DONE, split=EVAL_SPLIT),
+        split=path_of(paths.CORPUS_SPLIT, split=EVAL_SPLIT),
+        lenses=expand(path_of(paths.LENS_META, kind="{kind}"), kind=KINDS, allow_missing=True),
     output:
-        layer_metrics=P(paths.LAYER_METRICS),
-        calibration=P(paths.CALIBRATION),
+        layer_metrics=path_of(paths.LAYER_METRICS),
+        calibration=path_of(paths.CALIBRATION),
     params:
         model_dir=parent_of_input("model"),
-        store=P(paths.STORE, split=EVAL_SPLIT),
+        store=path_of(paths.STORE, split=EVAL_SPLIT),
         train_corpus="{corpus}",
-        lens_dirs=lambda w: {k: P(paths.LENS_DIR, model=w.model, corpus=w.corpus, kind=k) for k in KINDS},
-        out_dir=P(paths.TABLES_DIR),
+        lens_dirs=lambda w: {k: path_of(paths.LENS_DIR, model=w.model, corpus=w.corpus, kind=k) for k in KINDS},
+        out_dir=path_of(paths.TABLES_DIR),
         revision=lambda w: CFG.models[w.model].revision,
         evaluate=lambda w: section(CFG.for_model(w.model).evaluate_config(w.corpus)),
     log:
@@ -32,19 +32,19 @@ rule evaluate:
 
 use rule evaluate as evaluate_across with:
     input:
-        model=P(paths.MODEL_MARKER),
-        store=P(paths.STORE_DONE, split=EVAL_SPLIT),
-        split=P(paths.CORPUS_SPLIT, split=EVAL_SPLIT),
-        lenses=expand(P(paths.LENS_META, corpus="{train_corpus}", kind="{kind}"), kind=KINDS, allow_missing=True),
+        model=path_of(paths.MODEL_MARKER),
+        store=path_of(paths.STORE_DONE, split=EVAL_SPLIT),
+        split=path_of(paths.CORPUS_SPLIT, split=EVAL_SPLIT),
+        lenses=expand(path_of(paths.LENS_META, corpus="{train_corpus}", kind="{kind}"), kind=KINDS, allow_missing=True),
     output:
-        layer_metrics=P(paths.ACROSS_LAYER_METRICS),
-        calibration=P(paths.ACROSS_CALIBRATION),
+        layer_metrics=path_of(paths.ACROSS_LAYER_METRICS),
+        calibration=path_of(paths.ACROSS_CALIBRATION),
     params:
         model_dir=parent_of_input("model"),
-        store=P(paths.STORE, split=EVAL_SPLIT),
+        store=path_of(paths.STORE, split=EVAL_SPLIT),
         train_corpus="{train_corpus}",
-        lens_dirs=lambda w: {k: P(paths.LENS_DIR, model=w.model, corpus=w.train_corpus, kind=k) for k in KINDS},
-        out_dir=P(paths.ACROSS_DIR),
+        lens_dirs=lambda w: {k: path_of(paths.LENS_DIR, model=w.model, corpus=w.train_corpus, kind=k) for k in KINDS},
+        out_dir=path_of(paths.ACROSS_DIR),
         revision=lambda w: CFG.models[w.model].revision,
         evaluate=lambda w: section(CFG.for_model(w.model).evaluate_config(w.corpus)),
     log:

@@ -3,15 +3,15 @@
 
 rule extract:
     input:
-        model=P(paths.MODEL_MARKER),
-        split=P(paths.CORPUS_SPLIT),
+        model=path_of(paths.MODEL_MARKER),
+        split=path_of(paths.CORPUS_SPLIT),
     output:
         # A summary written after the store is complete. The store itself is not a declared
         # output, so Snakemake never deletes it on failure: a re-run resumes it.
-        P(paths.STORE_DONE),
+        path_of(paths.STORE_DONE),
     params:
         model_dir=parent_of_input("model"),
-        store=P(paths.STORE),
+        store=path_of(paths.STORE),
         # what this split's store depends on: its own budget, not the other splits'
         extract=lambda w: extract_section(w.model, w.split),
     log:
@@ -29,21 +29,21 @@ if CFG.extract.parts > 1:
 
     use rule extract as extract_part with:
         output:
-            P(paths.STORE_PART_DONE),
+            path_of(paths.STORE_PART_DONE),
         params:
-            store=P(paths.STORE_PART),
+            store=path_of(paths.STORE_PART),
         log:
             log_of("extract_part", "{model}-{corpus}-{split}-{part}"),
 
     rule assemble_store:
         input:
-            expand(P(paths.STORE_PART_DONE, part="{part}"), part=range(CFG.extract.parts), allow_missing=True),
+            expand(path_of(paths.STORE_PART_DONE, part="{part}"), part=range(CFG.extract.parts), allow_missing=True),
         output:
-            P(paths.STORE_DONE),
+            path_of(paths.STORE_DONE),
         params:
-            parts=lambda w: [P(paths.STORE_PART, model=w.model, corpus=w.corpus, split=w.split, part=i)
+            parts=lambda w: [path_of(paths.STORE_PART, model=w.model, corpus=w.corpus, split=w.split, part=i)
                              for i in range(CFG.extract.parts)],
-            store=P(paths.STORE),
+            store=path_of(paths.STORE),
         log:
             log_of("assemble_store", "{model}-{corpus}-{split}"),
         threads: 1

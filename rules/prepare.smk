@@ -2,12 +2,12 @@
 
 rule prepare_model:
     output:
-        marker=P(paths.MODEL_MARKER),
+        marker=path_of(paths.MODEL_MARKER),
     params:
         # its overrides shape later stages only: changing them must not re-make the model
         model=lambda w: section(CFG.models[w.model], overrides={}),
         model_dir=parent_of_output("marker"),
-        cache_dir=P(paths.CACHE_DIR),
+        cache_dir=path_of(paths.CACHE_DIR),
     log:
         log_of("prepare_model", "{model}"),
     threads: 2
@@ -21,16 +21,16 @@ rule prepare_model:
 
 rule prepare_corpus:
     input:
-        model=P(paths.MODEL_MARKER),
+        model=path_of(paths.MODEL_MARKER),
     output:
-        splits=expand(P(paths.CORPUS_SPLIT, split="{split}"), split=SPLITS, allow_missing=True),
-        manifest=P(paths.CORPUS_MANIFEST),
+        splits=expand(path_of(paths.CORPUS_SPLIT, split="{split}"), split=SPLITS, allow_missing=True),
+        manifest=path_of(paths.CORPUS_MANIFEST),
     params:
         # not what is evaluated on it: making a corpus evaluation-only re-prepares nothing
         corpus=lambda w: section(CFG.corpora[w.corpus], without=CORPUS_EVALUATION_FIELDS),
         model_dir=parent_of_input("model"),
-        out_dir=P(paths.CORPUS_DIR),
-        cache_dir=P(paths.CACHE_DIR),
+        out_dir=path_of(paths.CORPUS_DIR),
+        cache_dir=path_of(paths.CACHE_DIR),
     log:
         log_of("prepare_corpus", "{corpus}-{model}"),
     threads: 1

@@ -6,8 +6,8 @@ rule report:
         calibration=all_evaluations("calibration"),
         analyses=all_analyses,
     output:
-        report=P(paths.REPORT),
-        html=P(paths.REPORT_HTML),
+        report=path_of(paths.REPORT),
+        html=path_of(paths.REPORT_HTML),
     params:
         runs=[Artifacts.of(CFG, m, c) for m, c in RUNS],
         kinds=KINDS,

@@ -3,17 +3,17 @@
 
 rule train:
     input:
-        model=P(paths.MODEL_MARKER),
-        train=P(paths.STORE_DONE, split="train"),
-        validation=P(paths.STORE_DONE, split="validation"),
+        model=path_of(paths.MODEL_MARKER),
+        train=path_of(paths.STORE_DONE, split="train"),
+        validation=path_of(paths.STORE_DONE, split="validation"),
     output:
-        lens=P(paths.LENS_META),
-        log=P(paths.LENS_LOG),
+        lens=path_of(paths.LENS_META),
+        log=path_of(paths.LENS_LOG),
     params:
         model_dir=parent_of_input("model"),
-        train_store=P(paths.STORE, split="train"),
-        val_store=P(paths.STORE, split="validation"),
-        lens_dir=P(paths.LENS_DIR),
+        train_store=path_of(paths.STORE, split="train"),
+        val_store=path_of(paths.STORE, split="validation"),
+        lens_dir=path_of(paths.LENS_DIR),
         train=lambda w: section(CFG.for_model(w.model).train, kinds=[w.kind]),  # a new kind retrains no other
     log:
         log_of("train", "{model}-{corpus}-{kind}"),
@@ -30,23 +30,23 @@ if CFG.train.layer_groups > 1:
 
     use rule train as train_group with:
         output:
-            P(paths.LENS_GROUP_META),
+            path_of(paths.LENS_GROUP_META),
         params:
-            lens_dir=P(paths.LENS_GROUP_DIR),
+            lens_dir=path_of(paths.LENS_GROUP_DIR),
         log:
             log_of("train_group", "{model}-{corpus}-{kind}-{group}"),
 
     rule merge_lens:
         input:
-            model=P(paths.MODEL_MARKER),
-            groups=expand(P(paths.LENS_GROUP_META, group="{group}"), group=range(CFG.train.layer_groups),
+            model=path_of(paths.MODEL_MARKER),
+            groups=expand(path_of(paths.LENS_GROUP_META, group="{group}"), group=range(CFG.train.layer_groups),
                           allow_missing=True),
         output:
-            lens=P(paths.LENS_META),
-            log=P(paths.LENS_LOG),
+            lens=path_of(paths.LENS_META),
+            log=path_of(paths.LENS_LOG),
         params:
             model_dir=parent_of_input("model"),
-            lens_dir=P(paths.LENS_DIR),
+            lens_dir=path_of(paths.LENS_DIR),
         log:
             log_of("merge_lens", "{model}-{corpus}-{kind}"),
         threads: 1

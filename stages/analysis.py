@@ -1,5 +1,6 @@
 """Snakemake rules of the analyses (rules/analyses.smk): pipeline.analyses.<rule>.run on
 the rule's artifacts (one run of the config, or all of them) with its settings."""
+
 from pipeline.analyses import BY_RULE
 from pipeline.logs import run_stage
 
@@ -9,4 +10,4 @@ def main() -> None:
     BY_RULE[snakemake.rule].run(p.artifacts, p.settings)
 
 
-run_stage(snakemake, main)  # noqa: F821 (snakemake is injected by the script directive)
+run_stage(snakemake, main)

@@ -1,4 +1,5 @@
 """Snakemake rule assemble_store: link a split's extraction parts into one store."""
+
 from pathlib import Path
 
 from pipeline.logs import run_stage
@@ -12,4 +13,4 @@ def main() -> None:
     write_json_atomic(snakemake.output[0], summary)
 
 
-run_stage(snakemake, main)  # noqa: F821 (snakemake is injected by the script directive)
+run_stage(snakemake, main)

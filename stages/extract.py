@@ -1,5 +1,6 @@
 """Snakemake rules extract and extract_part: every layer's residual stream of one split, or
 of one part of it ({part}: whole shards of a sequence range), into a zarr store."""
+
 from pathlib import Path
 
 from pipeline.extract import extract, extract_part
@@ -16,4 +17,4 @@ def main() -> None:
     write_json_atomic(snakemake.output[0], summary)
 
 
-run_stage(snakemake, main)  # noqa: F821 (snakemake is injected by the script directive)
+run_stage(snakemake, main)

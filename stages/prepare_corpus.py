@@ -1,4 +1,5 @@
 """Snakemake rule prepare_corpus: split, tokenize and pack a corpus with a model's tokenizer."""
+
 from pathlib import Path
 
 from pipeline.corpus import prepare_corpus
@@ -11,4 +12,4 @@ def main() -> None:
     prepare_corpus(typed(p.corpus), Path(p.model_dir), Path(p.out_dir), Path(p.cache_dir))
 
 
-run_stage(snakemake, main)  # noqa: F821 (snakemake is injected by the script directive)
+run_stage(snakemake, main)

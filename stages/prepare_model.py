@@ -1,4 +1,5 @@
 """Snakemake rule prepare_model: any causal LM -> a local Hugging Face model directory."""
+
 from pathlib import Path
 
 from pipeline.logs import run_stage
@@ -11,4 +12,4 @@ def main() -> None:
     prepare_model(typed(p.model), Path(p.model_dir), Path(p.cache_dir))
 
 
-run_stage(snakemake, main)  # noqa: F821 (snakemake is injected by the script directive)
+run_stage(snakemake, main)

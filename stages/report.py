@@ -1,4 +1,5 @@
 """Snakemake rule report: plots and one self-contained HTML (+ Markdown) report."""
+
 from pathlib import Path
 
 from pipeline.logs import run_stage
@@ -11,4 +12,4 @@ def main() -> None:
     report(p.runs, p.kinds, Path(p.out_dir), typed(p.report).prompts, p.with_analyses)
 
 
-run_stage(snakemake, main)  # noqa: F821 (snakemake is injected by the script directive)
+run_stage(snakemake, main)

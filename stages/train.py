@@ -1,5 +1,6 @@
 """Snakemake rules train and train_group: one tuned lens (one translator kind), or one layer
 group of it ({group}: merged by merge_lens), from the cached activations."""
+
 from pathlib import Path
 
 from pipeline.logs import run_stage
@@ -17,4 +18,4 @@ def main() -> None:
         train_group(*args, int(group))
 
 
-run_stage(snakemake, main)  # noqa: F821 (snakemake is injected by the script directive)
+run_stage(snakemake, main)

@@ -144,9 +144,7 @@ def write_tiny_llama_gguf(
     assert tokens[: len(SPECIAL_TOKENS)] == SPECIAL_TOKENS
     merges = [m if isinstance(m, str) else " ".join(m) for m in backend["model"]["merges"]]
     special = set(SPECIAL_TOKENS)
-    token_types = [
-        gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens
-    ]
+    token_types = [gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens]
 
     config = transformers.LlamaConfig(
         vocab_size=len(tokens),

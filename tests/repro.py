@@ -69,8 +69,10 @@ def main(a: str, b: str) -> None:
     tables = sum(not isinstance(v, dict) for v in va.values())
     ma, mb = lens_metrics(Path(a)), lens_metrics(Path(b))
     assert ma == mb, "lens.json metrics differ"
-    print(f"bitwise equal: {n} values in {tables} Parquet tables and {len(va) - tables} lens weight files; "
-          f"lens.json metrics equal: {_leaves(ma)} values in {len(ma)} lenses ({', '.join(ma)})")
+    print(
+        f"bitwise equal: {n} values in {tables} Parquet tables and {len(va) - tables} lens weight files; "
+        f"lens.json metrics equal: {_leaves(ma)} values in {len(ma)} lenses ({', '.join(ma)})"
+    )
 
 
 def _leaves(obj) -> int:

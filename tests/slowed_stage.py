@@ -17,8 +17,16 @@ import pipeline.evaluate as ev
 import pipeline.train as tr
 from pipeline.config import EvaluateConfig, TrainConfig
 
-TRAIN = {"steps": 6, "batch_tokens": 64, "val_tokens": 64, "eval_every": 2, "patience": 0,
-         "checkpoint_every": 1, "init": "identity", "optimizer": "adam"}
+TRAIN = {
+    "steps": 6,
+    "batch_tokens": 64,
+    "val_tokens": 64,
+    "eval_every": 2,
+    "patience": 0,
+    "checkpoint_every": 1,
+    "init": "identity",
+    "optimizer": "adam",
+}
 EVALUATE = {"max_tokens": None, "chunk_tokens": 16, "bootstrap": 50}
 IDENT = {"model": "tiny", "revision": None, "corpus": "rand", "split": "test"}
 
@@ -30,6 +38,7 @@ def slowed(fn, markers: Path, delay: float):
         n = len(list(markers.iterdir()))
         (markers / f"{n:04d}").touch()
         return out
+
     return wrapper
 
 
@@ -44,8 +53,15 @@ def run(stage: str, root: Path, out: Path, markers: Path | None = None, delay: f
     if stage == "train":
         tr.train(root / "train.zarr", root / "test.zarr", root / "model", out, TrainConfig(**TRAIN), "affine")
     else:
-        ev.evaluate(root / "test.zarr", root / "test.npz", root / "model", {"affine": root / "affine"},
-                    EvaluateConfig(**EVALUATE), out, IDENT)
+        ev.evaluate(
+            root / "test.zarr",
+            root / "test.npz",
+            root / "model",
+            {"affine": root / "affine"},
+            EvaluateConfig(**EVALUATE),
+            out,
+            IDENT,
+        )
 
 
 if __name__ == "__main__":

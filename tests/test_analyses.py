@@ -10,10 +10,11 @@ from slowed_stage import run as run_stage
 from tiny import VOCAB, make_llama, make_tokenizer, save_prepared, write_packed_split
 
 from pipeline.analyses.compare_models import compare_models, comparison_table
-from pipeline.analyses.lens_corpus_matrix import lens_corpus_matrix, summary as matrix_summary
 from pipeline.analyses.findings import spearman
 from pipeline.analyses.layer_contributions import kl_drops, layer_contributions, skip_costs
 from pipeline.analyses.layer_transfer import layer_transfer
+from pipeline.analyses.lens_corpus_matrix import lens_corpus_matrix
+from pipeline.analyses.lens_corpus_matrix import summary as matrix_summary
 from pipeline.analyses.prediction_depth import early_exit_of, frequency_buckets, prediction_depth, prediction_depth_of
 from pipeline.analyses.token_categories import categorise, category_table, paired_tokens, token_categories
 from pipeline.analyses.translator_anatomy import anatomy_tables, effective_rank, linear_map, translator_anatomy
@@ -31,8 +32,9 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("analyses")
     save_prepared(make_llama(VOCAB, initializer_range=0.3), root / "model")
     make_tokenizer(VOCAB).save_pretrained(root / "model")  # token_categories decodes token ids
-    ecfg = ExtractConfig(batch_size=4, shard_tokens=64, chunk_tokens=32, dtype="float32",
-                         max_tokens={"train": None, "test": None})
+    ecfg = ExtractConfig(
+        batch_size=4, shard_tokens=64, chunk_tokens=32, dtype="float32", max_tokens={"train": None, "test": None}
+    )
     for split, n_seq, seed in (("train", 16, 0), ("test", 8, 1)):
         write_packed_split(root / f"{split}.npz", n_seq=n_seq, seq_len=16, vocab=VOCAB, seed=seed)
         extract(root / "model", root / f"{split}.npz", root / f"{split}.zarr", ecfg, split)
@@ -43,11 +45,16 @@ def setup(tmp_path_factory):
 
 # ------------------------------------------------------------------------ prediction depth, early exit
 
+
 def test_prediction_depth_by_hand():
     final = torch.tensor([7, 7, 7, 7])
-    top1 = torch.tensor([[7, 1, 7, 1],    # layer 0
-                         [7, 1, 1, 1],    # layer 1
-                         [7, 7, 7, 1]])   # layer 2
+    top1 = torch.tensor(
+        [
+            [7, 1, 7, 1],  # layer 0
+            [7, 1, 1, 1],  # layer 1
+            [7, 7, 7, 1],
+        ]
+    )  # layer 2
     # agrees from layer 0 on -> 0; only at the last layer -> 2; agrees, leaves, returns -> 2; never -> 3
     assert prediction_depth_of(top1, final).tolist() == [0, 2, 2, 3]
 
@@ -88,6 +95,7 @@ def test_prediction_depth_tables(setup, tmp_path):
 
 # ------------------------------------------------------------------------ layer contributions
 
+
 def test_kl_drops_and_spearman():
     assert kl_drops(np.array([3.0, 1.0, 0.5])).tolist() == [2.0, 0.5, 0.5]
     assert spearman(np.array([1, 2, 3]), np.array([10, 20, 30])) == pytest.approx(1)
@@ -113,9 +121,15 @@ def test_skipping_a_block_equals_zeroing_its_writes():
 
 
 def test_layer_contributions_table(setup, tmp_path):
-    df = layer_contributions(setup / "tables" / "layer_metrics.parquet", setup / "tables" / "token_metrics",
-                             setup / "model", setup / "test.npz", tmp_path, translator="affine",
-                             skip_tokens=32)
+    df = layer_contributions(
+        setup / "tables" / "layer_metrics.parquet",
+        setup / "tables" / "token_metrics",
+        setup / "model",
+        setup / "test.npz",
+        tmp_path,
+        translator="affine",
+        skip_tokens=32,
+    )
     assert df.block.tolist() == [0, 1] and sorted(df.rank_lens) == [1, 2] and sorted(df.rank_skip) == [1, 2]
     lm = pd.read_parquet(setup / "tables" / "layer_metrics.parquet")
     tuned = lm[lm.lens == "tuned"].sort_values("layer").kl.to_numpy()
@@ -135,9 +149,15 @@ def test_layer_contributions_skip_and_kl_share_tokens(setup, tmp_path):
     from pipeline.corpus import load_split
     from pipeline.tables import read_provenance
 
-    df = layer_contributions(setup / "tables" / "layer_metrics.parquet", setup / "tables" / "token_metrics",
-                             setup / "model", setup / "test.npz", tmp_path, translator="affine",
-                             skip_tokens=32)
+    df = layer_contributions(
+        setup / "tables" / "layer_metrics.parquet",
+        setup / "tables" / "token_metrics",
+        setup / "model",
+        setup / "test.npz",
+        tmp_path,
+        translator="affine",
+        skip_tokens=32,
+    )
     prov = read_provenance(tmp_path / "layer_contributions.parquet")
     evaluated = read_provenance(setup / "tables" / "layer_metrics.parquet")["evaluated"]
     seqs, split_seqs = prov["sample_sequences"], prov["sample_split_sequences"]
@@ -153,10 +173,12 @@ def test_layer_contributions_skip_and_kl_share_tokens(setup, tmp_path):
 
 # ------------------------------------------------------------------------ translator anatomy
 
+
 def test_identity_translators_have_distance_zero_and_full_rank():
     d = 8
-    df, spectra = anatomy_tables({0: make_translator("affine", d), 1: make_translator("linear", d),
-                                  2: make_translator("scaling", d)})
+    df, spectra = anatomy_tables(
+        {0: make_translator("affine", d), 1: make_translator("linear", d), 2: make_translator("scaling", d)}
+    )
     assert np.allclose(df.rel_dist_identity, 0) and np.allclose(df.effective_rank, d)
     assert np.allclose(df.bias_norm, 0) and df.cos_next.isna().all()  # no deviation to compare
     assert np.allclose(spectra.singular_value, 1) and len(spectra) == 3 * d
@@ -186,9 +208,20 @@ def test_translator_anatomy_of_a_trained_lens(setup, tmp_path):
 
 # ------------------------------------------------------------------------ token categories
 
-@pytest.mark.parametrize("text,cat", [(" the", "word start"), ("ing", "word piece"), ("\n", "whitespace"),
-                                      (",", "punctuation"), (" 42", "number"), (" HAMLET", "all caps"),
-                                      ("é2x", "other"), (" don't", "word start")])
+
+@pytest.mark.parametrize(
+    "text,cat",
+    [
+        (" the", "word start"),
+        ("ing", "word piece"),
+        ("\n", "whitespace"),
+        (",", "punctuation"),
+        (" 42", "number"),
+        (" HAMLET", "all caps"),
+        ("é2x", "other"),
+        (" don't", "word start"),
+    ],
+)
 def test_categorise(text, cat):
     assert categorise(text) == cat
 
@@ -201,8 +234,11 @@ def test_category_table_invariants(setup, tmp_path):
     tokens = pd.read_parquet(setup / "tables" / "token_metrics")
     tokens = tokens.assign(lens=tokens.lens.astype(str), translator=tokens.translator.astype(str))
     logit = tokens[tokens.lens == "logit"]
-    both = paired_tokens(pd.concat([logit, logit.assign(lens="tuned", translator="affine")]),
-                         pd.Series("x", index=np.sort(logit.token_index.unique()), dtype=object), "affine")
+    both = paired_tokens(
+        pd.concat([logit, logit.assign(lens="tuned", translator="affine")]),
+        pd.Series("x", index=np.sort(logit.token_index.unique()), dtype=object),
+        "affine",
+    )
     same = category_table(both, "affine")
     assert len(same) == 2 and (same.top1_disagree == 0).all() and (same.kl_gap == 0).all()
     findings = pd.read_parquet(tmp_path / "token_categories_findings.parquet")
@@ -211,9 +247,11 @@ def test_category_table_invariants(setup, tmp_path):
 
 # ------------------------------------------------------------------------ layer transfer, comparison
 
+
 def test_layer_transfer_diagonal_is_the_tuned_lens(setup, tmp_path):
-    df = layer_transfer(setup / "test.zarr", setup / "model", setup / "affine", tmp_path,
-                        transfer_tokens=10_000, transfer_stride=1)  # every token: comparable to evaluate
+    df = layer_transfer(
+        setup / "test.zarr", setup / "model", setup / "affine", tmp_path, transfer_tokens=10_000, transfer_stride=1
+    )  # every token: comparable to evaluate
     assert len(df) == 3 * 2 and (df.kl >= 0).all()
     lm = pd.read_parquet(setup / "tables" / "layer_metrics.parquet")
     for lens, layer_key in (("tuned", lambda j: j), ("logit", lambda j: -1)):
@@ -254,18 +292,27 @@ def test_compare_models_puts_anatomy_and_prediction_depth_side_by_side(setup, tm
     for name, df in {"lm": deep, "anat": anat, "pdep": pdep}.items():
         paths[name] = tmp_path / f"{name}.parquet"
         df.to_parquet(paths[name])
-    compare_models([setup / "tables" / "layer_metrics.parquet", paths["lm"]], tmp_path / "out",
-                   [run_a / "translator_anatomy.parquet", paths["anat"]],
-                   [run_a / "prediction_depth.parquet", paths["pdep"]])
+    compare_models(
+        [setup / "tables" / "layer_metrics.parquet", paths["lm"]],
+        tmp_path / "out",
+        [run_a / "translator_anatomy.parquet", paths["anat"]],
+        [run_a / "prediction_depth.parquet", paths["pdep"]],
+    )
     a = pd.read_parquet(tmp_path / "out" / "compare_anatomy.parquet")
     assert set(a.model) == {"tiny", "deep"} and dict(a.groupby("model").n_layers.first()) == {"deep": 4, "tiny": 2}
-    assert np.allclose(a.depth, a.layer / a.n_layers) and np.allclose(a.effective_rank_frac, a.effective_rank / a.d_model)
+    assert np.allclose(a.depth, a.layer / a.n_layers) and np.allclose(
+        a.effective_rank_frac, a.effective_rank / a.d_model
+    )
     d = pd.read_parquet(tmp_path / "out" / "compare_depth.parquet")
     assert np.allclose(d.depth, d.pred_layer / d.n_layers)
     last = d.sort_values("pred_layer").groupby(["model", "lens", "bucket"]).cum_frac.last()
     assert np.allclose(last[last > 0], 1.0)  # every token settles somewhere (or never: n_layers)
-    text = summary(*(pd.read_parquet(tmp_path / "out" / f"{t}.parquet")
-                     for t in ("compare_models", "compare_anatomy", "compare_depth")))
+    text = summary(
+        *(
+            pd.read_parquet(tmp_path / "out" / f"{t}.parquet")
+            for t in ("compare_models", "compare_anatomy", "compare_depth")
+        )
+    )
     assert "deep/" in text and "half the tokens settled by depth" in text and "of d_model" in text
     assert (tmp_path / "out" / "compare_models.png").stat().st_size > 10_000
 

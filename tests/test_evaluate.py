@@ -24,12 +24,20 @@ SEQ = 16
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     model_dir = save_prepared(make_llama(VOCAB, initializer_range=0.3), root / "model")
-    ecfg = ExtractConfig(batch_size=4, shard_tokens=64, chunk_tokens=32, dtype="float32",
-                         max_tokens={"train": None, "test": None})
+    ecfg = ExtractConfig(
+        batch_size=4, shard_tokens=64, chunk_tokens=32, dtype="float32", max_tokens={"train": None, "test": None}
+    )
     for split, n_seq, seed in (("train", 16, 0), ("test", 8, 1)):
         # test: 4 documents of 2 sequences each, tokens of 1-4 bytes
-        write_packed_split(root / f"{split}.npz", n_seq=n_seq, seq_len=SEQ, vocab=VOCAB, seed=seed,
-                           n_docs=4 if split == "test" else 1, varied_bytes=split == "test")
+        write_packed_split(
+            root / f"{split}.npz",
+            n_seq=n_seq,
+            seq_len=SEQ,
+            vocab=VOCAB,
+            seed=seed,
+            n_docs=4 if split == "test" else 1,
+            varied_bytes=split == "test",
+        )
         extract(model_dir, root / f"{split}.npz", root / f"{split}.zarr", ecfg, split)
     tcfg = TrainConfig(steps=2, batch_tokens=32, val_tokens=32, eval_every=1, checkpoint_every=0)
     train(root / "train.zarr", root / "test.zarr", model_dir, root / "affine", tcfg, "affine")
@@ -153,9 +161,14 @@ def test_report_says_how_each_layer_stopped_and_its_ratio_to_converged(setup, tm
     stops = meta["metrics"]["stopping"]
     assert list(table.stopped) == [stops["0"]["reason"], stops["1"]["reason"]]
     assert table["converged KL"].isna().all()
-    stopping.study_entry(meta["model"]["weights_sha256"], open_store(root / "train.zarr").attrs["fingerprint"],
-                         prov["store_fingerprint"], prov["evaluate_config"]["max_tokens"],
-                         {"affine": {"0": 0.5, "1": 0.25}}, {"by": "test"})
+    stopping.study_entry(
+        meta["model"]["weights_sha256"],
+        open_store(root / "train.zarr").attrs["fingerprint"],
+        prov["store_fingerprint"],
+        prov["evaluate_config"]["max_tokens"],
+        {"affine": {"0": 0.5, "1": 0.25}},
+        {"by": "test"},
+    )
     table = stopping.training_table(df, prov, {"affine": meta})
     kl = df[(df.lens == "tuned")].set_index("layer").kl
     assert table["ratio to converged"].tolist() == [round(kl[0] / 0.5, 3), round(kl[1] / 0.25, 3)]

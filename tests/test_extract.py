@@ -14,16 +14,17 @@ from tiny import VOCAB, save_prepared, tiny_model, write_packed_split
 from pipeline.config import ExtractConfig
 from pipeline.errors import ConfigError, StoreError
 from pipeline.extract import extract
+from pipeline.model.head import unembed_head
 from pipeline.sampling import select_sequences
 from pipeline.store.reader import open_store
 from pipeline.store.verify import verify
-from pipeline.model.head import unembed_head
 
 SMALL = dict(batch_size=2, shard_tokens=32, chunk_tokens=16, max_tokens={"test": None})
 
 
-@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "llama", "qwen3", "gemma2", "gemma3", "opt_proj", "phi",
-                                    "mistral"])
+@pytest.mark.parametrize(
+    "family", ["gpt2", "gpt_neox", "llama", "qwen3", "gemma2", "gemma3", "opt_proj", "phi", "mistral"]
+)
 def test_stored_last_layer_reproduces_logits(tmp_path, family):
     model = tiny_model(family)
     model_dir = save_prepared(model, tmp_path / family)
@@ -97,13 +98,24 @@ ex.extract(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]),
 
 
 def _run(args, slow, dtype, positions="block"):
-    return subprocess.Popen([sys.executable, "-c", SCRIPT, *map(str, args), str(slow), dtype, positions],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [sys.executable, "-c", SCRIPT, *map(str, args), str(slow), dtype, positions],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
-@pytest.mark.parametrize("seed,dtype,positions", [(0, "bfloat16", "block"), (1, "bfloat16", "block"),
-                                                  (0, "fp8", "block"), (1, "int8", "block"),
-                                                  (0, "bfloat16", "block,attention"), (1, "fp8", "block,attention")])
+@pytest.mark.parametrize(
+    "seed,dtype,positions",
+    [
+        (0, "bfloat16", "block"),
+        (1, "bfloat16", "block"),
+        (0, "fp8", "block"),
+        (1, "int8", "block"),
+        (0, "bfloat16", "block,attention"),
+        (1, "fp8", "block,attention"),
+    ],
+)
 def test_sigkill_mid_extract_then_resume_gives_identical_store(tmp_path, seed, dtype, positions):
     model_dir = save_prepared(tiny_model("llama"), tmp_path / "m")
     split = write_packed_split(tmp_path / "test.npz", n_seq=16, seq_len=16, vocab=VOCAB)
@@ -166,8 +178,9 @@ def test_info_cli_summarises_complete_and_incomplete_stores(tmp_path, dtype, per
     assert out.returncode == 0 and json.loads(out.stdout)["complete"] is False
 
 
-@pytest.mark.parametrize("dtype,positions", [("bfloat16", ["block"]), ("int8", ["block"]),
-                                             ("int8", ["block", "attention"])])
+@pytest.mark.parametrize(
+    "dtype,positions", [("bfloat16", ["block"]), ("int8", ["block"]), ("int8", ["block", "attention"])]
+)
 def test_parts_assemble_into_the_single_job_store(tmp_path, dtype, positions):
     """Also an 8-bit store's: its row scales' shard files are linked in with the values'
     (and the attention position's, with its scales)."""
@@ -192,8 +205,9 @@ def test_parts_assemble_into_the_single_job_store(tmp_path, dtype, positions):
     if "attention" in positions:
         assert torch.equal(a.attention(range(a.n_layers)), b.attention(range(b.n_layers)))
     assert verify(dest)["n_shards"] == 4 and b.provenance["assembled_from"]["parts"] == 3
-    assert {k: v for k, v in b.provenance.items() if k not in ("assembled_from", "extract_config")} == \
-        {k: v for k, v in a.provenance.items() if k != "extract_config"}
+    assert {k: v for k, v in b.provenance.items() if k not in ("assembled_from", "extract_config")} == {
+        k: v for k, v in a.provenance.items() if k != "extract_config"
+    }
     with pytest.raises(StoreError, match="not the parts"):
         assemble_store(parts[::-1], tmp_path / "x.zarr")
     with pytest.raises(ConfigError, match="exceeds this split's 4 shards"):

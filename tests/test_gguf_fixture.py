@@ -36,9 +36,20 @@ def test_gguf_roundtrip_matches_original(tmp_path, tied):
     assert type(loaded).__name__ == "LlamaForCausalLM"
     assert sum(p.numel() for p in loaded.parameters()) < 1_000_000
     assert loaded.config.tie_word_embeddings is tied
-    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
-                "rms_norm_eps", "bos_token_id", "eos_token_id", "pad_token_id"):
+    for key in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "max_position_embeddings",
+        "rms_norm_eps",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+    ):
         assert getattr(loaded.config, key) == getattr(original.config, key), key
     assert loaded.config.rope_parameters["rope_theta"] == original.config.rope_parameters["rope_theta"]
 
@@ -89,7 +100,9 @@ def test_gguf_file_is_deterministic_and_llamacpp_shaped(tmp_path):
     assert fields["tokenizer.ggml.model"] == "gpt2"
     assert fields["tokenizer.ggml.tokens"][:3] == SPECIAL_TOKENS
     assert fields["tokenizer.ggml.token_type"][:4] == [3, 3, 3, 1]
-    assert fields["llama.rope.dimension_count"] == fields["llama.embedding_length"] // fields["llama.attention.head_count"]
+    assert (
+        fields["llama.rope.dimension_count"] == fields["llama.embedding_length"] // fields["llama.attention.head_count"]
+    )
     names = {t.name for t in reader.tensors}
     assert {"token_embd.weight", "output_norm.weight", "blk.1.attn_q.weight", "blk.1.ffn_down.weight"} <= names
     assert "output.weight" not in names  # tied

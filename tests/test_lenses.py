@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import make_llama, save_prepared, tiny_model
 from torch.nn import functional as F
 
 from pipeline.errors import LenspipeError
@@ -17,19 +18,30 @@ from pipeline.lens.translators import make_translator
 from pipeline.lens.tuned import META_FILE, WEIGHTS_FILE, LogitLens, TunedLens
 from pipeline.model.head import load_unembed_head
 from pipeline.model.prepare import read_model_info
-from tiny import make_llama, save_prepared, tiny_model
 
 D, N_LAYERS = 32, 2  # tiny_model("llama"): hidden_size 32, 2 blocks
 #: (kind, opts) covering every kind and the options that change the computation.
 VARIANTS = [
-    ("affine", {}), ("affine", {"bias": False}), ("linear", {}), ("scaling", {}),
-    ("mlp", {}), ("mlp", {"hidden": 16, "depth": 2, "activation": "relu"}), ("mlp", {"bias": False}),
+    ("affine", {}),
+    ("affine", {"bias": False}),
+    ("linear", {}),
+    ("scaling", {}),
+    ("mlp", {}),
+    ("mlp", {"hidden": 16, "depth": 2, "activation": "relu"}),
+    ("mlp", {"bias": False}),
     ("mlp", {"affine": False}),  # lenses from before the affine path
 ]
 IDS = ["-".join([k, *(f"{a}={b}" for a, b in o.items())]) for k, o in VARIANTS]
 #: The fields of tuned_lens.nn.lenses.TunedLensConfig in tuned-lens 0.2.0.
-REFERENCE_CONFIG_FIELDS = {"base_model_name_or_path", "d_model", "num_hidden_layers", "bias",
-                           "base_model_revision", "unembed_hash", "lens_type"}
+REFERENCE_CONFIG_FIELDS = {
+    "base_model_name_or_path",
+    "d_model",
+    "num_hidden_layers",
+    "bias",
+    "base_model_revision",
+    "unembed_hash",
+    "lens_type",
+}
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +79,7 @@ def make_lens(head, info, kind="affine", layers=None, seed=1, **opts):
 
 
 # ------------------------------------------------------------------------ translators
+
 
 def test_affine_and_linear_by_hand():
     h, W, b = randn(3, 5, D), randn(D, D, seed=1), randn(D, seed=2)
@@ -213,6 +226,7 @@ def test_unknown_kind_and_bad_options():
 
 # ------------------------------------------------------------------------ lenses
 
+
 @pytest.mark.parametrize("kind", names())
 def test_only_translators_train(head, info, kind):
     lens = make_lens(head, info, kind)
@@ -231,7 +245,8 @@ def test_lens_rejects_bad_layers_and_widths(head, info):
         TunedLens.create(head, "affine", d_model=48, n_layers=N_LAYERS, model_info=info)
     with pytest.raises(LenspipeError, match="no translator for layer 1"):
         TunedLens.create(head, "affine", d_model=D, n_layers=N_LAYERS, model_info=info, layers=[0]).translate(
-            randn(D), 1)
+            randn(D), 1
+        )
 
 
 def test_merge_layer_groups(head, info):
@@ -258,8 +273,10 @@ def test_save_load_round_trip(head, info, model_dir, tmp_path, kind, opts):
     assert meta["training_config"] == {"lr": 1e-3} and meta["metrics"] == {"kl": [0.5, 0.25]}
     assert {"format", "format_version", "translator_opts", "versions", "created"} <= set(meta)
     h = randn(3, 4, D)
-    for loaded in (TunedLens.load(tmp_path / "lens", head=head),
-                   TunedLens.load(tmp_path / "lens", model_dir=model_dir)):
+    for loaded in (
+        TunedLens.load(tmp_path / "lens", head=head),
+        TunedLens.load(tmp_path / "lens", model_dir=model_dir),
+    ):
         assert loaded.kind == kind and loaded.opts == lens.opts
         for layer in lens.layers:
             assert torch.equal(loaded(h, layer), lens(h, layer))
@@ -283,6 +300,7 @@ def test_load_onto_another_model_fails(head, info, tmp_path):
 
 
 # ------------------------------------------------------------------------ tuned-lens 0.2.x
+
 
 def test_reference_export_import(head, info, tmp_path):
     lens = make_lens(head, info, "affine")
@@ -321,6 +339,7 @@ def test_reference_export_refuses(head, info, tmp_path):
 
 
 # ------------------------------------------------------------------------ least squares
+
 
 def synthetic(n=600, d_in=D, d_out=D, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -402,5 +421,3 @@ def test_least_squares_without_intercept_is_the_uncentred_fit():
     sq.update(X[:, :7], Y)
     init_translator_lstsq(t, *sq.solve(intercept=False))
     torch.testing.assert_close(t(X[:5, :7].float()), X[:5, :7].float() @ t.weight.T)
-
-

@@ -10,8 +10,8 @@ import torch
 from torch.distributions import Categorical, kl_divergence
 
 from pipeline import metrics as M
-from pipeline.metrics import aggregate, fused
 from pipeline.errors import LenspipeError
+from pipeline.metrics import aggregate, fused
 
 SEEDS = (0, 1, 2)
 
@@ -22,6 +22,7 @@ def _logits(seed: int, n: int = 7, vocab: int = 11, dtype=torch.float64, scale: 
 
 
 # --------------------------------------------------------------------------- per token
+
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_log_probs_matches_categorical(seed):
@@ -59,8 +60,7 @@ def test_kl_and_entropy_handle_zero_probabilities():
     lens_logits = torch.tensor([[0.0, -math.inf, 1.0]] * 2, dtype=torch.float64)
     kl = M.kl_div(lp, M.log_probs(lens_logits))
     assert torch.isinf(kl[0]) and torch.isfinite(kl[1])
-    torch.testing.assert_close(
-        kl[1], kl_divergence(Categorical(logits=logits[1]), Categorical(logits=lens_logits[1])))
+    torch.testing.assert_close(kl[1], kl_divergence(Categorical(logits=logits[1]), Categorical(logits=lens_logits[1])))
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -102,8 +102,7 @@ def test_top1_rank_and_topk(seed):
 
 def test_rank_ties_follow_argmax():
     # rows with ties next to a row without: ties are broken by id only where they occur
-    lp = torch.log(torch.tensor([[0.25, 0.25, 0.25, 0.25], [0.1, 0.4, 0.1, 0.4],
-                                 [0.1, 0.2, 0.3, 0.4]]))
+    lp = torch.log(torch.tensor([[0.25, 0.25, 0.25, 0.25], [0.1, 0.4, 0.1, 0.4], [0.1, 0.2, 0.3, 0.4]]))
     assert M.rank_of(lp, torch.tensor([0, 1, 3])).tolist() == [0, 0, 0]
     assert M.rank_of(lp, torch.tensor([3, 3, 0])).tolist() == [3, 1, 3]
     assert M.rank_of(lp, torch.tensor([2, 2, 2])).tolist() == [2, 3, 1]
@@ -144,6 +143,7 @@ def test_adjacent_agreement():
 
 
 # --------------------------------------------------------------------------- aggregation
+
 
 def test_calibration_perfect_and_hand_ece():
     cal = M.CalibrationBins(4).update(torch.full((4,), 0.75), torch.tensor([1, 1, 1, 0]).bool())
@@ -320,10 +320,10 @@ def test_logit_stats_top1_is_argmax_on_ties(k):
     from pipeline.metrics import final_stats, logit_stats
 
     z = torch.zeros(4, 40)
-    z[0, [3, 17, 30]] = 5.0                # three tied maxima
-    z[1] = 1.0                             # every entry tied
-    z[2, [39, 38]] = 2.0                   # two at the end
-    z[3, 9] = 3.0                          # unique
+    z[0, [3, 17, 30]] = 5.0  # three tied maxima
+    z[1] = 1.0  # every entry tied
+    z[2, [39, 38]] = 2.0  # two at the end
+    z[3, 9] = 3.0  # unique
     final = final_stats(torch.randn(4, 40, generator=torch.Generator().manual_seed(0)))
     got = logit_stats(z, final, torch.zeros(4, dtype=torch.long), k=k, with_rank=True)
     assert torch.equal(got["top1"], z.argmax(-1)), got["top1"]
@@ -371,8 +371,10 @@ def test_row_blocks_give_the_bits_of_one_pass_over_all_rows(monkeypatch):
             monkeypatch.setattr(fused, "CACHE_BLOCK_BYTES", block_rows * vocab * 4)
             runs.append((row_blocks(z), final_stats(zf)))
             final = runs[-1][1]
-            runs[-1] += (logit_stats(z, final, nxt, k=5, with_rank=True, ws=M.Workspace()),
-                         dict(zip(("kl", "lse"), kl_and_lse(z, final))))
+            runs[-1] += (
+                logit_stats(z, final, nxt, k=5, with_rank=True, ws=M.Workspace()),
+                dict(zip(("kl", "lse"), kl_and_lse(z, final))),
+            )
     finally:
         torch.set_num_threads(before)
     (blocks, *blocked), (whole, *one_pass) = runs
@@ -389,12 +391,12 @@ def test_argmax_rows_is_torch_argmax_with_its_tie_rule(vocab):
 
     g = torch.Generator().manual_seed(vocab)
     z = torch.randn(8, vocab, generator=g)
-    z[0, [vocab - 1, 3]] = 9.0                      # tied maxima in the first and last segment
-    z[1, [vocab // 2, vocab - 2]] = 9.0             # in two later segments
-    z[2] = -float("inf")                            # nothing but -inf
-    z[3, vocab - 1] = float("inf")                  # the very last entry
-    z[4, [5, vocab - 3]] = float("nan")             # NaN: argmax's own answer
-    z[5] = 1.0                                      # every entry tied
+    z[0, [vocab - 1, 3]] = 9.0  # tied maxima in the first and last segment
+    z[1, [vocab // 2, vocab - 2]] = 9.0  # in two later segments
+    z[2] = -float("inf")  # nothing but -inf
+    z[3, vocab - 1] = float("inf")  # the very last entry
+    z[4, [5, vocab - 3]] = float("nan")  # NaN: argmax's own answer
+    z[5] = 1.0  # every entry tied
     top, zmax = _argmax_rows(z)
     assert torch.equal(top, z.argmax(-1)), (top, z.argmax(-1))
     assert torch.equal(zmax, z.amax(-1)) or torch.equal(zmax.isnan(), z.amax(-1).isnan())

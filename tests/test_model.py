@@ -58,7 +58,9 @@ def test_missing_local_path_and_non_causal_dir(tmp_path):
         prepare_model(ModelConfig(name="x", source=str(tmp_path)), tmp_path / "o", tmp_path / "c")
     from transformers import ViTConfig
 
-    ViTConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8).save_pretrained(tmp_path / "vit")
+    ViTConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8).save_pretrained(
+        tmp_path / "vit"
+    )
     with pytest.raises(ModelNotAvailable, match="not a causal language model"):
         prepare_model(ModelConfig(name="x", source=str(tmp_path / "vit")), tmp_path / "o", tmp_path / "c")
     assert not (tmp_path / "o").exists()
@@ -68,10 +70,15 @@ def test_missing_local_path_and_non_causal_dir(tmp_path):
 
 def test_cli_reports_user_error_without_traceback(tmp_path):
     cfg = tmp_path / "config.yaml"
-    cfg.write_text(f"data_dir: {tmp_path}/data\nmodels:\n  m:\n    source: nobody/nothing\n"
-                   "corpora:\n  c:\n    source: embedded:shakespeare\n")
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "prepare-model", "--config", str(cfg),
-                           "--model", "m"], capture_output=True, text=True)
+    cfg.write_text(
+        f"data_dir: {tmp_path}/data\nmodels:\n  m:\n    source: nobody/nothing\n"
+        "corpora:\n  c:\n    source: embedded:shakespeare\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "prepare-model", "--config", str(cfg), "--model", "m"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert "lenspipe: error: model 'm': could not load 'nobody/nothing'" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -109,8 +116,11 @@ def test_embedded_gemma3_reproduces_its_logits_exactly(tmp_path, wheel_cache):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "g", dtype=torch.float32).eval()
     assert model.config.final_logit_softcapping is None  # Gemma 3 dropped Gemma 2's softcap
     tok = AutoTokenizer.from_pretrained(tmp_path / "g")
-    ids = tok(["To be, or not to be, that is the question:", "Now is the winter of our discontent"],
-              return_tensors="pt", padding=True)["input_ids"]  # (2, pos)
+    ids = tok(
+        ["To be, or not to be, that is the question:", "Now is the winter of our discontent"],
+        return_tensors="pt",
+        padding=True,
+    )["input_ids"]  # (2, pos)
     resid, logits = residual_stream(model, ids)
     assert resid.shape == (19, 2, ids.shape[1], 640)
     assert check_unembed(model, resid, logits) == 0.0

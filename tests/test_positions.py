@@ -45,13 +45,26 @@ def setup(tmp_path_factory):
         write_packed_split(root / f"{split}.npz", n_seq=n_seq, seq_len=16, vocab=VOCAB, seed=seed, n_docs=2)
     for name, positions in (("blocks", ["block"]), ("inside", BOTH)):
         d = root / name
-        ecfg = ExtractConfig(batch_size=4, shard_tokens=64, chunk_tokens=32, dtype="float32", positions=positions,
-                             max_tokens={"train": None, "test": None})
+        ecfg = ExtractConfig(
+            batch_size=4,
+            shard_tokens=64,
+            chunk_tokens=32,
+            dtype="float32",
+            positions=positions,
+            max_tokens={"train": None, "test": None},
+        )
         for split in ("train", "test"):
             extract(model_dir, root / f"{split}.npz", d / f"{split}.zarr", ecfg, split)
         train(d / "train.zarr", d / "test.zarr", model_dir, d / "affine", TrainConfig(**TRAIN), "affine")
-        evaluate(d / "test.zarr", root / "test.npz", model_dir, {"affine": d / "affine"}, EvaluateConfig(**EVAL),
-                 d / "tables", IDENT)
+        evaluate(
+            d / "test.zarr",
+            root / "test.npz",
+            model_dir,
+            {"affine": d / "affine"},
+            EvaluateConfig(**EVAL),
+            d / "tables",
+            IDENT,
+        )
     return root
 
 
@@ -60,6 +73,7 @@ def _lens(setup, name):
 
 
 # ------------------------------------------------------------------------ training and the lens format
+
 
 def test_training_gives_every_lens_position_a_translator(setup):
     lens = _lens(setup, "inside")
@@ -72,8 +86,12 @@ def test_training_gives_every_lens_position_a_translator(setup):
     assert {"attn.0.weight", "attn.1.bias", "0.weight"} <= set(state)
     log = pd.read_parquet(setup / "inside" / "affine" / "train_log.parquet")
     assert set(log.position) == {"block", "attention"}
-    assert log[log.step == 1][["layer", "position"]].values.tolist() == [[0, "block"], [0, "attention"],
-                                                                        [1, "block"], [1, "attention"]]
+    assert log[log.step == 1][["layer", "position"]].values.tolist() == [
+        [0, "block"],
+        [0, "attention"],
+        [1, "block"],
+        [1, "attention"],
+    ]
     # trained: not the identity, and not the block translator of its layer either
     assert not torch.equal(lens.translator(("attention", 0)).weight, lens.translator(("block", 0)).weight)
 
@@ -95,8 +113,14 @@ def test_the_attention_translators_are_least_squares_then_kl_fitted_to_the_last_
     """With no KL steps, an attention translator is the least-squares map attention l -> the
     last layer, which lowers the validation KL below the logit lens's at that position."""
     d = setup / "inside"
-    train(d / "train.zarr", d / "test.zarr", setup / "model", tmp_path / "ls", TrainConfig(**(TRAIN | {"steps": 0})),
-          "affine")
+    train(
+        d / "train.zarr",
+        d / "test.zarr",
+        setup / "model",
+        tmp_path / "ls",
+        TrainConfig(**(TRAIN | {"steps": 0})),
+        "affine",
+    )
     meta = json.loads((tmp_path / "ls" / "lens.json").read_text())["metrics"]
     for key in ("attn.0", "attn.1"):
         assert meta["val_kl"][key] < meta["val_kl_logit_lens"][key]
@@ -115,8 +139,12 @@ def test_layer_groups_merge_into_the_one_job_lens(setup, tmp_path):
         for k, v in one.translator(key).state_dict().items():
             assert torch.equal(v, merged.translator(key).state_dict()[k]), key
     log = pd.read_parquet(tmp_path / "merged" / "train_log.parquet")
-    assert log[log.step == 1][["layer", "position"]].values.tolist() == [[0, "block"], [0, "attention"],
-                                                                        [1, "block"], [1, "attention"]]
+    assert log[log.step == 1][["layer", "position"]].values.tolist() == [
+        [0, "block"],
+        [0, "attention"],
+        [1, "block"],
+        [1, "attention"],
+    ]
 
 
 def test_the_reference_export_keeps_the_block_translators_and_says_so(setup, tmp_path, caplog):
@@ -130,6 +158,7 @@ def test_the_reference_export_keeps_the_block_translators_and_says_so(setup, tmp
 
 # ------------------------------------------------------------------------ evaluation and tables
 
+
 def test_the_tables_gain_attention_rows_and_keep_the_block_rows(setup):
     """The block rows of an evaluation with attention positions are, value for value, those
     of the block-only evaluation; attention rows sit half-way through their block on the
@@ -138,8 +167,7 @@ def test_the_tables_gain_attention_rows_and_keep_the_block_rows(setup):
     b = pd.read_parquet(setup / "blocks" / "tables" / "layer_metrics.parquet")
     assert set(b.position) == {"block"} and set(a.position) == {"block", "attention"}
     mid = a[a.position == "attention"]
-    assert sorted(map(tuple, mid[["lens", "layer"]].values)) == [("logit", 0), ("logit", 1), ("tuned", 0),
-                                                                  ("tuned", 1)]
+    assert sorted(map(tuple, mid[["lens", "layer"]].values)) == [("logit", 0), ("logit", 1), ("tuned", 0), ("tuned", 1)]
     assert np.allclose(mid.depth, (mid.layer + 0.5) / 2)
     blocks = a[a.position == "block"].reset_index(drop=True)
     metrics = [c for c in b.columns if c not in ("consistency", "consistency_lo", "consistency_hi")]
@@ -174,25 +202,35 @@ def test_the_token_table_has_every_position_and_analyses_read_its_block_rows(set
     assert (tok[tok.lens == "model"].position == "block").all()
     for name in ("blocks", "inside"):
         prediction_depth(setup / name / "tables" / "token_metrics", setup / "train.npz", tmp_path / name, taus=[0.5])
-        token_categories(setup / name / "tables" / "token_metrics", setup / "model", tmp_path / name,
-                         translator="affine")
+        token_categories(
+            setup / name / "tables" / "token_metrics", setup / "model", tmp_path / name, translator="affine"
+        )
     for table in ("prediction_depth", "early_exit", "token_categories"):
-        pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "inside" / f"{table}.parquet"),
-                                      pd.read_parquet(tmp_path / "blocks" / f"{table}.parquet"))
+        pd.testing.assert_frame_equal(
+            pd.read_parquet(tmp_path / "inside" / f"{table}.parquet"),
+            pd.read_parquet(tmp_path / "blocks" / f"{table}.parquet"),
+        )
 
 
 def test_the_report_draws_attention_positions_as_half_steps(setup, tmp_path):
     df = pd.read_parquet(setup / "inside" / "tables" / "layer_metrics.parquet")
     table = headline(df)
-    assert list(table.columns) == ["logit lens", "tuned (affine)", "logit lens @ attention",
-                                   "tuned (affine) @ attention"]
-    pd.testing.assert_frame_equal(table[["logit lens", "tuned (affine)"]],
-                                  headline(pd.read_parquet(setup / "blocks" / "tables" / "layer_metrics.parquet")))
+    assert list(table.columns) == [
+        "logit lens",
+        "tuned (affine)",
+        "logit lens @ attention",
+        "tuned (affine) @ attention",
+    ]
+    pd.testing.assert_frame_equal(
+        table[["logit lens", "tuned (affine)"]],
+        headline(pd.read_parquet(setup / "blocks" / "tables" / "layer_metrics.parquet")),
+    )
     plot_layer_metrics(df, tmp_path / "layers.png", "tiny")
     assert (tmp_path / "layers.png").stat().st_size > 10_000
 
 
 # ------------------------------------------------------------------------ attention vs MLP
+
 
 def test_the_attention_and_mlp_drops_add_up_to_each_blocks(setup, tmp_path):
     df = attention_mlp(setup / "inside" / "tables" / "token_metrics", tmp_path, translator="affine")
@@ -201,8 +239,9 @@ def test_the_attention_and_mlp_drops_add_up_to_each_blocks(setup, tmp_path):
         g = df[df.lens == lens]
         kl = lm[(lm.lens == lens) & (lm.position == "block")].sort_values("layer").kl.to_numpy()
         block_drop = kl - np.append(kl[1:], 0.0)  # across block l: KL(block l) - KL(block l + 1)
-        att, mlp, diff = (g[g.sublayer == s].sort_values("layer").estimate.to_numpy()
-                          for s in ("attention", "mlp", "attention - mlp"))
+        att, mlp, diff = (
+            g[g.sublayer == s].sort_values("layer").estimate.to_numpy() for s in ("attention", "mlp", "attention - mlp")
+        )
         np.testing.assert_allclose(att + mlp, block_drop, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(att - mlp, diff, rtol=1e-6, atol=1e-9)
         mid = lm[(lm.lens == lens) & (lm.position == "attention")].sort_values("layer").kl.to_numpy()
@@ -230,8 +269,14 @@ def test_the_bootstrap_resamples_whole_sequences():
 def test_step_scales_are_per_lens_position(setup, tmp_path):
     """``train.step_scale: residual`` measures the residual's scale at every lens position."""
     d = setup / "inside"
-    train(d / "train.zarr", d / "test.zarr", setup / "model", tmp_path / "s",
-          TrainConfig(**(TRAIN | {"step_scale": "residual"})), "affine")
+    train(
+        d / "train.zarr",
+        d / "test.zarr",
+        setup / "model",
+        tmp_path / "s",
+        TrainConfig(**(TRAIN | {"step_scale": "residual"})),
+        "affine",
+    )
     scales = json.loads((tmp_path / "s" / "lens.json").read_text())["metrics"]["residual_scales"]
     assert set(scales) == {"0", "attn.0", "1", "attn.1", "2"}
     store = open_store(d / "train.zarr")

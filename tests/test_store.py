@@ -31,8 +31,13 @@ from pipeline.store.writer import StoreWriter
 
 # 2 layers (+ embeddings) x 8 features; 4 shards of 64 tokens, inner chunks of 32.
 N_LAYERS, D, SEQ, SHARD, CHUNK = 2, 8, 16, 64, 32
-PROV = {"model": "tiny-test", "model_sha256": "0" * 64, "corpus": "abc", "split": "train",
-        "layer_convention": "hidden_states"}
+PROV = {
+    "model": "tiny-test",
+    "model_sha256": "0" * 64,
+    "corpus": "abc",
+    "split": "train",
+    "layer_convention": "hidden_states",
+}
 #: Every storage dtype, and those with a per-row scale array.
 ALL_DTYPES = ["bfloat16", "float16", "float32", "fp8", "int8"]
 SCALED = ["fp8", "int8"]
@@ -77,17 +82,24 @@ def decoded_reference(resid: np.ndarray, dtype: str) -> torch.Tensor:
 
 
 def params(n_tokens: int = 4 * SHARD, **over) -> dict:
-    return {"n_layers": N_LAYERS, "d_model": D, "n_tokens": n_tokens, "seq_len": SEQ,
-            "shard_tokens": SHARD, "chunk_tokens": CHUNK, "provenance": PROV, **over}
+    return {
+        "n_layers": N_LAYERS,
+        "d_model": D,
+        "n_tokens": n_tokens,
+        "seq_len": SEQ,
+        "shard_tokens": SHARD,
+        "chunk_tokens": CHUNK,
+        "provenance": PROV,
+        **over,
+    }
 
 
-def write_store(path: Path, resid: np.ndarray, toks: np.ndarray, batch: int = 48,
-                start: int = 0, **over) -> None:
+def write_store(path: Path, resid: np.ndarray, toks: np.ndarray, batch: int = 48, start: int = 0, **over) -> None:
     """Write [start, n) in batches that straddle shard boundaries, then finalize."""
     with StoreWriter.open(path, **params(resid.shape[1], **over)) as w:
         assert w.resume_token == start
         for s in range(start, resid.shape[1], batch):
-            w.write(torch.from_numpy(resid[:, s:s + batch]), toks[s:s + batch])
+            w.write(torch.from_numpy(resid[:, s : s + batch]), toks[s : s + batch])
 
 
 def resume_token(path: Path, kw: dict) -> int:
@@ -103,6 +115,7 @@ def all_values(path) -> tuple[torch.Tensor, torch.Tensor]:
 
 # ---------------------------------------------------------------- round trips
 
+
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 def test_round_trip_each_dtype(tmp_path, dtype):
     """Every dtype returns its own rounding of the source, bit for bit; only the 8-bit
@@ -114,17 +127,26 @@ def test_round_trip_each_dtype(tmp_path, dtype):
     assert store.is_complete and store.dtype == dtype and store.provenance == PROV
     assert store.attrs["schema_version"] == (2 if dtype in SCALED else 1)
     assert store.attrs["complete"] is True
-    assert ((tmp_path / "s" / "scale").is_dir(), (tmp_path / "s" / "scale" / "c" / "0" / "3").is_file()) == \
-        (dtype in SCALED,) * 2
+    assert ((tmp_path / "s" / "scale").is_dir(), (tmp_path / "s" / "scale" / "c" / "0" / "3").is_file()) == (
+        dtype in SCALED,
+    ) * 2
     got = store.layers([0, 1, 2])
     assert got.dtype == torch.float32 and torch.equal(got, decoded_reference(resid, dtype))
     assert torch.equal(store.tokens(), torch.from_numpy(toks))
     assert store.tokens().dtype == torch.int64
 
 
-@pytest.mark.parametrize("dtype,compression", [("float32", "blosc-zstd"), ("float32", "blosc-lz4-bitshuffle"),
-                                               ("float32", "none"), ("fp8", "blosc-lz4-bitshuffle"),
-                                               ("int8", "blosc-zstd"), ("fp8", "none")])
+@pytest.mark.parametrize(
+    "dtype,compression",
+    [
+        ("float32", "blosc-zstd"),
+        ("float32", "blosc-lz4-bitshuffle"),
+        ("float32", "none"),
+        ("fp8", "blosc-lz4-bitshuffle"),
+        ("int8", "blosc-zstd"),
+        ("fp8", "none"),
+    ],
+)
 def test_other_compressions_round_trip(tmp_path, dtype, compression):
     resid, toks = make_data(2 * SHARD)
     write_store(tmp_path / "s", resid, toks, compression=compression, level=5, dtype=dtype)
@@ -156,8 +178,10 @@ def test_short_last_shard_and_partial_reads(tmp_path, dtype):
     assert verify(tmp_path / "s")["n_shards"] == 4
 
 
-@pytest.mark.parametrize("dtype,compression", [("bfloat16", "zstd"), ("float16", "none"),
-                                               ("float32", "blosc-zstd"), ("fp8", "zstd"), ("int8", "none")])
+@pytest.mark.parametrize(
+    "dtype,compression",
+    [("bfloat16", "zstd"), ("float16", "none"), ("float32", "blosc-zstd"), ("fp8", "zstd"), ("int8", "none")],
+)
 def test_reads_through_tensorstore_equal_zarr(tmp_path, dtype, compression, monkeypatch):
     """A complete local store is read with TensorStore (engine.read_array): single layers,
     lists of layers and contiguous ranges; the values must be zarr's, bit for bit, for every
@@ -166,8 +190,13 @@ def test_reads_through_tensorstore_equal_zarr(tmp_path, dtype, compression, monk
 
     resid, toks = make_data(3 * SHARD + 2 * SEQ)  # a short last shard
     write_store(tmp_path / "s", resid, toks, dtype=dtype, compression=compression)
-    reads = (lambda s: s.layers(1, 50, 210), lambda s: s.layers([2, 0], 10, 200), lambda s: s.layers(-1),
-             lambda s: s.layers(range(N_LAYERS + 1), 30, 3 * SHARD + 2 * SEQ), lambda s: s.layers([1, 2], 0, 190))
+    reads = (
+        lambda s: s.layers(1, 50, 210),
+        lambda s: s.layers([2, 0], 10, 200),
+        lambda s: s.layers(-1),
+        lambda s: s.layers(range(N_LAYERS + 1), 30, 3 * SHARD + 2 * SEQ),
+        lambda s: s.layers([1, 2], 0, 190),
+    )
     fast = open_store(tmp_path / "s")
     got = [read(fast) for read in reads]
     assert fast._ts_handles is not False  # TensorStore read them
@@ -180,8 +209,16 @@ def test_reads_through_tensorstore_equal_zarr(tmp_path, dtype, compression, monk
     assert torch.equal(got[0], decoded_reference(resid, dtype)[1, 50:210])
 
 
-@pytest.mark.parametrize("dtype,engine_name", [("bfloat16", "tensorstore"), ("float16", "tensorstore"),
-                                               ("bfloat16", "zarr"), ("fp8", "tensorstore"), ("int8", "zarr")])
+@pytest.mark.parametrize(
+    "dtype,engine_name",
+    [
+        ("bfloat16", "tensorstore"),
+        ("float16", "tensorstore"),
+        ("bfloat16", "zarr"),
+        ("fp8", "tensorstore"),
+        ("int8", "zarr"),
+    ],
+)
 def test_reads_in_token_pieces_equal_one_read(tmp_path, monkeypatch, dtype, engine_name):
     """Reads go in pieces of READ_TOKENS tokens (at multiples of it, straddling inner
     chunks and shards here), each decoded into the output while the next ones are read,
@@ -195,8 +232,13 @@ def test_reads_in_token_pieces_equal_one_read(tmp_path, monkeypatch, dtype, engi
     store = open_store(tmp_path / "s")
     want = [store.layers([0, 1, 2]), store.layers([1, 2], 7, 150)]
     monkeypatch.setattr(reader, "READ_TOKENS", 48)  # not a multiple of the 32-token chunks
-    got = [store.layers([0, 1, 2]), store.layers([1, 2], 7, 150), store.layers([2, 0], 7, 150),
-           store.layers(1, 7, 150), store.layers([1], 0, 0)]
+    got = [
+        store.layers([0, 1, 2]),
+        store.layers([1, 2], 7, 150),
+        store.layers([2, 0], 7, 150),
+        store.layers(1, 7, 150),
+        store.layers([1], 0, 0),
+    ]
     assert (store._ts_handles is not False) == (engine_name == "tensorstore")
     assert all(torch.equal(g, w) for g, w in zip(got, want))
     source = decoded_reference(resid, dtype)
@@ -207,10 +249,17 @@ def test_reads_in_token_pieces_equal_one_read(tmp_path, monkeypatch, dtype, engi
     assert got[4].shape == (1, 0, D)
 
 
-@pytest.mark.parametrize("compression,dtype,array", [("zstd", "bfloat16", "resid"),
-                                                     ("blosc-lz4-bitshuffle", "bfloat16", "resid"),
-                                                     ("blosc-zstd", "bfloat16", "resid"), ("zstd", "fp8", "resid"),
-                                                     ("zstd", "int8", "scale"), ("blosc-zstd", "fp8", "scale")])
+@pytest.mark.parametrize(
+    "compression,dtype,array",
+    [
+        ("zstd", "bfloat16", "resid"),
+        ("blosc-lz4-bitshuffle", "bfloat16", "resid"),
+        ("blosc-zstd", "bfloat16", "resid"),
+        ("zstd", "fp8", "resid"),
+        ("zstd", "int8", "scale"),
+        ("blosc-zstd", "fp8", "scale"),
+    ],
+)
 def test_a_flipped_byte_in_a_compressed_chunk_fails_every_read(tmp_path, compression, dtype, array):
     """Every compressed store checks each chunk as it is read (zstd's own checksum, crc32c
     after blosc, which has none): one flipped byte fails one-layer reads (TensorStore) and
@@ -237,8 +286,16 @@ np.save(sys.argv[4], group["scale"][...] if "scale" in group else np.zeros(0))
 """
 
 
-@pytest.mark.parametrize("compression,dtype", [("zstd", "bfloat16"), ("blosc-lz4-bitshuffle", "bfloat16"),
-                                               ("none", "bfloat16"), ("zstd", "fp8"), ("blosc-lz4-bitshuffle", "int8")])
+@pytest.mark.parametrize(
+    "compression,dtype",
+    [
+        ("zstd", "bfloat16"),
+        ("blosc-lz4-bitshuffle", "bfloat16"),
+        ("none", "bfloat16"),
+        ("zstd", "fp8"),
+        ("blosc-lz4-bitshuffle", "int8"),
+    ],
+)
 def test_store_is_plain_zarr_that_zarr_python_alone_reads(tmp_path, compression, dtype):
     """Shards written through TensorStore, read by zarr-python with its own codec pipeline
     in a process that never imports lenspipe: the stored bits of the source (bf16, fp8)
@@ -246,8 +303,9 @@ def test_store_is_plain_zarr_that_zarr_python_alone_reads(tmp_path, compression,
     resid, toks = make_data(2 * SHARD + SEQ)  # a short last shard
     write_store(tmp_path / "s", resid, toks, compression=compression, dtype=dtype)
     out = [tmp_path / "resid.npy", tmp_path / "tokens.npy", tmp_path / "scale.npy"]
-    subprocess.run([sys.executable, "-c", PLAIN_READ, str(tmp_path / "s"), *map(str, out)],
-                   check=True, cwd=tmp_path, timeout=120)
+    subprocess.run(
+        [sys.executable, "-c", PLAIN_READ, str(tmp_path / "s"), *map(str, out)], check=True, cwd=tmp_path, timeout=120
+    )
     want, scale = stored_reference(resid, dtype)
     assert np.array_equal(np.load(out[0]), want) and np.load(out[0]).dtype == want.dtype
     assert np.array_equal(np.load(out[1]), toks)
@@ -301,7 +359,7 @@ class RangeHandler(http.server.SimpleHTTPRequestHandler):
         first, last = match.groups()
         start = len(data) - int(last) if not first else int(first)
         stop = int(last) + 1 if first and last else len(data)
-        body = data[max(start, 0):stop]
+        body = data[max(start, 0) : stop]
         self.send_response(206)
         self.send_header("Content-Range", f"bytes {max(start, 0)}-{max(start, 0) + len(body) - 1}/{len(data)}")
         self.send_header("Content-Length", str(len(body)))
@@ -313,8 +371,7 @@ class RangeHandler(http.server.SimpleHTTPRequestHandler):
 def test_http_url_few_requests(tmp_path, dtype):
     resid, toks = make_data(4 * SHARD)
     write_store(tmp_path / "s", resid, toks, dtype=dtype)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
-                                             functools.partial(RangeHandler, directory=str(tmp_path)))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(RangeHandler, directory=str(tmp_path)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -327,7 +384,7 @@ def test_http_url_few_requests(tmp_path, dtype):
         # One layer over 2 shards: each shard's index + that layer's 2 inner chunks, as
         # ranges; of the values, and of the row scales where there are some.
         assert len(RangeHandler.requests) <= 6 * (2 if dtype in SCALED else 1)
-        assert torch.equal(got, decoded_reference(resid, dtype)[1, :2 * SHARD])
+        assert torch.equal(got, decoded_reference(resid, dtype)[1, : 2 * SHARD])
         assert verify(url)["n_shards"] == 4
     finally:
         server.shutdown()
@@ -336,6 +393,7 @@ def test_http_url_few_requests(tmp_path, dtype):
 
 
 # ---------------------------------------------------------------- resume
+
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "fp8", "int8"])
 @pytest.mark.parametrize("shard_writes", [True, False], ids=["tensorstore", "zarr"])
@@ -349,7 +407,7 @@ def test_resume_after_dropped_writer_matches_uninterrupted(tmp_path, monkeypatch
     write_store(tmp_path / "ref", resid, toks, dtype=dtype)
     w = StoreWriter.open(tmp_path / "s", **params(dtype=dtype), background=False)
     for s in range(0, 2 * SHARD + 20, 20):  # 2 whole shards + part of a third
-        w.write(resid[:, s:s + 20], toks[s:s + 20])
+        w.write(resid[:, s : s + 20], toks[s : s + 20])
     del w  # a crash: no finalize, no abort
     gc.collect()  # (reference cycles in zarr/fsspec tracebacks can keep it alive)
     with pytest.raises(StoreError, match="incomplete"):
@@ -373,10 +431,9 @@ def test_resume_after_dropped_writer_matches_uninterrupted(tmp_path, monkeypatch
 
 def test_exception_in_context_keeps_written_shards(tmp_path):
     resid, toks = make_data(4 * SHARD)
-    with pytest.raises(RuntimeError):
-        with StoreWriter.open(tmp_path / "s", **params()) as w:  # background writer
-            w.write(resid[:, :3 * SHARD], toks[:3 * SHARD])
-            raise RuntimeError("model crashed")
+    with pytest.raises(RuntimeError), StoreWriter.open(tmp_path / "s", **params()) as w:  # background writer
+        w.write(resid[:, : 3 * SHARD], toks[: 3 * SHARD])
+        raise RuntimeError("model crashed")
     assert not (tmp_path / "s" / "COMPLETE").exists()
     write_store(tmp_path / "s", resid, toks, start=3 * SHARD)
     assert torch.equal(all_values(tmp_path / "s")[0], torch.from_numpy(resid).bfloat16().float())
@@ -403,8 +460,9 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, dtype):
     assert (N_LAYERS, D, SHARD, CHUNK, SEQ) == (2, 8, 64, 32, 16)  # as in CHILD
     write_store(tmp_path / "ref", resid, toks, dtype=dtype)
     path = tmp_path / "s"
-    child = subprocess.Popen([sys.executable, "-c", CHILD.format(provenance=PROV), str(path), dtype],
-                             cwd=Path(__file__).parents[1])
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD.format(provenance=PROV), str(path), dtype], cwd=Path(__file__).parents[1]
+    )
     try:
         deadline = time.monotonic() + 60
         while not (path / record_name(0)).exists():
@@ -419,7 +477,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, dtype):
     with StoreWriter.open(path, **params(dtype=dtype)) as w:  # the kernel dropped the dead child's lock
         assert SHARD <= w.resume_token < 4 * SHARD and w.resume_token % SHARD == 0
         for s in range(w.resume_token, 4 * SHARD, 48):
-            w.write(resid[:, s:s + 48], toks[s:s + 48])
+            w.write(resid[:, s : s + 48], toks[s : s + 48])
     for a, b in zip(all_values(path), all_values(tmp_path / "ref")):
         assert torch.equal(a, b)
     verify(path)
@@ -439,7 +497,7 @@ def test_background_failure_reraised_in_caller(tmp_path, monkeypatch):
     monkeypatch.setattr(w._shards, "_write_shard", failing)
     with pytest.raises(OSError, match="No space left"):
         for s in range(0, 4 * SHARD, 32):
-            w.write(resid[:, s:s + 32], toks[s:s + 32])
+            w.write(resid[:, s : s + 32], toks[s : s + 32])
     with pytest.raises(StoreError, match="failed"):
         w.write(resid[:, :32], toks[:32])
     w.abort()
@@ -474,7 +532,7 @@ def test_failed_fsync_records_no_later_shard_and_resume_matches(tmp_path, monkey
     w = StoreWriter.open(tmp_path / "s", **params())
     with pytest.raises(StoreError, match=r"no space left on the device while writing shard 1 "):
         for s in range(0, 4 * SHARD, 32):
-            w.write(resid[:, s:s + 32], toks[s:s + 32])
+            w.write(resid[:, s : s + 32], toks[s : s + 32])
         w.finalize()
     w.abort()
     assert (tmp_path / "s" / "resid" / "c" / "0" / "2" / "0").exists()  # written, never recorded
@@ -519,6 +577,7 @@ def test_finalize_before_all_tokens_refused(tmp_path):
 
 # ---------------------------------------------------------------- refusals
 
+
 def test_second_writer_refused_while_first_holds_lock(tmp_path):
     first = StoreWriter.open(tmp_path / "s", **params())
     with pytest.raises(StoreError, match=f"another process \\(pid {os.getpid()}\\) is writing the store"):
@@ -561,13 +620,16 @@ def test_not_a_store_refused(tmp_path):
         StoreWriter.open(tmp_path / "plain", **params())
 
 
-@pytest.mark.parametrize("bad,match", [
-    ({"shard_tokens": 48}, "shard_tokens=48 must be a multiple of chunk_tokens=32"),
-    ({"chunk_tokens": 24, "shard_tokens": 72}, "shard_tokens=72 must be a multiple of seq_len=16"),
-    ({"n_tokens": 100}, "n_tokens=100 must be a multiple of seq_len=16"),
-    ({"dtype": "int4"}, "dtype 'int4' is not one of .*'fp8', 'int8'"),
-    ({"compression": "lz4"}, "compression 'lz4'"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ({"shard_tokens": 48}, "shard_tokens=48 must be a multiple of chunk_tokens=32"),
+        ({"chunk_tokens": 24, "shard_tokens": 72}, "shard_tokens=72 must be a multiple of seq_len=16"),
+        ({"n_tokens": 100}, "n_tokens=100 must be a multiple of seq_len=16"),
+        ({"dtype": "int4"}, "dtype 'int4' is not one of .*'fp8', 'int8'"),
+        ({"compression": "lz4"}, "compression 'lz4'"),
+    ],
+)
 def test_invalid_parameters_refused(tmp_path, bad, match):
     with pytest.raises(StoreError, match=match):
         StoreWriter.open(tmp_path / "s", **{**params(), **bad})
@@ -578,8 +640,11 @@ def test_float16_overflow_names_layer_and_position(tmp_path):
     resid[1, SHARD + 2 * SEQ + 5, 3] = 1e5
     w = StoreWriter.open(tmp_path / "s", **params(2 * SHARD, dtype="float16"))
     w.write(resid[:, :SHARD], toks[:SHARD])
-    with pytest.raises(StoreError, match=r"100000 at layer 1, token index 101 \(sequence 6, "
-                                         r"position 5\).*'bfloat16' or 'float32'"):
+    with pytest.raises(
+        StoreError,
+        match=r"100000 at layer 1, token index 101 \(sequence 6, "
+        r"position 5\).*'bfloat16' or 'float32'",
+    ):
         w.write(resid[:, SHARD:], toks[SHARD:])
     w.abort()
 
@@ -589,8 +654,11 @@ def test_nan_input_refused(tmp_path, dtype):
     resid, toks = make_data(SHARD)
     resid[2, 17, 0] = np.nan
     with StoreWriter.open(tmp_path / "s", **params(SHARD, dtype=dtype)) as w:
-        with pytest.raises(StoreError, match=r"non-finite activation nan at layer 2, token index 17 "
-                                             r"\(sequence 1, position 1\)"):
+        with pytest.raises(
+            StoreError,
+            match=r"non-finite activation nan at layer 2, token index 17 "
+            r"\(sequence 1, position 1\)",
+        ):
             w.write(resid, toks)
         w.abort()
 
@@ -630,7 +698,7 @@ def test_an_io_error_in_a_shard_write_is_raised_as_it_is_and_stops_the_writer(tm
     w = StoreWriter.open(tmp_path / "s", **params(), background=background)
     with pytest.raises(OSError, match="Input/output error") as raised:
         for s in range(0, 4 * SHARD, 32):
-            w.write(resid[:, s:s + 32], toks[s:s + 32])
+            w.write(resid[:, s : s + 32], toks[s : s + 32])
         w.finalize()
     assert raised.value.__cause__ is not raised.value and len(list(_causes(raised.value))) < 5
     with pytest.raises(StoreError, match="failed"):
@@ -649,8 +717,9 @@ def test_a_shard_record_follows_the_fsync_of_its_files_and_of_their_directories(
     real, synced = shards_module._fsync_file, []
 
     def recording(path):  # (what is synced, how many shards are recorded at that moment)
-        synced.append((path.relative_to(tmp_path / "s").as_posix(),
-                       len(list((tmp_path / "s" / "progress").glob("shard-*.json")))))
+        synced.append(
+            (path.relative_to(tmp_path / "s").as_posix(), len(list((tmp_path / "s" / "progress").glob("shard-*.json"))))
+        )
         real(path)
 
     monkeypatch.setattr(shards_module, "_fsync_file", recording)
@@ -674,9 +743,17 @@ def test_a_cause_chain_that_loops_ends():
 
 # ---------------------------------------------------------------- verify
 
-@pytest.mark.parametrize("compression,dtype,shard_file", [
-    ("zstd", "bfloat16", "resid/c/0/2/0"), ("none", "bfloat16", "resid/c/0/2/0"), ("none", "fp8", "resid/c/0/2/0"),
-    ("zstd", "fp8", "scale/c/0/2"), ("none", "int8", "scale/c/0/2")])
+
+@pytest.mark.parametrize(
+    "compression,dtype,shard_file",
+    [
+        ("zstd", "bfloat16", "resid/c/0/2/0"),
+        ("none", "bfloat16", "resid/c/0/2/0"),
+        ("none", "fp8", "resid/c/0/2/0"),
+        ("zstd", "fp8", "scale/c/0/2"),
+        ("none", "int8", "scale/c/0/2"),
+    ],
+)
 def test_verify_detects_one_flipped_byte(tmp_path, compression, dtype, shard_file):
     resid, toks = make_data(4 * SHARD)
     write_store(tmp_path / "s", resid, toks, compression=compression, dtype=dtype)

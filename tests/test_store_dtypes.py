@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from test_store import D, N_LAYERS, SCALED, SHARD, decoded_reference, make_data, params, stored_reference, write_store
+from test_store import N_LAYERS, SCALED, SHARD, D, decoded_reference, make_data, params, stored_reference, write_store
 
 from pipeline.errors import StoreError
 from pipeline.store.dtypes import DTYPES, FP8_TABLE
@@ -26,17 +26,19 @@ REPO = Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------- one registry
 
-def test_config_schema_and_store_take_their_dtypes_from_the_registry():
-    from pipeline.config import STORE_DTYPES
-    from pipeline.workflow import workflow_schema
 
-    text = (REPO / "config" / "schema.yaml").read_text()
-    assert "fp8" not in text and "float16" not in text.split("compute_dtype")[0]  # the file lists none
-    schema = workflow_schema(REPO / "config" / "schema.yaml")
-    assert schema["properties"]["extract"]["properties"]["dtype"] == {"$ref": "#/$defs/store_dtype"}
-    assert schema["$defs"]["store_dtype"]["enum"] == list(DTYPES) == list(STORE_DTYPES)
+def test_config_schema_and_store_take_their_dtypes_from_the_registry():
+    from pipeline.config import STORE_DTYPES, config_schema
+
+    schema = config_schema()  # generated from the typed config: the registry's names are its choices
+    assert schema["properties"]["extract"]["properties"]["dtype"]["enum"] == list(DTYPES) == list(STORE_DTYPES)
     assert {"bfloat16", "float16", "float32", "fp8", "int8"} == set(DTYPES)
     assert [d for d in DTYPES if DTYPES[d].scaled] == SCALED
+
+
+def _chunk(name: str, ndim: int, shard: int) -> tuple:
+    """The chunk index of shard ``shard`` of array ``name`` (tokens: one axis)."""
+    return (0, shard, 0)[:ndim] if name != "tokens" else (shard,)
 
 
 def test_the_shard_files_are_zarr_s_own_chunk_keys(tmp_path):
@@ -46,12 +48,15 @@ def test_the_shard_files_are_zarr_s_own_chunk_keys(tmp_path):
     p = open_store(tmp_path / "s").params
     group = zarr.open_group(str(tmp_path / "s"), mode="r")
     for shard in range(p.n_shards):
-        keys = [f"{name}/{group[name].metadata.encode_chunk_key((0, shard, 0)[:group[name].ndim] if name != 'tokens' else (shard,))}"
-                for name in array_names(p)]
+        keys = [
+            f"{name}/{group[name].metadata.encode_chunk_key(_chunk(name, group[name].ndim, shard))}"
+            for name in array_names(p)
+        ]
         assert shard_files(p, shard) == keys and all((tmp_path / "s" / k).is_file() for k in keys)
 
 
 # ---------------------------------------------------------------- quantisation and decode
+
 
 def test_fp8_table_and_decode_match_torch_for_every_bit_pattern():
     """The reader's fp8 decode (bit placement, the 2^120 folded into the scale where that
@@ -92,7 +97,7 @@ def test_quantisation_edge_rows(tmp_path, dtype):
     resid[0, 3] = 0.0  # a zero row
     # absmax 189 ulps of float32's subnormals: scale 189 / qmax ulps rounds to 1 (int8) or 0 (fp8:
     # then 1), and absmax / scale = 189 > qmax for int8
-    resid[0, 4] = np.float32(189 * 2.0 ** -149) * np.sign(resid[0, 4])
+    resid[0, 4] = np.float32(189 * 2.0**-149) * np.sign(resid[0, 4])
     resid[1, 0] *= 2e3  # an attention sink among ordinary rows
     resid[2, :, 0] = over  # feature 0 is each row's absmax, one that rounds above qmax
     resid[2, :, 1:] = np.clip(resid[2, :, 1:], -1, 1)
@@ -133,6 +138,7 @@ def test_the_8_bit_cast_adds_only_a_layer_sized_temporary(monkeypatch):
 
 # ---------------------------------------------------------------- what verify and the writer refuse
 
+
 def _tamper(store: Path, array: str, index: tuple, value) -> None:
     """Change one stored number as a faulty writer would: the shard's record, the
     completion marker and the manifest then agree with it, so only the value checks can
@@ -155,14 +161,17 @@ def _tamper(store: Path, array: str, index: tuple, value) -> None:
     (store / "SHA256SUMS").unlink()
 
 
-@pytest.mark.parametrize("dtype,array,value,message", [
-    ("fp8", "scale", np.nan, "scales of layer 1|layer 1: holds scales that are not finite and > 0"),
-    ("int8", "scale", 0.0, "layer 1: holds scales that are not finite and > 0"),
-    ("fp8", "scale", -2.0, "layer 1: holds scales that are not finite and > 0"),
-    ("fp8", "scale", 3e38, r"layer 1: holds values that decode to inf \(value x scale overflows float32\)"),
-    ("fp8", "resid", 0x7F, "layer 1: holds inf/nan values"),
-    ("int8", "resid", -128, "layer 1: holds values outside -127..127"),
-])
+@pytest.mark.parametrize(
+    "dtype,array,value,message",
+    [
+        ("fp8", "scale", np.nan, "scales of layer 1|layer 1: holds scales that are not finite and > 0"),
+        ("int8", "scale", 0.0, "layer 1: holds scales that are not finite and > 0"),
+        ("fp8", "scale", -2.0, "layer 1: holds scales that are not finite and > 0"),
+        ("fp8", "scale", 3e38, r"layer 1: holds values that decode to inf \(value x scale overflows float32\)"),
+        ("fp8", "resid", 0x7F, "layer 1: holds inf/nan values"),
+        ("int8", "resid", -128, "layer 1: holds values outside -127..127"),
+    ],
+)
 def test_verify_checks_the_values_and_scales_of_an_8_bit_store(tmp_path, dtype, array, value, message):
     write_store(tmp_path / "s", *make_data(2 * SHARD), dtype=dtype)
     verify(tmp_path / "s")
@@ -201,6 +210,7 @@ def test_a_version_1_store_reads_and_an_8_bit_one_is_version_2(tmp_path):
 
 # ---------------------------------------------------------------- the README's reader without lenspipe
 
+
 def readme_snippet() -> str:
     """The python block of README.md that follows "a reader without lenspipe"."""
     text = (REPO / "README.md").read_text()
@@ -223,8 +233,9 @@ def test_the_readme_snippet_rebuilds_the_values_without_lenspipe(tmp_path, dtype
     split = write_packed_split(tmp_path / "test.npz", n_seq=6, seq_len=16, vocab=VOCAB)
     cfg = ExtractConfig(batch_size=2, shard_tokens=32, chunk_tokens=16, max_tokens={"test": None}, dtype=dtype)
     extract(model_dir, split, tmp_path / "test.zarr", cfg, "test")
-    program = ("import sys\n" + snippet + "\nimport numpy\nassert 'pipeline' not in sys.modules\n"
-               "numpy.save(sys.argv[1], x)\n")
+    program = (
+        "import sys\n" + snippet + "\nimport numpy\nassert 'pipeline' not in sys.modules\nnumpy.save(sys.argv[1], x)\n"
+    )
     subprocess.run([sys.executable, "-c", program, str(tmp_path / "x.npy")], check=True, cwd=tmp_path, timeout=120)
     got = np.load(tmp_path / "x.npy")
     store = open_store(tmp_path / "test.zarr")

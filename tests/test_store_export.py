@@ -54,8 +54,11 @@ def test_hdf5_layout_keeps_the_stored_bits_scales_and_provenance(store, tmp_path
     with h5py.File(tmp_path / "s.h5") as f:
         ds = f["resid"]
         assert ds.shape == (3, N, 8) and ds.chunks == (1, 32, 8)
-        want = {"bfloat16": (np.uint16, "bfloat16-bits"), "fp8": (np.uint8, "float8_e4m3fn-bits"),
-                "int8": (np.int8, None)}.get(src.dtype)
+        want = {
+            "bfloat16": (np.uint16, "bfloat16-bits"),
+            "fp8": (np.uint8, "float8_e4m3fn-bits"),
+            "int8": (np.int8, None),
+        }.get(src.dtype)
         if want:
             assert ds.dtype == want[0] and ds.attrs.get("encoding") == want[1]
             np.testing.assert_array_equal(ds[...], src._resid[...])
@@ -98,15 +101,18 @@ def test_bad_exports_and_imports_are_refused(store, tmp_path):
 def test_cli_export_import(store, tmp_path):
     cli = [sys.executable, "-m", "pipeline.cli"]
     assert subprocess.run(cli + ["export", str(store), "--to", "zip"], capture_output=True).returncode == 0
-    proc = subprocess.run(cli + ["import", str(store.with_suffix(".zip")), str(tmp_path / "c.zarr")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        cli + ["import", str(store.with_suffix(".zip")), str(tmp_path / "c.zarr")], capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr
     _same(store, tmp_path / "c.zarr")
 
 
 def test_manifest_names_the_damaged_file(store, tmp_path):
     lines = (store / "SHA256SUMS").read_text().splitlines()
-    assert any(line.endswith("  resid/c/0/1/0") for line in lines) and verify(store)["checked_files_sha256"] == len(lines)
+    assert any(line.endswith("  resid/c/0/1/0") for line in lines) and verify(store)["checked_files_sha256"] == len(
+        lines
+    )
     assert subprocess.run(["sha256sum", "-c", "--quiet", "SHA256SUMS"], cwd=store).returncode == 0
     shard = store / "resid" / "c" / "0" / "2" / "0"
     data = bytearray(shard.read_bytes())

@@ -34,7 +34,9 @@ def _data(n: int = N):
 def _write(path, resid, attn, toks, dtype="bfloat16", batch=48, **over):
     with StoreWriter.open(path, **params(resid.shape[1], dtype=dtype, positions=BOTH, **over)) as w:
         for s in range(0, resid.shape[1], batch):
-            w.write(torch.from_numpy(resid[:, s:s + batch]), toks[s:s + batch], torch.from_numpy(attn[:, s:s + batch]))
+            w.write(
+                torch.from_numpy(resid[:, s : s + batch]), toks[s : s + batch], torch.from_numpy(attn[:, s : s + batch])
+            )
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32", "fp8", "int8"])
@@ -45,9 +47,12 @@ def test_round_trip_at_both_positions(tmp_path, dtype):
     assert store.positions == ("block", "attention")
     assert torch.equal(store.layers(range(N_LAYERS + 1)), decoded_reference(resid, dtype))
     assert torch.equal(store.attention(range(N_LAYERS)), decoded_reference(attn, dtype))
-    assert torch.equal(store.states([("block", 2), ("attention", 0), ("block", 0)], 10, 90),
-                       torch.stack([decoded_reference(resid, dtype)[2], decoded_reference(attn, dtype)[0],
-                                    decoded_reference(resid, dtype)[0]])[:, 10:90])
+    assert torch.equal(
+        store.states([("block", 2), ("attention", 0), ("block", 0)], 10, 90),
+        torch.stack(
+            [decoded_reference(resid, dtype)[2], decoded_reference(attn, dtype)[0], decoded_reference(resid, dtype)[0]]
+        )[:, 10:90],
+    )
     assert np.array_equal(store.dask("attention").compute(), decoded_reference(attn, dtype).numpy())
     names = sorted(store.value_arrays)
     assert names == (["attn", "attn_scale", "resid", "scale"] if dtype in ("fp8", "int8") else ["attn", "resid"])
@@ -137,13 +142,12 @@ def test_resume_rewrites_the_attention_shards_too(tmp_path):
 def test_attention_states_read_by_url(tmp_path):
     resid, attn, toks = _data(4 * SHARD)
     _write(tmp_path / "s", resid, attn, toks, "int8")
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
-                                             functools.partial(RangeHandler, directory=str(tmp_path)))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(RangeHandler, directory=str(tmp_path)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
         store = open_store(f"http://127.0.0.1:{server.server_address[1]}/s")
-        assert torch.equal(store.attention(1, 0, 2 * SHARD), decoded_reference(attn, "int8")[1, :2 * SHARD])
+        assert torch.equal(store.attention(1, 0, 2 * SHARD), decoded_reference(attn, "int8")[1, : 2 * SHARD])
         assert verify(f"http://127.0.0.1:{server.server_address[1]}/s")["positions"] == BOTH
     finally:
         server.shutdown()

@@ -10,35 +10,49 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported: never tou
 
 import pytest
 import torch
+from tiny import FAMILIES, VOCAB, tiny_model
 
 from pipeline.errors import UnsupportedModel
+from pipeline.model import sublayers
 from pipeline.model.parts import find_parts
 from pipeline.model.residual import residual_states, residual_stream
-from pipeline.model import sublayers
 from pipeline.model.sublayers import find_sublayers
-from tiny import FAMILIES, VOCAB, tiny_model
 
 #: family -> (the norm before its attention or None, its attention, the norm after its
 #: attention output before the add or None): how the block computes A, written out by hand.
 HAND = {
-    "gpt2": ("ln_1", "attn", None), "gptj": ("ln_1", "attn", None),
-    "gpt_neox": ("input_layernorm", "attention", None), "gpt_neox_seq": ("input_layernorm", "attention", None),
-    "falcon": ("input_layernorm", "self_attention", None), "falcon_seq": ("input_layernorm", "self_attention", None),
+    "gpt2": ("ln_1", "attn", None),
+    "gptj": ("ln_1", "attn", None),
+    "gpt_neox": ("input_layernorm", "attention", None),
+    "gpt_neox_seq": ("input_layernorm", "attention", None),
+    "falcon": ("input_layernorm", "self_attention", None),
+    "falcon_seq": ("input_layernorm", "self_attention", None),
     "falcon_new": ("ln_attn", "self_attention", None),
     "olmo2": (None, "self_attn", "post_attention_layernorm"),
     "gemma2": ("input_layernorm", "self_attn", "post_attention_layernorm"),
     "gemma3": ("input_layernorm", "self_attn", "post_attention_layernorm"),
     "opt": ("self_attn_layer_norm", "self_attn", None),
-    **{f: ("input_layernorm", "self_attn", None) for f in ("llama", "qwen2", "qwen3", "phi", "mistral", "granite",
-                                                           "cohere")},
+    **{
+        f: ("input_layernorm", "self_attn", None)
+        for f in ("llama", "qwen2", "qwen3", "phi", "mistral", "granite", "cohere")
+    },
 }
 #: Sequential families: the module of each block whose input is the mid-block state (the
 #: MLP's pre-norm; Olmo-2 has none): the model's own tensor, which the capture must equal bitwise.
-READS_MID = {"gpt2": "ln_2", "gpt_neox_seq": "post_attention_layernorm", "falcon_seq": "post_attention_layernorm",
-             "llama": "post_attention_layernorm", "qwen2": "post_attention_layernorm",
-             "qwen3": "post_attention_layernorm", "mistral": "post_attention_layernorm",
-             "granite": "post_attention_layernorm", "gemma2": "pre_feedforward_layernorm",
-             "gemma3": "pre_feedforward_layernorm", "opt": "final_layer_norm", "olmo2": "mlp"}
+READS_MID = {
+    "gpt2": "ln_2",
+    "gpt_neox_seq": "post_attention_layernorm",
+    "falcon_seq": "post_attention_layernorm",
+    "llama": "post_attention_layernorm",
+    "qwen2": "post_attention_layernorm",
+    "qwen3": "post_attention_layernorm",
+    "mistral": "post_attention_layernorm",
+    "granite": "post_attention_layernorm",
+    "gemma2": "pre_feedforward_layernorm",
+    "gemma3": "pre_feedforward_layernorm",
+    "opt": "final_layer_norm",
+    "olmo2": "mlp",
+}
 PARALLEL = {"gpt_neox", "gptj", "falcon", "falcon_new", "phi", "cohere"}
 REFUSED = {"opt_proj"}  # post-norm (do_layer_norm_before=False, as opt-350m)
 
@@ -56,8 +70,9 @@ def _block_calls(model, ids) -> list[tuple[tuple, dict]]:
     """Every block's (args, kwargs) of one forward pass: position embeddings, masks, ..."""
     calls = []
     blocks = find_parts(model).blocks
-    handles = [b.register_forward_pre_hook(lambda _m, a, k: calls.append((a, dict(k))), with_kwargs=True)
-               for b in blocks]
+    handles = [
+        b.register_forward_pre_hook(lambda _m, a, k: calls.append((a, dict(k))), with_kwargs=True) for b in blocks
+    ]
     try:
         with torch.no_grad():
             model(input_ids=ids, use_cache=False)
@@ -123,8 +138,12 @@ def test_sequential_blocks_hold_that_state_themselves(family):
     ids = _ids()
     seen = []
     blocks = find_parts(model).blocks
-    handles = [b.get_submodule(READS_MID[family]).register_forward_pre_hook(
-        lambda _m, args: seen.append(args[0].detach().clone())) for b in blocks]
+    handles = [
+        b.get_submodule(READS_MID[family]).register_forward_pre_hook(
+            lambda _m, args: seen.append(args[0].detach().clone())
+        )
+        for b in blocks
+    ]
     try:
         states, _ = residual_states(model, ids, positions=("block", "attention"))
     finally:
@@ -162,8 +181,10 @@ def test_guard_refuses_a_block_that_does_more_than_its_two_adds(monkeypatch):
         return forward(self, *args, **kwargs) * 1.01
 
     monkeypatch.setattr(block, "forward", scaled.__get__(block))
-    with pytest.raises(UnsupportedModel, match="block 1 of LlamaForCausalLM: its output is not the residual after "
-                                               "its attention plus its MLP"):
+    with pytest.raises(
+        UnsupportedModel,
+        match="block 1 of LlamaForCausalLM: its output is not the residual after its attention plus its MLP",
+    ):
         residual_states(model, _ids(), positions=("block", "attention"), verify=True)
     residual_states(model, _ids(), positions=("block", "attention"))  # unchecked: no error
 

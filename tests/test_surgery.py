@@ -13,15 +13,15 @@ import safetensors
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
+from tiny import FAMILIES, TIED, VOCAB, tiny_model
 from torch import nn
 
 from pipeline.errors import LenspipeError, ModelNotAvailable, UnsupportedModel
-from tiny import FAMILIES, TIED, VOCAB, tiny_model
-
 from pipeline.model.head import UnembedHead, load_unembed_head, unembed_head
 from pipeline.model.parts import ModelParts, find_parts
 from pipeline.model.residual import LAYER_CONVENTION, check_unembed, residual_stream
 from pipeline.model.resume import Resumable
+
 
 def inputs(batch: int = 2, pos: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
@@ -64,7 +64,8 @@ def test_resid_are_block_inputs(family):
     handles = [
         b.register_forward_pre_hook(
             lambda _m, args, kwargs, i=i: seen.__setitem__(i, (args[0] if args else kwargs["hidden_states"]).clone()),
-            with_kwargs=True)
+            with_kwargs=True,
+        )
         for i, b in enumerate(parts.blocks)
     ]
     try:
@@ -89,9 +90,11 @@ def test_resuming_from_any_layer_is_the_model_itself(family):
     r = Resumable(model, ids)
     for layer in range(r.n_layers + 1):
         assert torch.equal(r.logits_from(layer, r.resid[layer]), r.logits)
+
     def skip(_mod, args, kwargs, out):
         h = args[0] if args else kwargs["hidden_states"]
         return (h, *out[1:]) if isinstance(out, tuple) else h
+
     handle = find_parts(model).blocks[0].register_forward_hook(skip, with_kwargs=True)
     try:
         with torch.no_grad():
@@ -132,7 +135,12 @@ def test_family_specific_parts():
     assert find_parts(tiny_model("phi")).final_norm_name == "model.final_layernorm"
     assert find_parts(tiny_model("gemma2")).softcap == 2.0
     gemma3 = find_parts(tiny_model("gemma3"))
-    assert (gemma3.final_norm_name, gemma3.unembed_name, gemma3.softcap, gemma3.tied) == ("model.norm", "lm_head", 2.0, True)
+    assert (gemma3.final_norm_name, gemma3.unembed_name, gemma3.softcap, gemma3.tied) == (
+        "model.norm",
+        "lm_head",
+        2.0,
+        True,
+    )
     assert find_parts(tiny_model("granite")).logit_scale == 0.25
     assert find_parts(tiny_model("cohere")).logit_scale == 3.0
     llama = find_parts(tiny_model("llama"))
@@ -161,8 +169,12 @@ def test_gemma3_head_is_final_norm_tied_unembedding_and_softcap():
     cfg, inner = model.config, model.model
     assert cfg.model_type == "gemma3_text" and set(cfg.layer_types) == {"sliding_attention", "full_attention"}
     for block in inner.layers:  # every norm weight is non-zero, so every norm counts
-        for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-                     "post_feedforward_layernorm"):
+        for norm in (
+            "input_layernorm",
+            "post_attention_layernorm",
+            "pre_feedforward_layernorm",
+            "post_feedforward_layernorm",
+        ):
             assert getattr(block, norm).weight.abs().min() > 0
     ids = inputs(2, 9)[0][:1]  # longer than the sliding window (4)
     resid, logits = residual_stream(model, ids)
@@ -246,8 +258,9 @@ def test_load_unembed_head_renamed_keys(tmp_path):
     assert "embed_out.weight" in _checkpoint_names(tmp_path / "neox")
     resid, _ = residual_stream(model, inputs()[0])
     with torch.no_grad():
-        torch.testing.assert_close(load_unembed_head(tmp_path / "gpt2")(resid[-1]),
-                                   unembed_head(model)(resid[-1]), rtol=0, atol=0)
+        torch.testing.assert_close(
+            load_unembed_head(tmp_path / "gpt2")(resid[-1]), unembed_head(model)(resid[-1]), rtol=0, atol=0
+        )
     assert load_unembed_head(tmp_path / "neox").unembed.weight.shape == (VOCAB, 32)
 
 
@@ -260,8 +273,9 @@ def test_load_unembed_head_prefix_fallback(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers.conversion_mapping", None)  # import fails
     resid, _ = residual_stream(model, inputs()[0])
     with torch.no_grad():
-        torch.testing.assert_close(load_unembed_head(tmp_path)(resid[-1]),
-                                   unembed_head(model)(resid[-1]), rtol=0, atol=0)
+        torch.testing.assert_close(
+            load_unembed_head(tmp_path)(resid[-1]), unembed_head(model)(resid[-1]), rtol=0, atol=0
+        )
 
 
 def test_load_unembed_head_dtype(tmp_path):
@@ -311,11 +325,14 @@ class Toy(nn.Module):
         return self.head
 
 
-@pytest.mark.parametrize(("kwargs", "missing"), [
-    (dict(blocks=False), "transformer blocks"),
-    (dict(norm=False), "final norm"),
-    (dict(head=False), "output embedding"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "missing"),
+    [
+        (dict(blocks=False), "transformer blocks"),
+        (dict(norm=False), "final norm"),
+        (dict(head=False), "output embedding"),
+    ],
+)
 def test_unsupported_model_names_missing_part(kwargs, missing):
     with pytest.raises(UnsupportedModel, match=missing):
         find_parts(Toy(**kwargs))

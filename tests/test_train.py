@@ -12,8 +12,9 @@ from pipeline.extract import extract
 from pipeline.lens.tuned import TunedLens
 from pipeline.train import KLFromLogits, kl_loss, train
 
-SMALL_EXTRACT = ExtractConfig(batch_size=4, shard_tokens=64, chunk_tokens=32, max_tokens={"train": None, "test": None},
-                              dtype="float32")
+SMALL_EXTRACT = ExtractConfig(
+    batch_size=4, shard_tokens=64, chunk_tokens=32, max_tokens={"train": None, "test": None}, dtype="float32"
+)
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +44,9 @@ def test_fused_kl_matches_autograd_and_distributions():
     z = torch.randn(5, 11, dtype=torch.float64, requires_grad=True)
     target = torch.log_softmax(torch.randn(5, 11, dtype=torch.float64), -1)
     fused = kl_loss(z, target)
-    ref = torch.distributions.kl_divergence(torch.distributions.Categorical(logits=target),
-                                            torch.distributions.Categorical(logits=z)).mean()
+    ref = torch.distributions.kl_divergence(
+        torch.distributions.Categorical(logits=target), torch.distributions.Categorical(logits=z)
+    ).mean()
     torch.testing.assert_close(fused, ref)
     (g,) = torch.autograd.grad(fused, z)
     (g_ref,) = torch.autograd.grad(ref, z)
@@ -61,8 +63,9 @@ def test_fused_kl_in_place_backward_gives_the_autograd_gradient():
     W = torch.randn(13, 8, generator=g, dtype=torch.float64)
     target = torch.log_softmax(torch.randn(6, 13, generator=g, dtype=torch.float64), -1)
     (fused,) = torch.autograd.grad(kl_loss(h @ W.T, target), h)
-    ref = torch.distributions.kl_divergence(torch.distributions.Categorical(logits=target),
-                                            torch.distributions.Categorical(logits=h @ W.T)).mean()
+    ref = torch.distributions.kl_divergence(
+        torch.distributions.Categorical(logits=target), torch.distributions.Categorical(logits=h @ W.T)
+    ).mean()
     (want,) = torch.autograd.grad(ref, h)
     torch.testing.assert_close(fused, want)
 
@@ -109,9 +112,15 @@ def test_linear_is_fitted_trained_and_evaluated_without_a_bias(tiny_run, tmp_pat
     weights = load_file(str(tmp_path / "linear" / "translators.safetensors"))
     assert set(weights) == {"0.weight", "1.weight"}  # no bias tensor saved
     out = tmp_path / "tables"
-    evaluate(root / "test.zarr", root / "test.npz", model_dir, {"linear": tmp_path / "linear"},
-             EvaluateConfig(max_tokens=None, chunk_tokens=32, bootstrap=10), out,
-             {"model": "tiny", "revision": None, "corpus": "rand", "split": "test"})
+    evaluate(
+        root / "test.zarr",
+        root / "test.npz",
+        model_dir,
+        {"linear": tmp_path / "linear"},
+        EvaluateConfig(max_tokens=None, chunk_tokens=32, bootstrap=10),
+        out,
+        {"model": "tiny", "revision": None, "corpus": "rand", "split": "test"},
+    )
     table = pd.read_parquet(out / "layer_metrics.parquet")
     head = load_unembed_head(model_dir)
     test = open_store(root / "test.zarr").layers([0, 1, 2], 0, open_store(root / "test.zarr").n_tokens)
@@ -196,7 +205,9 @@ def test_layer_groups_split_evenly_and_merge_into_one_lens(tiny_run, tmp_path):
         groups.group_layers(2, 0)
     root, model_dir = tiny_run
     for g in (0, 1):
-        train_group(root / "train.zarr", root / "test.zarr", model_dir, tmp_path / f"g{g}", cfg(layer_groups=2), "affine", g)
+        train_group(
+            root / "train.zarr", root / "test.zarr", model_dir, tmp_path / f"g{g}", cfg(layer_groups=2), "affine", g
+        )
     merged = merge_lens([tmp_path / "g0", tmp_path / "g1"], model_dir, tmp_path / "lens")
     assert merged.layers == [0, 1]
     again = TunedLens.load(tmp_path / "lens", model_dir=model_dir)
@@ -220,8 +231,9 @@ def test_training_kl_is_exact_and_thread_independent():
     # A single float32 dot product over 512 x 49,152 values put every val_kl ~0.01 nats
     # high, and the value changed with the thread count.
     z, target = _batch_like_smollm2(0)
-    exact = torch.distributions.kl_divergence(torch.distributions.Categorical(logits=target.double()),
-                                              torch.distributions.Categorical(logits=z.double())).mean()
+    exact = torch.distributions.kl_divergence(
+        torch.distributions.Categorical(logits=target.double()), torch.distributions.Categorical(logits=z.double())
+    ).mean()
     before, got = torch.get_num_threads(), []
     try:
         for threads in (1, 2):
@@ -272,7 +284,10 @@ def test_weight_decay_pulls_every_kind_toward_the_identity(tiny_run):
         with torch.no_grad():
             for p in lens.translators.parameters():
                 p.add_(0.1)
-        dist = lambda: (linear_map(lens.translators["0"])[0] - torch.eye(d)).norm().item()  # noqa: E731
+
+        def dist(lens=lens):
+            return (linear_map(lens.translators["0"])[0] - torch.eye(d)).norm().item()
+
         before = dist()
         opt, _ = tr.make_optimizer(lens, cfg(weight_decay=0.5, momentum=0.0, clip_grad=0))
         for p in lens.translators.parameters():
@@ -292,9 +307,14 @@ def test_step_multipliers_scale_each_step(tiny_run, optimizer, power):
     head = load_unembed_head(tiny_run[1])
     d = head.unembed.weight.shape[1]
     c = cfg(weight_decay=0.0, momentum=0.0, clip_grad=0, optimizer=optimizer)
-    grads = {name: torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) for i, (name, p) in
-             enumerate(TunedLens.create(head, "affine", d_model=d, n_layers=2, model_info={},
-                                        layers=[0, 1]).translators.named_parameters())}
+    grads = {
+        name: torch.randn(p.shape, generator=torch.Generator().manual_seed(i))
+        for i, (name, p) in enumerate(
+            TunedLens.create(
+                head, "affine", d_model=d, n_layers=2, model_info={}, layers=[0, 1]
+            ).translators.named_parameters()
+        )
+    }
 
     def step(multipliers):
         lens = TunedLens.create(head, "affine", d_model=d, n_layers=2, model_info={}, layers=[0, 1])
@@ -343,7 +363,7 @@ def test_lens_json_says_how_each_layer_stopped(tiny_run, tmp_path):
     from pipeline.lens.stopping import last_quarter_change
 
     metrics, _ = run(tiny_run, tmp_path / "all", steps=8, eval_every=2, patience=0)
-    for label, s in metrics["stopping"].items():
+    for s in metrics["stopping"].values():
         assert s["reason"] == "steps exhausted" and s["last_step"] == 8 and 0 <= s["best_step"] <= 8
         assert s["val_change_last_quarter"] is not None
     early, _ = run(tiny_run, tmp_path / "early", steps=40, eval_every=1, patience=1, lr_scale=30.0)

@@ -1,6 +1,7 @@
 """The Snakemake workflow end to end on a tiny config (.test/config.yaml)."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +14,20 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
-           "--configfile", str(REPO / ".test" / "config.yaml"), "--cores", "1", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(REPO / ".test" / "config.yaml"),
+        "--cores",
+        "1",
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=workdir)
 
 
@@ -76,8 +89,9 @@ def _with_code_corpus(workdir: Path, evaluate_only: bool = True) -> Path:
     code = workdir / "tiny" / "code"
     code.mkdir(parents=True, exist_ok=True)
     for i in range(4):
-        code.joinpath(f"code{i}.txt").write_text("\n".join(f"def f{(i + j) % 7}(x):\n    return x + {j}"
-                                                           for j in range(60)))
+        code.joinpath(f"code{i}.txt").write_text(
+            "\n".join(f"def f{(i + j) % 7}(x):\n    return x + {j}" for j in range(60))
+        )
     cfg = workdir / "code.yaml"
     corpus = CODE_CORPUS if evaluate_only else CODE_CORPUS.replace("    evaluate_only: true\n", "")
     text = (REPO / ".test" / "config.yaml").read_text()
@@ -150,30 +164,11 @@ def test_schema_violation_is_reported(workdir):
 # ------------------------------------------------------------------------ extending it
 
 #: A translator kind from outside lenspipe: one class, registered by its decorator, in a
-#: module the config lists under ``plugins``. h + b: one learned shift per layer.
-SHIFT_PLUGIN = '''
-import torch
-from torch import nn
-
-from pipeline.lens.kinds import translator_kind
-from pipeline.lens.translators import Translator
-
-
-@translator_kind("shift", linear_map=True)
-class ShiftTranslator(Translator):
-    def __init__(self, d_model):
-        super().__init__(d_model)
-        self.bias = nn.Parameter(torch.zeros(d_model))  # (d,): zero, so it starts as the logit lens
-
-    opts = property(lambda self: {})
-
-    def forward(self, h):
-        return h + self.bias
-
-    def affine_map(self, dtype=None):
-        b = self.bias.detach().to(dtype or self.bias.dtype)
-        return torch.zeros(len(b), len(b), dtype=b.dtype), b
-'''
+#: module the config lists under ``plugins``. h + b: one learned shift per layer. Read from
+#: the how-to page, so the documentation's example is what this test runs.
+SHIFT_PLUGIN = re.search(
+    r"```python\n(.*?)```", (REPO / "docs" / "how-to" / "add-a-translator-kind.md").read_text(), flags=re.S
+).group(1)
 
 
 def test_a_kind_registered_by_one_class_trains_evaluates_and_is_analysed_through_the_workflow(workdir):
@@ -248,6 +243,7 @@ def test_the_workflow_with_lenses_inside_the_blocks(workdir):
 
 # ------------------------------------------------------------------------ reproducibility
 
+
 def _check_provenance(data: Path) -> None:
     import json
 
@@ -269,6 +265,37 @@ def _fresh_workdir(root: Path) -> Path:
     for i in range(5):
         corpus.joinpath(f"doc{i}.txt").write_text(" ".join(f"summer{(i + j) % 13} day" for j in range(120)))
     return root
+
+
+def test_a_users_config_runs_only_what_it_names(tmp_path):
+    """From the repository, as the README says: `snakemake --configfile mine.yaml` with a config
+    naming one tiny model and one local corpus schedules their jobs and nothing of the
+    default experiment (config/config.yaml is not merged in)."""
+    import yaml
+
+    _fresh_workdir(tmp_path)
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(
+        yaml.safe_dump(
+            {
+                "data_dir": str(tmp_path / "data"),
+                "models": {"mine": {"source": str(tmp_path / "tiny" / "model")}},
+                "corpora": {"notes": {"source": str(tmp_path / "tiny" / "corpus" / "*.txt")}},
+            }
+        )
+    )
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--cores", "1", "-n"]
+    dry = subprocess.run([*cmd, "--configfile", str(mine)], capture_output=True, text=True, timeout=600, cwd=REPO)
+    jobs = dry.stdout + dry.stderr
+    assert dry.returncode == 0, jobs[-3000:]
+    outputs = [line.split(":", 1)[1].strip() for line in jobs.splitlines() if line.strip().startswith("output:")]
+    assert len(outputs) > 15 and all(o.startswith(str(tmp_path / "data")) for f in outputs for o in f.split(", "))
+    assert "model=mine" in jobs and "corpus=notes" in jobs
+    for other in ("smollm2", "shakespeare", "python-code", "gemma"):
+        assert other not in jobs, other
+    # without --configfile: the default experiment
+    default = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert default.returncode == 0 and "smollm2-135m" in default.stdout + default.stderr
 
 
 def test_two_runs_from_scratch_are_bitwise_equal_and_the_seed_matters(tmp_path):
@@ -303,26 +330,40 @@ def test_default_workflow_on_the_real_model_is_reproducible(tmp_path):
     from pipeline.store.reader import open_store
 
     cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    cfg["extract"]["max_tokens"] = {"train": 2048, "validation": 512, "test": 512}
-    cfg["train"].update(steps=2, val_tokens=256, eval_every=2)
-    cfg["evaluate"].update(max_tokens=512, bootstrap=100)
-    cfg["report"]["prompts"] = ["The capital of France is"]
+    cfg["extract"] = {"max_tokens": {"train": 2048, "validation": 512, "test": 512}}
+    cfg["train"] = dict(steps=2, val_tokens=256, eval_every=2)
+    cfg["evaluate"] = dict(max_tokens=512, bootstrap=100)
+    cfg["report"] = {"prompts": ["The capital of France is"]}
     outputs = []
     for name in ("a", "b"):
         w = tmp_path / name
         (w / "data").mkdir(parents=True)
         (w / "data" / "cache").symlink_to(REPO / "data" / "cache")  # the wheels, fetched once
         (w / "config.yaml").write_text(yaml.safe_dump(cfg))
-        cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(w),
-               "--configfile", str(w / "config.yaml"), "--cores", "2"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-s",
+            str(REPO / "Snakefile"),
+            "--directory",
+            str(w),
+            "--configfile",
+            str(w / "config.yaml"),
+            "--cores",
+            "2",
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
         assert proc.returncode == 0, proc.stderr[-3000:]
         outputs.append(values(w / "data"))
     # The activation stores are bitwise equal. Downstream, rare run-to-run differences of
     # ~1e-5 relative were seen on a loaded CPU (see README, Reproducibility), so values
     # are compared to 1e-4 here; the tiny-config test above is bitwise.
-    stores = [open_store(tmp_path / n / "data/stores/smollm2-135m/shakespeare" / f"{s}.zarr")
-              for n in ("a", "b") for s in ("train", "validation", "test")]
+    stores = [
+        open_store(tmp_path / n / "data/stores/smollm2-135m/shakespeare" / f"{s}.zarr")
+        for n in ("a", "b")
+        for s in ("train", "validation", "test")
+    ]
     for x, y in zip(stores[:3], stores[3:]):
         assert torch.equal(x.layers(range(x.n_layers + 1)), y.layers(range(y.n_layers + 1)))
     assert assert_same_values(*outputs, rtol=1e-4) > 10_000
@@ -332,7 +373,11 @@ def test_default_workflow_on_the_real_model_is_reproducible(tmp_path):
 def test_dag_fans_out_4_extraction_parts_and_3_layer_groups_and_merges(workdir):
     cfg = workdir / "scale.yaml"
     text = (REPO / ".test" / "config.yaml").read_text()
-    cfg.write_text(text.replace("  steps: 3", "  steps: 3\n  layer_groups: 3").replace("  batch_size: 4", "  batch_size: 4\n  parts: 4"))
+    cfg.write_text(
+        text.replace("  steps: 3", "  steps: 3\n  layer_groups: 3").replace(
+            "  batch_size: 4", "  batch_size: 4\n  parts: 4"
+        )
+    )
     dry = snakemake(workdir, "-n", "--configfile", str(cfg))
     jobs = dry.stdout + dry.stderr
     assert dry.returncode == 0, jobs[-3000:]
@@ -352,7 +397,11 @@ def test_workflow_with_parts_and_groups_gives_the_one_job_stores(workdir, tmp_pa
 
     cfg = workdir / "scale.yaml"
     text = (REPO / ".test" / "config.yaml").read_text()
-    cfg.write_text(text.replace("  steps: 3", "  steps: 3\n  layer_groups: 2").replace("  batch_size: 4", "  batch_size: 4\n  parts: 2"))
+    cfg.write_text(
+        text.replace("  steps: 3", "  steps: 3\n  layer_groups: 2").replace(
+            "  batch_size: 4", "  batch_size: 4\n  parts: 2"
+        )
+    )
     target = "data/tables/tiny/tiny-txt/layer_metrics.parquet"
     proc = snakemake(workdir, target, "--configfile", str(cfg))
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -11,10 +11,11 @@ name with dashes) and a module ``pipeline.analyses.<rule>`` holding
    them) and its settings (``analyses.*`` of the config) by name;
 3. ``summary(*tables)``, the report's sentence, from its tables in ``tables`` order.
 
-Its module docstring holds a paragraph beginning "Power.": the effect the analysis must be
+Its module holds ``POWER``, a paragraph beginning "Power.": the effect the analysis must be
 able to detect and the sample size that gives it (the report quotes it).
 
-A new analysis: its module, its test, one entry in :data:`ANALYSES` and one rule.
+A new analysis: its module, its test and one entry in :data:`ANALYSES`, which is its rule
+too (``rules/analyses.smk`` makes one rule per entry: inputs, outputs, threads, settings).
 
 - ``prediction_depth``     where each lens settles on the model's top-1; early exit
 - ``layer_contributions``  each block's KL drop under the tuned lens vs the cost of skipping it
@@ -40,6 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import paths
+
 
 @dataclass(frozen=True)
 class Analysis:
@@ -53,6 +56,14 @@ class Analysis:
     """The ``analyses`` config fields ``run`` takes: its rule re-runs when one changes."""
     per_run: bool = True
     """One job per (model, corpus) run, or one job across all runs of the config."""
+    inputs: tuple[str, ...] = ("layer_metrics",)
+    """What its rule declares as inputs, by name (:data:`INPUTS`): the run's artifacts, or
+    for an analysis across runs, every run's (``layer_metrics`` of every cell of the lens x
+    corpus matrix for ``evaluations``)."""
+    threads: int = 1
+    """Its job's threads: 2 where torch computes (the model or lenses run)."""
+    size: str = "small"
+    """Its job's memory and time class (``rules/common.smk``: small, medium)."""
 
     @property
     def command(self) -> str:
@@ -68,8 +79,9 @@ class Analysis:
 
     def outputs(self, analyses_dir: str | Path) -> list[str]:
         """Its tables, its findings and its figure under an analyses directory (or a pattern of one)."""
-        return ([f"{analyses_dir}/{t}.parquet" for t in (*self.tables, self.findings_table)]
-                + [f"{analyses_dir}/{self.rule}.png"])
+        return [f"{analyses_dir}/{t}.parquet" for t in (*self.tables, self.findings_table)] + [
+            f"{analyses_dir}/{self.rule}.png"
+        ]
 
     def settings_of(self, analyses_cfg) -> dict[str, Any]:
         """Its settings, read from an AnalysesConfig."""
@@ -89,31 +101,117 @@ class Analysis:
         return pd.read_parquet(Path(analyses_dir) / f"{self.findings_table}.parquet")
 
     def power(self) -> str:
-        """The "Power." paragraph of its module docstring: the effect it must detect and the
-        sample size that gives it."""
+        """Its module's ``POWER``: the effect it must detect and the sample size that gives it."""
         from .findings import power_of
 
         return power_of(self.module())
 
 
+#: The inputs an analysis may declare (``Analysis.inputs``): the path pattern's name in
+#: ``pipeline.paths`` and its fixed wildcards (``split="eval"``: ``evaluate.split``; ``kind``:
+#: ``analyses.translator``). The per-token table beside a layer_metrics table is read with it.
+INPUTS = {
+    "layer_metrics": (paths.LAYER_METRICS, {}),
+    "model": (paths.MODEL_MARKER, {}),
+    "lens": (paths.LENS_META, {"kind": "translator"}),
+    "store": (paths.STORE_DONE, {"split": "eval"}),
+    "split": (paths.CORPUS_SPLIT, {"split": "eval"}),
+    "train_split": (paths.CORPUS_SPLIT, {"split": "train"}),
+    "fit_split": (paths.CORPUS_SPLIT, {"split": "validation"}),  # anomaly detection fits on it
+    # across runs: each run's own tables
+    "anatomy": (paths.INPUTS["translator_anatomy"][0], {}),
+    "depth": (paths.INPUTS["prediction_depth"][0], {}),
+    "facts": (paths.INPUTS["fact_prompts"][0], {}),
+    "fact_depths": (paths.INPUTS["fact_depths"][0], {}),
+    "evaluations": (paths.LAYER_METRICS, {}),
+}
+
+_LENS = ("lens", "model")
 ANALYSES = (
-    Analysis("prediction_depth", ("prediction_depth", "early_exit"), "prediction depth and early exit", ("taus",)),
-    Analysis("layer_contributions", ("layer_contributions",), "layer contributions", ("translator", "skip_tokens")),
-    Analysis("translator_anatomy", ("translator_anatomy", "translator_spectra"), "translator anatomy",
-             ("translator",)),
-    Analysis("token_categories", ("token_categories",), "token categories", ("translator",)),
-    Analysis("layer_transfer", ("layer_transfer",), "layer transfer",
-             ("translator", "transfer_tokens", "transfer_stride")),
-    Analysis("causal_fidelity", ("causal_fidelity", "causal_agreement"), "causal fidelity",
-             ("translator", "causal_layers", "causal_directions", "causal_random", "causal_tokens")),
-    Analysis("anomaly_detection", ("anomaly_detection", "anomaly_scores"), "anomaly detection",
-             ("translator", "anomaly_sequences", "anomaly_other", "anomaly_tokens", "anomaly_stride")),
-    Analysis("fact_localization", ("fact_prompts", "fact_layers", "fact_depths"), "fact localization",
-             ("translator",)),
+    Analysis(
+        "prediction_depth",
+        ("prediction_depth", "early_exit"),
+        "prediction depth and early exit",
+        ("taus",),
+        inputs=("layer_metrics", "train_split"),
+    ),
+    Analysis(
+        "layer_contributions",
+        ("layer_contributions",),
+        "layer contributions",
+        ("translator", "skip_tokens"),
+        inputs=("layer_metrics", "model", "split"),
+        threads=2,
+        size="medium",
+    ),
+    Analysis(
+        "translator_anatomy",
+        ("translator_anatomy", "translator_spectra"),
+        "translator anatomy",
+        ("translator",),
+        inputs=_LENS,
+        threads=2,
+    ),
+    Analysis(
+        "token_categories",
+        ("token_categories",),
+        "token categories",
+        ("translator",),
+        inputs=("layer_metrics", "model"),
+    ),
+    Analysis(
+        "layer_transfer",
+        ("layer_transfer",),
+        "layer transfer",
+        ("translator", "transfer_tokens", "transfer_stride"),
+        inputs=("store", *_LENS),
+        threads=2,
+        size="medium",
+    ),
+    Analysis(
+        "causal_fidelity",
+        ("causal_fidelity", "causal_agreement"),
+        "causal fidelity",
+        ("translator", "causal_layers", "causal_directions", "causal_random", "causal_tokens"),
+        inputs=("store", *_LENS),
+        threads=2,
+        size="medium",
+    ),
+    Analysis(
+        "anomaly_detection",
+        ("anomaly_detection", "anomaly_scores"),
+        "anomaly detection",
+        ("translator", "anomaly_sequences", "anomaly_other", "anomaly_tokens", "anomaly_stride"),
+        inputs=(*_LENS, "fit_split", "split"),
+        threads=2,
+        size="medium",
+    ),
+    # the split's manifest beside it gives the separator token that starts every prompt
+    Analysis(
+        "fact_localization",
+        ("fact_prompts", "fact_layers", "fact_depths"),
+        "fact localization",
+        ("translator",),
+        inputs=(*_LENS, "split"),
+        threads=2,
+    ),
+    # the per-token table beside layer_metrics, at the attention position too
     Analysis("attention_mlp", ("attention_mlp",), "attention vs MLP", ("translator",)),
-    Analysis("compare_models", ("compare_models", "compare_anatomy", "compare_depth", "compare_facts"),
-             "Across models and checkpoints",
-             ("translator",), per_run=False),
-    Analysis("lens_corpus_matrix", ("lens_corpus_matrix",), "Lenses across corpora", ("translator",), per_run=False),
+    Analysis(
+        "compare_models",
+        ("compare_models", "compare_anatomy", "compare_depth", "compare_facts"),
+        "Across models and checkpoints",
+        ("translator",),
+        per_run=False,
+        inputs=("layer_metrics", "anatomy", "depth", "facts", "fact_depths"),
+    ),
+    Analysis(
+        "lens_corpus_matrix",
+        ("lens_corpus_matrix",),
+        "Lenses across corpora",
+        ("translator",),
+        per_run=False,
+        inputs=("evaluations",),
+    ),
 )
 BY_RULE = {a.rule: a for a in ANALYSES}

@@ -16,20 +16,6 @@ tokens shuffled, and Python source code of the standard library (another domain)
 against the normal test windows, with a bootstrap CI over sequences, is reported for the
 feature sets ``final`` (the model's output alone), ``trajectory`` (the lens alone) and
 ``trajectory+final``: whether the lens adds anything to what the output already shows.
-
-Power. The question is whether injected instructions are detectable: AUROC of injection
-windows against normal windows, null 0.5, with a bootstrap CI over windows (each group
-resampled). Two normal samples of the same text, ``control`` against ``normal``, must sit
-at 0.5 inside their CI; if they do not, the detector or the CI is biased and no AUROC of
-the table can be trusted. At AUROC 0.5 its standard error is sqrt((n1 + n2 + 1) /
-(12 n1 n2)): a half-width of 0.05 needs n1 = n2 = 256 windows per class; the default
-``anomaly_sequences`` of 200 gives 0.057 (16 per class gave +-0.2: injection 0.68
-[0.48, 0.84] against a control of 0.63 [0.43, 0.82] could not say whether injections are
-detectable at all). The
-detector is fitted on as many validation windows. Shuffled tokens and code, far from the
-play text, are resolved with fewer (``anomaly_other`` windows each). Whether the lens adds
-to the output alone is the AUROC difference, trajectory+final minus final, resampled on the
-same windows (null 0).
 """
 
 from __future__ import annotations
@@ -45,10 +31,39 @@ from ..progress import Progress
 from ..tables import write_table_df
 from .findings import Finding, bootstrap, whole, write_findings
 
+#: The effect this analysis must be able to detect, and the sample size that gives it
+#: (the report prints it beside the findings).
+POWER = (
+    "Power. The question is whether injected instructions are detectable: AUROC of injection windows "
+    "against normal windows, null 0.5, with a bootstrap CI over windows (each group resampled). Two "
+    "normal samples of the same text, ``control`` against ``normal``, must sit at 0.5 inside their "
+    "CI; if they do not, the detector or the CI is biased and no AUROC of the table can be trusted. "
+    "At AUROC 0.5 its standard error is sqrt((n1 + n2 + 1) / (12 n1 n2)): a half-width of 0.05 needs "
+    "n1 = n2 = 256 windows per class; the default ``anomaly_sequences`` of 200 gives 0.057 (16 per "
+    "class gave +-0.2: injection 0.68 [0.48, 0.84] against a control of 0.63 [0.43, 0.82] could not "
+    "say whether injections are detectable at all). The detector is fitted on as many validation "
+    "windows. Shuffled tokens and code, far from the play text, are resolved with fewer "
+    "(``anomaly_other`` windows each). Whether the lens adds to the output alone is the AUROC "
+    "difference, trajectory+final minus final, resampled on the same windows (null 0)."
+)
+
+
 INJECTIONS = Path(__file__).parent / "data" / "injections.txt"
 #: Standard-library modules whose source is the other-domain text (read offline).
-CODE_MODULES = ("argparse", "json.decoder", "json.encoder", "textwrap", "dataclasses", "fractions",
-                "statistics", "heapq", "bisect", "calendar", "difflib", "csv")
+CODE_MODULES = (
+    "argparse",
+    "json.decoder",
+    "json.encoder",
+    "textwrap",
+    "dataclasses",
+    "fractions",
+    "statistics",
+    "heapq",
+    "bisect",
+    "calendar",
+    "difflib",
+    "csv",
+)
 TYPES = ("control", "injection", "shuffled", "code")
 #: The types measured on ``anomaly_sequences`` windows; the others on ``anomaly_other``.
 MAIN_TYPES = ("control", "injection")
@@ -113,9 +128,11 @@ def windows(tokens: np.ndarray, n: int, length: int, seed: int) -> np.ndarray:
 
     n_seq, seq_len = tokens.shape
     if n > n_seq * (seq_len // length):
-        raise LenspipeError(f"anomaly detection needs {n} disjoint windows of {length} tokens, but the split has "
-                            f"{n_seq} sequences of {seq_len} (room for {n_seq * (seq_len // length)}): lower "
-                            "analyses.anomaly_sequences / anomaly_other or anomaly_tokens")
+        raise LenspipeError(
+            f"anomaly detection needs {n} disjoint windows of {length} tokens, but the split has "
+            f"{n_seq} sequences of {seq_len} (room for {n_seq * (seq_len // length)}): lower "
+            "analyses.anomaly_sequences / anomaly_other or anomaly_tokens"
+        )
     if n > n_seq:
         slots = spread_sequences(n_seq * (seq_len // length), n, seed)
         seq, slot = np.divmod(slots, seq_len // length)
@@ -123,7 +140,7 @@ def windows(tokens: np.ndarray, n: int, length: int, seed: int) -> np.ndarray:
     seqs = spread_sequences(n_seq, n, seed)
     rng = np.random.default_rng([seed, 1])
     starts = rng.integers(0, seq_len - length + 1, len(seqs))
-    return np.stack([tokens[s, o:o + length] for s, o in zip(seqs, starts)])
+    return np.stack([tokens[s, o : o + length] for s, o in zip(seqs, starts)])
 
 
 def splice(base: np.ndarray, inserts: list[list[int]], seed: int) -> np.ndarray:
@@ -131,14 +148,15 @@ def splice(base: np.ndarray, inserts: list[list[int]], seed: int) -> np.ndarray:
     rng = np.random.default_rng([seed, 2])
     out = []
     for i, row in enumerate(base):
-        ins = inserts[i % len(inserts)][:len(row) - 4]  # keep some of the passage around it
+        ins = inserts[i % len(inserts)][: len(row) - 4]  # keep some of the passage around it
         at = int(rng.integers(min(4, len(row) - len(ins)), len(row) - len(ins) + 1))
-        out.append(np.r_[row[:at], ins, row[at:]][:len(row)])
+        out.append(np.r_[row[:at], ins, row[at:]][: len(row)])
     return np.stack(out)
 
 
-def make_texts(tok, val: np.ndarray, test: np.ndarray, n: int, n_other: int, length: int,
-               seed: int) -> dict[str, np.ndarray]:
+def make_texts(
+    tok, val: np.ndarray, test: np.ndarray, n: int, n_other: int, length: int, seed: int
+) -> dict[str, np.ndarray]:
     """group -> (k, length) token windows: fit (n, validation); normal, control and injection
     (n each) and shuffled (n_other), all disjoint test windows; code (n_other)."""
     n_test = 3 * n + n_other
@@ -150,10 +168,14 @@ def make_texts(tok, val: np.ndarray, test: np.ndarray, n: int, n_other: int, len
     code = np.asarray(tok(code_text(), add_special_tokens=False)["input_ids"])
     starts = np.linspace(0, len(code) - length, n_other).astype(int)
     inserts = [tok("\n" + s + "\n", add_special_tokens=False)["input_ids"] for s in load_injections()]
-    return {"fit": windows(val, n, length, seed), "normal": normal, "control": control,
-            "injection": splice(inj_base, inserts, seed),
-            "shuffled": np.stack([rng.permutation(r) for r in shuf_base]),
-            "code": np.stack([code[s:s + length] for s in starts])}
+    return {
+        "fit": windows(val, n, length, seed),
+        "normal": normal,
+        "control": control,
+        "injection": splice(inj_base, inserts, seed),
+        "shuffled": np.stack([rng.permutation(r) for r in shuf_base]),
+        "code": np.stack([code[s : s + length] for s in starts]),
+    }
 
 
 def with_separator(w: np.ndarray, separator: int | None) -> np.ndarray:
@@ -174,21 +196,27 @@ def sequence_features(live, ids: np.ndarray, layers: list[int], batch: int = 16)
     rows = []
     bar = Progress(len(ids), "anomaly features", unit="window")
     for b in range(0, len(ids), batch):
-        x = torch.from_numpy(ids[b:b + batch]).long()  # (B, T)
+        x = torch.from_numpy(ids[b : b + batch]).long()  # (B, T)
         resid, logits = forward(live, x)  # (L + 1, B, T, d), (B, T, vocab)
         B, T = x.shape
         z = logits.flatten(0, 1)  # (B * T, vocab)
         nxt = torch.cat([x[:, 1:], x[:, :1]], 1).flatten()  # the last position's target is unused
         final = final_stats(z)
         own = logit_stats(z, final, nxt, k=1)
-        feats = {"final_entropy": own["entropy"].view(B, T), "final_top1_prob": own["top1_prob"].view(B, T),
-                 "final_surprisal": own["ce"].view(B, T)[:, :-1]}
+        feats = {
+            "final_entropy": own["entropy"].view(B, T),
+            "final_top1_prob": own["top1_prob"].view(B, T),
+            "final_surprisal": own["ce"].view(B, T)[:, :-1],
+        }
         top1 = []
         with torch.no_grad():
             for layer in layers:
                 s = logit_stats(live.tuned(resid[layer].flatten(0, 1), layer), final, nxt, k=1)
-                feats |= {f"kl_{layer}": s["kl"].view(B, T), f"entropy_{layer}": s["entropy"].view(B, T),
-                          f"agree_{layer}": s["agree_top1"].view(B, T).double()}
+                feats |= {
+                    f"kl_{layer}": s["kl"].view(B, T),
+                    f"entropy_{layer}": s["entropy"].view(B, T),
+                    f"agree_{layer}": s["agree_top1"].view(B, T).double(),
+                }
                 top1.append(s["top1"].view(B, T))
         feats["top1_changes"] = (torch.stack(top1)[1:] != torch.stack(top1)[:-1]).double().sum(0)  # (B, T)
         for i in range(B):
@@ -209,18 +237,36 @@ def feature_columns(cols, which: str) -> list[str]:
     return {"final": final, "trajectory": [c for c in cols if c not in final], "trajectory+final": list(cols)}[which]
 
 
-def run(inputs, *, translator: str, anomaly_sequences: int, anomaly_other: int, anomaly_tokens: int,
-        anomaly_stride: int) -> None:
+def run(
+    artifacts, *, translator: str, anomaly_sequences: int, anomaly_other: int, anomaly_tokens: int, anomaly_stride: int
+) -> None:
     """The rule's job (see pipeline.analyses): the model, the lens, the validation and test splits."""
-    anomaly_detection(inputs.need("model_dir"), inputs.need("lens", kind=translator),
-                      inputs.need("split", split="validation"), inputs.need("split"), inputs.analyses_dir,
-                      anomaly_sequences=anomaly_sequences, anomaly_other=anomaly_other, anomaly_tokens=anomaly_tokens,
-                      anomaly_stride=anomaly_stride)
+    anomaly_detection(
+        artifacts.need("model_dir"),
+        artifacts.need("lens", kind=translator),
+        artifacts.need("split", split="validation"),
+        artifacts.need("split"),
+        artifacts.analyses_dir,
+        anomaly_sequences=anomaly_sequences,
+        anomaly_other=anomaly_other,
+        anomaly_tokens=anomaly_tokens,
+        anomaly_stride=anomaly_stride,
+    )
 
 
-def anomaly_detection(model_dir: Path, lens_dir: Path, fit_split: Path, test_split: Path, out_dir: Path, *,
-                      anomaly_sequences: int, anomaly_other: int, anomaly_tokens: int, anomaly_stride: int,
-                      seed: int = 0) -> dict[str, pd.DataFrame]:
+def anomaly_detection(
+    model_dir: Path,
+    lens_dir: Path,
+    fit_split: Path,
+    test_split: Path,
+    out_dir: Path,
+    *,
+    anomaly_sequences: int,
+    anomaly_other: int,
+    anomaly_tokens: int,
+    anomaly_stride: int,
+    seed: int = 0,
+) -> dict[str, pd.DataFrame]:
     """Write anomaly_detection.parquet (AUROC per type and feature set), anomaly_scores.parquet
     (per window), anomaly_detection_findings.parquet and anomaly_detection.png."""
     from ..corpus import load_split, split_separator
@@ -230,8 +276,10 @@ def anomaly_detection(model_dir: Path, lens_dir: Path, fit_split: Path, test_spl
     val, test = load_split(fit_split).tokens, load_split(test_split).tokens
     length = min(anomaly_tokens, val.shape[1], test.shape[1])
     separator = split_separator(test_split)
-    texts = {g: with_separator(w, separator)
-             for g, w in make_texts(tok, val, test, anomaly_sequences, anomaly_other, length, seed).items()}
+    texts = {
+        g: with_separator(w, separator)
+        for g, w in make_texts(tok, val, test, anomaly_sequences, anomaly_other, length, seed).items()
+    }
     layers = [layer for layer in live.tuned.layers[::anomaly_stride]]
     feats = {g: sequence_features(live, ids, layers) for g, ids in texts.items()}
     rows, scores, by_set = [], [], {}
@@ -243,15 +291,36 @@ def anomaly_detection(model_dir: Path, lens_dir: Path, fit_split: Path, test_spl
             scores.append(pd.DataFrame({"group": g, "features": which, "sequence": np.arange(len(v)), "score": v}))
         for t in TYPES:
             auc, lo, hi = auroc_ci(s["normal"], s[t], seed=seed)
-            rows.append({"anomaly": t, "features": which, "auroc": auc, "auroc_lo": lo, "auroc_hi": hi,
-                         "n_normal": len(s["normal"]), "n_anomalous": len(s[t]), "n_fit": len(s["fit"]),
-                         "n_features": len(cols), "window_tokens": length, "translator": live.tuned.kind})
+            rows.append(
+                {
+                    "anomaly": t,
+                    "features": which,
+                    "auroc": auc,
+                    "auroc_lo": lo,
+                    "auroc_hi": hi,
+                    "n_normal": len(s["normal"]),
+                    "n_anomalous": len(s[t]),
+                    "n_fit": len(s["fit"]),
+                    "n_features": len(cols),
+                    "window_tokens": length,
+                    "translator": live.tuned.kind,
+                }
+            )
     long = pd.concat([f.assign(group=g, sequence=np.arange(len(f))) for g, f in feats.items()], ignore_index=True)
     tables = {"anomaly_detection": pd.DataFrame(rows), "anomaly_scores": pd.concat(scores, ignore_index=True)}
-    prov = {"analysis": "anomaly_detection", "model_dir": str(model_dir), "lens": str(lens_dir),
-            "fit_split": str(fit_split), "test_split": str(test_split), "layers": layers, "seed": seed,
-            "separator_id": separator,
-            "code_modules": list(CODE_MODULES), "injections": str(INJECTIONS), "detector": "IsolationForest(200)"}
+    prov = {
+        "analysis": "anomaly_detection",
+        "model_dir": str(model_dir),
+        "lens": str(lens_dir),
+        "fit_split": str(fit_split),
+        "test_split": str(test_split),
+        "layers": layers,
+        "seed": seed,
+        "separator_id": separator,
+        "code_modules": list(CODE_MODULES),
+        "injections": str(INJECTIONS),
+        "detector": "IsolationForest(200)",
+    }
     for name, t in tables.items():
         write_table_df(t, Path(out_dir) / f"{name}.parquet", prov)
     write_findings(anomaly_findings(tables["anomaly_detection"], by_set, seed), out_dir, "anomaly_detection", prov)
@@ -266,16 +335,35 @@ def anomaly_findings(df: pd.DataFrame, scores: dict[str, dict[str, np.ndarray]],
     out = []
     for _, r in df.iterrows():
         test = "includes" if r.anomaly == "control" else "differs"
-        out.append(Finding(f"AUROC, {r.anomaly} vs normal windows, {r.features} features", r.auroc, r.auroc_lo,
-                           r.auroc_hi, 0.5, int(min(r.n_normal, r.n_anomalous)), "windows per class", test))
+        out.append(
+            Finding(
+                f"AUROC, {r.anomaly} vs normal windows, {r.features} features",
+                r.auroc,
+                r.auroc_lo,
+                r.auroc_hi,
+                0.5,
+                int(min(r.n_normal, r.n_anomalous)),
+                "windows per class",
+                test,
+            )
+        )
     normal = {w: s["normal"] for w, s in scores.items()}
     inj = {w: s["injection"] for w, s in scores.items()}
     pairs = {w: _pair_wins(normal[w], inj[w]) for w in ("final", "trajectory+final")}
     stat = lambda i, j: pairs["trajectory+final"][i][:, j].mean() - pairs["final"][i][:, j].mean()  # noqa: E731
     n, k = len(normal["final"]), len(inj["final"])
     lo, hi = bootstrap(stat, n, k, seed=seed)
-    out.append(Finding("AUROC gain from the lens on injections: trajectory+final minus final features",
-                       stat(*whole(n, k)), lo, hi, 0.0, min(n, k), "windows per class"))
+    out.append(
+        Finding(
+            "AUROC gain from the lens on injections: trajectory+final minus final features",
+            stat(*whole(n, k)),
+            lo,
+            hi,
+            0.0,
+            min(n, k),
+            "windows per class",
+        )
+    )
     return out
 
 
@@ -285,17 +373,21 @@ def plot_anomalies(df: pd.DataFrame, feats: pd.DataFrame, layers: list[int], pat
     for i, which in enumerate(FEATURE_SETS):
         g = df[df.features == which].set_index("anomaly").reindex(list(TYPES))
         x = np.arange(len(TYPES)) + i * width
-        axes[0].bar(x, g.auroc, width=width, label=which,
-                    yerr=[g.auroc - g.auroc_lo, g.auroc_hi - g.auroc], capsize=3)
+        axes[0].bar(x, g.auroc, width=width, label=which, yerr=[g.auroc - g.auroc_lo, g.auroc_hi - g.auroc], capsize=3)
     axes[0].axhline(0.5, color="grey", ls=":", lw=1)
     axes[0].set_xticks(np.arange(len(TYPES)) + width, TYPES)
-    axes[0].set(ylim=(0, 1.02), ylabel="AUROC vs normal test windows (95% CI)",
-                title="IsolationForest on each feature set")
+    axes[0].set(
+        ylim=(0, 1.02), ylabel="AUROC vs normal test windows (95% CI)", title="IsolationForest on each feature set"
+    )
     for g, f in feats.groupby("group", sort=False):
         if g != "fit":
             axes[1].plot(layers, [f[f"kl_{layer}_mean"].mean() for layer in layers], marker="o", ms=3, label=g)
-    axes[1].set(yscale="log", xlabel="layer", ylabel="mean tuned-lens KL to the final layer [nats]",
-                title="trajectories by kind of text")
+    axes[1].set(
+        yscale="log",
+        xlabel="layer",
+        ylabel="mean tuned-lens KL to the final layer [nats]",
+        title="trajectories by kind of text",
+    )
     save(fig, path, axes)
 
 
@@ -303,8 +395,12 @@ def summary(df: pd.DataFrame, scores: pd.DataFrame) -> str:
     parts = []
     for t in TYPES:
         g = df[df.anomaly == t].set_index("features")
-        parts.append(f"{t} " + ", ".join(f"{w} {g.auroc[w]:.2f} [{g.auroc_lo[w]:.2f}, {g.auroc_hi[w]:.2f}]"
-                                        for w in FEATURE_SETS))
+        parts.append(
+            f"{t} "
+            + ", ".join(f"{w} {g.auroc[w]:.2f} [{g.auroc_lo[w]:.2f}, {g.auroc_hi[w]:.2f}]" for w in FEATURE_SETS)
+        )
     r = df.iloc[0]
-    return (f"AUROC (95% CI) of an IsolationForest fitted on {r.n_fit} normal windows of {r.window_tokens} tokens, "
-            f"{r.n_normal} normal vs {r.n_anomalous} anomalous test windows: " + "; ".join(parts) + ".")
+    return (
+        f"AUROC (95% CI) of an IsolationForest fitted on {r.n_fit} normal windows of {r.window_tokens} tokens, "
+        f"{r.n_normal} normal vs {r.n_anomalous} anomalous test windows: " + "; ".join(parts) + "."
+    )

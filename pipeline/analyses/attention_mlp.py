@@ -19,17 +19,6 @@ plus the attention output alone, so the split reads "as if the MLP came after it
 
 A run without attention positions has nothing to split: the tables are empty and the
 figure and summary say how to get them (``config/inside-blocks.yaml``).
-
-Power. The question per layer is whether attention or the MLP removes more of the tuned
-lens's KL (``attention - mlp``, null 0). Per sequence the two drops of a layer vary by about
-their own size, so a CI over n sequences has a half-width of roughly 2 x (the drop's
-spread) / sqrt(n): the 16 sequences of the default evaluation (4,096 tokens) resolve a
-difference of ~0.5 of the drops' typical size, which SmolLM2's tuned lens shows at the
-layers where one sublayer does most of the work (the first blocks and the last), and not
-at the mid-depth layers whose drops are a few hundredths of a nat on either side; the
-overall attention share of the KL removed (null 0.5) needs fewer. Gemma-3's smaller
-evaluation (3 sequences, ``config/two-architectures.yaml``) resolves nothing (fewer than
-``findings.MIN_UNITS`` sequences): its estimates and CIs are shown, not answers.
 """
 
 from __future__ import annotations
@@ -46,10 +35,37 @@ from ..positions import ATTENTION, BLOCK, depth_order
 from ..tables import read_token_metrics, write_table_df
 from .findings import BOOTSTRAP, LEVEL, Finding, seq_len_of, sequence_of, write_findings
 
+#: The effect this analysis must be able to detect, and the sample size that gives it
+#: (the report prints it beside the findings).
+POWER = (
+    "Power. The question per layer is whether attention or the MLP removes more of the tuned lens's "
+    "KL (``attention - mlp``, null 0). Per sequence the two drops of a layer vary by about their own "
+    "size, so a CI over n sequences has a half-width of roughly 2 x (the drop's spread) / sqrt(n): "
+    "the 16 sequences of the default evaluation (4,096 tokens) resolve a difference of ~0.5 of the "
+    "drops' typical size, which SmolLM2's tuned lens shows at the layers where one sublayer does most "
+    "of the work (the first blocks and the last), and not at the mid-depth layers whose drops are a "
+    "few hundredths of a nat on either side; the overall attention share of the KL removed (null 0.5) "
+    "needs fewer. Gemma-3's smaller evaluation (3 sequences, ``config/two-architectures.yaml``) "
+    "resolves nothing (fewer than ``findings.MIN_UNITS`` sequences): its estimates and CIs are shown, "
+    "not answers."
+)
+
+
 SUBLAYERS = ("attention", "mlp")
 DIFFERENCE = "attention - mlp"
-COLUMNS = ["lens", "translator", "layer", "sublayer", "estimate", "ci_lo", "ci_hi", "n_sequences", "kl_before",
-           "kl_after", "n_layers"]
+COLUMNS = [
+    "lens",
+    "translator",
+    "layer",
+    "sublayer",
+    "estimate",
+    "ci_lo",
+    "ci_hi",
+    "n_sequences",
+    "kl_before",
+    "kl_after",
+    "n_layers",
+]
 #: The lenses compared: (lens, translator) -> their label (``translator`` None: the analysed kind).
 LENSES = (("tuned", None), ("logit", "none"))
 
@@ -86,8 +102,10 @@ def sequence_kl(tokens: pd.DataFrame, lens: str, translator: str, seq_len: int) 
     have = set(zip(g.position, g.layer))
     missing = [k for k in keys if k not in have]
     if missing:
-        raise LenspipeError(f"the attention/MLP split needs the {lens} lens ({translator}) at every layer of both "
-                            f"positions; the per-token table lacks {missing[:4]}{' ...' if len(missing) > 4 else ''}")
+        raise LenspipeError(
+            f"the attention/MLP split needs the {lens} lens ({translator}) at every layer of both "
+            f"positions; the per-token table lacks {missing[:4]}{' ...' if len(missing) > 4 else ''}"
+        )
     g = g.assign(sequence=sequence_of(g.token_index.to_numpy(), seq_len))
     sums = g.pivot_table(index="sequence", columns=["layer", "position"], values="kl", aggfunc="sum")
     sums = sums[[(layer, position) for position, layer in keys]].sort_index()
@@ -116,11 +134,27 @@ def drop_table(kl: SequenceKL, lens: str, translator: str) -> pd.DataFrame:
     alpha = 100 * (1 - LEVEL) / 2
     rows = []
     for sublayer, est in point.items():
-        lo, hi = (np.percentile(boot[sublayer], [alpha, 100 - alpha], axis=0) if boot is not None
-                  else np.full((2, kl.n_layers), np.nan))
-        rows += [{"lens": lens, "translator": translator, "layer": layer, "sublayer": sublayer, "estimate": est[layer],
-                  "ci_lo": lo[layer], "ci_hi": hi[layer], "n_sequences": n_seq, "kl_before": sides[sublayer][0][layer],
-                  "kl_after": sides[sublayer][1][layer], "n_layers": kl.n_layers} for layer in range(kl.n_layers)]
+        lo, hi = (
+            np.percentile(boot[sublayer], [alpha, 100 - alpha], axis=0)
+            if boot is not None
+            else np.full((2, kl.n_layers), np.nan)
+        )
+        rows += [
+            {
+                "lens": lens,
+                "translator": translator,
+                "layer": layer,
+                "sublayer": sublayer,
+                "estimate": est[layer],
+                "ci_lo": lo[layer],
+                "ci_hi": hi[layer],
+                "n_sequences": n_seq,
+                "kl_before": sides[sublayer][0][layer],
+                "kl_after": sides[sublayer][1][layer],
+                "n_layers": kl.n_layers,
+            }
+            for layer in range(kl.n_layers)
+        ]
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
@@ -133,22 +167,39 @@ def attention_share(kl: SequenceKL, what: str) -> Finding:
         return d["attention"].sum(1) / (d["attention"].sum(1) + d["mlp"].sum(1))
 
     est = float(share(np.ones((1, n_seq)))[0])
-    lo, hi = (np.percentile(share(sequence_bootstrap(n_seq)), [2.5, 97.5]) if n_seq > 1 else (np.nan, np.nan))
-    return Finding(f"{what}: share of the KL removed over all blocks that attention removes", est, float(lo),
-                   float(hi), 0.5, n_seq, "sequences")
+    lo, hi = np.percentile(share(sequence_bootstrap(n_seq)), [2.5, 97.5]) if n_seq > 1 else (np.nan, np.nan)
+    return Finding(
+        f"{what}: share of the KL removed over all blocks that attention removes",
+        est,
+        float(lo),
+        float(hi),
+        0.5,
+        n_seq,
+        "sequences",
+    )
 
 
 def drop_findings(df: pd.DataFrame, shares: list[Finding]) -> list[Finding]:
     """Per layer of the tuned lens: attention minus MLP KL drop (null 0); and the shares."""
     diff = df[(df.lens == "tuned") & (df.sublayer == DIFFERENCE)]
-    out = [Finding(f"layer {int(r.layer)}: tuned-lens KL drop of attention minus MLP [nats]", r.estimate, r.ci_lo,
-                   r.ci_hi, 0.0, int(r.n_sequences), "sequences") for r in diff.itertuples()]
+    out = [
+        Finding(
+            f"layer {int(r.layer)}: tuned-lens KL drop of attention minus MLP [nats]",
+            r.estimate,
+            r.ci_lo,
+            r.ci_hi,
+            0.0,
+            int(r.n_sequences),
+            "sequences",
+        )
+        for r in diff.itertuples()
+    ]
     return shares + out
 
 
-def run(inputs, *, translator: str) -> None:
+def run(artifacts, *, translator: str) -> None:
     """The rule's job (see pipeline.analyses): the per-token table of one run."""
-    attention_mlp(inputs.need("token_metrics"), inputs.analyses_dir, translator=translator)
+    attention_mlp(artifacts.need("token_metrics"), artifacts.analyses_dir, translator=translator)
 
 
 def attention_mlp(token_dir: Path, out_dir: Path, *, translator: str) -> pd.DataFrame:
@@ -162,7 +213,9 @@ def attention_mlp(token_dir: Path, out_dir: Path, *, translator: str) -> pd.Data
         write_findings([], out_dir, "attention_mlp", prov)
         plot_drops(df, Path(out_dir) / "attention_mlp.png")
         return df
-    seq_len = seq_len_of(read_token_metrics(token_dir, ["lens", "token_index", "next_token_rank"]).astype({"lens": str}))
+    seq_len = seq_len_of(
+        read_token_metrics(token_dir, ["lens", "token_index", "next_token_rank"]).astype({"lens": str})
+    )
     frames, shares = [], []
     for lens, tr in LENSES:
         kl = sequence_kl(tokens, lens, tr or translator, seq_len)
@@ -180,9 +233,15 @@ def plot_drops(df: pd.DataFrame, path: Path) -> None:
     fig, axes = figure(2, 1, (max(8.0, 0.45 * (df.layer.max() + 1 if len(df) else 0)), 8))
     if not len(df):
         for ax in axes:
-            ax.text(0.5, 0.5, "no attention position in this run: extract with positions [block, attention]\n"
-                    "(snakemake --configfile config/inside-blocks.yaml)", ha="center", va="center",
-                    transform=ax.transAxes)
+            ax.text(
+                0.5,
+                0.5,
+                "no attention position in this run: extract with positions [block, attention]\n"
+                "(snakemake --configfile config/inside-blocks.yaml)",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+            )
         save(fig, path, title="attention vs MLP: not measured")
         return
     for ax, (lens, g) in zip(axes, sorted(df.groupby("lens"), key=lambda kv: kv[0] != "tuned")):
@@ -191,9 +250,12 @@ def plot_drops(df: pd.DataFrame, path: Path) -> None:
             err = np.abs(np.stack([s.estimate - s.ci_lo, s.ci_hi - s.estimate])) if s.ci_lo.notna().any() else None
             ax.bar(s.layer + shift, s.estimate, width=0.4, yerr=err, capsize=2, color=color, label=sublayer)
         ax.axhline(0, color="black", lw=0.8)
-        ax.set(xlabel="block (layer)", ylabel="KL drop across the sublayer [nats]",
-               title=f"{lens} lens{' (' + g.translator.iloc[0] + ')' if lens == 'tuned' else ''}: "
-                     f"95% CIs over {int(g.n_sequences.iloc[0])} sequences")
+        ax.set(
+            xlabel="block (layer)",
+            ylabel="KL drop across the sublayer [nats]",
+            title=f"{lens} lens{' (' + g.translator.iloc[0] + ')' if lens == 'tuned' else ''}: "
+            f"95% CIs over {int(g.n_sequences.iloc[0])} sequences",
+        )
         if lens == "logit":
             ax.set_yscale("symlog", linthresh=0.1)
     save(fig, path, axes, title="what attention and the MLP of each block remove of the lens's KL")
@@ -201,18 +263,22 @@ def plot_drops(df: pd.DataFrame, path: Path) -> None:
 
 def summary(df: pd.DataFrame) -> str:
     if not len(df):
-        return ("not measured: this run stores no attention position (extract.positions [block]); "
-                "config/inside-blocks.yaml turns it on.")
+        return (
+            "not measured: this run stores no attention position (extract.positions [block]); "
+            "config/inside-blocks.yaml turns it on."
+        )
     parts = []
     for lens, g in sorted(df.groupby("lens"), key=lambda kv: kv[0] != "tuned"):
         att, mlp = (g[g.sublayer == s].estimate.sum() for s in SUBLAYERS)
         diff = g[g.sublayer == DIFFERENCE]
         more_att = diff[diff.ci_lo > 0].layer.astype(int).tolist()
         more_mlp = diff[diff.ci_hi < 0].layer.astype(int).tolist()
-        parts.append(f"{lens} lens: attention removes {att:.2f} and the MLPs {mlp:.2f} nats of KL over all "
-                     f"blocks ({att / (att + mlp):.0%} attention); attention removes more at layers "
-                     f"{_layers(more_att)}, the MLP at {_layers(more_mlp)}, neither resolved at "
-                     f"{len(diff) - len(more_att) - len(more_mlp)} layers")
+        parts.append(
+            f"{lens} lens: attention removes {att:.2f} and the MLPs {mlp:.2f} nats of KL over all "
+            f"blocks ({att / (att + mlp):.0%} attention); attention removes more at layers "
+            f"{_layers(more_att)}, the MLP at {_layers(more_mlp)}, neither resolved at "
+            f"{len(diff) - len(more_att) - len(more_mlp)} layers"
+        )
     return "; ".join(parts) + f" (95% CIs over {int(df.n_sequences.iloc[0])} sequences)."
 
 

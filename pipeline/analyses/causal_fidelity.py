@@ -26,21 +26,6 @@ the model's own forward pass and the two effects are compared over directions.
 - **Cost**: an ablation at layer ``l`` changes nothing before it, so the model runs once
   on the measured tokens and every ablation resumes at block ``l`` from the ablated
   residual (``pipeline.model.resume``): ``n_layers - l`` blocks and the head per direction.
-
-Power. Two questions per layer. Does the lens rank directions as the model does: the
-Spearman correlation, over the extracted directions, between their effect on the lens and
-on the model's output, with a bootstrap CI over directions (null 0). It must exclude 0 when
-the true correlation is 0.5 or more; the Fisher approximation of a Spearman's standard
-error, 1.03 / sqrt(k - 3), makes that k >= 18 directions, and the default 32 give a CI of
-about +-0.3 around 0.5 (the 6 directions used before gave +-0.8: no answer at all). And do
-the lens's directions matter more to the model than random ones: the ratio of their mean
-model effects (null 1), from 8 random directions by default (the fewest a finding resolves
-on). On SmolLM2 that resolved the ratio at layer 8 (13x [2.6, 35]) but not at 15 or 22 (5x
-[0.3, 15], 3x [0.9, 7]): random directions' effects are heavy-tailed, so the baseline's mean
-needs more of them there than the default run's 15 minutes afford
-(``analyses.causal_random``; each costs as much as an extracted direction). The effects are
-means over ``causal_tokens`` held-out tokens; what limits the Spearman is the number of
-directions, not of tokens.
 """
 
 from __future__ import annotations
@@ -54,6 +39,25 @@ from ..plots import figure, save
 from ..progress import Progress
 from ..tables import write_table_df
 from .findings import Finding, bootstrap, spearman, whole, write_findings
+
+#: The effect this analysis must be able to detect, and the sample size that gives it
+#: (the report prints it beside the findings).
+POWER = (
+    "Power. Two questions per layer. Does the lens rank directions as the model does: the Spearman "
+    "correlation, over the extracted directions, between their effect on the lens and on the model's "
+    "output, with a bootstrap CI over directions (null 0). It must exclude 0 when the true "
+    "correlation is 0.5 or more; the Fisher approximation of a Spearman's standard error, 1.03 / "
+    "sqrt(k - 3), makes that k >= 18 directions, and the default 32 give a CI of about +-0.3 around "
+    "0.5 (the 6 directions used before gave +-0.8: no answer at all). And do the lens's directions "
+    "matter more to the model than random ones: the ratio of their mean model effects (null 1), from "
+    "8 random directions by default (the fewest a finding resolves on). On SmolLM2 that resolved the "
+    "ratio at layer 8 (13x [2.6, 35]) but not at 15 or 22 (5x [0.3, 15], 3x [0.9, 7]): random "
+    "directions' effects are heavy-tailed, so the baseline's mean needs more of them there than the "
+    "default run's 15 minutes afford (``analyses.causal_random``; each costs as much as an extracted "
+    "direction). The effects are means over ``causal_tokens`` held-out tokens; what limits the "
+    "Spearman is the number of directions, not of tokens."
+)
+
 
 SETS = ("causal", "random", "all")
 
@@ -106,7 +110,7 @@ def causal_basis(g, c, k: int, iters: int = 100):
         best, best_f = v, objective(v, g, c, S)
         for _ in range(iters):
             gv, cv = g @ v, c @ v  # (n,)
-            Av = (g.T @ ((v @ S @ v + cv ** 2) * gv) + (gv ** 2).mean() * n * (S @ v) + c.T @ (gv ** 2 * cv)) / n
+            Av = (g.T @ ((v @ S @ v + cv**2) * gv) + (gv**2).mean() * n * (S @ v) + c.T @ (gv**2 * cv)) / n
             w = P @ (Av + 2 * best_f * v)  # shift keeps the step ascending
             v = w / w.norm()
             f = objective(v, g, c, S)
@@ -129,12 +133,20 @@ def cosine(a, b) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))) if a.any() and b.any() else float("nan")
 
 
-def run(inputs, *, translator: str, causal_layers: int, causal_directions: int, causal_random: int,
-        causal_tokens: int) -> None:
+def run(
+    artifacts, *, translator: str, causal_layers: int, causal_directions: int, causal_random: int, causal_tokens: int
+) -> None:
     """The rule's job (see pipeline.analyses): the evaluated split's store, the model, the lens."""
-    causal_fidelity(inputs.need("store"), inputs.need("model_dir"), inputs.need("lens", kind=translator),
-                    inputs.analyses_dir, causal_layers=causal_layers, causal_directions=causal_directions,
-                    causal_random=causal_random, causal_tokens=causal_tokens)
+    causal_fidelity(
+        artifacts.need("store"),
+        artifacts.need("model_dir"),
+        artifacts.need("lens", kind=translator),
+        artifacts.analyses_dir,
+        causal_layers=causal_layers,
+        causal_directions=causal_directions,
+        causal_random=causal_random,
+        causal_tokens=causal_tokens,
+    )
 
 
 def pick_layers(n_layers: int, k: int, available: list[int]) -> list[int]:
@@ -157,21 +169,37 @@ def measure(live, resumable, layer: int, bases: dict, final_logp, seed: int) -> 
     with Progress(sum(V.shape[1] for V in bases.values()), f"ablate at layer {layer}", unit="dir") as bar:
         for kind, V in bases.items():
             for i in range(V.shape[1]):
-                v = V[:, i:i + 1].float()  # (d, 1)
+                v = V[:, i : i + 1].float()  # (d, 1)
                 with torch.no_grad():
                     ablated = resample_ablate(flat, flat[donor], v)  # (n, d)
                     lens_kl = kl_div(lens_logp, log_probs(live.tuned(ablated, layer)))
                     z = resumable.logits_from(layer, ablated.view_as(h)).flatten(0, 1)  # (n, vocab)
                 model_kl = kl_div(final_logp, log_probs(z))
-                rows.append({"layer": layer, "directions": kind, "direction": i,
-                             "lens_kl": lens_kl.double().mean().item(), "model_kl": model_kl.double().mean().item()})
+                rows.append(
+                    {
+                        "layer": layer,
+                        "directions": kind,
+                        "direction": i,
+                        "lens_kl": lens_kl.double().mean().item(),
+                        "model_kl": model_kl.double().mean().item(),
+                    }
+                )
                 bar.update(1)
     return rows
 
 
-def causal_fidelity(store_path: Path, model_dir: Path, lens_dir: Path, out_dir: Path, *, causal_layers: int,
-                    causal_directions: int, causal_random: int, causal_tokens: int,
-                    seed: int = 0) -> dict[str, pd.DataFrame]:
+def causal_fidelity(
+    store_path: Path,
+    model_dir: Path,
+    lens_dir: Path,
+    out_dir: Path,
+    *,
+    causal_layers: int,
+    causal_directions: int,
+    causal_random: int,
+    causal_tokens: int,
+    seed: int = 0,
+) -> dict[str, pd.DataFrame]:
     """Write causal_fidelity.parquet (one row per direction), causal_agreement.parquet (per
     layer and direction set), causal_fidelity_findings.parquet and causal_fidelity.png."""
     from ..metrics import log_probs
@@ -192,8 +220,10 @@ def causal_fidelity(store_path: Path, model_dir: Path, lens_dir: Path, out_dir: 
     for layer in layers:
         fit_h = read_sequences(store, [layer], fitted or measured)[0]  # (n_fit, d)
         g, c = lens_scores(live.tuned, layer, fit_h, seed + layer)
-        bases = {"causal": causal_basis(g, c, causal_directions),
-                 "random": random_basis(g.shape[1], causal_random, seed + layer)}
+        bases = {
+            "causal": causal_basis(g, c, causal_directions),
+            "random": random_basis(g.shape[1], causal_random, seed + layer),
+        }
         S = c.T @ c / max(len(c) - 1, 1)
         new = measure(live, resumable, layer, bases, final_logp, seed + layer)
         for r in new:
@@ -203,10 +233,17 @@ def causal_fidelity(store_path: Path, model_dir: Path, lens_dir: Path, out_dir: 
     df = pd.DataFrame(rows).assign(sample_tokens=ids.numel(), translator=live.tuned.kind)
     tables = {"causal_fidelity": df, "causal_agreement": agreement(df)}
     findings = fidelity_findings(df)
-    prov = {"analysis": "causal_fidelity", "store": str(store_path), "lens": str(lens_dir), "layers": layers,
-            "measured_sequences": measured, "fit_sequences": fitted, "seed": seed,
-            "ablation": "resample along each direction from a fixed derangement of the measured tokens",
-            "directions": "second-order causal basis extraction (see pipeline/analyses/causal_fidelity.py)"}
+    prov = {
+        "analysis": "causal_fidelity",
+        "store": str(store_path),
+        "lens": str(lens_dir),
+        "layers": layers,
+        "measured_sequences": measured,
+        "fit_sequences": fitted,
+        "seed": seed,
+        "ablation": "resample along each direction from a fixed derangement of the measured tokens",
+        "directions": "second-order causal basis extraction (see pipeline/analyses/causal_fidelity.py)",
+    }
     for name, t in tables.items():
         write_table_df(t, Path(out_dir) / f"{name}.parquet", prov)
     write_findings(findings, out_dir, "causal_fidelity", prov)
@@ -224,14 +261,31 @@ def fidelity_findings(df: pd.DataFrame) -> list[Finding]:
         lens, model, rand = c.lens_kl.to_numpy(), c.model_kl.to_numpy(), r.model_kl.to_numpy()
         stat = lambda i, lens=lens, model=model: spearman(lens[i], model[i])  # noqa: E731
         lo, hi = bootstrap(stat, len(c))
-        out.append(Finding(f"layer {layer}: Spearman(lens effect, model effect) over the lens's directions",
-                           stat(*whole(len(c))), lo, hi, 0.0, len(c), "directions"))
+        out.append(
+            Finding(
+                f"layer {layer}: Spearman(lens effect, model effect) over the lens's directions",
+                stat(*whole(len(c))),
+                lo,
+                hi,
+                0.0,
+                len(c),
+                "directions",
+            )
+        )
         if len(r):
             ratio = lambda i, j, model=model, rand=rand: model[i].mean() / rand[j].mean()  # noqa: E731
             lo, hi = bootstrap(ratio, len(c), len(r))
-            out.append(Finding(f"layer {layer}: model effect of the lens's directions over random ones (ratio of means)",
-                               ratio(*whole(len(c), len(r))), lo, hi, 1.0, min(len(c), len(r)),
-                               f"directions ({len(c)} lens, {len(r)} random)"))
+            out.append(
+                Finding(
+                    f"layer {layer}: model effect of the lens's directions over random ones (ratio of means)",
+                    ratio(*whole(len(c), len(r))),
+                    lo,
+                    hi,
+                    1.0,
+                    min(len(c), len(r)),
+                    f"directions ({len(c)} lens, {len(r)} random)",
+                )
+            )
     return out
 
 
@@ -242,10 +296,18 @@ def agreement(df: pd.DataFrame) -> pd.DataFrame:
     for layer, g in df.groupby("layer"):
         for which in SETS:
             s = g if which == "all" else g[g.directions == which]
-            rows.append({"layer": layer, "directions": which, "n": len(s),
-                         "spearman": spearman(s.lens_kl, s.model_kl), "cosine": cosine(s.lens_kl, s.model_kl),
-                         "mean_lens_kl": s.lens_kl.mean(), "mean_model_kl": s.model_kl.mean(),
-                         "spearman_predicted": spearman(s.predicted_lens_kl, s.lens_kl)})
+            rows.append(
+                {
+                    "layer": layer,
+                    "directions": which,
+                    "n": len(s),
+                    "spearman": spearman(s.lens_kl, s.model_kl),
+                    "cosine": cosine(s.lens_kl, s.model_kl),
+                    "mean_lens_kl": s.lens_kl.mean(),
+                    "mean_model_kl": s.model_kl.mean(),
+                    "spearman_predicted": spearman(s.predicted_lens_kl, s.lens_kl),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -255,15 +317,26 @@ def plot_fidelity(df: pd.DataFrame, agree: pd.DataFrame, path: Path) -> None:
     for ax, layer in zip(axes, layers):
         for kind, marker in (("causal", "o"), ("random", "x")):
             g = df[(df.layer == layer) & (df.directions == kind)]
-            ax.scatter(g.lens_kl.clip(lower=1e-9), g.model_kl.clip(lower=1e-9), marker=marker, label=f"{kind} directions")
+            ax.scatter(
+                g.lens_kl.clip(lower=1e-9), g.model_kl.clip(lower=1e-9), marker=marker, label=f"{kind} directions"
+            )
         rho = agree[(agree.layer == layer) & (agree.directions == "all")].spearman.iloc[0]
-        ax.set(xscale="log", yscale="log", xlabel="lens effect: KL at the layer [nats]",
-               ylabel="model effect: KL at the output [nats]", title=f"layer {layer} (Spearman, all: {rho:.2f})")
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel="lens effect: KL at the layer [nats]",
+            ylabel="model effect: KL at the output [nats]",
+            title=f"layer {layer} (Spearman, all: {rho:.2f})",
+        )
     for which in SETS:
         g = agree[agree.directions == which]
         axes[-1].plot(g.layer, g.spearman, marker="o", label=which)
-    axes[-1].set(ylim=(-1.05, 1.05), xlabel="layer", ylabel="Spearman(lens effect, model effect)",
-                 title="agreement over directions")
+    axes[-1].set(
+        ylim=(-1.05, 1.05),
+        xlabel="layer",
+        ylabel="Spearman(lens effect, model effect)",
+        title="agreement over directions",
+    )
     save(fig, path, axes)
 
 
@@ -272,11 +345,15 @@ def summary(df: pd.DataFrame, agree: pd.DataFrame) -> str:
     for layer, g in agree.groupby("layer"):
         g = g.set_index("directions")
         ratio = g.mean_model_kl["causal"] / g.mean_model_kl["random"] if g.mean_model_kl["random"] > 0 else float("inf")
-        parts.append(f"layer {layer}: Spearman {g.spearman['causal']:.2f} over the lens's directions, "
-                     f"{g.spearman['random']:.2f} over random ones, {g.spearman['all']:.2f} over both; "
-                     f"ablating a lens direction moves the model's output {ratio:.0f}x more than a random one "
-                     f"({g.mean_model_kl['causal']:.3g} vs {g.mean_model_kl['random']:.3g} nats)")
+        parts.append(
+            f"layer {layer}: Spearman {g.spearman['causal']:.2f} over the lens's directions, "
+            f"{g.spearman['random']:.2f} over random ones, {g.spearman['all']:.2f} over both; "
+            f"ablating a lens direction moves the model's output {ratio:.0f}x more than a random one "
+            f"({g.mean_model_kl['causal']:.3g} vs {g.mean_model_kl['random']:.3g} nats)"
+        )
     n = df.groupby("directions").size() // df.layer.nunique()
-    return (f"{n.get('causal', 0)} extracted and {n.get('random', 0)} random directions per layer, resample-ablated "
-            f"on {int(df.sample_tokens.iloc[0])} "
-            "held-out tokens: " + "; ".join(parts) + ".")
+    return (
+        f"{n.get('causal', 0)} extracted and {n.get('random', 0)} random directions per layer, resample-ablated "
+        f"on {int(df.sample_tokens.iloc[0])} "
+        "held-out tokens: " + "; ".join(parts) + "."
+    )

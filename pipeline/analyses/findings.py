@@ -17,18 +17,18 @@ mean "no effect" (the null). Its verdict:
 
 Anything else is "not resolved at this sample size", and so is any finding on fewer than
 ``MIN_UNITS`` units: the report says so beside the number, and the remedy is the
-analysis's sample-size setting. Each analysis module states in its
-docstring, in a paragraph that begins with "Power.", the effect it must be able to detect
-and the sample size that gives it; the report quotes that paragraph (``power_of``).
+analysis's sample-size setting. Each analysis module states in ``POWER``, a paragraph that
+begins with "Power.", the effect it must be able to detect and the sample size that gives
+it; the report prints it (``power_of``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -98,13 +98,15 @@ def write_findings(findings: list[Finding], out_dir: Path, rule: str, provenance
     from ..tables import write_table_df
 
     df = findings_table(findings)
-    write_table_df(df, Path(out_dir) / f"{rule}_findings.parquet",
-                   provenance | {"bootstrap": BOOTSTRAP, "level": LEVEL})
+    write_table_df(
+        df, Path(out_dir) / f"{rule}_findings.parquet", provenance | {"bootstrap": BOOTSTRAP, "level": LEVEL}
+    )
     return df
 
 
-def bootstrap(stat: Callable[..., float], *n_units: int, n_boot: int = BOOTSTRAP, seed: int = 0,
-              level: float = LEVEL) -> tuple[float, float]:
+def bootstrap(
+    stat: Callable[..., float], *n_units: int, n_boot: int = BOOTSTRAP, seed: int = 0, level: float = LEVEL
+) -> tuple[float, float]:
     """Percentile CI of ``stat(units, ...)``, one array of unit indices per independent group
     (``n_units`` gives each group's size), each drawn with replacement from 0..n-1 (the
     whole sample is ``np.arange(n)``). Replicates whose statistic is NaN (e.g. a rank
@@ -126,8 +128,16 @@ def whole(*n_units: int) -> list[np.ndarray]:
     return [np.arange(n) for n in n_units]
 
 
-def mean_finding(question: str, per_unit: np.ndarray, unit: str, null: float = 0.0, *, weights=None,
-                 test: str = "differs", seed: int = 0) -> Finding:
+def mean_finding(
+    question: str,
+    per_unit: np.ndarray,
+    unit: str,
+    null: float = 0.0,
+    *,
+    weights=None,
+    test: str = "differs",
+    seed: int = 0,
+) -> Finding:
     """The mean of per-unit values (weighted by ``weights``, e.g. each sequence's token
     count, so the estimate is the token mean) with its bootstrap CI over units."""
     v = np.asarray(per_unit, float)
@@ -182,16 +192,18 @@ def lens_kl_by_sequence(token_dir: Path, translator: str) -> pd.DataFrame:
 
     cols = ["lens", "translator", "layer", "token_index", "kl"]
     t = read_token_metrics(token_dir, cols).astype({"lens": str, "translator": str})  # block rows
-    seq_len = seq_len_of(read_token_metrics(token_dir, ["lens", "token_index", "next_token_rank"])
-                         .astype({"lens": str}))
+    seq_len = seq_len_of(
+        read_token_metrics(token_dir, ["lens", "token_index", "next_token_rank"]).astype({"lens": str})
+    )
     per_token = {}
     for lens, tr in (("logit", "none"), ("tuned", translator)):
         g = t[(t.lens == lens) & (t.translator == tr)]
         per_token[lens] = g.groupby("token_index").kl.mean()  # mean over layers, per token
     both = pd.DataFrame(per_token).dropna()
     both["sequence"] = sequence_of(both.index.to_numpy(), seq_len)
-    return both.groupby("sequence").agg(logit=("logit", "sum"), tuned=("tuned", "sum"),
-                                        n=("logit", "size")).reset_index()
+    return (
+        both.groupby("sequence").agg(logit=("logit", "sum"), tuned=("tuned", "sum"), n=("logit", "size")).reset_index()
+    )
 
 
 def removed_share(seqs: pd.DataFrame) -> Callable[[np.ndarray], float]:
@@ -208,14 +220,9 @@ def kl_reduction(seqs: pd.DataFrame) -> Callable[[np.ndarray], float]:
 
 
 def power_of(module) -> str:
-    """The paragraph of an analysis module's docstring that begins with "Power." (the
-    effect it must detect and the sample size that gives it), unwrapped."""
-    doc = module.__doc__ or ""
-    for para in doc.split("\n\n"):
-        text = " ".join(line.strip() for line in para.strip().splitlines())
-        if text.startswith("Power."):
-            return text
-    return ""
+    """An analysis module's ``POWER``: the effect it must detect and the sample size that
+    gives it."""
+    return getattr(module, "POWER", "")
 
 
 def format_finding(f: pd.Series | Finding) -> str:

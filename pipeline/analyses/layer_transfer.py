@@ -5,13 +5,6 @@ the diagonal is the tuned lens itself. Off-diagonal entries show how far each
 translator generalises to other depths (the reference library's "transfer" evaluation):
 a translator that does well on a band of layers suggests the residual basis stays the
 same across that band. The logit lens (identity translator) is kept as row ``-1``.
-
-Power. The question is whether each layer's own translator is the best one for its hidden
-states: per sampled hidden layer, the KL of the best other translator minus that of its
-own, averaged over layers and tokens, with a bootstrap CI over the store sequences the
-tokens come from. It must resolve a difference of 0.1 nats; the default 256 tokens, spread
-evenly over the 32 sequences of the test store, give a half-width of a few hundredths
-(every 3rd layer: 10 of SmolLM2's 30).
 """
 
 from __future__ import annotations
@@ -32,10 +25,22 @@ from ..store.reader import open_store
 from ..tables import write_table_df
 from .findings import Finding, bootstrap, sequence_of, whole, write_findings
 
+#: The effect this analysis must be able to detect, and the sample size that gives it
+#: (the report prints it beside the findings).
+POWER = (
+    "Power. The question is whether each layer's own translator is the best one for its hidden "
+    "states: per sampled hidden layer, the KL of the best other translator minus that of its own, "
+    "averaged over layers and tokens, with a bootstrap CI over the store sequences the tokens come "
+    "from. It must resolve a difference of 0.1 nats; the default 256 tokens, spread evenly over the "
+    "32 sequences of the test store, give a half-width of a few hundredths (every 3rd layer: 10 of "
+    "SmolLM2's 30)."
+)
+
 
 @torch.no_grad()
-def transfer_matrix(lens: TunedLens, hidden: dict[int, torch.Tensor],
-                    final_logp: torch.Tensor) -> tuple[pd.DataFrame, dict[tuple[int, int], np.ndarray]]:
+def transfer_matrix(
+    lens: TunedLens, hidden: dict[int, torch.Tensor], final_logp: torch.Tensor
+) -> tuple[pd.DataFrame, dict[tuple[int, int], np.ndarray]]:
     """Rows (lens_layer, hidden_layer, kl) for every translator x every hidden layer given,
     and each entry's per-token KL (n,).
 
@@ -71,18 +76,32 @@ def own_translator_finding(df: pd.DataFrame, per_token: dict, sequences: np.ndar
     sums, counts = np.bincount(inverse, per_tok), np.bincount(inverse).astype(float)
     stat = lambda idx: sums[idx].sum() / counts[idx].sum()  # noqa: E731
     lo, hi = bootstrap(stat, len(ids))
-    return Finding("KL of the best other translator minus the layer's own [nats], mean over layers",
-                   stat(*whole(len(ids))), lo, hi, 0.0, len(ids), "sequences")
+    return Finding(
+        "KL of the best other translator minus the layer's own [nats], mean over layers",
+        stat(*whole(len(ids))),
+        lo,
+        hi,
+        0.0,
+        len(ids),
+        "sequences",
+    )
 
 
-def run(inputs, *, translator: str, transfer_tokens: int, transfer_stride: int) -> None:
+def run(artifacts, *, translator: str, transfer_tokens: int, transfer_stride: int) -> None:
     """The rule's job (see pipeline.analyses): the evaluated split's store and the analysed lens."""
-    layer_transfer(inputs.need("store"), inputs.need("model_dir"), inputs.need("lens", kind=translator),
-                   inputs.analyses_dir, transfer_tokens=transfer_tokens, transfer_stride=transfer_stride)
+    layer_transfer(
+        artifacts.need("store"),
+        artifacts.need("model_dir"),
+        artifacts.need("lens", kind=translator),
+        artifacts.analyses_dir,
+        transfer_tokens=transfer_tokens,
+        transfer_stride=transfer_stride,
+    )
 
 
-def layer_transfer(store_path: Path, model_dir: Path, lens_dir: Path, out_dir: Path, *,
-                   transfer_tokens: int, transfer_stride: int) -> pd.DataFrame:
+def layer_transfer(
+    store_path: Path, model_dir: Path, lens_dir: Path, out_dir: Path, *, transfer_tokens: int, transfer_stride: int
+) -> pd.DataFrame:
     """Write layer_transfer.parquet and .png; returns the table: ``transfer_tokens`` tokens
     spread over the store, every ``transfer_stride``-th translator and hidden layer."""
     store = open_store(store_path)
@@ -98,12 +117,22 @@ def layer_transfer(store_path: Path, model_dir: Path, lens_dir: Path, out_dir: P
     keep = torch.from_numpy(idx - start)
     resid = store.layers([*layers, store.n_layers], start, stop)[:, keep]  # (k+1, n, d_model)
     final_logp = log_probs(head(resid[-1]))  # (n, vocab)
-    lens_only = TunedLens(head, {i: lens.translators[str(i)] for i in layers}, kind=lens.kind,
-                          d_model=lens.d_model, n_layers=lens.n_layers, model_info=lens.model_info)
+    lens_only = TunedLens(
+        head,
+        {i: lens.translators[str(i)] for i in layers},
+        kind=lens.kind,
+        d_model=lens.d_model,
+        n_layers=lens.n_layers,
+        model_info=lens.model_info,
+    )
     df, per_token = transfer_matrix(lens_only, {j: resid[k] for k, j in enumerate(layers)}, final_logp)
     df["sample_tokens"], df["translator"] = n, lens.kind
-    prov = {"analysis": "layer_transfer", "store": str(store_path), "lens": str(lens_dir),
-            "layer_stride": transfer_stride}
+    prov = {
+        "analysis": "layer_transfer",
+        "store": str(store_path),
+        "lens": str(lens_dir),
+        "layer_stride": transfer_stride,
+    }
     write_table_df(df, Path(out_dir) / "layer_transfer.parquet", prov)
     findings = [own_translator_finding(df, per_token, sequence_of(idx, store.seq_len))] if len(layers) > 1 else []
     write_findings(findings, out_dir, "layer_transfer", prov)
@@ -117,8 +146,11 @@ def plot_transfer(df: pd.DataFrame, path: Path) -> None:
     im = axes[0].imshow(np.log10(grid.to_numpy() + 1e-3), origin="lower", cmap="viridis_r", aspect="auto")
     axes[0].set_xticks(range(grid.shape[1]), grid.columns, fontsize=7)
     axes[0].set_yticks(range(grid.shape[0]), ["logit" if i < 0 else str(i) for i in grid.index], fontsize=7)
-    axes[0].set(xlabel="hidden states of layer j", ylabel="translator of layer i",
-                title="layer transfer: log10 KL(model || head(T_i(h_j))) [nats]")
+    axes[0].set(
+        xlabel="hidden states of layer j",
+        ylabel="translator of layer i",
+        title="layer transfer: log10 KL(model || head(T_i(h_j))) [nats]",
+    )
     fig.colorbar(im, ax=axes[0], fraction=0.04)
     save(fig, path)
 
@@ -131,6 +163,8 @@ def summary(df: pd.DataFrame) -> str:
     layers = sorted(diag.index)
     step = min(np.diff(layers)) if len(layers) > 1 else 1
     off = t[(t.lens_layer - t.hidden_layer).abs() == step].kl.mean()
-    return (f"a layer's own translator is the best of all translators on its hidden states for {own} of "
-            f"{len(best)} layers; mean KL on the diagonal {diag.mean():.2f} nats vs {off:.2f} with the "
-            f"translator {step} layer(s) away.")
+    return (
+        f"a layer's own translator is the best of all translators on its hidden states for {own} of "
+        f"{len(best)} layers; mean KL on the diagonal {diag.mean():.2f} nats vs {off:.2f} with the "
+        f"translator {step} layer(s) away."
+    )

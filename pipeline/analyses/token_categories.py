@@ -5,14 +5,6 @@ token), from the token's text: whitespace, punctuation, number, a word start (th
 begins with a space: a new word), a word piece (continues a word), or all caps (speaker
 names in play scripts: ``HAMLET``). Per (category, layer): the mean KL of each lens to the
 model, their gap, and how often the two lenses' top-1 predictions disagree.
-
-Power. The question is which kinds of token the two lenses disagree on most and least: the
-difference between the top-1 disagreement rates (averaged over layers) of the most and the
-least affected categories, and the same for the tuned lens's KL advantage, each with a
-bootstrap CI over the evaluated sequences. Rare categories decide the sample size: numbers
-and all-caps speaker names are a few percent of play tokens, so the 4,096 evaluated tokens
-hold ~100 of them, enough to resolve a disagreement difference of 0.1 (the measured one is
-~0.4); a category with fewer than 30 tokens is left out of the comparison.
 """
 
 from __future__ import annotations
@@ -23,10 +15,23 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .findings import Finding, bootstrap, model_token_index, seq_len_of, sequence_of, whole, write_findings
-from .prediction_depth import read_token_table
 from ..plots import figure, save
 from ..tables import write_table_df
+from .findings import Finding, bootstrap, model_token_index, seq_len_of, sequence_of, whole, write_findings
+from .prediction_depth import read_token_table
+
+#: The effect this analysis must be able to detect, and the sample size that gives it
+#: (the report prints it beside the findings).
+POWER = (
+    "Power. The question is which kinds of token the two lenses disagree on most and least: the "
+    "difference between the top-1 disagreement rates (averaged over layers) of the most and the least "
+    "affected categories, and the same for the tuned lens's KL advantage, each with a bootstrap CI "
+    "over the evaluated sequences. Rare categories decide the sample size: numbers and all-caps "
+    "speaker names are a few percent of play tokens, so the 4,096 evaluated tokens hold ~100 of them, "
+    "enough to resolve a disagreement difference of 0.1 (the measured one is ~0.4); a category with "
+    "fewer than 30 tokens is left out of the comparison."
+)
+
 
 CATEGORIES = ("whitespace", "punctuation", "number", "all caps", "word start", "word piece", "other")
 #: Categories with fewer evaluated tokens than this are left out of the findings.
@@ -49,9 +54,11 @@ def categorise(text: str) -> str:
     return "other"
 
 
-def run(inputs, *, translator: str) -> None:
+def run(artifacts, *, translator: str) -> None:
     """The rule's job (see pipeline.analyses): the token table of one run and its tokenizer."""
-    token_categories(inputs.need("token_metrics"), inputs.need("model_dir"), inputs.analyses_dir, translator=translator)
+    token_categories(
+        artifacts.need("token_metrics"), artifacts.need("model_dir"), artifacts.analyses_dir, translator=translator
+    )
 
 
 def token_categories(token_dir: Path, model_dir: Path, out_dir: Path, *, translator: str) -> pd.DataFrame:
@@ -80,6 +87,7 @@ def paired_tokens(tokens: pd.DataFrame, cat: pd.Series, translator: str) -> pd.D
     """Per (layer, token) with a next token: both lenses' KL and top-1, the category of the
     token to predict and whether the two top-1s differ. ``cat``: the category of each
     token's next token, indexed by token_index."""
+
     def lens_rows(lens, tr):
         g = tokens[(tokens.lens == lens) & (tokens.translator == tr)]
         return g[g.next_token_rank >= 0][["layer", "token_index", "kl", "top1_id"]]
@@ -94,9 +102,16 @@ def paired_tokens(tokens: pd.DataFrame, cat: pd.Series, translator: str) -> pd.D
 
 def category_table(both: pd.DataFrame, translator: str) -> pd.DataFrame:
     """Per (category, layer): mean KL per lens, gap, top-1 disagreement (``paired_tokens``)."""
-    out = (both.groupby(["category", "layer"]).agg(n=("kl_logit", "size"), kl_logit=("kl_logit", "mean"),
-                                                   kl_tuned=("kl_tuned", "mean"), top1_disagree=("disagree", "mean"))
-           .reset_index())
+    out = (
+        both.groupby(["category", "layer"])
+        .agg(
+            n=("kl_logit", "size"),
+            kl_logit=("kl_logit", "mean"),
+            kl_tuned=("kl_tuned", "mean"),
+            top1_disagree=("disagree", "mean"),
+        )
+        .reset_index()
+    )
     out["kl_gap"] = out.kl_logit - out.kl_tuned
     out["translator"] = translator
     return out
@@ -115,8 +130,12 @@ def category_findings(both: pd.DataFrame, seq_len: int) -> list[Finding]:
     per_token["one"] = 1.0
 
     def grid(col):  # (n_seq, n_cat) per-sequence sums of a per-token column
-        return (per_token.pivot_table(index="sequence", columns="category", values=col, aggfunc="sum")
-                .reindex(index=seqs, columns=cats).fillna(0.0).to_numpy())
+        return (
+            per_token.pivot_table(index="sequence", columns="category", values=col, aggfunc="sum")
+            .reindex(index=seqs, columns=cats)
+            .fillna(0.0)
+            .to_numpy()
+        )
 
     n = grid("one")
     out = []
@@ -130,8 +149,17 @@ def category_findings(both: pd.DataFrame, seq_len: int) -> list[Finding]:
             return s[hi_c] / c[hi_c] - s[lo_c] / c[lo_c] if c[hi_c] > 0 and c[lo_c] > 0 else np.nan
 
         lo, hi = bootstrap(stat, len(seqs))
-        out.append(Finding(f"{what}: {cats[hi_c]} minus {cats[lo_c]} tokens", stat(*whole(len(seqs))), lo, hi,
-                           0.0, len(seqs), "sequences"))
+        out.append(
+            Finding(
+                f"{what}: {cats[hi_c]} minus {cats[lo_c]} tokens",
+                stat(*whole(len(seqs))),
+                lo,
+                hi,
+                0.0,
+                len(seqs),
+                "sequences",
+            )
+        )
     return out
 
 
@@ -147,15 +175,21 @@ def plot_categories(df: pd.DataFrame, path: Path) -> None:
     for c in cats:
         g = df[df.category == c]
         axes[1].plot(g.layer, g.kl_gap, marker="o", ms=3, label=c)
-    axes[1].set(yscale="symlog", xlabel="layer", ylabel="KL(logit lens) - KL(tuned lens) [nats]",
-                title="where the tuned lens helps most")
+    axes[1].set(
+        yscale="symlog",
+        xlabel="layer",
+        ylabel="KL(logit lens) - KL(tuned lens) [nats]",
+        title="where the tuned lens helps most",
+    )
     save(fig, path, axes[1:])
 
 
 def summary(df: pd.DataFrame) -> str:
     mean = df.groupby("category").agg(gap=("kl_gap", "mean"), dis=("top1_disagree", "mean"), n=("n", "max"))
     top, low = mean.gap.idxmax(), mean.gap.idxmin()
-    return (f"averaged over layers, the lenses disagree most on {mean.dis.idxmax()} tokens "
-            f"(top-1 differs {mean.dis.max():.0%} of the time) and least on {mean.dis.idxmin()} "
-            f"({mean.dis.min():.0%}); the tuned lens's KL advantage is largest for {top} "
-            f"({mean.gap[top]:.1f} nats) and smallest for {low} ({mean.gap[low]:.1f} nats).")
+    return (
+        f"averaged over layers, the lenses disagree most on {mean.dis.idxmax()} tokens "
+        f"(top-1 differs {mean.dis.max():.0%} of the time) and least on {mean.dis.idxmin()} "
+        f"({mean.dis.min():.0%}); the tuned lens's KL advantage is largest for {top} "
+        f"({mean.gap[top]:.1f} nats) and smallest for {low} ({mean.gap[low]:.1f} nats)."
+    )

@@ -7,12 +7,6 @@ linear, scaling) is an affine map h -> A h + b, A = I + W with W from its ``affi
 (exp of the entropy of the normalised singular values; d_model for an orthogonal map),
 the bias norm, and the cosine similarity between adjacent layers' *deviations* A - I (the
 cosine of the A's themselves would be ~1 everywhere, dominated by the shared identity).
-
-Power. Nothing here is sampled: every number is computed exactly from the trained lens's
-weights, so there is no confidence interval and nothing to resolve (the findings say "no
-sampling"). What this does not measure is how much the translators would change with
-another training sample of the same size; the training set (tokens, lens.json) is the
-sample size that matters, and the lens's validation KL per layer its quality.
 """
 
 from __future__ import annotations
@@ -30,6 +24,16 @@ from ..lens.tuned import TunedLens
 from ..plots import figure, save
 from ..tables import write_table_df
 from .findings import Finding, write_findings
+
+#: The effect this analysis must be able to detect, and the sample size that gives it
+#: (the report prints it beside the findings).
+POWER = (
+    "Power. Nothing here is sampled: every number is computed exactly from the trained lens's "
+    'weights, so there is no confidence interval and nothing to resolve (the findings say "no '
+    'sampling"). What this does not measure is how much the translators would change with another '
+    "training sample of the same size; the training set (tokens, lens.json) is the sample size that "
+    "matters, and the lens's validation KL per layer its quality."
+)
 
 
 def linear_map(t: Translator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,10 +61,19 @@ def anatomy_tables(translators: dict[int, Translator]) -> tuple[pd.DataFrame, pd
         dev = a - torch.eye(d, dtype=torch.float64)
         devs[layer] = dev.flatten()
         s = torch.linalg.svdvals(a)  # descending
-        rows.append({"layer": layer, "rel_dist_identity": float(dev.norm() / d ** 0.5),
-                     "effective_rank": effective_rank(s), "sv_max": float(s[0]), "sv_min": float(s[-1]),
-                     "condition": float(s[0] / s[-1]) if s[-1] > 0 else float("inf"),
-                     "bias_norm": float(b.norm()), "d_model": d, "kind": translators[layer].kind})
+        rows.append(
+            {
+                "layer": layer,
+                "rel_dist_identity": float(dev.norm() / d**0.5),
+                "effective_rank": effective_rank(s),
+                "sv_max": float(s[0]),
+                "sv_min": float(s[-1]),
+                "condition": float(s[0] / s[-1]) if s[-1] > 0 else float("inf"),
+                "bias_norm": float(b.norm()),
+                "d_model": d,
+                "kind": translators[layer].kind,
+            }
+        )
         spectra += [{"layer": layer, "index": i, "singular_value": float(v)} for i, v in enumerate(s)]
     df = pd.DataFrame(rows)
     cos = []
@@ -73,9 +86,9 @@ def anatomy_tables(translators: dict[int, Translator]) -> tuple[pd.DataFrame, pd
     return df, pd.DataFrame(spectra)
 
 
-def run(inputs, *, translator: str) -> None:
+def run(artifacts, *, translator: str) -> None:
     """The rule's job (see pipeline.analyses): the analysed lens of one run."""
-    translator_anatomy(inputs.need("lens", kind=translator), inputs.need("model_dir"), inputs.analyses_dir)
+    translator_anatomy(artifacts.need("lens", kind=translator), artifacts.need("model_dir"), artifacts.analyses_dir)
 
 
 def translator_anatomy(lens_dir: Path, model_dir: Path, out_dir: Path) -> pd.DataFrame:
@@ -93,10 +106,28 @@ def translator_anatomy(lens_dir: Path, model_dir: Path, out_dir: Path) -> pd.Dat
 def anatomy_findings(df: pd.DataFrame) -> list[Finding]:
     """Medians over layers, exact (no sampling, no CI)."""
     nan, n = float("nan"), len(df)
-    return [Finding("median relative distance of A from the identity over layers", float(df.rel_dist_identity.median()),
-                    nan, nan, nan, n, "layers (exact, no sampling)", "none"),
-            Finding("median cosine of adjacent layers' A - I", float(df.cos_next.median()),
-                    nan, nan, nan, n, "layers (exact, no sampling)", "none")]
+    return [
+        Finding(
+            "median relative distance of A from the identity over layers",
+            float(df.rel_dist_identity.median()),
+            nan,
+            nan,
+            nan,
+            n,
+            "layers (exact, no sampling)",
+            "none",
+        ),
+        Finding(
+            "median cosine of adjacent layers' A - I",
+            float(df.cos_next.median()),
+            nan,
+            nan,
+            nan,
+            n,
+            "layers (exact, no sampling)",
+            "none",
+        ),
+    ]
 
 
 def plot_anatomy(df: pd.DataFrame, spectra: pd.DataFrame, path: Path) -> None:
@@ -104,7 +135,9 @@ def plot_anatomy(df: pd.DataFrame, spectra: pd.DataFrame, path: Path) -> None:
     axes[0].plot(df.layer, df.rel_dist_identity, marker="o", ms=3)
     axes[0].set(xlabel="layer", ylabel="||A - I||_F / ||I||_F", title="distance from the identity (logit lens)")
     axes[1].plot(df.layer, df.effective_rank, marker="o", ms=3)
-    axes[1].set(xlabel="layer", ylabel="effective rank of A", title=f"effective rank (d_model = {int(df.d_model.iloc[0])})")
+    axes[1].set(
+        xlabel="layer", ylabel="effective rank of A", title=f"effective rank (d_model = {int(df.d_model.iloc[0])})"
+    )
     axes[2].plot(df.layer, df.bias_norm, marker="o", ms=3, label="bias norm")
     axes[2].plot(df.layer, df.cos_next, marker="s", ms=3, label="cos(A_l - I, A_l+1 - I)")
     axes[2].set(xlabel="layer", title="bias norm and adjacent-layer similarity")
@@ -121,8 +154,10 @@ def summary(df: pd.DataFrame, spectra: pd.DataFrame) -> str:
     """One sentence from the per-layer table (it holds each layer's extreme singular values,
     so the full spectra add nothing to it)."""
     far = df.loc[df.rel_dist_identity.idxmax()]
-    return (f"translators move furthest from the identity at layer {int(far.layer)} "
-            f"(relative distance {far.rel_dist_identity:.2f}) and least at layer "
-            f"{int(df.loc[df.rel_dist_identity.idxmin()].layer)} ({df.rel_dist_identity.min():.2f}); "
-            f"effective rank {df.effective_rank.min():.0f}-{df.effective_rank.max():.0f} of {int(df.d_model.iloc[0])}; "
-            f"median adjacent-layer cosine {df.cos_next.median():.2f}.")
+    return (
+        f"translators move furthest from the identity at layer {int(far.layer)} "
+        f"(relative distance {far.rel_dist_identity:.2f}) and least at layer "
+        f"{int(df.loc[df.rel_dist_identity.idxmin()].layer)} ({df.rel_dist_identity.min():.2f}); "
+        f"effective rank {df.effective_rank.min():.0f}-{df.effective_rank.max():.0f} of {int(df.d_model.iloc[0])}; "
+        f"median adjacent-layer cosine {df.cos_next.median():.2f}."
+    )

@@ -12,6 +12,7 @@ import yaml
 
 from ..errors import ConfigError
 from ..lens import kinds
+from .schema import SECTIONS, validate
 from .sources import CorpusConfig, ModelConfig
 from .stages import SPLITS, AnalysesConfig, EvaluateConfig, ExtractConfig, ReportConfig, TrainConfig
 
@@ -65,8 +66,9 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         if self.corpora and not self.train_corpora:
-            raise ConfigError("every corpus is evaluate_only: at least one corpus must train the lenses "
-                              "the others are evaluated with")
+            raise ConfigError(
+                "every corpus is evaluate_only: at least one corpus must train the lenses the others are evaluated with"
+            )
         self._check_sections()
         for name in self.models:  # every model's overrides, at start
             merged = self.for_model(name)
@@ -78,19 +80,24 @@ class PipelineConfig:
 
     def _check_sections(self) -> None:
         if self.analyses.enabled and self.evaluate.token_metrics is False:
-            raise ConfigError("the analyses read the per-token table: set evaluate.token_metrics to auto "
-                              "or true, or analyses.enabled to false")
+            raise ConfigError(
+                "the analyses read the per-token table: set evaluate.token_metrics to auto "
+                "or true, or analyses.enabled to false"
+            )
         if self.analyses.translator is None:
             self.analyses.translator = self.train.kinds[0]
         elif self.analyses.translator not in self.train.kinds:
-            raise ConfigError(f"analyses.translator {self.analyses.translator!r} is not trained "
-                              f"(train.kinds is {self.train.kinds})")
+            raise ConfigError(
+                f"analyses.translator {self.analyses.translator!r} is not trained (train.kinds is {self.train.kinds})"
+            )
         if self.analyses.enabled and not kinds.get(self.analyses.translator).linear_map:
             linear = [k for k in self.train.kinds if kinds.get(k).linear_map]
-            raise ConfigError(f"analyses.translator is {self.analyses.translator!r}, which is no linear map, and "
-                              "translator anatomy needs one: set analyses.translator to "
-                              f"{' or '.join(linear) or 'a linear kind you train (affine, linear, scaling)'}, "
-                              "or analyses.enabled to false")
+            raise ConfigError(
+                f"analyses.translator is {self.analyses.translator!r}, which is no linear map, and "
+                "translator anatomy needs one: set analyses.translator to "
+                f"{' or '.join(linear) or 'a linear kind you train (affine, linear, scaling)'}, "
+                "or analyses.enabled to false"
+            )
 
     def for_model(self, name: str) -> PipelineConfig:
         """This config as model ``name`` sees it: its ``overrides`` merged over the sections."""
@@ -109,6 +116,7 @@ class PipelineConfig:
         for key, value in changes.items():
             setattr(out, key, value)
         return out
+
     @property
     def train_corpora(self) -> list[str]:
         """The corpora lenses are trained on (all but the ``evaluate_only`` ones), in config order."""
@@ -133,20 +141,17 @@ class PipelineConfig:
 
     def model(self, name: str) -> ModelConfig:
         if name not in self.models:
-            raise ConfigError(f"no model {name!r} in {self.config_file or 'the config'}; known: "
-                              f"{', '.join(sorted(self.models))}")
+            raise ConfigError(
+                f"no model {name!r} in {self.config_file or 'the config'}; known: {', '.join(sorted(self.models))}"
+            )
         return self.models[name]
 
     def corpus(self, name: str) -> CorpusConfig:
         if name not in self.corpora:
-            raise ConfigError(f"no corpus {name!r} in {self.config_file or 'the config'}; known: "
-                              f"{', '.join(sorted(self.corpora))}")
+            raise ConfigError(
+                f"no corpus {name!r} in {self.config_file or 'the config'}; known: {', '.join(sorted(self.corpora))}"
+            )
         return self.corpora[name]
-
-
-#: The config sections that are one dataclass each, by their key in the config.
-SECTIONS = {"extract": ExtractConfig, "train": TrainConfig, "evaluate": EvaluateConfig,
-            "analyses": AnalysesConfig, "report": ReportConfig}
 
 
 def parse_config(raw: dict[str, Any]) -> PipelineConfig:
@@ -154,8 +159,11 @@ def parse_config(raw: dict[str, Any]) -> PipelineConfig:
 
     Only the keys the mapping has are passed on: every default is the dataclass field's.
     """
+    if "base" in raw:
+        raise ConfigError("base: only a config file names base files (read_config, or --configfile)")
     plugins = plugins_of(raw)
     kinds.load_plugins(plugins)  # first: they may register the kinds the sections name
+    validate(raw)
     models = {n: _from_dict(ModelConfig, n, m) for n, m in (raw.get("models") or {}).items()}
     corpora = {n: _from_dict(CorpusConfig, n, c) for n, c in (raw.get("corpora") or {}).items()}
     if not models or not corpora:
@@ -172,18 +180,56 @@ def plugins_of(raw: dict[str, Any]) -> list[str]:
     return plugins
 
 
-def load_config(path: str | Path) -> PipelineConfig:
+#: The config ``make run`` and a bare ``snakemake`` run: the embedded default experiment.
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "config" / "config.yaml"
+
+
+def read_config(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The settings of one YAML config file as a mapping, its ``base`` files merged under it.
+
+    A config stands alone: it runs the models, corpora and settings it names, every other
+    setting at its default. ``base: other.yaml`` (or a list, paths relative to this file)
+    layers it explicitly over other configs, e.g. ``base: config.yaml`` adds a model to the
+    default experiment. Mappings merge key by key; anything else (a list) is replaced.
+    """
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
+    if path.resolve() in _seen:
+        raise ConfigError(f"config file {path}: its base files include itself")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
     if not isinstance(raw or {}, dict):
         raise ConfigError(f"config file {path} must hold a mapping of settings, not {type(raw).__name__}")
+    raw = dict(raw or {})
+    bases = raw.pop("base", None) or []
+    if not isinstance(bases, list | str) or not all(
+        isinstance(b, str) for b in ([bases] if isinstance(bases, str) else bases)
+    ):
+        raise ConfigError(f"config file {path}: base must be a file name or a list of them, not {bases!r}")
+    out: dict[str, Any] = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        out = _deep_merge(out, read_config(path.parent / base, (*_seen, path.resolve())))
+    return _deep_merge(out, raw)
+
+
+def layered_config(files: list[str | Path], given: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The mapping of config ``files`` (each with its bases, later files over earlier ones;
+    none: the default experiment), ``given`` merged over it (Snakemake's own merge of the
+    files and of ``--config``)."""
+    out: dict[str, Any] = {}
+    for f in files or [DEFAULT_CONFIG]:
+        out = _deep_merge(out, read_config(f))
+    return _deep_merge(out, {k: v for k, v in (given or {}).items() if k != "base"})
+
+
+def load_config(path: str | Path) -> PipelineConfig:
+    path = Path(path)
+    raw = read_config(path)
     try:
-        cfg = parse_config(raw or {})
+        cfg = parse_config(raw)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     cfg.config_file = str(path)

@@ -24,9 +24,10 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import ConfigError, LenspipeError
 
@@ -72,10 +73,12 @@ def register(kind: TranslatorKind) -> TranslatorKind:
 
 def translator_kind(name: str, **facts) -> Callable[[type], type]:
     """Class decorator: ``@translator_kind("lowrank", linear_map=True)`` registers the class."""
+
     def decorate(cls: type) -> type:
         register(TranslatorKind(name, cls, **facts))
         cls.kind = name
         return cls
+
     return decorate
 
 
@@ -101,8 +104,9 @@ def load_plugins(plugins: list[str] | None) -> None:
         try:
             importlib.import_module(plugin)
         except ImportError as e:
-            raise ConfigError(f"plugins: cannot import {plugin!r} ({e}); give a module on the "
-                              "Python path or a .py file") from None
+            raise ConfigError(
+                f"plugins: cannot import {plugin!r} ({e}); give a module on the Python path or a .py file"
+            ) from None
 
 
 def _import_file(path: Path) -> None:
@@ -120,8 +124,12 @@ def _import_file(path: Path) -> None:
 for _kind in (
     TranslatorKind("affine", "pipeline.lens.translators:AffineTranslator", linear_map=True, lstsq=True),
     TranslatorKind("linear", "pipeline.lens.translators:LinearTranslator", linear_map=True, lstsq=True),
-    TranslatorKind("mlp", "pipeline.lens.translators:MLPTranslator", lstsq=True,
-                   options={"hidden": "mlp_hidden", "depth": "mlp_depth"}),
+    TranslatorKind(
+        "mlp",
+        "pipeline.lens.translators:MLPTranslator",
+        lstsq=True,
+        options={"hidden": "mlp_hidden", "depth": "mlp_depth"},
+    ),
     TranslatorKind("scaling", "pipeline.lens.translators:ScalingTranslator", linear_map=True, lstsq=True),
 ):
     register(_kind)

@@ -64,8 +64,9 @@ class LeastSquaresAccumulator:
         dimension fitted from its own input dimension alone (d_in == d_out), with the same
         relative ridge as ``solve``; ``intercept=False``: c = 0."""
         if self.cxx.shape[0] != self.cxy.shape[1]:
-            raise LenspipeError(f"a per-dimension fit needs as many inputs as outputs, not "
-                                f"{self.cxx.shape[0]} and {self.cxy.shape[1]}")
+            raise LenspipeError(
+                f"a per-dimension fit needs as many inputs as outputs, not {self.cxx.shape[0]} and {self.cxy.shape[1]}"
+            )
         xx, xy, lam = self._moments(ridge, intercept)
         s = xy.diagonal() / (xx.diagonal() + lam)  # (d,)
         c = self.mean_y - s * self.mean_x if intercept else torch.zeros_like(self.mean_y)  # (d,)

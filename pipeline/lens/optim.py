@@ -46,19 +46,28 @@ def _identity_centred(lens: TunedLens) -> list[torch.Tensor]:
 def make_optimizer(lens: TunedLens, cfg: TrainConfig):
     """Optimiser and schedule over the lens's translators (the head is frozen)."""
     centred = {id(p) for p in _identity_centred(lens)}
+    branch = {id(p) for t in _translators(lens) for p in t.branch()}
     params = [p for t in _translators(lens) for p in t.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if id(p) not in centred]},
-              {"params": [p for p in params if id(p) in centred], "weight_decay": 0.0,
-               "decay_to_identity": cfg.weight_decay}]
+    base = cfg.lr_scale * (1 - cfg.momentum) if cfg.optimizer == "sgd" else cfg.lr_scale * 1e-3
+    groups = [
+        {"params": [p for p in params if id(p) not in centred | branch]},
+        {"params": [p for p in params if id(p) in centred], "weight_decay": 0.0, "decay_to_identity": cfg.weight_decay},
+        # an mlp's branch starts at zero beside the least-squares map: at the affine
+        # part's rate, Adam's first steps move all its (hidden x d_model) weights at
+        # once and the lens falls behind the affine one in a short schedule
+        {"params": [p for p in params if id(p) in branch], "lr": base * cfg.branch_lr},
+    ]
     groups = [g for g in groups if g["params"]]
     if cfg.optimizer == "sgd":
         # PyTorch's momentum scales the step by 1/(1 - momentum); undo it so lr_scale=1 is
         # an effective rate of 1, as the reference does.
-        opt = torch.optim.SGD(groups, lr=cfg.lr_scale * (1 - cfg.momentum), momentum=cfg.momentum,
-                              nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
+        opt = torch.optim.SGD(
+            groups, lr=base, momentum=cfg.momentum, nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay
+        )
     else:
-        opt = torch.optim.Adam(groups, lr=cfg.lr_scale * 1e-3, betas=(cfg.momentum, 0.999),
-                               amsgrad=True, weight_decay=cfg.weight_decay)
+        opt = torch.optim.Adam(
+            groups, lr=base, betas=(cfg.momentum, 0.999), amsgrad=True, weight_decay=cfg.weight_decay
+        )
 
     def schedule(step: int) -> float:  # linear warm-up, then linear decay to zero
         if step < cfg.warmup_steps:
@@ -79,8 +88,9 @@ def decay_to_identity(opt) -> None:
                 w.grad.add_(w, alpha=wd).diagonal().sub_(wd)
 
 
-def optimizer_step(lens: TunedLens, keys: list[Key], opt, cfg: TrainConfig,
-                   multipliers: dict[Key, tuple[float, float]] | None = None) -> None:
+def optimizer_step(
+    lens: TunedLens, keys: list[Key], opt, cfg: TrainConfig, multipliers: dict[Key, tuple[float, float]] | None = None
+) -> None:
     """Scale each lens position's gradient (``step_multipliers``), clip it on its own, decay,
     step, clear the gradients. ``keys``: the (position, layer) of the translators stepped.
 
@@ -127,12 +137,13 @@ def _parameters(lens: TunedLens, keys: list[Key]) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def scale_updates(lens: TunedLens, keys: list[Key], multipliers: dict[Key, tuple[float, float]],
-                  before: list[torch.Tensor]) -> None:
+def scale_updates(
+    lens: TunedLens, keys: list[Key], multipliers: dict[Key, tuple[float, float]], before: list[torch.Tensor]
+) -> None:
     """Multiply the step just taken (parameter minus ``before``, in ``_parameters`` order) by
     the square root of each lens position's multipliers (biases by the second)."""
     for (p, m), b in zip(_scaled(lens, keys, multipliers), before, strict=True):
-        p.copy_(b + (p - b) * m ** 0.5)
+        p.copy_(b + (p - b) * m**0.5)
 
 
 @torch.no_grad()
@@ -157,14 +168,15 @@ def step_multipliers(lens: TunedLens, scales: dict[Key, float] | None) -> dict[K
     if not scales:
         return {}
     s_out = scales[(BLOCK.name, lens.n_layers)]
-    return {key: ((s_out / max(scales[key], 1e-12)) ** 2, s_out ** 2) for key in lens.keys()}
+    return {key: ((s_out / max(scales[key], 1e-12)) ** 2, s_out**2) for key in lens.keys()}
 
 
 @torch.no_grad()
-def scale_steps(lens: TunedLens, keys: list[Key], multipliers: dict[Key, tuple[float, float]],
-                power: float = 1.0) -> None:
+def scale_steps(
+    lens: TunedLens, keys: list[Key], multipliers: dict[Key, tuple[float, float]], power: float = 1.0
+) -> None:
     """Multiply each lens position's gradients by its step multipliers to the ``power``
     (biases by the second multiplier)."""
     for p, m in _scaled(lens, keys, multipliers):
         if p.grad is not None:
-            p.grad.mul_(m ** power)
+            p.grad.mul_(m**power)

@@ -36,14 +36,20 @@ def export_reference(lens: TunedLens, path: str | Path) -> None:
     (linear and scaling convert: weight = A - I). No bias is written as a zero bias:
     the reference's constructor cannot build a bias-free translator."""
     if lens.layers != list(range(lens.n_layers)):
-        raise LenspipeError(f"the tuned-lens format needs translators for all layers 0..{lens.n_layers - 1}; "
-                            f"this lens has {lens.layers} (merge the layer groups first)")
+        raise LenspipeError(
+            f"the tuned-lens format needs translators for all layers 0..{lens.n_layers - 1}; "
+            f"this lens has {lens.layers} (merge the layer groups first)"
+        )
     if not kinds.get(lens.kind).linear_map:
         raise LenspipeError(f"the tuned-lens format holds affine translators only, not {lens.kind!r}")
     if lens.attention_layers:
-        log.warning("%s: the tuned-lens format holds block positions only; the lens's %d translators at the "
-                    "attention position (layers %s) are not exported", path, len(lens.attention_layers),
-                    lens.attention_layers)
+        log.warning(
+            "%s: the tuned-lens format holds block positions only; the lens's %d translators at the "
+            "attention position (layers %s) are not exported",
+            path,
+            len(lens.attention_layers),
+            lens.attention_layers,
+        )
     state = {}
     for layer, t in lens.translators.items():  # the reference computes h + (W h + b)
         w, b = t.affine_map(torch.float32)  # (d, d), (d,): "affine"'s own W, so the round trip is bit-exact
@@ -51,9 +57,12 @@ def export_reference(lens: TunedLens, path: str | Path) -> None:
     info = lens.model_info
     config = {  # exactly the fields of tuned_lens.nn.lenses.TunedLensConfig (0.2.0)
         "base_model_name_or_path": info.get("source") or info.get("name") or "unknown",
-        "d_model": lens.d_model, "num_hidden_layers": lens.n_layers, "bias": True,
+        "d_model": lens.d_model,
+        "num_hidden_layers": lens.n_layers,
+        "bias": True,
         "base_model_revision": info.get("resolved_commit") or info.get("revision"),
-        "unembed_hash": reference_unembed_hash(lens.head), "lens_type": REF_LENS_TYPE,
+        "unembed_hash": reference_unembed_hash(lens.head),
+        "lens_type": REF_LENS_TYPE,
     }
     with atomic_dir(path) as tmp:
         torch.save(state, tmp / REF_PARAMS)  # ModuleList.state_dict() keys: "{i}.weight"

@@ -48,13 +48,18 @@ def stopping(history: list[dict], best_val: dict, bad_evals: dict, steps_run: in
         else:
             reason = "steps exhausted" if steps_run >= cfg.steps else "stopped with the other layers"
         best = min((s for s, v in curve if v == best_val[key]), default=None) if key in best_val else None
-        out[key] = {"reason": reason, "best_step": best, "last_step": curve[-1][0],
-                    "val_change_last_quarter": last_quarter_change(curve)}
+        out[key] = {
+            "reason": reason,
+            "best_step": best,
+            "last_step": curve[-1][0],
+            "val_change_last_quarter": last_quarter_change(curve),
+        }
     return out
 
 
-def converged(model_sha: str | None, kind: str, fingerprint: str | None, field: str,
-              tokens: int | None = None) -> dict[str, float]:
+def converged(
+    model_sha: str | None, kind: str, fingerprint: str | None, field: str, tokens: int | None = None
+) -> dict[str, float]:
     """The converged KL per layer label of ``kind`` for a model (weights sha256) and a store
     fingerprint in ``field`` (``train_store``: the study's default training data, for
     lens.json; ``test_store``: its test tokens, for the report, which must also have
@@ -62,8 +67,11 @@ def converged(model_sha: str | None, kind: str, fingerprint: str | None, field: 
     if not CONVERGED_FILE.is_file() or not model_sha or not fingerprint:
         return {}
     for entry in json.loads(CONVERGED_FILE.read_text()):
-        if entry["model_sha256"] == model_sha and entry.get(field) == fingerprint and \
-                tokens in (None, entry["test_tokens"]):
+        if (
+            entry["model_sha256"] == model_sha
+            and entry.get(field) == fingerprint
+            and tokens in (None, entry["test_tokens"])
+        ):
             return entry["kinds"].get(kind, {})
     return {}
 
@@ -77,27 +85,53 @@ def training_table(layer_metrics, provenance: dict, lens_metas: dict[str, dict])
     rows = []
     for kind, meta in lens_metas.items():
         stops = (meta.get("metrics") or {}).get("stopping") or {}
-        best = converged((meta.get("model") or {}).get("weights_sha256"), kind, provenance.get("store_fingerprint"),
-                         "test_store", (provenance.get("evaluate_config") or {}).get("max_tokens"))
+        best = converged(
+            (meta.get("model") or {}).get("weights_sha256"),
+            kind,
+            provenance.get("store_fingerprint"),
+            "test_store",
+            (provenance.get("evaluate_config") or {}).get("max_tokens"),
+        )
         at = layer_metrics[(layer_metrics.lens == "tuned") & (layer_metrics.translator == kind)]
         if "position" in at.columns:
             at = at[at.position == "block"]
         for layer, kl in zip(at.layer, at.kl):
             stop, ref = stops.get(str(layer), {}), best.get(str(layer))
             change = stop.get("val_change_last_quarter")
-            rows.append({"kind": kind, "layer": int(layer), "stopped": stop.get("reason", "?"),
-                         "best step": stop.get("best_step"),
-                         "val change, last quarter": None if change is None else f"{100 * change:+.2f}%",
-                         "KL": round(kl, 4), "converged KL": ref,
-                         "ratio to converged": None if ref is None else round(kl / ref, 3)})
+            rows.append(
+                {
+                    "kind": kind,
+                    "layer": int(layer),
+                    "stopped": stop.get("reason", "?"),
+                    "best step": stop.get("best_step"),
+                    "val change, last quarter": None if change is None else f"{100 * change:+.2f}%",
+                    "KL": round(kl, 4),
+                    "converged KL": ref,
+                    "ratio to converged": None if ref is None else round(kl / ref, 3),
+                }
+            )
     return pd.DataFrame(rows)
 
 
-def study_entry(model_sha: str, train_store: str, test_store: str, tokens: int, kinds: dict[str, dict[str, float]],
-                source: dict[str, Any]) -> None:
+def study_entry(
+    model_sha: str,
+    train_store: str,
+    test_store: str,
+    tokens: int,
+    kinds: dict[str, dict[str, float]],
+    source: dict[str, Any],
+) -> None:
     """Record (replace) the study's converged KL for one model and its data."""
     entries = json.loads(CONVERGED_FILE.read_text()) if CONVERGED_FILE.is_file() else []
     entries = [e for e in entries if not (e["model_sha256"] == model_sha and e["test_store"] == test_store)]
-    entries.append({"model_sha256": model_sha, "train_store": train_store, "test_store": test_store,
-                    "test_tokens": tokens, "kinds": kinds, "source": source})
+    entries.append(
+        {
+            "model_sha256": model_sha,
+            "train_store": train_store,
+            "test_store": test_store,
+            "test_tokens": tokens,
+            "kinds": kinds,
+            "source": source,
+        }
+    )
     CONVERGED_FILE.write_text(json.dumps(entries, indent=1) + "\n")

@@ -60,9 +60,14 @@ class Translator(nn.Module):
         pulls them toward that value rather than toward 0 (see pipeline.train)."""
         return []
 
+    def branch(self) -> list[nn.Parameter]:
+        """Parameters of a branch added to a closed-form map (an mlp's hidden layers): they
+        step at ``train.branch_lr`` times the rate of the rest (see pipeline.lens.optim)."""
+        return []
+
 
 class AffineTranslator(Translator):
-    """"affine": h + W h + b, W = b = 0 at init, as in the reference (weight decay then pulls
+    """ "affine": h + W h + b, W = b = 0 at init, as in the reference (weight decay then pulls
     towards the identity, i.e. the logit lens). ``bias=False`` gives h + W h (the
     reference's ``bias: false``)."""
 
@@ -97,9 +102,8 @@ class AffineTranslator(Translator):
             self.bias.copy_(b)
 
 
-
 class LinearTranslator(Translator):
-    """"linear": W h, no bias at all, W = I at init so it starts as the logit lens. A
+    """ "linear": W h, no bias at all, W = I at init so it starts as the logit lens. A
     linear map sends 0 to 0, so unlike "affine" it cannot add a constant vector: what the
     affine bias does here (the residual stream's large constant component) W must do from
     the input's own mean. Its weight decay is centred on I (``identity_centred``)."""
@@ -128,7 +132,6 @@ class LinearTranslator(Translator):
         _check_fit(self, W, b)
         self.weight.copy_(W)
 
-
     def identity_centred(self) -> list[nn.Parameter]:
         return [self.weight]  # W h is the identity at W = I
 
@@ -138,11 +141,11 @@ def _check_fit(t: Translator, W: Tensor, b: Tensor) -> None:
     intercept for a translator without a bias (its fit must be solved without one)."""
     d = t.d_model
     if tuple(W.shape) != (d, d) or tuple(b.shape) != (d,):
-        raise LenspipeError(f"least-squares solution has shapes {tuple(W.shape)}, {tuple(b.shape)}, "
-                            f"not ({d}, {d}), ({d},)")
+        raise LenspipeError(
+            f"least-squares solution has shapes {tuple(W.shape)}, {tuple(b.shape)}, not ({d}, {d}), ({d},)"
+        )
     if not t.intercept and b.abs().max().item() > 1e-6 * max(1.0, W.abs().max().item()):
-        raise LenspipeError(f"least-squares solution has a nonzero intercept but the {t.kind!r} "
-                            "translator has no bias")
+        raise LenspipeError(f"least-squares solution has a nonzero intercept but the {t.kind!r} translator has no bias")
 
 
 class MLPTranslator(Translator):
@@ -159,8 +162,17 @@ class MLPTranslator(Translator):
 
     kind = "mlp"
 
-    def __init__(self, d_model: int, *, hidden: int | None = None, depth: int = 1,
-                 activation: str = "gelu", residual: bool = True, bias: bool = True, affine: bool = True):
+    def __init__(
+        self,
+        d_model: int,
+        *,
+        hidden: int | None = None,
+        depth: int = 1,
+        activation: str = "gelu",
+        residual: bool = True,
+        bias: bool = True,
+        affine: bool = True,
+    ):
         super().__init__(d_model)
         if depth not in (1, 2):
             raise LenspipeError(f"mlp translator: depth must be 1 or 2, not {depth!r}")
@@ -187,12 +199,22 @@ class MLPTranslator(Translator):
 
     @property
     def opts(self) -> dict[str, Any]:
-        return {"hidden": self.hidden, "depth": self.depth, "activation": self.activation,
-                "residual": self.residual, "bias": self.bias, "affine": self.affine is not None}
+        return {
+            "hidden": self.hidden,
+            "depth": self.depth,
+            "activation": self.activation,
+            "residual": self.residual,
+            "bias": self.bias,
+            "affine": self.affine is not None,
+        }
 
     @property
     def intercept(self) -> bool:
         return self.bias
+
+    def branch(self) -> list[nn.Parameter]:
+        # only beside an affine path: without one the branch is the whole translator
+        return [*self.net.parameters(), *self.out.parameters()] if self.affine is not None else []
 
     def forward(self, h: Tensor) -> Tensor:
         out = self.out(self.net(h))  # (..., d)
@@ -210,7 +232,6 @@ class MLPTranslator(Translator):
         if self.affine.bias is not None:
             self.affine.bias.copy_(b)
         self.out.weight.zero_()  # the branch adds nothing: the map is exactly W h + b
-
 
 
 class ScalingTranslator(Translator):
@@ -249,7 +270,6 @@ class ScalingTranslator(Translator):
         self.scale.copy_(s - 1)  # h + h * scale: total scale 1 + scale
         if self.bias is not None:
             self.bias.copy_(c)
-
 
 
 def _bias(bias: nn.Parameter | None, like: Tensor) -> Tensor:

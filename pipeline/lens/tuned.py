@@ -32,8 +32,18 @@ FORMAT_NAME = "lenspipe-tuned-lens"
 FORMAT_VERSION = 1
 WEIGHTS_FILE, META_FILE = "translators.safetensors", "lens.json"
 #: model_info keys copied into a saved lens as the identity of the model it was trained on.
-IDENTITY_KEYS = ("name", "source", "revision", "resolved_commit", "model_type", "n_layers",
-                 "d_model", "vocab", "weights_sha256", "tokenizer_sha256")
+IDENTITY_KEYS = (
+    "name",
+    "source",
+    "revision",
+    "resolved_commit",
+    "model_type",
+    "n_layers",
+    "d_model",
+    "vocab",
+    "weights_sha256",
+    "tokenizer_sha256",
+)
 
 
 def _check_head(head: UnembedHead, d_model: int) -> None:
@@ -60,15 +70,24 @@ class LogitLens(nn.Module):
 
 
 class TunedLens(nn.Module):
-    """logits = head(translator[layer](h)); only the translators are trainable.
+    """logits = head(translator_layer(h)) for each layer's translator; only the translators are trainable.
 
     The head is shared, not copied (an unembedding can be GBs), and frozen in place: if it
     came from ``unembed_head(model)`` this also freezes those modules of ``model``.
     """
 
-    def __init__(self, head: UnembedHead, translators: dict[int, Translator] | nn.ModuleDict, *,
-                 kind: str, d_model: int, n_layers: int, model_info: dict, origin: dict | None = None,
-                 attention: dict[int, Translator] | nn.ModuleDict | None = None):
+    def __init__(
+        self,
+        head: UnembedHead,
+        translators: dict[int, Translator] | nn.ModuleDict,
+        *,
+        kind: str,
+        d_model: int,
+        n_layers: int,
+        model_info: dict,
+        origin: dict | None = None,
+        attention: dict[int, Translator] | nn.ModuleDict | None = None,
+    ):
         super().__init__()
         items = {int(k): t for k, t in translators.items()}
         mids = {int(k): t for k, t in (attention or {}).items()}
@@ -76,8 +95,10 @@ class TunedLens(nn.Module):
             raise LenspipeError("a tuned lens needs at least one translator")
         bad = [i for i in items if not 0 <= i < n_layers]
         if bad:
-            raise LenspipeError(f"translators for layers {bad}: layers are 0..{n_layers - 1} "
-                                f"(layer {n_layers} is the model's output and needs none)")
+            raise LenspipeError(
+                f"translators for layers {bad}: layers are 0..{n_layers - 1} "
+                f"(layer {n_layers} is the model's output and needs none)"
+            )
         bad = [i for i in mids if not 0 <= i < n_layers]
         if bad:
             raise LenspipeError(f"attention translators for layers {bad}: blocks are 0..{n_layers - 1}")
@@ -101,9 +122,19 @@ class TunedLens(nn.Module):
         self.opts = json.loads(opts.pop())
 
     @classmethod
-    def create(cls, head: UnembedHead, kind: str, *, d_model: int, n_layers: int, model_info: dict,
-               layers: list[int] | None = None, attention_layers: list[int] | None = None,
-               seed: int | None = None, **opts) -> TunedLens:
+    def create(
+        cls,
+        head: UnembedHead,
+        kind: str,
+        *,
+        d_model: int,
+        n_layers: int,
+        model_info: dict,
+        layers: list[int] | None = None,
+        attention_layers: list[int] | None = None,
+        seed: int | None = None,
+        **opts,
+    ) -> TunedLens:
         """A fresh lens (= the logit lens) with a ``kind`` translator per layer (default all),
         and one per layer of ``attention_layers`` at the attention position (default none).
         ``seed``: a kind's random init (an mlp's branch) is drawn per lens position from
@@ -119,8 +150,9 @@ class TunedLens(nn.Module):
 
         translators = {i: fresh(0, i) for i in layers}
         attention = {i: fresh(1, i) for i in attention_layers or []}
-        return cls(head, translators, kind=kind, d_model=d_model, n_layers=n_layers, model_info=model_info,
-                   attention=attention)
+        return cls(
+            head, translators, kind=kind, d_model=d_model, n_layers=n_layers, model_info=model_info, attention=attention
+        )
 
     @property
     def layers(self) -> list[int]:
@@ -138,8 +170,10 @@ class TunedLens(nn.Module):
 
     def keys(self) -> list[P.Key]:
         """Every lens position with a translator, in depth order (block 0, attention 0, ...)."""
-        return sorted([(P.BLOCK.name, i) for i in self.layers] + [(P.ATTENTION.name, i) for i in self.attention_layers],
-                      key=P.depth_rank)
+        return sorted(
+            [(P.BLOCK.name, i) for i in self.layers] + [(P.ATTENTION.name, i) for i in self.attention_layers],
+            key=P.depth_rank,
+        )
 
     def _dict(self, position: str) -> nn.ModuleDict:
         if position not in P.POSITIONS:
@@ -171,17 +205,33 @@ class TunedLens(nn.Module):
             raise LenspipeError(f"cannot merge lenses of different models or kinds: {mine} vs {theirs}")
         overlap = set(self.keys()) & set(other.keys())
         if overlap:
-            where = [f"{pos.layer_word}s {sorted(layer for p, layer in overlap if p == pos.name)}"
-                     for pos in P.POSITIONS.values() if any(p == pos.name for p, _ in overlap)]
+            where = [
+                f"{pos.layer_word}s {sorted(layer for p, layer in overlap if p == pos.name)}"
+                for pos in P.POSITIONS.values()
+                if any(p == pos.name for p, _ in overlap)
+            ]
             raise LenspipeError(f"cannot merge lenses: both have translators for {' and '.join(where)}")
         both = {**dict(self.translators.items()), **dict(other.translators.items())}
         mids = {**dict(self.attention.items()), **dict(other.attention.items())}
-        return TunedLens(self.head, both, kind=self.kind, d_model=self.d_model,
-                         n_layers=self.n_layers, model_info=self.model_info, origin=self.origin, attention=mids)
+        return TunedLens(
+            self.head,
+            both,
+            kind=self.kind,
+            d_model=self.d_model,
+            n_layers=self.n_layers,
+            model_info=self.model_info,
+            origin=self.origin,
+            attention=mids,
+        )
 
     def _signature(self) -> dict[str, Any]:
-        return {"weights_sha256": self.model_info.get("weights_sha256"), "kind": self.kind,
-                "opts": self.opts, "d_model": self.d_model, "n_layers": self.n_layers}
+        return {
+            "weights_sha256": self.model_info.get("weights_sha256"),
+            "kind": self.kind,
+            "opts": self.opts,
+            "d_model": self.d_model,
+            "n_layers": self.n_layers,
+        }
 
     def translator_state(self) -> dict[str, Tensor]:
         """Every translator's parameters: ``{layer}.{param}`` at the block position (as lenses
@@ -194,26 +244,38 @@ class TunedLens(nn.Module):
         """The inverse of :meth:`translator_state` (strict: every key, nothing else)."""
         prefix = P.ATTENTION.prefix
         self.translators.load_state_dict({k: v for k, v in state.items() if not k.startswith(prefix)}, strict=True)
-        self.attention.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
-                                       strict=True)
+        self.attention.load_state_dict(
+            {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, strict=True
+        )
 
     # ----------------------------------------------------------------------- own format
 
-    def save(self, path: str | Path, *, training_config: dict | None = None,
-             metrics: dict | None = None) -> None:
+    def save(self, path: str | Path, *, training_config: dict | None = None, metrics: dict | None = None) -> None:
         """Write ``path/`` = translators.safetensors + lens.json, atomically."""
-        state = {k: v.detach().to("cpu", torch.float32).contiguous()
-                 for k, v in self.translator_state().items()}  # "{layer}.{param}", "attn.{layer}.{param}"
+        state = {
+            k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.translator_state().items()
+        }  # "{layer}.{param}", "attn.{layer}.{param}"
         meta = {
-            "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "kind": self.kind,
-            "translator_opts": self.opts, "d_model": self.d_model, "n_layers": self.n_layers,
-            "layers": self.layers, "layer_convention": LAYER_CONVENTION,
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "kind": self.kind,
+            "translator_opts": self.opts,
+            "d_model": self.d_model,
+            "n_layers": self.n_layers,
+            "layers": self.layers,
+            "layer_convention": LAYER_CONVENTION,
             # only where there are any: a block-only lens.json is that of a lens from before positions
-            **({"attention_layers": self.attention_layers, "attention_position": P.ATTENTION.meaning}
-               if len(self.attention) else {}),
+            **(
+                {"attention_layers": self.attention_layers, "attention_position": P.ATTENTION.meaning}
+                if len(self.attention)
+                else {}
+            ),
             "model": {k: self.model_info[k] for k in IDENTITY_KEYS if k in self.model_info},
-            "origin": self.origin, "training_config": training_config, "metrics": metrics,
-            "versions": package_versions(), "created": now_utc(),
+            "origin": self.origin,
+            "training_config": training_config,
+            "metrics": metrics,
+            "versions": package_versions(),
+            "created": now_utc(),
         }
         with atomic_dir(path) as tmp:
             save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT_NAME})
@@ -221,8 +283,7 @@ class TunedLens(nn.Module):
             write_json_atomic(tmp / META_FILE, meta)
 
     @classmethod
-    def load(cls, path: str | Path, head: UnembedHead | None = None,
-             model_dir: str | Path | None = None) -> TunedLens:
+    def load(cls, path: str | Path, head: UnembedHead | None = None, model_dir: str | Path | None = None) -> TunedLens:
         """Read a saved lens; with ``model_dir``, check it was trained on that model."""
         path = Path(path)
         meta = read_lens_meta(path)
@@ -235,9 +296,11 @@ class TunedLens(nn.Module):
         if sha256_file(path / WEIGHTS_FILE) != meta.get("translators_sha256"):
             raise LenspipeError(f"{path / WEIGHTS_FILE} does not match the hash in its {META_FILE}: corrupt lens")
         if meta["kind"] == "linear" and "bias" in meta["translator_opts"]:
-            raise LenspipeError(f"{path} is a 'linear' lens of an older lenspipe, whose linear translators (W h + b) "
-                                "had a bias and so were the function class of 'affine'; 'linear' is now W h without "
-                                "one: retrain it (or train 'affine')")
+            raise LenspipeError(
+                f"{path} is a 'linear' lens of an older lenspipe, whose linear translators (W h + b) "
+                "had a bias and so were the function class of 'affine'; 'linear' is now W h without "
+                "one: retrain it (or train 'affine')"
+            )
         opts = dict(meta["translator_opts"])
         if meta["kind"] == "mlp":
             opts.setdefault("affine", False)  # an mlp lens from before the affine path
@@ -245,8 +308,16 @@ class TunedLens(nn.Module):
         def fresh(layers):
             return {i: make_translator(meta["kind"], meta["d_model"], **opts) for i in layers}
 
-        lens = cls(head, fresh(meta["layers"]), kind=meta["kind"], d_model=meta["d_model"], n_layers=meta["n_layers"],
-                   model_info=meta["model"], origin=meta.get("origin"), attention=fresh(meta.get("attention_layers", [])))
+        lens = cls(
+            head,
+            fresh(meta["layers"]),
+            kind=meta["kind"],
+            d_model=meta["d_model"],
+            n_layers=meta["n_layers"],
+            model_info=meta["model"],
+            origin=meta.get("origin"),
+            attention=fresh(meta.get("attention_layers", [])),
+        )
         try:
             lens.load_translator_state(load_file(str(path / WEIGHTS_FILE)))
         except RuntimeError as exc:
@@ -275,8 +346,10 @@ def read_lens_meta(path: Path) -> dict[str, Any]:
         raise LenspipeError(f"{path} is not a saved lens (no {META_FILE})")
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != FORMAT_NAME or meta.get("format_version", 0) > FORMAT_VERSION:
-        raise LenspipeError(f"{meta_path}: format {meta.get('format')!r} v{meta.get('format_version')} "
-                            f"is not {FORMAT_NAME!r} v<={FORMAT_VERSION}")
+        raise LenspipeError(
+            f"{meta_path}: format {meta.get('format')!r} v{meta.get('format_version')} "
+            f"is not {FORMAT_NAME!r} v<={FORMAT_VERSION}"
+        )
     return meta
 
 

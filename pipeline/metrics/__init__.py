@@ -17,16 +17,54 @@ the tuning constants (``fused.CACHE_BLOCK_BYTES``, ``fused.ARGMAX_SEGMENT``,
 
 from .aggregate import CalibrationBins, bits_per_byte, bootstrap_ci, per_sequence_sums
 from .buffers import Workspace, workspace
-from .fused import (final_stats, kl_and_lse, kl_from_logits, kl_rows, log_probs_into, logit_stats, logsumexp_rows,
-                    row_blocks, row_dot, target_stats)
-from .token import (adjacent_agreement, cross_entropy, entropy, kl_div, log_probs, next_token_targets, rank_of,
-                    top1, topk_agreement)
+from .fused import (
+    final_stats,
+    kl_and_lse,
+    kl_from_logits,
+    kl_rows,
+    log_probs_into,
+    logit_stats,
+    logsumexp_rows,
+    row_blocks,
+    row_dot,
+    target_stats,
+)
+from .token import (
+    adjacent_agreement,
+    cross_entropy,
+    entropy,
+    kl_div,
+    log_probs,
+    next_token_targets,
+    rank_of,
+    top1,
+    topk_agreement,
+)
 
 __all__ = [
-    "adjacent_agreement", "cross_entropy", "entropy", "kl_div", "log_probs", "next_token_targets", "rank_of", "top1",
+    "adjacent_agreement",
+    "cross_entropy",
+    "entropy",
+    "kl_div",
+    "log_probs",
+    "next_token_targets",
+    "rank_of",
+    "top1",
     "topk_agreement",
-    "CalibrationBins", "bits_per_byte", "bootstrap_ci", "per_sequence_sums",
-    "Workspace", "workspace",
-    "final_stats", "kl_and_lse", "kl_from_logits", "kl_rows", "log_probs_into", "logit_stats", "logsumexp_rows",
-    "row_blocks", "row_dot", "target_stats",
+    "CalibrationBins",
+    "bits_per_byte",
+    "bootstrap_ci",
+    "per_sequence_sums",
+    "Workspace",
+    "workspace",
+    "final_stats",
+    "kl_and_lse",
+    "kl_from_logits",
+    "kl_rows",
+    "log_probs_into",
+    "logit_stats",
+    "logsumexp_rows",
+    "row_blocks",
+    "row_dot",
+    "target_stats",
 ]

@@ -30,21 +30,20 @@ class CalibrationBins:
         self.conf_sum = torch.zeros(n_bins, dtype=torch.float64)
         self.correct_sum = torch.zeros(n_bins, dtype=torch.float64)
 
-    def update(self, conf: Tensor, correct: Tensor,
-               mask: Tensor | None = None) -> "CalibrationBins":
+    def update(self, conf: Tensor, correct: Tensor, mask: Tensor | None = None) -> CalibrationBins:
         """conf (n,) in [0, 1], correct (n,) bool, mask (n,) bool (False: token ignored)."""
         conf = conf.detach().to("cpu", torch.float64).clamp(0.0, 1.0)
         correct = correct.detach().to("cpu", torch.float64)
         if mask is not None:
             keep = mask.detach().to("cpu", torch.bool)
             conf, correct = conf[keep], correct[keep]
-        b = (conf * self.n_bins).long().clamp_(max=self.n_bins - 1)   # (m,) bin of each
+        b = (conf * self.n_bins).long().clamp_(max=self.n_bins - 1)  # (m,) bin of each
         self.count += torch.bincount(b, minlength=self.n_bins)
         self.conf_sum += torch.bincount(b, weights=conf, minlength=self.n_bins)
         self.correct_sum += torch.bincount(b, weights=correct, minlength=self.n_bins)
         return self
 
-    def merge(self, other: "CalibrationBins") -> "CalibrationBins":
+    def merge(self, other: CalibrationBins) -> CalibrationBins:
         """Add another accumulator's counts (e.g. another chunk or worker) into this one."""
         if other.n_bins != self.n_bins:
             raise ValueError(f"cannot merge {other.n_bins} bins into {self.n_bins}")
@@ -92,8 +91,9 @@ def per_sequence_sums(values: Tensor, mask: Tensor | None, seq_len: int) -> tupl
     return torch.where(m, v, 0.0).sum(1), m.sum(1)
 
 
-def bootstrap_ci(sums: Tensor, counts: Tensor, n_boot: int = 1000, level: float = 0.95,
-                 seed: int = 0) -> tuple[float, float]:
+def bootstrap_ci(
+    sums: Tensor, counts: Tensor, n_boot: int = 1000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
     """Percentile CI of the token mean sum(sums) / sum(counts), resampling SEQUENCES with
     replacement: tokens of one sequence are correlated, so resampling tokens would give
     intervals that are too narrow. Deterministic for a seed: replicate r uses the r-th
@@ -106,16 +106,16 @@ def bootstrap_ci(sums: Tensor, counts: Tensor, n_boot: int = 1000, level: float 
     if n_boot < 1 or not 0.0 < level < 1.0:
         raise ValueError(f"need n_boot >= 1 and 0 < level < 1, got {n_boot}, {level}")
     gen = torch.Generator().manual_seed(seed)
-    block = max(1, BOOT_BLOCK_ELEMENTS // n_seq)     # replicates per draw: bounded memory
+    block = max(1, BOOT_BLOCK_ELEMENTS // n_seq)  # replicates per draw: bounded memory
     stats = []
     for start in range(0, n_boot, block):
         idx = torch.randint(0, n_seq, (min(block, n_boot - start), n_seq), generator=gen)
-        stats.append(sums[idx].sum(1) / counts[idx].sum(1))       # (rows,) ratio of sums
-    boot = torch.cat(stats)                                       # (n_boot,)
+        stats.append(sums[idx].sum(1) / counts[idx].sum(1))  # (rows,) ratio of sums
+    boot = torch.cat(stats)  # (n_boot,)
     # A replicate of only empty sequences has no mean (0/0 = nan): leave it out.
     alpha = (1.0 - level) / 2
     q = torch.tensor([alpha, 1.0 - alpha], dtype=torch.float64)
-    lo, hi = torch.nanquantile(boot, q).tolist()               # linear, as numpy.percentile
+    lo, hi = torch.nanquantile(boot, q).tolist()  # linear, as numpy.percentile
     return lo, hi
 
 

@@ -20,8 +20,13 @@ class Workspace:
     def __init__(self) -> None:
         self._buffers: dict[str, Tensor] = {}
 
-    def take(self, name: str, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype = torch.float32,
-             device: torch.device | str = "cpu") -> Tensor:
+    def take(
+        self,
+        name: str,
+        shape: tuple[int, ...] | torch.Size,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> Tensor:
         """An uninitialised buffer of this shape and dtype, the same one while they do not change
         (or while only its leading dimension shrinks: then a leading view of it).
         On a GPU a fresh tensor: the caching allocator already reuses memory without page
@@ -30,9 +35,15 @@ class Workspace:
             return torch.empty(shape, dtype=dtype, device=device)
         shape = tuple(shape)
         buf = self._buffers.get(name)
-        if (buf is not None and buf.dtype == dtype and buf.device == torch.device(device) and buf.ndim == len(shape)
-                and buf.shape[1:] == shape[1:] and buf.shape[0] >= shape[0]):
-            return buf[:shape[0]]  # fewer rows (a last, partial block): a leading view, contiguous
+        if (
+            buf is not None
+            and buf.dtype == dtype
+            and buf.device == torch.device(device)
+            and buf.ndim == len(shape)
+            and buf.shape[1:] == shape[1:]
+            and buf.shape[0] >= shape[0]
+        ):
+            return buf[: shape[0]]  # fewer rows (a last, partial block): a leading view, contiguous
         self._buffers.pop(name, None)  # free the old one first: peak memory stays one buffer
         buf = self._buffers[name] = torch.empty(shape, dtype=dtype, device=device)
         return buf

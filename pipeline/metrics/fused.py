@@ -150,8 +150,9 @@ def kl_and_lse(z: Tensor, target: dict[str, Tensor], ws: Workspace | None = None
     return torch.cat(kl), torch.cat(lse)
 
 
-def logit_stats(z: Tensor, final: dict[str, Tensor], next_ids: Tensor, k: int,
-                with_rank: bool = False, ws: Workspace | None = None) -> dict[str, Tensor]:
+def logit_stats(
+    z: Tensor, final: dict[str, Tensor], next_ids: Tensor, k: int, with_rank: bool = False, ws: Workspace | None = None
+) -> dict[str, Tensor]:
     """Every per-token metric of one lens from its logits z (n, vocab), in ~7 passes over
     each cache-sized block of rows (:func:`row_blocks`).
 
@@ -165,13 +166,16 @@ def logit_stats(z: Tensor, final: dict[str, Tensor], next_ids: Tensor, k: int,
     """
     z = _floating(z)
     ws = workspace() if ws is None else ws
-    parts = [_logit_stats_rows(z[b], {key: v[b] for key, v in final.items()}, next_ids[b], k, with_rank, ws)
-             for b in row_blocks(z)]
+    parts = [
+        _logit_stats_rows(z[b], {key: v[b] for key, v in final.items()}, next_ids[b], k, with_rank, ws)
+        for b in row_blocks(z)
+    ]
     return parts[0] if len(parts) == 1 else {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
 
 
-def _logit_stats_rows(z: Tensor, final: dict[str, Tensor], next_ids: Tensor, k: int, with_rank: bool,
-                      ws: Workspace) -> dict[str, Tensor]:
+def _logit_stats_rows(
+    z: Tensor, final: dict[str, Tensor], next_ids: Tensor, k: int, with_rank: bool, ws: Workspace
+) -> dict[str, Tensor]:
     """:func:`logit_stats` of one block of rows."""
     top, zmax = _argmax_rows(z)  # (n,) x 2
     q = torch.softmax(z, dim=-1, out=ws.like("q", z))  # (n, vocab): one fused pass
@@ -181,7 +185,8 @@ def _logit_stats_rows(z: Tensor, final: dict[str, Tensor], next_ids: Tensor, k: 
     lse = zmax - q_top.log() + q_sum.log()  # exact logsumexp without another exp pass
     tmp = ws.like("tmp", z)
     out = {
-        "top1": top, "top1_prob": (q_top / q_sum).clamp(0.0, 1.0),
+        "top1": top,
+        "top1_prob": (q_top / q_sum).clamp(0.0, 1.0),
         # H(q) = lse - E_q[z], with E_q over the renormalised q
         "entropy": lse.double() - torch.mul(q, z, out=tmp).sum(-1).double() / q_sum.double(),
         "kl": kl_rows(z, lse, final, tmp).clamp_(min=0.0),

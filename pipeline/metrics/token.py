@@ -20,8 +20,7 @@ def _floating(x: Tensor) -> Tensor:
 
 def _check_pair(a: Tensor, b: Tensor) -> None:
     if a.shape != b.shape or a.ndim != 2:
-        raise ValueError(f"expected two (n, vocab) tensors of one shape, got {tuple(a.shape)} "
-                         f"and {tuple(b.shape)}")
+        raise ValueError(f"expected two (n, vocab) tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
 
 
 def log_probs(logits: Tensor) -> Tensor:
@@ -35,9 +34,9 @@ def kl_div(final_logp: Tensor, lens_logp: Tensor) -> Tensor:
     """(n,) KL(final || lens) = sum_v p_v (log p_v - log q_v), p the model's final output."""
     _check_pair(final_logp, lens_logp)
     final_logp, lens_logp = _floating(final_logp), _floating(lens_logp)
-    d = final_logp - lens_logp                 # (n, vocab), the one float temporary kept
-    d.mul_(final_logp.exp())                   # exp: a second (n, vocab), freed at once
-    kl = d.sum(-1)                             # (n,)
+    d = final_logp - lens_logp  # (n, vocab), the one float temporary kept
+    d.mul_(final_logp.exp())  # exp: a second (n, vocab), freed at once
+    kl = d.sum(-1)  # (n,)
     # 0 log 0 = 0: where p = 0 (log p = -inf) a term is 0 * (-inf or nan) = nan, meaning 0.
     # Such rows are rare (masked vocab), so they are fixed afterwards, not checked everywhere.
     bad = kl.isnan()
@@ -58,10 +57,10 @@ def cross_entropy(lens_logp: Tensor, next_ids: Tensor) -> Tensor:
 def entropy(logp: Tensor) -> Tensor:
     """(n,) H = -sum_v p_v log p_v."""
     logp = _floating(logp)
-    t = logp.exp()                             # (n, vocab), reused in place for p log p
+    t = logp.exp()  # (n, vocab), reused in place for p log p
     t.mul_(logp)
-    h = -t.sum(-1)                             # (n,)
-    bad = h.isnan()                            # 0 * -inf = nan, whose limit is 0: fix rare rows
+    h = -t.sum(-1)  # (n,)
+    bad = h.isnan()  # 0 * -inf = nan, whose limit is 0: fix rare rows
     if bad.any():
         h[bad] = -t[bad].masked_fill_(torch.isneginf(logp[bad]), 0.0).sum(-1)
     return h
@@ -84,13 +83,13 @@ def rank_of(logp: Tensor, ids: Tensor, buf: Tensor | None = None) -> Tensor:
     """
     if logp.ndim != 2 or ids.shape != logp.shape[:1]:
         raise ValueError(f"logp {tuple(logp.shape)} and ids {tuple(ids.shape)} disagree")
-    ids = ids.long()[:, None]                                    # (n, 1)
-    target = logp.gather(-1, ids)                                # (n, 1)
+    ids = ids.long()[:, None]  # (n, 1)
+    target = logp.gather(-1, ids)  # (n, 1)
     # ``buf``: an (n, vocab) float buffer for the comparisons (a Workspace's). Counting
     # 0/1 floats is exact (counts < 2^24) and needs no temporary, where summing a bool
     # tensor first builds an int64 copy of it: 8 bytes per entry, 8x slower here.
     count = (lambda m: m.sum(-1)) if buf is None else (lambda m: m.sum(-1).long())
-    rank = count(torch.gt(logp, target, out=buf))                # strictly more likely
+    rank = count(torch.gt(logp, target, out=buf))  # strictly more likely
     # Exact ties are rare in float logits: count equal entries in one pass, and break ties
     # by id only in the rows that have any.
     tied = count(torch.eq(logp, target, out=buf)) > 1
@@ -111,9 +110,9 @@ def topk_agreement(lens_logp: Tensor, final_logp: Tensor, k: int = 1) -> Tensor:
     # Same answer as rank_of(...) < k, several times faster: compare the target's log-prob
     # with the lens's k-th largest. Above it: in the top k; below: not; equal: a tie at the
     # boundary, settled by rank_of's id order for those (rare) rows only.
-    target_ids = final_logp.argmax(dim=-1)                                # (n,)
-    target = lens_logp.gather(-1, target_ids[:, None]).squeeze(-1)        # (n,)
-    kth = lens_logp.topk(k, dim=-1, sorted=False).values.amin(-1)         # (n,)
+    target_ids = final_logp.argmax(dim=-1)  # (n,)
+    target = lens_logp.gather(-1, target_ids[:, None]).squeeze(-1)  # (n,)
+    kth = lens_logp.topk(k, dim=-1, sorted=False).values.amin(-1)  # (n,)
     agree = target > kth
     tied = target == kth
     if tied.any():
@@ -123,8 +122,9 @@ def topk_agreement(lens_logp: Tensor, final_logp: Tensor, k: int = 1) -> Tensor:
 
 def _n_sequences(n: int, seq_len: int) -> int:
     if seq_len < 1 or n % seq_len:
-        raise LenspipeError(f"{n} tokens are not whole sequences of seq_len={seq_len}; the "
-                            "store and the configuration disagree")
+        raise LenspipeError(
+            f"{n} tokens are not whole sequences of seq_len={seq_len}; the store and the configuration disagree"
+        )
     return n // seq_len
 
 

@@ -20,8 +20,14 @@ from .parts import ModelParts, find_parts
 class UnembedHead(nn.Module):
     """final_norm -> (projection) -> unembed -> (scale, softcap): residual (..., d_model) -> logits."""
 
-    def __init__(self, final_norm: nn.Module | None, projection: nn.Module | None,
-                 unembed: nn.Module, softcap: float | None = None, logit_scale: float = 1.0):
+    def __init__(
+        self,
+        final_norm: nn.Module | None,
+        projection: nn.Module | None,
+        unembed: nn.Module,
+        softcap: float | None = None,
+        logit_scale: float = 1.0,
+    ):
         super().__init__()
         self.final_norm = final_norm if final_norm is not None else nn.Identity()
         self.projection = projection if projection is not None else nn.Identity()
@@ -105,15 +111,16 @@ def _model_key_map(skeleton: nn.Module, ckpt_keys) -> dict[str, str]:
         elif prefix and key not in meta_state and f"{prefix}.{key}" in meta_state:
             model_key = f"{prefix}.{key}"
         elif prefix and key not in meta_state and key.startswith(prefix + "."):
-            model_key = key[len(prefix) + 1:]
+            model_key = key[len(prefix) + 1 :]
         else:
             model_key = key
         out.setdefault(model_key, key)
     return out
 
 
-def _read_module_state(module: nn.Module, name: str, parts: ModelParts, files: dict[str, Path],
-                       key_map: dict[str, str], dtype: torch.dtype) -> dict[str, Tensor]:
+def _read_module_state(
+    module: nn.Module, name: str, parts: ModelParts, files: dict[str, Path], key_map: dict[str, str], dtype: torch.dtype
+) -> dict[str, Tensor]:
     """The state dict of one head module, read tensor by tensor from the checkpoint."""
     from safetensors import safe_open
 

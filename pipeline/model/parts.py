@@ -23,12 +23,18 @@ PROJECTION_NAMES = ("project_out",)
 #: The same config name means different things per family (Granite divides by
 #: ``logits_scaling``, HyperCLOVA X multiplies by it), hence a table keyed on family.
 LOGIT_SCALING = {
-    "cohere": ("logit_scale", "mul"), "cohere2": ("logit_scale", "mul"),
-    "cohere2_moe": ("logit_scale", "mul"), "cohere_compass": ("logit_scale", "mul"),
-    "granite": ("logits_scaling", "div"), "granitemoe": ("logits_scaling", "div"),
-    "granitemoeshared": ("logits_scaling", "div"), "granitemoehybrid": ("logits_scaling", "div"),
-    "granite_swa": ("logits_scaling", "div"), "granitemoe_swa": ("logits_scaling", "div"),
-    "minicpm3": ("logits_scaling", "div"), "hyperclovax": ("logits_scaling", "mul"),
+    "cohere": ("logit_scale", "mul"),
+    "cohere2": ("logit_scale", "mul"),
+    "cohere2_moe": ("logit_scale", "mul"),
+    "cohere_compass": ("logit_scale", "mul"),
+    "granite": ("logits_scaling", "div"),
+    "granitemoe": ("logits_scaling", "div"),
+    "granitemoeshared": ("logits_scaling", "div"),
+    "granitemoehybrid": ("logits_scaling", "div"),
+    "granite_swa": ("logits_scaling", "div"),
+    "granitemoe_swa": ("logits_scaling", "div"),
+    "minicpm3": ("logits_scaling", "div"),
+    "hyperclovax": ("logits_scaling", "mul"),
     "falcon_h1": ("lm_head_multiplier", "mul"),
 }
 _N_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
@@ -84,8 +90,7 @@ def _find_blocks(model: nn.Module, n_layers: int) -> tuple[str, nn.ModuleList]:
     the same length, such as per-layer adapters or an MoE's experts inside a block.
     """
     candidates = [
-        (name, mod) for name, mod in model.named_modules()
-        if isinstance(mod, nn.ModuleList) and len(mod) == n_layers
+        (name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.ModuleList) and len(mod) == n_layers
     ]
     if not candidates:
         raise UnsupportedModel(
@@ -128,7 +133,8 @@ def _find_final_norm(model: nn.Module, blocks_name: str) -> nn.Module | None:
         return norm
     # Fallback: a single norm-named module outside the blocks.
     hits = [
-        mod for name, mod in model.named_modules()
+        mod
+        for name, mod in model.named_modules()
         if name.rsplit(".", 1)[-1] in NORM_NAMES and not name.startswith(blocks_name + ".")
     ]
     if len(hits) == 1:
@@ -180,13 +186,20 @@ def find_parts(model: nn.Module) -> ModelParts:
         names.setdefault(id(module), name)  # a module reachable twice keeps its first path
     softcap, scale = _logit_postprocessing(config)
     return ModelParts(
-        embed=embed, blocks=blocks, final_norm=final_norm, projection=projection,
-        unembed=unembed, softcap=softcap, logit_scale=scale, d_model=d_model,
-        n_layers=n_layers, vocab=int(unembed.weight.shape[0]),
-        embed_name=names[id(embed)], blocks_name=blocks_name,
+        embed=embed,
+        blocks=blocks,
+        final_norm=final_norm,
+        projection=projection,
+        unembed=unembed,
+        softcap=softcap,
+        logit_scale=scale,
+        d_model=d_model,
+        n_layers=n_layers,
+        vocab=int(unembed.weight.shape[0]),
+        embed_name=names[id(embed)],
+        blocks_name=blocks_name,
         final_norm_name=names[id(final_norm)] if final_norm is not None else None,
         projection_name=names[id(projection)] if projection is not None else None,
         unembed_name=names[id(unembed)],
-        tied=unembed.weight is getattr(embed, "weight", None)
-        or bool(getattr(config, "tie_word_embeddings", False)),
+        tied=unembed.weight is getattr(embed, "weight", None) or bool(getattr(config, "tie_word_embeddings", False)),
     )

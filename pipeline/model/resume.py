@@ -43,7 +43,7 @@ class Resumable:
                 h.remove()
         if len(self.calls) != self.parts.n_layers:
             raise UnsupportedModel(f"blocks were called {len(self.calls)} times for {self.parts.n_layers} blocks")
-        for args, kwargs in self.calls:
+        for _args, kwargs in self.calls:
             if "hidden_states" in kwargs:  # a family that passes the state by keyword
                 raise UnsupportedModel("a block took its hidden state by keyword; cannot resume it")
 

@@ -73,12 +73,14 @@ def find_sublayers(block: nn.Module, config) -> Sublayers:
         raise UnsupportedModel(
             f"{type(block).__name__} is a post-norm block (do_layer_norm_before=False, as opt-350m): a norm "
             "follows each residual add, so there is no residual state between attention and MLP that the "
-            "next sublayer adds to; extract this model with extract.positions [block]")
+            "next sublayer adds to; extract this model with extract.positions [block]"
+        )
     attention = _child(block, ATTENTION_NAMES)
     if attention is None:
         raise UnsupportedModel(
             f"{type(block).__name__} has no attention sublayer lenspipe recognises (looked for "
-            f"{', '.join(ATTENTION_NAMES)}); extract this model with extract.positions [block]")
+            f"{', '.join(ATTENTION_NAMES)}); extract this model with extract.positions [block]"
+        )
     sandwich = _child(block, SANDWICH_MARKERS) is not None
     out_norm = _child(block, ATTENTION_OUT_NORMS) if sandwich else None
     mlp = _child(block, MLP_OUT_NORMS) if sandwich else None
@@ -119,7 +121,7 @@ class MidBlockCapture:
         m = self.sublayers[i].multiplier
         return a if m is None else a * m  # the block's own `hidden_states * self.residual_multiplier`
 
-    def __enter__(self) -> "MidBlockCapture":
+    def __enter__(self) -> MidBlockCapture:
         for i, (block, sub) in enumerate(zip(self.blocks, self.sublayers)):
             self._handles.append(block.register_forward_pre_hook(self._block_input(i), with_kwargs=True))
             self._handles.append(block.get_submodule(sub.attention).register_forward_hook(self._attention_done(i)))
@@ -135,6 +137,7 @@ class MidBlockCapture:
     def _block_input(self, i: int):
         def hook(_mod, args, kwargs):
             self._inputs[i] = args[0] if args else kwargs["hidden_states"]  # (batch, pos, d_model)
+
         return hook
 
     def _attention_done(self, i: int):
@@ -143,19 +146,23 @@ class MidBlockCapture:
             # once (Falcon adds the attention output into the MLP's in place afterwards)
             mid = self._inputs[i] + self._scaled(i, out)  # (batch, pos, d_model)
             self._mid[i].append(mid.detach().to(torch.float32, copy=True))
+
         return hook
 
     def _mlp_done(self, i: int):
         def hook(_mod, _args, out):
             self._mlp[i].append(self._scaled(i, out).detach().to(torch.float32, copy=True))
+
         return hook
 
     def states(self) -> Tensor:
         """(n_layers, batch, pos, d_model) float32: each block's mid-block state."""
         calls = [len(m) for m in self._mid]
         if any(c != 1 for c in calls):
-            raise UnsupportedModel(f"the attention sublayers did not each run exactly once per block "
-                                   f"(calls per block: {calls}); the attention position is not defined here")
+            raise UnsupportedModel(
+                f"the attention sublayers did not each run exactly once per block "
+                f"(calls per block: {calls}); the attention position is not defined here"
+            )
         return torch.stack([m[0] for m in self._mid])
 
     def verify(self, resid: Tensor, model_name: str, dtype: torch.dtype) -> float:
@@ -166,7 +173,8 @@ class MidBlockCapture:
         if any(len(m) != 1 for m in self._mlp):
             raise UnsupportedModel(
                 f"cannot check the attention position of {model_name}: its blocks' MLP sublayer was not found "
-                f"or did not run once (looked for {', '.join(MLP_NAMES)}); extract it with extract.positions [block]")
+                f"or did not run once (looked for {', '.join(MLP_NAMES)}); extract it with extract.positions [block]"
+            )
         # (h + A) + M against the model's own sum: a few roundings of the output's magnitude
         tol = 64 * torch.finfo(dtype).eps
         worst = 0.0
@@ -180,5 +188,6 @@ class MidBlockCapture:
                     f"block {i} of {model_name}: its output is not the residual after its attention plus its "
                     f"MLP's output (relative error {err:.3g} > {tol:.3g}): the block does something after its "
                     "residual adds (a post-norm, a scaling) or has a sublayer lenspipe did not find, so the "
-                    "attention position is not defined for it; extract it with extract.positions [block]")
+                    "attention position is not defined for it; extract it with extract.positions [block]"
+                )
         return worst

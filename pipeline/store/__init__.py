@@ -17,5 +17,6 @@
 - ``parts``     ``assemble_store``: extraction parts linked into one store
 - ``batches``   shuffled token batches for training, bounded memory
 
-Each module imports only those above it in this list (``dtypes`` none): import the one you need, e.g. ``from pipeline.store.reader import open_store``.
+Each module imports only those above it in this list (``dtypes`` none): import the one you
+need, e.g. ``from pipeline.store.reader import open_store``.
 """

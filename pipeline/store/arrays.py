@@ -28,24 +28,47 @@ def create_arrays(group: zarr.Group, p: StoreParams) -> None:
             # One float32 per row of its values: values = float32(q) * scale[..., None].
             of = P.POSITIONS[a.position].array
             group.create_array(
-                a.name, shape=a.shape(p), dtype=SCALE_DTYPE, shards=a.shape(p, p.shard_tokens),
-                chunks=(1, p.chunk_tokens), compressors=compressors(p.compression, p.level, SCALE_DTYPE.itemsize),
-                fill_value=SCALE_FILL, dimension_names=("layer", "token"), attributes={"of": of, "per": "row"},
-                overwrite=True)
+                a.name,
+                shape=a.shape(p),
+                dtype=SCALE_DTYPE,
+                shards=a.shape(p, p.shard_tokens),
+                chunks=(1, p.chunk_tokens),
+                compressors=compressors(p.compression, p.level, SCALE_DTYPE.itemsize),
+                fill_value=SCALE_FILL,
+                dimension_names=("layer", "token"),
+                attributes={"of": of, "per": "row"},
+                overwrite=True,
+            )
             continue
         scale = P.POSITIONS[a.position].scale_array
         group.create_array(
-            a.name, shape=a.shape(p), dtype=spec.stored, shards=a.shape(p, p.shard_tokens),
-            chunks=(1, p.chunk_tokens, p.d_model), compressors=compressors(p.compression, p.level, spec.stored.itemsize),
-            fill_value=spec.fill, dimension_names=("layer", "token", "feature"),
-            attributes={"encoding": spec.encoding, "dtype": p.dtype, **({"scale": scale} if spec.scaled else {}),
-                        **({"position": a.position} if a.position != P.BLOCK.name else {})},
-            overwrite=True)
+            a.name,
+            shape=a.shape(p),
+            dtype=spec.stored,
+            shards=a.shape(p, p.shard_tokens),
+            chunks=(1, p.chunk_tokens, p.d_model),
+            compressors=compressors(p.compression, p.level, spec.stored.itemsize),
+            fill_value=spec.fill,
+            dimension_names=("layer", "token", "feature"),
+            attributes={
+                "encoding": spec.encoding,
+                "dtype": p.dtype,
+                **({"scale": scale} if spec.scaled else {}),
+                **({"position": a.position} if a.position != P.BLOCK.name else {}),
+            },
+            overwrite=True,
+        )
         if a.name == P.BLOCK.array:  # the tokens after resid, in the order zarr.json has always listed them
             group.create_array(
-                "tokens", shape=(p.n_tokens,), dtype="int32", chunks=(p.shard_tokens,),
-                compressors=compressors(p.compression, p.level, 4), fill_value=TOKEN_FILL,
-                dimension_names=("token",), overwrite=True)
+                "tokens",
+                shape=(p.n_tokens,),
+                dtype="int32",
+                chunks=(p.shard_tokens,),
+                compressors=compressors(p.compression, p.level, 4),
+                fill_value=TOKEN_FILL,
+                dimension_names=("token",),
+                overwrite=True,
+            )
 
 
 def ensure_arrays(group: zarr.Group, p: StoreParams) -> None:
@@ -67,11 +90,20 @@ def own_fill_values(group: zarr.Group, p: StoreParams) -> bool:
 
 def initial_attrs(p: StoreParams, provenance: dict, fingerprint: str) -> dict:
     return {
-        "format": FORMAT, "schema_version": p.schema_version, "fingerprint": fingerprint,
-        "params": p.as_attrs(), "provenance": provenance, "dtype": p.dtype,
-        "encoding": p.spec.encoding, "d_model": p.d_model,
-        "n_layers": p.n_layers, "n_tokens": p.n_tokens, "seq_len": p.seq_len,
-        "package_versions": package_versions(), "created": now_utc(), "finished": None,
+        "format": FORMAT,
+        "schema_version": p.schema_version,
+        "fingerprint": fingerprint,
+        "params": p.as_attrs(),
+        "provenance": provenance,
+        "dtype": p.dtype,
+        "encoding": p.spec.encoding,
+        "d_model": p.d_model,
+        "n_layers": p.n_layers,
+        "n_tokens": p.n_tokens,
+        "seq_len": p.seq_len,
+        "package_versions": package_versions(),
+        "created": now_utc(),
+        "finished": None,
         "complete": False,
     }
 
@@ -89,11 +121,14 @@ def check_resumable(root: Path, attrs: dict, p: StoreParams, provenance: dict) -
         return
     old = {**attrs.get("params", {}), **{f"provenance.{k}": v for k, v in attrs.get("provenance", {}).items()}}
     new = {**p.as_attrs(), **{f"provenance.{k}": v for k, v in provenance.items()}}
-    diffs = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
-             if old.get(k) != new.get(k)]
-    raise StoreError(f"the store at {root} was written with different parameters "
-                     f"({'; '.join(diffs) or 'fingerprint differs'}); delete the store or "
-                     "change the output path")
+    diffs = [
+        f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)
+    ]
+    raise StoreError(
+        f"the store at {root} was written with different parameters "
+        f"({'; '.join(diffs) or 'fingerprint differs'}); delete the store or "
+        "change the output path"
+    )
 
 
 def refuse_foreign_dir(root: Path) -> None:
@@ -103,8 +138,10 @@ def refuse_foreign_dir(root: Path) -> None:
         raise StoreError(f"{root} exists and is not a directory; choose another store path")
     foreign = sorted(p.name for p in root.iterdir() if p.name != LOCK_NAME)
     if foreign:
-        raise StoreError(f"{root} exists and is not a lenspipe activation store (it holds "
-                         f"{', '.join(foreign[:5])}); refusing to write into it; choose a new path")
+        raise StoreError(
+            f"{root} exists and is not a lenspipe activation store (it holds "
+            f"{', '.join(foreign[:5])}); refusing to write into it; choose a new path"
+        )
 
 
 def consolidate(root: Path) -> None:

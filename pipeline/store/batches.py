@@ -10,8 +10,8 @@ the skipped data.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -30,31 +30,41 @@ class Buffer:
 
 
 class TokenBatches:
-    def __init__(self, store: ActivationStore, layers: list[int], batch_tokens: int,
-                 buffer_shards: int, seed: int, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        store: ActivationStore,
+        layers: list[int],
+        batch_tokens: int,
+        buffer_shards: int,
+        seed: int,
+        device: torch.device | str = "cpu",
+    ):
         self.store, self.layers, self.batch_tokens = store, layers, batch_tokens
         self.device = torch.device(device)
         self.buffer_shards, self.seed = buffer_shards, seed
         shard = store.attrs["params"]["shard_tokens"]
         self.shards = [(s, min(s + shard, store.n_tokens)) for s in range(0, store.n_tokens, shard)]
         if store.n_tokens < batch_tokens:
-            raise LenspipeError(f"the store holds {store.n_tokens} tokens, fewer than one batch of "
-                                f"{batch_tokens}; extract more tokens or lower train.batch_tokens")
+            raise LenspipeError(
+                f"the store holds {store.n_tokens} tokens, fewer than one batch of "
+                f"{batch_tokens}; extract more tokens or lower train.batch_tokens"
+            )
         if self.batches_per_epoch == 0:
-            raise LenspipeError(f"buffers of {buffer_shards} shard(s) hold fewer than {batch_tokens} tokens; "
-                                "raise train.buffer_shards or lower train.batch_tokens")
+            raise LenspipeError(
+                f"buffers of {buffer_shards} shard(s) hold fewer than {batch_tokens} tokens; "
+                "raise train.buffer_shards or lower train.batch_tokens"
+            )
 
     def epoch_plan(self, epoch: int) -> list[Buffer]:
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(len(self.shards))
         plan = []
         for i in range(0, len(order), self.buffer_shards):
-            ranges = [self.shards[j] for j in sorted(order[i:i + self.buffer_shards])]
+            ranges = [self.shards[j] for j in sorted(order[i : i + self.buffer_shards])]
             n = sum(e - s for s, e in ranges)
             perm = rng.permutation(n)
             k = n // self.batch_tokens  # the remainder waits for another epoch's grouping
-            plan.append(Buffer(ranges, [perm[j * self.batch_tokens:(j + 1) * self.batch_tokens]
-                                                       for j in range(k)]))
+            plan.append(Buffer(ranges, [perm[j * self.batch_tokens : (j + 1) * self.batch_tokens] for j in range(k)]))
         return plan
 
     @property

@@ -14,7 +14,7 @@ if TYPE_CHECKING:  # torch takes seconds to import: `lenspipe info` and verify n
     import torch
 
 
-def to_tensor(raw: np.ndarray, spec: StorageDtype, scale: np.ndarray | None = None) -> "torch.Tensor":
+def to_tensor(raw: np.ndarray, spec: StorageDtype, scale: np.ndarray | None = None) -> torch.Tensor:
     """Stored numpy values (and row scales) -> float32 tensor."""
     import torch
 
@@ -58,7 +58,7 @@ def decode_into(raw: np.ndarray, out: np.ndarray, spec: StorageDtype, scale: np.
 
 #: The float32 bits of an fp8 e4m3fn placed at bits 26..20 and 31 (see _decode_fp8).
 _FP8_MASK = np.uint32(0x87F00000).view(np.int32)
-_TWO_120 = np.float32(2.0 ** 120)
+_TWO_120 = np.float32(2.0**120)
 
 
 def _decode_fp8(raw: np.ndarray, out: np.ndarray, scale: np.ndarray) -> None:

@@ -131,15 +131,20 @@ SCALE_FILL = float("nan")
 
 _F32_MAX = float(np.finfo(np.float32).max)
 
-DTYPES: dict[str, StorageDtype] = {d.name: d for d in (
-    StorageDtype("bfloat16", np.dtype("uint16"), BF16_BITS, "bfloat16", 3.3895313892515355e38,
-                 0x7FC0),  # 0x7FC0: a bf16 NaN
-    StorageDtype("float16", np.dtype("float16"), None, "float16", 65504.0, float("nan")),
-    StorageDtype("float32", np.dtype("float32"), None, "float32", _F32_MAX, float("nan")),
-    StorageDtype("fp8", np.dtype("uint8"), FP8_E4M3_BITS, "float8_e4m3fn", _F32_MAX, 0x7F,
-                 qmax=448.0),  # 0x7F: an e4m3fn NaN
-    StorageDtype("int8", np.dtype("int8"), None, "int8", _F32_MAX, -128, qmax=127.0),
-)}
+DTYPES: dict[str, StorageDtype] = {
+    d.name: d
+    for d in (
+        StorageDtype(
+            "bfloat16", np.dtype("uint16"), BF16_BITS, "bfloat16", 3.3895313892515355e38, 0x7FC0
+        ),  # 0x7FC0: a bf16 NaN
+        StorageDtype("float16", np.dtype("float16"), None, "float16", 65504.0, float("nan")),
+        StorageDtype("float32", np.dtype("float32"), None, "float32", _F32_MAX, float("nan")),
+        StorageDtype(
+            "fp8", np.dtype("uint8"), FP8_E4M3_BITS, "float8_e4m3fn", _F32_MAX, 0x7F, qmax=448.0
+        ),  # 0x7F: an e4m3fn NaN
+        StorageDtype("int8", np.dtype("int8"), None, "int8", _F32_MAX, -128, qmax=127.0),
+    )
+}
 
 
 def storage_dtype(name: str) -> StorageDtype:
@@ -153,7 +158,7 @@ def _fp8_e4m3fn_table() -> np.ndarray:
     bits = np.arange(256)
     sign = np.where(bits & 0x80, -1.0, 1.0)
     exp, man = (bits >> 3) & 0xF, bits & 0x7
-    value = np.where(exp == 0, man / 8 * 2.0 ** -6, (1 + man / 8) * 2.0 ** (exp - 7.0))
+    value = np.where(exp == 0, man / 8 * 2.0**-6, (1 + man / 8) * 2.0 ** (exp - 7.0))
     value = np.where((exp == 0xF) & (man == 0x7), np.nan, sign * value)
     return value.astype(np.float32)
 

@@ -89,26 +89,33 @@ def _quantise_into(target: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, s
     scale.copy_(s)
 
 
-def _raise_nonfinite(x: torch.Tensor, bad: torch.Tensor, dtype: str, first_index: int,
-                     seq_len: int, what: str = "layer") -> None:
+def _raise_nonfinite(
+    x: torch.Tensor, bad: torch.Tensor, dtype: str, first_index: int, seq_len: int, what: str = "layer"
+) -> None:
     layer, t, feature = (int(v) for v in bad.nonzero()[0])
     index = first_index + t
     seq, pos = divmod(index, seq_len)
     where = f"{what} {layer}, token index {index} (sequence {seq}, position {pos}), feature {feature}"
     value = float(x[layer, t, feature])
     if not np.isfinite(value):
-        raise StoreError(f"non-finite activation {value} at {where}: the model itself produced "
-                         "inf/nan; run it in bfloat16 or float32 rather than float16")
-    raise StoreError(f"activation {value:g} at {where} overflows store dtype {dtype}; "
-                     "use store dtype 'bfloat16' or 'float32'")
+        raise StoreError(
+            f"non-finite activation {value} at {where}: the model itself produced "
+            "inf/nan; run it in bfloat16 or float32 rather than float16"
+        )
+    raise StoreError(
+        f"activation {value:g} at {where} overflows store dtype {dtype}; use store dtype 'bfloat16' or 'float32'"
+    )
 
 
 #: blosc compressions: (codec, shuffle). A byte shuffle puts the bf16s' sign/exponent bytes
 #: (low entropy) apart from their mantissa bytes (noise); a bit shuffle goes further and
 #: puts each bit of the 16 in a plane of its own, so that the nearly constant high exponent
 #: bits become runs that LZ4, which has no entropy coder, can shorten.
-BLOSC = {"blosc-zstd": ("zstd", "shuffle"), "blosc-lz4": ("lz4", "shuffle"),
-         "blosc-lz4-bitshuffle": ("lz4", "bitshuffle")}
+BLOSC = {
+    "blosc-zstd": ("zstd", "shuffle"),
+    "blosc-lz4": ("lz4", "shuffle"),
+    "blosc-lz4-bitshuffle": ("lz4", "bitshuffle"),
+}
 
 
 def compressors(compression: str, level: int, typesize: int = 2) -> list | None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 PIPELINES = {
     "zarrs": "zarrs.ZarrsCodecPipeline",
@@ -32,8 +32,9 @@ _shard_writes = True
 _LOCK = threading.RLock()
 
 
-def configure(pipeline: str = DEFAULT, threads: int | None = None, tensorstore_reads: bool = True,
-              shard_writes: bool = True) -> None:
+def configure(
+    pipeline: str = DEFAULT, threads: int | None = None, tensorstore_reads: bool = True, shard_writes: bool = True
+) -> None:
     """Select the codec pipeline (and its thread count) for every zarr array opened after,
     whether complete local stores are read through TensorStore (:func:`read_array`), and
     whether the store writer writes its activation shards through it (:func:`shard_writer`)."""
@@ -85,12 +86,20 @@ def _tensorstore(array_dir: str, write: bool):
     # file_io_sync off for writes: the writer's fsync thread syncs each shard file and its
     # directories itself, while the file is hashed and the next shard written
     # (writer.StoreWriter._make_durable).
-    context = ts.Context({"data_copy_concurrency": {"limit": threads}, "file_io_concurrency": {"limit": threads},
-                          "file_io_sync": not write})
+    context = ts.Context(
+        {
+            "data_copy_concurrency": {"limit": threads},
+            "file_io_concurrency": {"limit": threads},
+            "file_io_sync": not write,
+        }
+    )
     # Chunks equal to the fill value are written too: a store begun before the writer's
     # own fill values (fill 0) must still get a file for an all-zero chunk.
-    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": array_dir},
-            "store_data_equal_to_fill_value": write}
+    spec = {
+        "driver": "zarr3",
+        "kvstore": {"driver": "file", "path": array_dir},
+        "store_data_equal_to_fill_value": write,
+    }
     if write:
         return ts.open(spec, write=True, open=True, context=context).result()
     return ts.open(spec, read=True, open=True, context=context).result()

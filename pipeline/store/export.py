@@ -32,10 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import positions as P
 from ..errors import StoreError, output_errors
 from ..progress import Progress
 from ..provenance import atomic_dir, sha256_json
-from .. import positions as P
 from .layout import COMPLETE_NAME, H5_META_SHA256, LOCK_NAME, StoreParams, record_name
 from .reader import is_hdf5_file, open_store
 from .verify import verify
@@ -51,8 +51,9 @@ def export_store(src: str | os.PathLike, dest: str | os.PathLike, fmt: str) -> d
     if fmt not in FORMATS:
         raise StoreError(f"export format {fmt!r} is not one of {FORMATS}")
     if fmt == "zip" and not os.path.isdir(src):
-        raise StoreError(f"export --to zip packs a local store directory, and {src} is none "
-                         "(a zip export can be shared as it is)")
+        raise StoreError(
+            f"export --to zip packs a local store directory, and {src} is none (a zip export can be shared as it is)"
+        )
     summary = verify(src)  # never ship a damaged cache
     dest = Path(dest)
     tmp = dest.with_name(f".{dest.name}.partial")
@@ -66,8 +67,13 @@ def export_store(src: str | os.PathLike, dest: str | os.PathLike, fmt: str) -> d
                 tmp.unlink()
             raise
     log.info("exported %s to %s (%s, %.1f MB)", src, dest, fmt, dest.stat().st_size / 1e6)
-    return {"source": str(src), "dest": str(dest), "format": fmt, "bytes": dest.stat().st_size,
-            "n_tokens": summary.get("n_tokens")}
+    return {
+        "source": str(src),
+        "dest": str(dest),
+        "format": fmt,
+        "bytes": dest.stat().st_size,
+        "n_tokens": summary.get("n_tokens"),
+    }
 
 
 def _export_zip(src: str | os.PathLike, tmp: Path) -> None:
@@ -84,8 +90,11 @@ def _export_hdf5(src: str | os.PathLike, tmp: Path) -> None:
     store = open_store(src)  # str, not Path: a URL stays a URL
     p = store.params
     records = [store.location.read_json(record_name(i)) for i in range(p.n_shards)]
-    meta = {"lenspipe_attrs": json.dumps(store.attrs, default=str), "lenspipe_records": json.dumps(records),
-            "lenspipe_complete": json.dumps(store.location.read_json(COMPLETE_NAME))}
+    meta = {
+        "lenspipe_attrs": json.dumps(store.attrs, default=str),
+        "lenspipe_records": json.dumps(records),
+        "lenspipe_complete": json.dumps(store.location.read_json(COMPLETE_NAME)),
+    }
     with _FailSafeFile(tmp) as sink, h5py.File(sink, "w", libver=("v110", "latest")) as f:
         f.attrs.update(meta)
         f.attrs[H5_META_SHA256] = sha256_json(meta)  # the records' checksums cover the data
@@ -94,9 +103,15 @@ def _export_hdf5(src: str | os.PathLike, tmp: Path) -> None:
         datasets = {}
         for a in p.value_arrays():
             src_array = store.value_arrays[a.name]
-            ds = f.create_dataset(a.name, shape=src_array.shape, dtype=src_array.dtype,
-                                  chunks=(1, chunk) if a.is_scale else (1, chunk, p.d_model),
-                                  compression="gzip", compression_opts=1, shuffle=True)
+            ds = f.create_dataset(
+                a.name,
+                shape=src_array.shape,
+                dtype=src_array.dtype,
+                chunks=(1, chunk) if a.is_scale else (1, chunk, p.d_model),
+                compression="gzip",
+                compression_opts=1,
+                shuffle=True,
+            )
             if not a.is_scale and p.spec.encoding is not None:
                 ds.attrs["encoding"] = p.spec.encoding  # the bits of a dtype h5py does not have
             if not a.is_scale and p.spec.scaled:
@@ -122,7 +137,8 @@ class _FailSafeFile(io.RawIOBase):
     """
 
     def __init__(self, path: Path):
-        self._f = open(path, "wb+", buffering=0)  # unbuffered: seek never flushes (and fails)
+        # unbuffered: seek never flushes (and fails); closed by close(), the writer outlives a with block
+        self._f = open(path, "wb+", buffering=0)  # noqa: SIM115
         self.error: OSError | None = None
 
     def readable(self) -> bool:
@@ -176,6 +192,7 @@ class _FailSafeFile(io.RawIOBase):
 
 # ---------------------------------------------------------------- import
 
+
 def import_store(src: str | os.PathLike, dest: str | os.PathLike) -> dict:
     """Rebuild a zarr store at ``dest`` from an exported .zip or .h5/.hdf5 file; verify it.
 
@@ -189,8 +206,10 @@ def import_store(src: str | os.PathLike, dest: str | os.PathLike) -> dict:
         raise StoreError(f"{dest} already exists; import into a new path")
     is_zip = zipfile.is_zipfile(src) or (src.suffix == ".zip" and not is_hdf5_file(src))
     if not is_zip and not is_hdf5_file(src):
-        raise StoreError(f"{src} is neither a zip nor an HDF5 file exported by lenspipe (if it was "
-                         "downloaded as one, the download is damaged: download it again)")
+        raise StoreError(
+            f"{src} is neither a zip nor an HDF5 file exported by lenspipe (if it was "
+            "downloaded as one, the download is damaged: download it again)"
+        )
     verify(src)  # a zip is read in place, an HDF5 file by verify_hdf5: damage is named here
     with output_errors(dest, "the imported store"), atomic_dir(dest) as tmp, _named(tmp, dest):
         if is_zip:
@@ -220,8 +239,10 @@ def _import_hdf5(src: Path, dest: Path) -> None:
         attrs, records = json.loads(f.attrs["lenspipe_attrs"]), json.loads(f.attrs["lenspipe_records"])
         params = attrs["params"]
         names = [a.name for a in StoreParams(**params).value_arrays()]
-        with StoreWriter.open(dest, **params, provenance=attrs["provenance"]) as w, \
-                Progress(params["n_tokens"], "import hdf5", unit="tok") as bar:
+        with (
+            StoreWriter.open(dest, **params, provenance=attrs["provenance"]) as w,
+            Progress(params["n_tokens"], "import hdf5", unit="tok") as bar,
+        ):
             for s in range(0, params["n_tokens"], params["shard_tokens"]):
                 e = min(s + params["shard_tokens"], params["n_tokens"])
                 values = {name: f[name][:, s:e] for name in names}
@@ -232,5 +253,7 @@ def _import_hdf5(src: Path, dest: Path) -> None:
     keys = [k for k in records[0] if k.endswith("xxh3")] if records else []
     for theirs, ours in zip(records, mine):
         if any(theirs[k] != ours[k] for k in keys):
-            raise StoreError(f"imported shard {theirs['shard']} differs from the exported one; "
-                             f"{src} is damaged or was not written by this lenspipe")
+            raise StoreError(
+                f"imported shard {theirs['shard']} differs from the exported one; "
+                f"{src} is damaged or was not written by this lenspipe"
+            )

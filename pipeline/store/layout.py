@@ -99,8 +99,11 @@ class StoreParams:
             raise StoreError(f"zstd level must be 1..22, got {self.level}")
         if self.compression.startswith("blosc") and not 0 <= self.level <= 9:
             raise StoreError(f"{self.compression} level must be 0..9, got {self.level}")
-        for name, multiple_of in (("shard_tokens", "chunk_tokens"), ("shard_tokens", "seq_len"),
-                                  ("n_tokens", "seq_len")):
+        for name, multiple_of in (
+            ("shard_tokens", "chunk_tokens"),
+            ("shard_tokens", "seq_len"),
+            ("n_tokens", "seq_len"),
+        ):
             a, b = getattr(self, name), getattr(self, multiple_of)
             if a % b:
                 raise StoreError(f"{name}={a} must be a multiple of {multiple_of}={b}")
@@ -129,7 +132,7 @@ class StoreParams:
         (so a lenspipe that predates an array refuses the store by version)."""
         return 3 if P.ATTENTION.name in self.positions else self.spec.schema_version
 
-    def value_arrays(self) -> list["ValueArray"]:
+    def value_arrays(self) -> list[ValueArray]:
         """The arrays of stored values, each sharded by tokens with all its rows in a shard:
         every position's states, and (8-bit dtypes) their row scales."""
         out = []
@@ -182,12 +185,16 @@ def params_from_attrs(attrs: dict) -> StoreParams:
 
 def check_schema(attrs: dict, where: str) -> None:
     if attrs.get("format") != FORMAT:
-        raise StoreError(f"{where} is a zarr group but not a lenspipe activation store "
-                         f"(attribute format is {attrs.get('format')!r}, expected {FORMAT!r})")
+        raise StoreError(
+            f"{where} is a zarr group but not a lenspipe activation store "
+            f"(attribute format is {attrs.get('format')!r}, expected {FORMAT!r})"
+        )
     version = attrs.get("schema_version")
     if version not in READABLE_VERSIONS:
-        raise StoreError(f"store schema version {version}, this lenspipe reads "
-                         f"{', '.join(map(str, READABLE_VERSIONS))}; upgrade lenspipe or re-extract ({where})")
+        raise StoreError(
+            f"store schema version {version}, this lenspipe reads "
+            f"{', '.join(map(str, READABLE_VERSIONS))}; upgrade lenspipe or re-extract ({where})"
+        )
 
 
 def array_names(p: StoreParams) -> tuple[str, ...]:
@@ -213,8 +220,9 @@ def _array_digest(a: np.ndarray) -> str:
     return xxhash.xxh3_128_hexdigest(memoryview(np.ascontiguousarray(a)).cast("B"))
 
 
-def shard_checksums(resid: np.ndarray, tokens: np.ndarray, scale: np.ndarray | None = None,
-                    **others: np.ndarray) -> dict[str, Any]:
+def shard_checksums(
+    resid: np.ndarray, tokens: np.ndarray, scale: np.ndarray | None = None, **others: np.ndarray
+) -> dict[str, Any]:
     """Checksums of the stored bytes of one shard: per layer (resid (L+1, n, d)), tokens,
     per layer of the scales (scale (L+1, n)) of a scaled store, and per row of the other
     value arrays (``others`` by name: attn (L, n, d), attn_scale (L, n))."""

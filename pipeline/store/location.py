@@ -50,15 +50,18 @@ def _timed_out(e: BaseException | None) -> bool:
 
 
 #: What to do about a damaged store or export (every reader's damage message ends with it).
-DAMAGED_ADVICE = ("the store may be corrupt or its copy incomplete (lenspipe verify checks it): "
-                  "download it again or re-extract it")
+DAMAGED_ADVICE = (
+    "the store may be corrupt or its copy incomplete (lenspipe verify checks it): download it again or re-extract it"
+)
 
 
 def read_failure(where: str, e: BaseException, what: str) -> StoreError:
     """A read failure as one message: a timeout says so, else the data may be damaged."""
     if _timed_out(e):
-        return StoreError(f"reading {where} timed out (no answer within {url_timeout():g} s); check "
-                          f"the network or the server, or raise {URL_TIMEOUT_ENV} (seconds)")
+        return StoreError(
+            f"reading {where} timed out (no answer within {url_timeout():g} s); check "
+            f"the network or the server, or raise {URL_TIMEOUT_ENV} (seconds)"
+        )
     return StoreError(f"{what} {where}: {e!r}; {DAMAGED_ADVICE}")
 
 
@@ -150,7 +153,9 @@ def _zip_fs(path: str):
         # skip_instance_cache: a re-downloaded file under the same name must be read anew.
         fs = fsspec.filesystem("zip", fo=path, skip_instance_cache=True)
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
-        raise StoreError(f"{path} is not a readable zip archive ({e}): the download or copy is "
-                         "truncated or damaged; download it again, or export it again with "
-                         "lenspipe export STORE --to zip") from e
+        raise StoreError(
+            f"{path} is not a readable zip archive ({e}): the download or copy is "
+            "truncated or damaged; download it again, or export it again with "
+            "lenspipe export STORE --to zip"
+        ) from e
     return fs

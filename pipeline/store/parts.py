@@ -36,7 +36,9 @@ def assemble_store(part_stores: list[Path], dest: Path) -> dict:
         raise StoreError("the parts' sequence ranges are not contiguous")
     params = dict(stores[0].attrs["params"])
     for s in stores[1:]:
-        if {k: v for k, v in s.attrs["params"].items() if k != "n_tokens"} != {k: v for k, v in params.items() if k != "n_tokens"}:
+        if {k: v for k, v in s.attrs["params"].items() if k != "n_tokens"} != {
+            k: v for k, v in params.items() if k != "n_tokens"
+        }:
             raise StoreError(f"{s.location.zarr_store} has another layout than {stores[0].location.zarr_store}")
     params["n_tokens"] = sum(s.n_tokens for s in stores)
     provenance = base[0] | {"assembled_from": {"parts": len(parts), "stores": [str(p) for p in part_stores]}}

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import collections
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
@@ -28,7 +29,8 @@ if TYPE_CHECKING:  # torch takes seconds to import: `lenspipe info` and verify n
 
 # ---------------------------------------------------------------- opening
 
-def open_store(path_or_url: str | os.PathLike, *, allow_incomplete: bool = False) -> "ActivationStore":
+
+def open_store(path_or_url: str | os.PathLike, *, allow_incomplete: bool = False) -> ActivationStore:
     """Open a store for reading: a local path or an fsspec URL (file://, https://, s3://...)."""
     if not _is_url(path_or_url):
         _check_local(os.path.abspath(path_or_url))
@@ -37,24 +39,28 @@ def open_store(path_or_url: str | os.PathLike, *, allow_incomplete: bool = False
         return _open(loc, allow_incomplete)
 
 
-def _open(loc: Location, allow_incomplete: bool) -> "ActivationStore":
+def _open(loc: Location, allow_incomplete: bool) -> ActivationStore:
     where = loc.zarr_store
     try:
         # use_consolidated=None: one metadata request when finalize consolidated it.
-        group = zarr.open_group(loc.zarr_target(), mode="r", zarr_format=3, use_consolidated=None,
-                                storage_options=loc.options or None)
+        group = zarr.open_group(
+            loc.zarr_target(), mode="r", zarr_format=3, use_consolidated=None, storage_options=loc.options or None
+        )
         attrs = group.attrs.asdict()
     except Exception as e:  # zarr's error types vary by store backend
-        raise read_failure(where, e, "not a lenspipe activation store (no readable zarr group: its "
-                            "zarr.json is missing or damaged) at") from e
+        raise read_failure(
+            where, e, "not a lenspipe activation store (no readable zarr group: its zarr.json is missing or damaged) at"
+        ) from e
     check_schema(attrs, where)
     complete = attrs.get("complete") is True and loc.read_json(COMPLETE_NAME) is not None
     if not complete and loc.is_zip:  # export verifies first: a zip without the marker is damaged
         raise StoreError(f"{where} holds no valid completion marker ({COMPLETE_NAME}); {DAMAGED_ADVICE}")
     if not complete and not allow_incomplete:
-        raise StoreError(f"the store at {where} is incomplete (extraction was interrupted or is "
-                         "still running); re-run extract to resume it, or pass "
-                         "allow_incomplete=True to read the shards written so far")
+        raise StoreError(
+            f"the store at {where} is incomplete (extraction was interrupted or is "
+            "still running); re-run extract to resume it, or pass "
+            "allow_incomplete=True to read the shards written so far"
+        )
     try:
         return ActivationStore(group, attrs, loc, complete)
     except (KeyError, TypeError, ValueError) as e:
@@ -76,11 +82,14 @@ def _check_local(where: str) -> None:
     if not os.path.exists(where):
         raise StoreError(f"no activation store at {where} (no such directory); run the extract stage")
     if where.endswith((".h5", ".hdf5")) or is_hdf5_file(where):
-        raise StoreError(f"{where} is an HDF5 export; lenspipe reads a store as zarr (a directory, "
-                         f"or a .zip export in place): rebuild one with `lenspipe import {where} "
-                         f"STORE` (`lenspipe verify {where}` checks the file)")
-    raise StoreError(f"{where} is a file, not an activation store (a zarr directory, or a .zip "
-                     "written by lenspipe export)")
+        raise StoreError(
+            f"{where} is an HDF5 export; lenspipe reads a store as zarr (a directory, "
+            f"or a .zip export in place): rebuild one with `lenspipe import {where} "
+            f"STORE` (`lenspipe verify {where}` checks the file)"
+        )
+    raise StoreError(
+        f"{where} is a file, not an activation store (a zarr directory, or a .zip written by lenspipe export)"
+    )
 
 
 def is_hdf5_file(path: str | os.PathLike) -> bool:
@@ -120,8 +129,11 @@ class ActivationStore:
         self.value_arrays: dict[str, zarr.Array] = {a.name: group[a.name] for a in self.params.value_arrays()}
         self._tokens = group["tokens"]  # (n_tokens,) int32
         #: What a read of one position's values reads: its states, and their scales in a scaled dtype.
-        self._states = {name: [self.value_arrays[a] for a in (pos.array, pos.scale_array) if a in self.value_arrays]
-                        for name, pos in P.POSITIONS.items() if name in self.positions}
+        self._states = {
+            name: [self.value_arrays[a] for a in (pos.array, pos.scale_array) if a in self.value_arrays]
+            for name, pos in P.POSITIONS.items()
+            if name in self.positions
+        }
         self._resid = self.value_arrays["resid"]
         self._scale = self.value_arrays.get(SCALE_ARRAY)  # None unless scaled
         self._value_arrays = self._states[P.BLOCK.name]
@@ -129,8 +141,10 @@ class ActivationStore:
         self._ts_by_position: dict[str, Any] = {}
 
     def __repr__(self) -> str:
-        return (f"ActivationStore({self.location.zarr_store!r}, layers={self.n_layers + 1}, "
-                f"tokens={self.n_tokens}, d_model={self.d_model}, dtype={self.dtype})")
+        return (
+            f"ActivationStore({self.location.zarr_store!r}, layers={self.n_layers + 1}, "
+            f"tokens={self.n_tokens}, d_model={self.d_model}, dtype={self.dtype})"
+        )
 
     @property
     def written_tokens(self) -> int:
@@ -140,8 +154,9 @@ class ActivationStore:
         records = self.location.load_records(self.params)
         return records[-1]["stop"] if records else 0
 
-    def layers(self, layers: int | Sequence[int], start: int = 0, stop: int | None = None,
-               position: str = "block") -> "torch.Tensor":
+    def layers(
+        self, layers: int | Sequence[int], start: int = 0, stop: int | None = None, position: str = "block"
+    ) -> torch.Tensor:
         """(len(layers), n, d_model) float32, or (n, d_model) for one int layer: the block
         residual (layer l = the input of block l), or with ``position="attention"`` the
         residual inside block l after its attention sublayer (:meth:`attention`)."""
@@ -150,12 +165,13 @@ class ActivationStore:
         start, stop = self._token_range(start, stop)
         if isinstance(layers, (int, np.integer)):
             idx = [self._layer(layers, position)]
-            return torch.from_numpy(self._read(lambda: self._read_layers(idx, start, stop, position)[0],
-                                               start, stop))  # (n, d)
+            return torch.from_numpy(
+                self._read(lambda: self._read_layers(idx, start, stop, position)[0], start, stop)
+            )  # (n, d)
         idx = [self._layer(i, position) for i in layers]
         return torch.from_numpy(self._read(lambda: self._read_layers(idx, start, stop, position), start, stop))
 
-    def states(self, keys: Sequence[tuple[str, int]], start: int = 0, stop: int | None = None) -> "torch.Tensor":
+    def states(self, keys: Sequence[tuple[str, int]], start: int = 0, stop: int | None = None) -> torch.Tensor:
         """(len(keys), n, d_model) float32: the lens positions ``keys`` = (position, layer), in
         the order given, one read per position (block keys only: one :meth:`layers` read)."""
         import torch
@@ -164,7 +180,7 @@ class ActivationStore:
         for i, (position, layer) in enumerate(keys):
             by_position.setdefault(position, []).append((i, layer))
         if len(by_position) == 1:
-            (position, rows), = by_position.items()
+            ((position, rows),) = by_position.items()
             return self.layers([layer for _, layer in rows], start, stop, position)
         out = None
         for position, rows in by_position.items():
@@ -174,7 +190,7 @@ class ActivationStore:
             out[[i for i, _ in rows]] = x
         return out
 
-    def attention(self, layers: int | Sequence[int], start: int = 0, stop: int | None = None) -> "torch.Tensor":
+    def attention(self, layers: int | Sequence[int], start: int = 0, stop: int | None = None) -> torch.Tensor:
         """:meth:`layers` at the attention position: inside block l, after its attention."""
         return self.layers(layers, start, stop, position=P.ATTENTION.name)
 
@@ -199,15 +215,19 @@ class ActivationStore:
             if handles is None:
                 self._zarr_range(arrays, layers, pieces, out)
             else:
-                self._pipelined(pieces, lambda a, b: _Reads([h[layers, a:b].read() for h in handles]),
-                                lambda a, b: out[:, a:b])
+                self._pipelined(
+                    pieces, lambda a, b: _Reads([h[layers, a:b].read() for h in handles]), lambda a, b: out[:, a:b]
+                )
             return out
         for i, layer in enumerate(idx):
             if handles is None:
                 self._decode(self._stored(arrays, layer, start, stop), out[i])
             else:
-                self._pipelined(pieces, lambda a, b, layer=layer: _Reads([h[layer, a:b].read() for h in handles]),
-                                lambda a, b, i=i: out[i, a:b])
+                self._pipelined(
+                    pieces,
+                    lambda a, b, layer=layer: _Reads([h[layer, a:b].read() for h in handles]),
+                    lambda a, b, i=i: out[i, a:b],
+                )
         return out
 
     @staticmethod
@@ -231,8 +251,14 @@ class ActivationStore:
         fifth rounds)."""
         if position not in self._ts_by_position:
             local = self.is_complete and not (self.location.is_url or self.location.is_zip)
-            handles = [engine.read_array(os.path.join(self.location.zarr_store, arr.basename))
-                       for arr in self._states[position]] if local else [None]
+            handles = (
+                [
+                    engine.read_array(os.path.join(self.location.zarr_store, arr.basename))
+                    for arr in self._states[position]
+                ]
+                if local
+                else [None]
+            )
             self._ts_by_position[position] = False if None in handles else handles
         return None if self._ts_by_position[position] is False else self._ts_by_position[position]
 
@@ -251,8 +277,9 @@ class ActivationStore:
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(1, "lenspipe-read") as pool:
-            self._pipelined(pieces, lambda a, b: pool.submit(self._stored, arrays, layers, a, b),
-                            lambda a, b: out[:, a:b])
+            self._pipelined(
+                pieces, lambda a, b: pool.submit(self._stored, arrays, layers, a, b), lambda a, b: out[:, a:b]
+            )
 
     def _pipelined(self, pieces: list[tuple[int, int]], submit, out_of) -> None:
         """Decode each piece into ``out_of(a, b)`` (offsets from the first piece's start)
@@ -265,7 +292,7 @@ class ActivationStore:
                 pending.append(submit(*pieces[i + READ_AHEAD]))
             self._decode(stored, out_of(a - origin, b - origin))
 
-    def tokens(self, start: int = 0, stop: int | None = None) -> "torch.Tensor":
+    def tokens(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         import torch
 
         start, stop = self._token_range(start, stop)
@@ -286,8 +313,10 @@ class ActivationStore:
 
     def _position_arrays(self, position: str) -> list:
         if position not in self._states:
-            raise StoreError(f"the store at {self.location.zarr_store} holds positions {list(self.positions)}, not "
-                             f"{position!r}: extract it with extract.positions including {position!r}")
+            raise StoreError(
+                f"the store at {self.location.zarr_store} holds positions {list(self.positions)}, not "
+                f"{position!r}: extract it with extract.positions including {position!r}"
+            )
         return self._states[position]
 
     def _layer(self, i: int, position: str = "block") -> int:
@@ -307,8 +336,7 @@ class ActivationStore:
     def _read(self, read, start: int, stop: int):
         missing = self.location.missing_shard(self.params, start, stop) if self.is_complete else None
         if missing:
-            raise StoreError(f"{self.location.zarr_store}: shard file {missing} is missing or empty; "
-                             f"{DAMAGED_ADVICE}")
+            raise StoreError(f"{self.location.zarr_store}: shard file {missing} is missing or empty; {DAMAGED_ADVICE}")
         try:
             return read()
         except Exception as e:  # a decode failure is the data's problem, not a bug here
@@ -332,9 +360,11 @@ def check_store_model(store: ActivationStore, model_dir: Path) -> dict[str, Any]
     info = read_model_info(model_dir)
     theirs = store.provenance.get("model", {}).get("weights_sha256")
     if theirs != info["weights_sha256"]:
-        raise StoreError(f"the store {store.location.zarr_store} was extracted from model weights "
-                         f"{theirs}, but {model_dir} holds {info['weights_sha256']}: use the model the "
-                         "store was made from")
+        raise StoreError(
+            f"the store {store.location.zarr_store} was extracted from model weights "
+            f"{theirs}, but {model_dir} holds {info['weights_sha256']}: use the model the "
+            "store was made from"
+        )
     if store.d_model != info["d_model"] or store.n_layers != info["n_layers"]:
         raise StoreError("the store's d_model/n_layers do not match the model's")
     return info

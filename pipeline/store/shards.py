@@ -39,11 +39,13 @@ class ShardBuffers:
     tokens: np.ndarray
 
     @classmethod
-    def empty(cls, p: StoreParams) -> "ShardBuffers":
-        return cls({a.name: np.empty(a.shape(p, p.shard_tokens), a.dtype(p)) for a in p.value_arrays()},
-                   np.empty((p.shard_tokens,), np.int32))
+    def empty(cls, p: StoreParams) -> ShardBuffers:
+        return cls(
+            {a.name: np.empty(a.shape(p, p.shard_tokens), a.dtype(p)) for a in p.value_arrays()},
+            np.empty((p.shard_tokens,), np.int32),
+        )
 
-    def head(self, n: int) -> "ShardBuffers":
+    def head(self, n: int) -> ShardBuffers:
         """The first ``n`` tokens (a short last shard)."""
         return ShardBuffers({name: a[:, :n] for name, a in self.values.items()}, self.tokens[:n])
 
@@ -113,7 +115,7 @@ class ShardPipeline:
             self.broken = True
             raise
 
-    def _write_shard(self, shard: int, bufs: ShardBuffers) -> "dict | Future":
+    def _write_shard(self, shard: int, bufs: ShardBuffers) -> dict | Future:
         """Write one whole shard; its buffers are free again on return. It is made durable
         and only then recorded as done by :meth:`_make_durable`: inline without background
         threads, else on the fsync thread, whose future this returns.

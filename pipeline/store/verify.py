@@ -11,11 +11,20 @@ import os
 
 import numpy as np
 
+from .. import positions as P
 from ..errors import StoreError
 from ..provenance import sha256_json
-from .. import positions as P
-from .layout import (COMPLETE_NAME, H5_META, H5_META_SHA256, MANIFEST_NAME, StoreParams, ValueArray, array_names,
-                     checksums_of, record_name)
+from .layout import (
+    COMPLETE_NAME,
+    H5_META,
+    H5_META_SHA256,
+    MANIFEST_NAME,
+    StoreParams,
+    ValueArray,
+    array_names,
+    checksums_of,
+    record_name,
+)
 from .location import DAMAGED_ADVICE
 from .reader import ActivationStore, is_hdf5_file, open_store
 
@@ -37,16 +46,23 @@ def verify(path_or_url: str | os.PathLike) -> dict:
     records = _load_all_records(store)
     for i, record in enumerate(records):
         _verify_shard(store, i, record)
-    return {"path": where, "complete": True, "n_shards": len(records),
-            "n_tokens": store.n_tokens, "n_layers": store.n_layers, "d_model": store.d_model,
-            "dtype": store.dtype, "positions": list(store.positions), "checked_values": _n_values(store.params),
-            "checked_files_sha256": n_files}
+    return {
+        "path": where,
+        "complete": True,
+        "n_shards": len(records),
+        "n_tokens": store.n_tokens,
+        "n_layers": store.n_layers,
+        "d_model": store.d_model,
+        "dtype": store.dtype,
+        "positions": list(store.positions),
+        "checked_values": _n_values(store.params),
+        "checked_files_sha256": n_files,
+    }
 
 
 def _is_hdf5_export(path_or_url: str | os.PathLike) -> bool:
     text = str(path_or_url)
-    return ("://" not in text and os.path.isfile(text)
-            and (text.endswith((".h5", ".hdf5")) or is_hdf5_file(text)))
+    return "://" not in text and os.path.isfile(text) and (text.endswith((".h5", ".hdf5")) or is_hdf5_file(text))
 
 
 def check_manifest(store: ActivationStore) -> int:
@@ -61,11 +77,15 @@ def check_manifest(store: ActivationStore) -> int:
     for digest, name in lines:
         data = loc.read_bytes(name)  # a read failure (bad CRC in a zip, ...) is a StoreError
         if data is None:
-            raise StoreError(f"{loc.zarr_store}: {name} is listed in {MANIFEST_NAME} but missing; "
-                             "the copy is incomplete, download it again")
+            raise StoreError(
+                f"{loc.zarr_store}: {name} is listed in {MANIFEST_NAME} but missing; "
+                "the copy is incomplete, download it again"
+            )
         if hashlib.sha256(data).hexdigest() != digest:
-            raise StoreError(f"{loc.zarr_store}: {name}{_shard_of(name)} does not match its sha256 in "
-                             f"{MANIFEST_NAME}; re-download or re-extract it")
+            raise StoreError(
+                f"{loc.zarr_store}: {name}{_shard_of(name)} does not match its sha256 in "
+                f"{MANIFEST_NAME}; re-download or re-extract it"
+            )
     return len(lines)
 
 
@@ -77,8 +97,9 @@ def _manifest_lines(data: bytes, where: str) -> list[tuple[str, str]]:
         lines = [()]
     bad = [line for line in lines if len(line) != 2 or len(line[0]) != 64]
     if bad or not lines:
-        raise StoreError(f"{where}: {MANIFEST_NAME} is garbled (not sha256sum output); "
-                         "download the store again or re-extract it")
+        raise StoreError(
+            f"{where}: {MANIFEST_NAME} is garbled (not sha256sum output); download the store again or re-extract it"
+        )
     return lines  # type: ignore[return-value]
 
 
@@ -94,8 +115,7 @@ def _check_shapes(store: ActivationStore) -> None:
     want = {a.name: a.shape(p) for a in p.value_arrays()} | {"tokens": (p.n_tokens,)}
     got = {name: a.shape for name, a in store.value_arrays.items()} | {"tokens": store._tokens.shape}
     if want != got:
-        raise StoreError(f"{store.location.zarr_store}: array shapes {got} do not match the "
-                         f"recorded parameters {want}")
+        raise StoreError(f"{store.location.zarr_store}: array shapes {got} do not match the recorded parameters {want}")
 
 
 def _load_all_records(store: ActivationStore) -> list[dict]:
@@ -103,12 +123,16 @@ def _load_all_records(store: ActivationStore) -> list[dict]:
     p, loc = store.params, store.location
     records = loc.load_records(p)
     if len(records) != p.n_shards:
-        raise StoreError(f"{loc.zarr_store}: shard {len(records)} has no valid progress record "
-                         f"({record_name(len(records))}); the store is damaged, re-extract it")
+        raise StoreError(
+            f"{loc.zarr_store}: shard {len(records)} has no valid progress record "
+            f"({record_name(len(records))}); the store is damaged, re-extract it"
+        )
     marker = loc.read_json(COMPLETE_NAME) or {}
     if marker.get("records_sha256") != sha256_json(records):
-        raise StoreError(f"{loc.zarr_store}: the shard records do not match the digest in "
-                         f"{COMPLETE_NAME}; the progress files were altered")
+        raise StoreError(
+            f"{loc.zarr_store}: the shard records do not match the digest in "
+            f"{COMPLETE_NAME}; the progress files were altered"
+        )
     return records
 
 
@@ -123,8 +147,10 @@ def _verify_shard(store: ActivationStore, i: int, record: dict) -> None:
         raise StoreError(f"{what}: its token ids cannot be decoded ({e!r}); {DAMAGED_ADVICE}") from e
     mismatch = _checksum_mismatch(checksums_of(values, tokens), record, store.params)
     if mismatch:
-        raise StoreError(f"{what}, {mismatch}: checksum mismatch (stored data differs "
-                         "from what was written); re-download or re-extract")
+        raise StoreError(
+            f"{what}, {mismatch}: checksum mismatch (stored data differs "
+            "from what was written); re-download or re-extract"
+        )
     problem = _value_problem(store.params, values)
     if problem:
         raise StoreError(f"{what}, {problem}")
@@ -136,8 +162,11 @@ def _checksum_mismatch(sums: dict, record: dict, p: StoreParams) -> str | None:
     for key, what in [(f"{a.name}_xxh3", a.what) for a in p.value_arrays()]:
         if key in sums or key in record:
             got, want = sums.get(key, []), record.get(key, [])
-            bad = [layer for layer in range(max(len(got), len(want)))
-                   if layer >= len(got) or layer >= len(want) or got[layer] != want[layer]]
+            bad = [
+                layer
+                for layer in range(max(len(got), len(want)))
+                if layer >= len(got) or layer >= len(want) or got[layer] != want[layer]
+            ]
             if bad:
                 return f"{what} {bad[0]}"
     return "token ids" if sums["tokens_xxh3"] != record.get("tokens_xxh3") else None
@@ -171,8 +200,7 @@ def _read_shard(store: ActivationStore, a: ValueArray, start: int, stop: int, wh
         # Every layer failing points at what they share: the shard index at the file's end.
         where = "" if a.position == P.BLOCK.name else f"{a.position} "
         its = "" if a.name == P.BLOCK.array else f"its {where}{'scales' if a.is_scale else 'states'} "
-        raise StoreError(f"{what}: {its}cannot be decoded, in any "
-                         f"layer (damaged shard index?) ({whole!r})") from whole
+        raise StoreError(f"{what}: {its}cannot be decoded, in any layer (damaged shard index?) ({whole!r})") from whole
 
 
 def _layer_decodes(array, layer: int, start: int, stop: int) -> bool:
@@ -184,6 +212,7 @@ def _layer_decodes(array, layer: int, start: int, stop: int) -> bool:
 
 
 # ---------------------------------------------------------------- verify an HDF5 export
+
 
 def verify_hdf5(path: str | os.PathLike) -> dict:
     """Check an HDF5 export in place, like :func:`verify` a store:
@@ -203,9 +232,18 @@ def verify_hdf5(path: str | os.PathLike) -> dict:
         params, records = _h5_metadata(f, path)
         for i, record in enumerate(records):
             _h5_check_shard(f, path, params, i, record)
-    return {"path": path, "format": "hdf5", "complete": True, "n_shards": len(records),
-            "n_tokens": params.n_tokens, "n_layers": params.n_layers, "d_model": params.d_model,
-            "dtype": params.dtype, "positions": list(params.positions), "checked_values": _n_values(params)}
+    return {
+        "path": path,
+        "format": "hdf5",
+        "complete": True,
+        "n_shards": len(records),
+        "n_tokens": params.n_tokens,
+        "n_layers": params.n_layers,
+        "d_model": params.d_model,
+        "dtype": params.dtype,
+        "positions": list(params.positions),
+        "checked_values": _n_values(params),
+    }
 
 
 def _n_values(p: StoreParams) -> int:
@@ -214,16 +252,20 @@ def _n_values(p: StoreParams) -> int:
 
 
 def _h5_damage(path: str, what: str) -> StoreError:
-    return StoreError(f"{path} {what}: the HDF5 export is damaged or its copy incomplete; download "
-                      "it again, or export it again with lenspipe export STORE --to hdf5")
+    return StoreError(
+        f"{path} {what}: the HDF5 export is damaged or its copy incomplete; download "
+        "it again, or export it again with lenspipe export STORE --to hdf5"
+    )
 
 
 def _h5_metadata(f, path: str) -> tuple[StoreParams, list[dict]]:
     """Parameters and shard records, each checked against its digest."""
     try:
         if not all(k in f.attrs for k in H5_META):
-            raise StoreError(f"{path} is an HDF5 file but not a lenspipe export (no {', '.join(H5_META)} "
-                             "attributes), or its metadata is damaged")
+            raise StoreError(
+                f"{path} is an HDF5 file but not a lenspipe export (no {', '.join(H5_META)} "
+                "attributes), or its metadata is damaged"
+            )
         meta = {k: f.attrs[k] for k in H5_META}
         digest = f.attrs.get(H5_META_SHA256)  # absent from exports made before it existed
         if digest is not None and digest != sha256_json(meta):
@@ -233,8 +275,9 @@ def _h5_metadata(f, path: str) -> tuple[StoreParams, list[dict]]:
         params.validate()
         shapes = tuple(f[name].shape if name in f else None for name in h5_datasets(params))
         by_name = {a.name: a for a in params.value_arrays()}
-        want = tuple((params.n_tokens,) if name == "tokens" else by_name[name].shape(params)
-                     for name in h5_datasets(params))
+        want = tuple(
+            (params.n_tokens,) if name == "tokens" else by_name[name].shape(params) for name in h5_datasets(params)
+        )
         if shapes != want:
             raise _h5_damage(path, f"holds arrays of shapes {shapes}, not the {want} its parameters record")
         if len(records) != params.n_shards or marker.get("records_sha256") != sha256_json(records):

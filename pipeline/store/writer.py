@@ -16,8 +16,8 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ from .layout import COMPLETE_NAME, LOCK_NAME, PROGRESS_DIR, StoreParams, array_n
 from .location import Location
 from .manifest import write_manifest
 from .shards import ShardBuffers, ShardPipeline
+
 
 def _tensor(values: torch.Tensor | np.ndarray) -> torch.Tensor:
     """A batch of states as a floating-point tensor, on the device it is on."""
@@ -52,8 +53,16 @@ class StoreWriter:
     incomplete but keeps every durably written shard for a later resume.
     """
 
-    def __init__(self, root: Path, params: StoreParams, group: zarr.Group, lock_fd: int,
-                 records: list[dict], already_complete: bool, background: bool):
+    def __init__(
+        self,
+        root: Path,
+        params: StoreParams,
+        group: zarr.Group,
+        lock_fd: int,
+        records: list[dict],
+        already_complete: bool,
+        background: bool,
+    ):
         self.root, self.params, self._group, self._lock_fd = root, params, group, lock_fd
         self._shards = ShardPipeline(root, params, group, records, background)
         self._records = records  # the pipeline appends each shard's record once it is durable
@@ -66,10 +75,23 @@ class StoreWriter:
         self._closed = False
 
     @classmethod
-    def open(cls, path: str | os.PathLike, *, n_layers: int, d_model: int, n_tokens: int,
-             seq_len: int, dtype: str = "bfloat16", shard_tokens: int, chunk_tokens: int,
-             compression: str = "zstd", level: int = 3, positions: tuple[str, ...] | list[str] = P.DEFAULT,
-             provenance: dict, background: bool = True) -> "StoreWriter":
+    def open(
+        cls,
+        path: str | os.PathLike,
+        *,
+        n_layers: int,
+        d_model: int,
+        n_tokens: int,
+        seq_len: int,
+        dtype: str = "bfloat16",
+        shard_tokens: int,
+        chunk_tokens: int,
+        compression: str = "zstd",
+        level: int = 3,
+        positions: tuple[str, ...] | list[str] = P.DEFAULT,
+        provenance: dict,
+        background: bool = True,
+    ) -> StoreWriter:
         """Create the store at ``path``, or resume it if it was interrupted.
 
         Resuming needs identical parameters and provenance (else StoreError). A store that
@@ -77,8 +99,18 @@ class StoreWriter:
         n_tokens``: nothing to write, finalize() is a no-op, write() raises. A second writer
         on the same store raises StoreError.
         """
-        params = StoreParams(n_layers, d_model, n_tokens, seq_len, dtype, shard_tokens,
-                             chunk_tokens, compression, level, tuple(positions))
+        params = StoreParams(
+            n_layers,
+            d_model,
+            n_tokens,
+            seq_len,
+            dtype,
+            shard_tokens,
+            chunk_tokens,
+            compression,
+            level,
+            tuple(positions),
+        )
         params.validate()
         fingerprint = arrays.fingerprint(params, provenance)
         root = Path(path).absolute()
@@ -93,8 +125,9 @@ class StoreWriter:
             raise
 
     @classmethod
-    def _open(cls, root: Path, params: StoreParams, provenance: dict, fingerprint: str, lock_fd: int,
-              background: bool) -> "StoreWriter":
+    def _open(
+        cls, root: Path, params: StoreParams, provenance: dict, fingerprint: str, lock_fd: int, background: bool
+    ) -> StoreWriter:
         if (root / "zarr.json").exists():
             group = zarr.open_group(str(root), mode="r+", zarr_format=3, use_consolidated=False)
             arrays.check_resumable(root, group.attrs.asdict(), params, provenance)
@@ -112,8 +145,12 @@ class StoreWriter:
 
     # -- appending ------------------------------------------------------------------
 
-    def write(self, resid: torch.Tensor | np.ndarray, tokens: torch.Tensor | np.ndarray,
-              attention: torch.Tensor | np.ndarray | None = None) -> None:
+    def write(
+        self,
+        resid: torch.Tensor | np.ndarray,
+        tokens: torch.Tensor | np.ndarray,
+        attention: torch.Tensor | np.ndarray | None = None,
+    ) -> None:
         """Append a batch at the current position: resid (n_layers+1, n, d_model), tokens (n,)
         and, in a store of the attention position, attention (n_layers, n, d_model)."""
         self._check_writable()
@@ -133,13 +170,18 @@ class StoreWriter:
         def put(bufs: ShardBuffers, at: int, i: int, j: int) -> None:
             for pos, x in targets:
                 scale = bufs.values.get(pos.scale_array)
-                cast_into(bufs.values[pos.array][:, at:at + j - i], x[:, i:j], dtype,
-                          None if scale is None else scale[:, at:at + j - i])
+                cast_into(
+                    bufs.values[pos.array][:, at : at + j - i],
+                    x[:, i:j],
+                    dtype,
+                    None if scale is None else scale[:, at : at + j - i],
+                )
 
         self._append(n, tokens.astype(np.int32), put)
 
-    def write_stored(self, resid: np.ndarray, tokens: np.ndarray, scale: np.ndarray | None = None,
-                     **others: np.ndarray) -> None:
+    def write_stored(
+        self, resid: np.ndarray, tokens: np.ndarray, scale: np.ndarray | None = None, **others: np.ndarray
+    ) -> None:
         """Append a batch of values already in the storage dtype, as another store holds them
         (an HDF5 export's import): resid (n_layers+1, n, d_model), tokens (n,), for a scaled
         dtype scale (n_layers+1, n) float32, and the store's other value arrays by name
@@ -147,31 +189,40 @@ class StoreWriter:
         check that they are values a writer stores (finite, scales > 0)."""
         self._check_writable()
         p, spec = self.params, self.params.spec
-        given = {name: np.asarray(a) for name, a in ({"resid": resid, "scale": scale} | others).items()
-                 if a is not None}
+        given = {
+            name: np.asarray(a) for name, a in ({"resid": resid, "scale": scale} | others).items() if a is not None
+        }
         tokens = np.asarray(tokens)
         arrays = p.value_arrays()
         resid, scale = given.get("resid"), given.get("scale")
         if resid is None or resid.dtype != spec.stored or (scale is None) == spec.scaled:
-            raise StoreError(f"stored values of a {spec.name} store are {spec.stored}"
-                             + (" with float32 row scales" if spec.scaled else " without scales")
-                             + f", got {None if resid is None else resid.dtype}" + ("" if scale is None else " with scales"))
-        if sorted(given) != sorted(a.name for a in arrays) or any(given[a.name].dtype != spec.stored for a in arrays
-                                                                 if not a.is_scale):
-            raise StoreError(f"stored values of a {spec.name} store of positions {list(p.positions)} are "
-                             f"{', '.join(f'{a.name} ({a.dtype(p)})' for a in arrays)}; got "
-                             f"{', '.join(f'{k} ({v.dtype})' for k, v in sorted(given.items()))}")
+            raise StoreError(
+                f"stored values of a {spec.name} store are {spec.stored}"
+                + (" with float32 row scales" if spec.scaled else " without scales")
+                + f", got {None if resid is None else resid.dtype}"
+                + ("" if scale is None else " with scales")
+            )
+        if sorted(given) != sorted(a.name for a in arrays) or any(
+            given[a.name].dtype != spec.stored for a in arrays if not a.is_scale
+        ):
+            raise StoreError(
+                f"stored values of a {spec.name} store of positions {list(p.positions)} are "
+                f"{', '.join(f'{a.name} ({a.dtype(p)})' for a in arrays)}; got "
+                f"{', '.join(f'{k} ({v.dtype})' for k, v in sorted(given.items()))}"
+            )
         n = self._check_batch({a.name: given[a.name].shape for a in arrays}, tokens)
-        given = {a.name: given[a.name].astype(np.float32, copy=False) if a.is_scale else given[a.name]
-                 for a in arrays}
-        if not all((np.isfinite(given[a.name]) & (given[a.name] > 0)).all() if a.is_scale else spec.valid(given[a.name])
-                   for a in arrays):
-            raise StoreError(f"stored values at token {self._pos} hold inf/nan (or invalid scales); "
-                             "the source is damaged")
+        given = {a.name: given[a.name].astype(np.float32, copy=False) if a.is_scale else given[a.name] for a in arrays}
+        if not all(
+            (np.isfinite(given[a.name]) & (given[a.name] > 0)).all() if a.is_scale else spec.valid(given[a.name])
+            for a in arrays
+        ):
+            raise StoreError(
+                f"stored values at token {self._pos} hold inf/nan (or invalid scales); the source is damaged"
+            )
 
         def put(bufs: ShardBuffers, at: int, i: int, j: int) -> None:
             for name, values in given.items():
-                bufs.values[name][:, at:at + j - i] = values[:, i:j]
+                bufs.values[name][:, at : at + j - i] = values[:, i:j]
 
         self._append(n, tokens.astype(np.int32), put)
 
@@ -188,9 +239,10 @@ class StoreWriter:
         states = {P.POSITIONS[name].array: P.POSITIONS[name] for name in p.positions}
         missing = sorted(set(states) - set(shapes))
         if missing or set(shapes) - {a.name for a in p.value_arrays()}:
-            raise StoreError(f"a batch of this store holds {', '.join(states)} (positions {list(p.positions)}); "
-                             f"got {', '.join(shapes)}" + (" (extract with these positions, or write them)"
-                                                            if missing else ""))
+            raise StoreError(
+                f"a batch of this store holds {', '.join(states)} (positions {list(p.positions)}); "
+                f"got {', '.join(shapes)}" + (" (extract with these positions, or write them)" if missing else "")
+            )
         n = shapes["resid"][1] if len(shapes["resid"]) > 1 else -1
         for name, shape in shapes.items():
             a = next(a for a in p.value_arrays() if a.name == name)
@@ -203,8 +255,7 @@ class StoreWriter:
         if n and (tok.min() < 0 or tok.max() > np.iinfo(np.int32).max):
             raise StoreError("token ids must fit in int32 and be non-negative")
         if self._pos + n > p.n_tokens:
-            raise StoreError(f"batch of {n} tokens at position {self._pos} runs past the "
-                             f"store's n_tokens={p.n_tokens}")
+            raise StoreError(f"batch of {n} tokens at position {self._pos} runs past the store's n_tokens={p.n_tokens}")
         return n
 
     def _append(self, n: int, toks: np.ndarray, put: _Put) -> None:
@@ -219,7 +270,7 @@ class StoreWriter:
             bufs = self._current_buffers()
             at = self._pos - start
             put(bufs, at, done, done + take)
-            bufs.tokens[at:at + take] = toks[done:done + take]
+            bufs.tokens[at : at + take] = toks[done : done + take]
             self._pos += take
             done += take
             if self._pos == stop:
@@ -245,8 +296,10 @@ class StoreWriter:
         shard = self._pos // p.shard_tokens
         start, stop = p.shard_span(shard)
         if self._pos != start or record["stop"] - record["start"] != stop - start:
-            raise StoreError(f"shard {src_shard} of {src_root} ({record['stop'] - record['start']} tokens) "
-                             f"does not fit shard {shard} of {self.root} ({stop - start} tokens)")
+            raise StoreError(
+                f"shard {src_shard} of {src_root} ({record['stop'] - record['start']} tokens) "
+                f"does not fit shard {shard} of {self.root} ({stop - start} tokens)"
+            )
         for src_name, dst_name in zip(shard_files(p, src_shard), shard_files(p, shard)):
             src, dst = Path(src_root) / src_name, self.root / dst_name
             dst.parent.mkdir(parents=True, exist_ok=True)
@@ -298,20 +351,30 @@ class StoreWriter:
         if self._shards.broken:
             raise StoreError(f"an earlier shard write to {self.root} failed; reopen to resume")
         if self._pos != p.n_tokens:
-            raise StoreError(f"finalize called after {self._pos} of {p.n_tokens} tokens; the "
-                             f"store at {self.root} stays incomplete (resumable)")
+            raise StoreError(
+                f"finalize called after {self._pos} of {p.n_tokens} tokens; the "
+                f"store at {self.root} stays incomplete (resumable)"
+            )
         self._shards.collect(everything=True)
         if [r["shard"] for r in self._records] != list(range(p.n_shards)):
-            raise StoreError(f"progress records under {self.root / PROGRESS_DIR} were changed "
-                             "while writing; delete the store and extract again")
+            raise StoreError(
+                f"progress records under {self.root / PROGRESS_DIR} were changed "
+                "while writing; delete the store and extract again"
+            )
         finished = now_utc()
         self._group.update_attributes({"complete": True, "finished": finished})
         arrays.consolidate(self.root)
         write_manifest(self.root, self._shards.known_digests())
-        write_json_atomic(self.root / COMPLETE_NAME, {
-            "n_tokens": p.n_tokens, "n_shards": p.n_shards, "finished": finished,
-            "fingerprint": self._group.attrs["fingerprint"],
-            "records_sha256": sha256_json(self._records)})
+        write_json_atomic(
+            self.root / COMPLETE_NAME,
+            {
+                "n_tokens": p.n_tokens,
+                "n_shards": p.n_shards,
+                "finished": finished,
+                "fingerprint": self._group.attrs["fingerprint"],
+                "records_sha256": sha256_json(self._records),
+            },
+        )
 
     def abort(self) -> None:
         """Stop without marking complete; shards already written stay for a resume."""
@@ -331,7 +394,7 @@ class StoreWriter:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = -1
 
-    def __enter__(self) -> "StoreWriter":
+    def __enter__(self) -> StoreWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
