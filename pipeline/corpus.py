@@ -1,6 +1,6 @@
 """prepare_corpus: documents -> train/validation/test splits -> packed token sequences.
 
-Packing (documented in the README):
+Packing (documented in docs/reference/stages.md):
 - every document is tokenized on its own, without the tokenizer's automatic special
   tokens, and preceded by one *separator* token (the BOS token, else EOS; configurable);
 - the documents of one split are concatenated in a fixed order and cut into sequences of

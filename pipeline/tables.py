@@ -1,4 +1,4 @@
-"""Tidy Parquet tables of the evaluation (schemas documented in the README).
+"""Tidy Parquet tables of the evaluation (schemas documented in docs/reference/tables.md).
 
 ``layer_metrics.parquet``: one row per (model, revision, corpus, train_corpus, split, lens,
 translator, layer, position); ``calibration.parquet``: one row per (..., lens, translator,

@@ -9,7 +9,7 @@ target distribution (the model's own, from the stored last layer through the fro
 is computed once and shared by all layers. Layers are processed one after another so only
 one (batch, vocab) logits tensor is alive at a time. Affine/linear translators start from a
 closed-form least-squares fit of the last layer's residual (the reference starts from the
-identity); see the README for the measured effect.
+identity); see docs/explanation/training.md for the measured effect.
 """
 
 from __future__ import annotations

@@ -119,3 +119,25 @@ def test_the_translator_kind_how_to_is_the_plugin_the_workflow_test_runs():
 
     code = python_blocks(REPO / "docs" / "how-to" / "add-a-translator-kind.md")[0]
     assert code.strip() == SHIFT_PLUGIN.strip()
+
+
+def test_the_commands_the_docs_name_exist():
+    """Every `lenspipe <subcommand>` in a code span or block of the docs is one of the CLI's,
+    every config file they run exists, and every `make` target they name is the Makefile's."""
+    from pipeline.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    makefile = (REPO / "Makefile").read_text()
+    pages = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+    texts = [p.read_text() for p in pages]
+    blocks = [b for t in texts for b in re.findall(r"```[a-z]*\n(.*?)```", t, flags=re.S)]
+    spans = [m for t in texts for m in re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", t, flags=re.S))]
+    code = "\n".join(blocks + spans)
+    # a command: at the start of a code line or span (after a prompt or an env assignment)
+    named = set(re.findall(r"^\s*(?:\$ )?(?:\S+=\S+ )*(?:\.venv/bin/)?lenspipe ([a-z][a-z-]+)", code, flags=re.M))
+    assert named and named <= set(sub.choices), named - set(sub.choices)
+    for f in set(re.findall(r"config/[a-z-]+\.yaml", code)):
+        assert (REPO / f).is_file(), f
+    for target in set(re.findall(r"\bmake ([a-z-]+)", code)):
+        assert re.search(rf"^{target}:", makefile, flags=re.M), target

@@ -1,5 +1,5 @@
 """The storage dtypes: one registry, the 8-bit quantisation and its decode, what verify
-and the writer refuse in 8-bit stores, and the README's reader without lenspipe."""
+and the writer refuse in 8-bit stores, and the docs' reader without lenspipe."""
 
 from __future__ import annotations
 
@@ -212,8 +212,8 @@ def test_a_version_1_store_reads_and_an_8_bit_one_is_version_2(tmp_path):
 
 
 def readme_snippet() -> str:
-    """The python block of README.md that follows "a reader without lenspipe"."""
-    text = (REPO / "README.md").read_text()
+    """The python block of the compact-stores page that follows "a reader without lenspipe"."""
+    text = (REPO / "docs" / "explanation" / "compact-stores.md").read_text()
     after = text.split("**A reader without lenspipe**", 1)[1]
     return re.search(r"```python\n(.*?)```", after, re.S).group(1)
 

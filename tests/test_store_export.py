@@ -123,3 +123,25 @@ def test_manifest_names_the_damaged_file(store, tmp_path):
     shard.unlink()
     with pytest.raises(StoreError, match="listed in SHA256SUMS but missing"):
         verify(store)
+
+
+def test_an_export_carries_its_card(store, tmp_path):
+    import yaml
+
+    from pipeline.store.reader import open_store
+
+    out = export_store(store, tmp_path / "share" / "s.zip", "zip")
+    text = (tmp_path / "share" / "README.md").read_text()
+    assert out["card"] == str(tmp_path / "share" / "README.md")
+    meta = yaml.safe_load(text.split("---\n")[1])["lenspipe"]
+    s = open_store(store)
+    assert (meta["tokens"], meta["dtype"], meta["fingerprint"]) == (
+        s.n_tokens,
+        s.attrs["dtype"],
+        s.attrs["fingerprint"],
+    )
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "README.md").write_text("someone else's readme")
+    out = export_store(store, tmp_path / "other" / "s.zip", "zip")
+    assert out["card"].endswith("s.zip.README.md")  # never over someone else's README
+    assert (tmp_path / "other" / "README.md").read_text() == "someone else's readme"

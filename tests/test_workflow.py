@@ -224,7 +224,7 @@ def test_the_workflow_with_lenses_inside_the_blocks(workdir):
     cfg = yaml.safe_load((REPO / ".test" / "config.yaml").read_text())
     inside = yaml.safe_load((REPO / "config" / "inside-blocks.yaml").read_text())
     cfg["extract"].update(inside.pop("extract"))
-    assert not inside  # the file sets extract.positions only
+    assert inside == {"base": "config.yaml"}  # the file sets extract.positions only, over the default
     path = workdir / "inside.yaml"
     path.write_text(yaml.safe_dump(cfg))
     proc = snakemake(workdir, "--configfile", str(path))

@@ -35,7 +35,7 @@ class ExtractConfig:
     and beyond cannot overflow), ``float16`` (more mantissa, max 65,504: overflow stops the
     run with an error), ``float32``, or 8 bits a value with a float32 scale per layer and
     token: ``fp8`` (float8 e4m3fn) or ``int8`` (half the bytes of bfloat16; they cannot
-    overflow; their cost to lens quality is measured in the README, "Compact stores")."""
+    overflow; their cost to lens quality is measured in docs/explanation/compact-stores.md)."""
     positions: list[str] = setting(factory=lambda: list(P.DEFAULT), choices=P.names)
     """Lens positions to store (pipeline.positions): ``block`` (the residual between blocks,
     always) and ``attention`` (inside each block, after its attention sublayer, before its

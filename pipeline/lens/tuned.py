@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .. import positions as P
+from ..cards import CARD, corpus_of, lens_card
 from ..errors import LenspipeError
 from ..model.head import UnembedHead, load_unembed_head
 from ..model.prepare import read_model_info
@@ -281,6 +282,8 @@ class TunedLens(nn.Module):
             save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT_NAME})
             meta["translators_sha256"] = sha256_file(tmp / WEIGHTS_FILE)
             write_json_atomic(tmp / META_FILE, meta)
+            # a README.md card, so the directory can be shared on a hub as it is
+            (tmp / CARD).write_text(lens_card(meta, corpus_of(Path(path))))
 
     @classmethod
     def load(cls, path: str | Path, head: UnembedHead | None = None, model_dir: str | Path | None = None) -> TunedLens:

@@ -67,13 +67,31 @@ def export_store(src: str | os.PathLike, dest: str | os.PathLike, fmt: str) -> d
                 tmp.unlink()
             raise
     log.info("exported %s to %s (%s, %.1f MB)", src, dest, fmt, dest.stat().st_size / 1e6)
+    card = _write_card(src, dest)
     return {
         "source": str(src),
         "dest": str(dest),
         "format": fmt,
         "bytes": dest.stat().st_size,
         "n_tokens": summary.get("n_tokens"),
+        "card": str(card),
     }
+
+
+def _write_card(src: str | os.PathLike, dest: Path) -> Path:
+    """A README.md card beside the export, so that its folder can go to a dataset hub as it
+    is (``<name>.README.md`` where a README.md that is not a lenspipe card is there already).
+    With it, the per-layer KL of the lenses the workflow evaluated on this store's model and
+    corpus, where the store lies where the workflow puts stores."""
+    from ..cards import CARD, store_card
+
+    card = dest.parent / CARD
+    if card.exists() and "library_name: lenspipe" not in card.read_text()[:200]:
+        card = dest.parent / f"{dest.name}.{CARD}"
+    loc = Path(src).resolve()  # data/stores/<model>/<corpus>/<split>.zarr -> data/tables/<model>/<corpus>
+    tables = loc.parents[3] / "tables" / loc.parent.parent.name / loc.parent.name / "layer_metrics.parquet"
+    card.write_text(store_card(open_store(src), dest.name, tables if len(loc.parents) > 3 else None))
+    return card
 
 
 def _export_zip(src: str | os.PathLike, tmp: Path) -> None:
