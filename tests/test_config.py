@@ -159,8 +159,12 @@ def test_the_default_config_names_only_the_experiment():
     for name in ("two-architectures.yaml", "two-models.yaml", "inside-blocks.yaml"):
         layer = yaml.safe_load((REPO / "config" / name).read_text())
         assert layer["base"] == "config.yaml"
-        for key, cls in SECTIONS.items():
-            same = {k for k, v in (layer.get(key) or {}).items() if defaults(cls).get(k, object()) == v}
+        sections = [(key, layer.get(key)) for key in SECTIONS]
+        sections += [
+            (key, v) for m in (layer.get("models") or {}).values() for key, v in m.get("overrides", {}).items()
+        ]
+        for key, given in sections:
+            same = {k for k, v in (given or {}).items() if defaults(SECTIONS[key]).get(k, object()) == v}
             assert not same, f"{name}: {key} restates defaults {same}"
 
 
