@@ -21,11 +21,11 @@ from mkdocs.structure.files import File
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-#: Pages copied from the repository: docs path -> (source file, (old, new) link rewrites).
+#: Pages copied from the repository: docs path -> source file.
 COPIED = {
-    "results/benchmarks.md": ("benchmarks/RESULTS.md", ()),
-    "about/licences.md": ("THIRD_PARTY_NOTICES.md", ()),
-    "about/changelog.md": ("CHANGELOG.md", ()),
+    "results/benchmarks.md": "benchmarks/RESULTS.md",
+    "about/licences.md": "THIRD_PARTY_NOTICES.md",
+    "about/changelog.md": "CHANGELOG.md",
 }
 
 
@@ -35,6 +35,8 @@ def _value(v) -> str:
 
 def _allowed(prop: dict) -> str:
     """The constraint of a schema property, in words."""
+    from pipeline.config.fields import SIGNS
+
     inner = prop.get("items") or prop.get("additionalProperties") or {}
     if isinstance(prop.get("properties"), dict) and prop.get("additionalProperties") is False:
         inner = next(iter(prop["properties"].values()), {})
@@ -45,7 +47,7 @@ def _allowed(prop: dict) -> str:
     for p in (prop, inner if isinstance(inner, dict) else {}):
         if "enum" in p:
             parts.append("one of " + ", ".join(_value(v) for v in p["enum"]))
-        for word, sign in (("minimum", ">="), ("exclusiveMinimum", ">"), ("maximum", "<="), ("exclusiveMaximum", "<")):
+        for word, sign in SIGNS.items():
             if word in p:
                 parts.append(f"{sign} {p[word]}")
         if "pattern" in p:
@@ -153,7 +155,7 @@ def stale() -> list[str]:
 def on_files(files, config):
     if bad := stale():
         raise SystemExit(f"docs: generated page(s) {bad} are stale: run `python docs/hooks.py`")
-    for path, (source, _) in COPIED.items():
+    for path, source in COPIED.items():
         text = (ROOT / source).read_text()
         # figures beside the copied page: benchmarks/figures/x.png is linked as figures/x.png
         for figure in sorted(set(re.findall(r"\]\((figures/[^)]+\.png)\)", text))):

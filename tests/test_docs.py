@@ -90,28 +90,9 @@ def test_the_readme_example_runs_only_what_it_names(tmp_path):
     mine["models"]["mine"]["source"] = str(tmp_path / "model")
     mine["corpora"]["notes"]["source"] = str(tmp_path / "docs" / "*.jsonl")
     (tmp_path / "mine.yaml").write_text(yaml.safe_dump(mine))
-    dry = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "snakemake",
-            "-s",
-            str(REPO / "Snakefile"),
-            "--cores",
-            "1",
-            "-n",
-            "--configfile",
-            str(tmp_path / "mine.yaml"),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    jobs = dry.stdout + dry.stderr
-    assert dry.returncode == 0, jobs[-3000:]
-    assert "model=mine" in jobs and "corpus=notes" in jobs
-    assert not any(other in jobs for other in ("smollm2", "shakespeare", "python-code", "gemma"))
+    from test_workflow import dry_run_only_mine
+
+    dry_run_only_mine(tmp_path / "mine.yaml")
 
 
 def test_the_translator_kind_how_to_is_the_plugin_the_workflow_test_runs():

@@ -284,18 +284,28 @@ def test_a_users_config_runs_only_what_it_names(tmp_path):
             }
         )
     )
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--cores", "1", "-n"]
-    dry = subprocess.run([*cmd, "--configfile", str(mine)], capture_output=True, text=True, timeout=600, cwd=REPO)
-    jobs = dry.stdout + dry.stderr
-    assert dry.returncode == 0, jobs[-3000:]
+    jobs = dry_run_only_mine(mine)
     outputs = [line.split(":", 1)[1].strip() for line in jobs.splitlines() if line.strip().startswith("output:")]
     assert len(outputs) > 15 and all(o.startswith(str(tmp_path / "data")) for f in outputs for o in f.split(", "))
+    # without --configfile: the default experiment
+    default = subprocess.run(DRY_RUN, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert default.returncode == 0 and "smollm2-135m" in default.stdout + default.stderr
+
+
+#: A dry run from the repository, as a user runs it.
+DRY_RUN = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--cores", "1", "-n"]
+
+
+def dry_run_only_mine(config: Path) -> str:
+    """The dry run of a config naming the model ``mine`` and the corpus ``notes``: their jobs,
+    and nothing of the default experiment. Returns the job listing."""
+    dry = subprocess.run([*DRY_RUN, "--configfile", str(config)], capture_output=True, text=True, timeout=600, cwd=REPO)
+    jobs = dry.stdout + dry.stderr
+    assert dry.returncode == 0, jobs[-3000:]
     assert "model=mine" in jobs and "corpus=notes" in jobs
     for other in ("smollm2", "shakespeare", "python-code", "gemma"):
         assert other not in jobs, other
-    # without --configfile: the default experiment
-    default = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert default.returncode == 0 and "smollm2-135m" in default.stdout + default.stderr
+    return jobs
 
 
 def test_two_runs_from_scratch_are_bitwise_equal_and_the_seed_matters(tmp_path):

@@ -204,13 +204,12 @@ def read_config(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any
     if not isinstance(raw or {}, dict):
         raise ConfigError(f"config file {path} must hold a mapping of settings, not {type(raw).__name__}")
     raw = dict(raw or {})
-    bases = raw.pop("base", None) or []
-    if not isinstance(bases, list | str) or not all(
-        isinstance(b, str) for b in ([bases] if isinstance(bases, str) else bases)
-    ):
-        raise ConfigError(f"config file {path}: base must be a file name or a list of them, not {bases!r}")
+    given = raw.pop("base", None) or []
+    bases = [given] if isinstance(given, str) else given
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"config file {path}: base must be a file name or a list of them, not {given!r}")
     out: dict[str, Any] = {}
-    for base in [bases] if isinstance(bases, str) else bases:
+    for base in bases:
         out = _deep_merge(out, read_config(path.parent / base, (*_seen, path.resolve())))
     return _deep_merge(out, raw)
 

@@ -26,6 +26,10 @@ from ..errors import ConfigError
 
 #: JSON schema keywords a setting may declare, by their ``setting()`` argument.
 BOUNDS = {"ge": "minimum", "gt": "exclusiveMinimum", "le": "maximum", "lt": "exclusiveMaximum"}
+#: Each bound's comparison and its sign in messages (the schema's messages use the same signs).
+CHECKS = {"ge": (operator.ge, ">="), "gt": (operator.gt, ">"), "le": (operator.le, "<="), "lt": (operator.lt, "<")}
+#: The sign of each JSON schema bound keyword.
+SIGNS = {BOUNDS[k]: sign for k, (_, sign) in CHECKS.items()}
 
 
 def setting(
@@ -159,11 +163,10 @@ def check(obj: Any, section: str) -> None:
         if pattern and isinstance(value, str) and not re.fullmatch(pattern, value):
             raise ConfigError(f"{name} must match {pattern}, got {value!r}")
         for bound, limit in (f.metadata.get("bounds") or {}).items():
-            ok = {"ge": operator.ge, "gt": operator.gt, "le": operator.le, "lt": operator.lt}[bound]
+            ok, sign = CHECKS[bound]
             bad = [v for v in _numbers(value) if not ok(v, limit)]
             if bad:
-                word = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}[bound]
-                raise ConfigError(f"{name} must be {word} {limit}, got {bad[0]!r}")
+                raise ConfigError(f"{name} must be {sign} {limit}, got {bad[0]!r}")
 
 
 # ----------------------------------------------------------------------------- schema

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import ConfigError
-from .fields import schema_of
+from .fields import SIGNS, schema_of
 from .sources import NAME, OVERRIDABLE, CorpusConfig, ModelConfig
 from .stages import AnalysesConfig, EvaluateConfig, ExtractConfig, ReportConfig, TrainConfig
 
@@ -87,9 +87,8 @@ def _message(error) -> str:
         unknown = sorted(set(error.instance) - set(known))
         where = f"under {key}" if key else "at the top level"
         return f"unknown key {'.'.join(filter(None, [key, str(unknown[0])]))}; known keys {where}: {', '.join(known)}"
-    words = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}
-    if error.validator in words:  # the same words as the dataclasses' own checks (fields.check)
-        return f"{key} must be {words[error.validator]} {error.validator_value}, got {error.instance!r}"
+    if error.validator in SIGNS:  # the same words as the dataclasses' own checks (fields.check)
+        return f"{key} must be {SIGNS[error.validator]} {error.validator_value}, got {error.instance!r}"
     if error.validator == "enum":
         return f"{key} must be one of {error.validator_value}, got {error.instance!r}"
     if error.validator == "minProperties":

@@ -88,9 +88,16 @@ def _write_card(src: str | os.PathLike, dest: Path) -> Path:
     card = dest.parent / CARD
     if card.exists() and "library_name: lenspipe" not in card.read_text()[:200]:
         card = dest.parent / f"{dest.name}.{CARD}"
-    loc = Path(src).resolve()  # data/stores/<model>/<corpus>/<split>.zarr -> data/tables/<model>/<corpus>
-    tables = loc.parents[3] / "tables" / loc.parent.parent.name / loc.parent.name / "layer_metrics.parquet"
-    card.write_text(store_card(open_store(src), dest.name, tables if len(loc.parents) > 3 else None))
+    from ..paths import LAYER_METRICS, fill
+
+    loc = Path(src).resolve()  # where the workflow puts stores: <data_dir>/stores/<model>/<corpus>/<split>.zarr
+    in_layout = len(loc.parents) > 3 and loc.parents[2].name == "stores"
+    tables = (
+        Path(fill(LAYER_METRICS, data_dir=loc.parents[3], model=loc.parents[1].name, corpus=loc.parents[0].name))
+        if in_layout
+        else None
+    )
+    card.write_text(store_card(open_store(src), dest.name, tables))
     return card
 
 
