@@ -40,13 +40,17 @@ def test_the_generated_pages_are_what_the_code_generates():
 def test_the_docs_build_strictly(tmp_path):
     """A broken link, a missing page or an unresolved docstring reference fails the build."""
     proc = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(tmp_path / "site")],
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(tmp_path / "site")],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=300,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # mkdocs 1.6 with mkdocs-material 9.8 prints "Aborted with N warnings in strict mode!" and
+    # still exits 0: the warnings themselves are the verdict
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "Aborted" not in out, out[-3000:]
+    assert not [line for line in out.splitlines() if line.startswith(("WARNING", "ERROR"))], out[-3000:]
     assert (tmp_path / "site" / "reference" / "settings" / "index.html").is_file()
     assert (tmp_path / "site" / "results" / "figures" / "convergence.png").is_file()
 
