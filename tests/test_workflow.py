@@ -288,7 +288,8 @@ def test_a_users_config_runs_only_what_it_names(tmp_path):
     outputs = [line.split(":", 1)[1].strip() for line in jobs.splitlines() if line.strip().startswith("output:")]
     assert len(outputs) > 15 and all(o.startswith(str(tmp_path / "data")) for f in outputs for o in f.split(", "))
     # without --configfile: the default experiment
-    default = subprocess.run(DRY_RUN, capture_output=True, text=True, timeout=600, cwd=REPO)
+    # (--forceall: a checkout where `make run` is done would list no job)
+    default = subprocess.run([*DRY_RUN, "--forceall"], capture_output=True, text=True, timeout=600, cwd=REPO)
     assert default.returncode == 0 and "smollm2-135m" in default.stdout + default.stderr
 
 
