@@ -13,24 +13,31 @@ export TOKENIZERS_PARALLELISM ?= false
 
 BIN := $(VENV)/bin
 
-.PHONY: run test test-all setup clean-outputs
+.PHONY: run test test-all setup setup-test clean-outputs
 run: setup
 	$(BIN)/snakemake --cores $(CORES) $(if $(CONFIG),--configfile $(CONFIG))
 
-test: setup
+test: setup-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest
 
-test-all: setup
+test-all: setup-test
 	$(BIN)/pytest -m "slow or not slow"
 
 setup: $(VENV)/.installed
+setup-test: $(VENV)/.installed-test
 
+# `make run` installs only what the pipeline needs; `make test` adds the test tools
+# (pytest, ruff, the docs generator) on top.
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
 	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[test]"
 	touch $@
 
