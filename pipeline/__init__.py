@@ -41,6 +41,7 @@ What they share:
 - ``devices``      CPU or CUDA for the stages that may use a GPU
 - ``allocator``    keep freed memory in a stage: fewer page faults for its temporaries
 - ``cli``          the ``lenspipe`` command
+- ``view``         ``lenspipe view``: the explorer (a local web app over a run's outputs)
 """
 
 __version__ = "0.1.0"

@@ -230,6 +230,12 @@ def _trajectory(args) -> None:
     print(f"figure: {args.out}", file=sys.stderr)
 
 
+def _view(args) -> None:
+    from .view.app import serve
+
+    serve(_config(args), args.host, args.port)
+
+
 # ------------------------------------------------------------------------ stores and models
 
 
@@ -383,6 +389,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lens", required=True, action="append", help="a tuned lens directory (repeat for more)")
     s.add_argument("prompt", help="the text")
     s.add_argument("--out", default="trajectory.png", help="the figure (default: %(default)s)")
+
+    s = add(
+        "view",
+        _view,
+        "explore a run in the browser: prompt trajectories, the cached held-out tokens, "
+        "every table and finding, at http://127.0.0.1:8765/",
+        "--port 8765",
+    )
+    s.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: %(default)s, this machine only; 0.0.0.0 opens it to the network)",
+    )
+    s.add_argument("--port", type=int, default=8765, help="port (default: %(default)s)")
 
     s = add(
         "verify",

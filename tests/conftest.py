@@ -34,3 +34,13 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     out = root / "prepared"
     prepare_model(ModelConfig(name="tiny", source=str(src)), out, root / "cache")
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """The tiny workflow (``.test/config.yaml``) run once per session: (its working
+    directory, the CompletedProcess). Tests that change the directory must copy it first."""
+    from test_workflow import _fresh_workdir, snakemake
+
+    workdir = _fresh_workdir(tmp_path_factory.mktemp("tiny-run"))
+    return workdir, snakemake(workdir)

@@ -126,3 +126,85 @@ def test_the_commands_the_docs_name_exist():
         assert (REPO / f).is_file(), f
     for target in set(re.findall(r"\bmake ([a-z-]+)", code)):
         assert re.search(rf"^{target}:", makefile, flags=re.M), target
+
+
+# ------------------------------------------------------------------------ the tutorials' commands
+
+#: What a command of the docs is run as, where it cannot run as written in a test: the real
+#: model's workflow is dry-run (-n: its jobs are scheduled, none runs), the lenspipe commands
+#: run on the tiny workflow's outputs with the default run's names replaced by the tiny ones.
+NAMES = {"smollm2-135m": "tiny", "shakespeare": "tiny-txt"}
+#: Commands not run, and why.
+NOT_RUN = {
+    "make test": "the test suite itself",
+    "--profile profiles/slurm": "needs a SLURM cluster (its rules are linted in test_workflow)",
+}
+
+
+def shell_commands(page: Path) -> list[str]:
+    """The command lines of a page's shell blocks (``` and ```bash), comments dropped."""
+    import shlex
+
+    command = re.compile(r"\s*(\w+=\S+\s+)*(\.venv/bin/)?(snakemake|lenspipe|make|printf)\s")
+    out = []
+    for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", page.read_text(), flags=re.S):
+        for line in block.splitlines():
+            if command.match(line + " "):
+                words = shlex.split(line, comments=True)
+                out.append(" ".join(w if w == ">" else shlex.quote(w) for w in words))
+    return out
+
+
+def sandbox(root: Path, tiny_workdir: Path) -> Path:
+    """A directory that looks like a checkout after the tiny run: the workflow's files
+    linked, the tiny run's data/ and tiny/ copied, the tiny config at view.yaml."""
+
+    for name in ("Snakefile", "rules", "config", "profiles", "stages", ".test"):
+        (root / name).symlink_to(REPO / name)
+    from test_view import view_config
+
+    view_config(root, tiny_workdir)
+    return root
+
+
+def run_doc_command(command: str, where: Path) -> subprocess.CompletedProcess:
+    bin_dir = Path(sys.executable).parent
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HOME": str(where)}
+    if re.search(r"(^|\s)(\S*/)?(snakemake|make run)\b", command):  # the real model's workflow: dry run
+        command = re.sub(r"^make run\b", "snakemake --cores 2", command) + " -n"
+    elif "lenspipe" in command:
+        for real, tiny in NAMES.items():
+            command = command.replace(real, tiny)
+        command = command.replace("/elsewhere/", f"{where}/elsewhere/").replace("mine.yaml", "view.yaml")
+        if re.search(r"lenspipe view\b", command):
+            command = command.replace("lenspipe view", "lenspipe view --config view.yaml", 1)
+            command = command.replace("--config view.yaml --config view.yaml", "--config view.yaml")
+            from test_view import free_port
+
+            command = f"timeout -s INT 20 {command} --port {free_port()}; test $? -eq 124 -o $? -eq 0 -o $? -eq 130"
+    command = re.sub(r"(^|\s)\.venv/bin/", r"\1", command)
+    return subprocess.run(["bash", "-c", command], cwd=where, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.timeout(900)
+def test_the_tutorials_commands_run(tiny_run, tmp_path):
+    """Every command line of the README, the tutorials and the how-tos runs: the real model's
+    workflow as a dry run, lenspipe's commands on the tiny workflow's outputs."""
+    workdir, first = tiny_run
+    assert first.returncode == 0, first.stderr[-3000:]
+    where = sandbox(tmp_path, workdir)
+    pages = [
+        REPO / "README.md",
+        *sorted((REPO / "docs" / "tutorials").glob("*.md")),
+        *sorted((REPO / "docs" / "how-to").glob("*.md")),
+    ]
+    ran = []
+    for page in pages:
+        for command in shell_commands(page):
+            if any(skip in command for skip in NOT_RUN):
+                continue
+            proc = run_doc_command(command, where)
+            assert proc.returncode == 0, (page.name, command, proc.stdout[-2000:], proc.stderr[-3000:])
+            ran.append(command)
+    assert len(ran) >= 10, ran
+    assert (where / "elsewhere" / "test.zarr").is_dir() and (where / "scale.yaml").is_file()

@@ -25,7 +25,7 @@ def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
         "--configfile",
         str(REPO / ".test" / "config.yaml"),
         "--cores",
-        "1",
+        "2",  # CI's cores: independent jobs run side by side
         *args,
     ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=workdir)
@@ -36,8 +36,8 @@ def workdir(tmp_path):
     return _fresh_workdir(tmp_path)
 
 
-def test_workflow_runs_and_rerun_is_noop(workdir):
-    first = snakemake(workdir)
+def test_workflow_runs_and_rerun_is_noop(tiny_run):
+    workdir, first = tiny_run  # tests/test_view.py reads a copy of it
     assert first.returncode == 0, first.stderr[-3000:]
     out = workdir / "data" / "corpora" / "tiny-txt" / "tiny"
     assert {p.name for p in out.iterdir()} >= {"train.npz", "validation.npz", "test.npz", "manifest.json"}
