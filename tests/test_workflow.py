@@ -25,7 +25,9 @@ def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
         "--configfile",
         str(REPO / ".test" / "config.yaml"),
         "--cores",
-        "2",  # CI's cores: independent jobs run side by side
+        "2",  # CI's cores, one thread a job: independent jobs of the tiny model run side by side
+        "--max-threads",
+        "1",
         *args,
     ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=workdir)
