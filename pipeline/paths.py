@@ -11,8 +11,9 @@ which command makes it.
 
 from __future__ import annotations
 
+import os
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import LenspipeError
@@ -110,6 +111,12 @@ INPUTS = {
 }
 
 
+#: The file a rule declares for an input it reads, where that is not the "made" file of
+#: INPUTS: a store is declared by its completion record, a model directory by its marker,
+#: the per-token table by the layer_metrics table the same evaluate job writes.
+DECLARED_AS = {"store": STORE_DONE, "model_dir": MODEL_MARKER, "token_metrics": LAYER_METRICS}
+
+
 def layer_metrics_pattern(train_corpus: str, corpus: str) -> str:
     """The layer_metrics table of the lenses trained on ``train_corpus`` evaluated on ``corpus``."""
     return LAYER_METRICS if train_corpus == corpus else ACROSS_LAYER_METRICS
@@ -129,6 +136,10 @@ class Artifacts:
     """The split evaluation reads (``evaluate.split``): the default ``split`` of :meth:`need`."""
     runs: tuple[tuple[str, str], ...] = ()
     evaluations: tuple[tuple[str, str, str], ...] = ()
+    declared: frozenset[str] | None = None
+    """In a workflow job, the input files its rule declares (:meth:`declaring`): :meth:`need`
+    then refuses what the rule does not declare, so that the paths a rule declares are the
+    paths its job reads. None (the CLI, library calls): no such check."""
 
     @classmethod
     def of(cls, cfg, model: str | None = None, corpus: str | None = None) -> Artifacts:
@@ -148,9 +159,21 @@ class Artifacts:
             **{"data_dir": self.data_dir, "model": self.model, "corpus": self.corpus, "split": self.eval_split, **kw},
         )
 
+    def declaring(self, files) -> Artifacts:
+        """These artifacts for a job whose rule declares ``files`` (``snakemake.input``)."""
+        return replace(self, declared=frozenset(os.path.normpath(str(f)) for f in files))
+
     def need(self, name: str, **kw) -> Path:
-        """The path of input ``name`` (a key of INPUTS), after checking it has been made."""
+        """The path of input ``name`` (a key of INPUTS), after checking it has been made
+        (and, in a workflow job, that its rule declares it)."""
         pattern, made, command = INPUTS[name]
+        if self.declared is not None:
+            proof = os.path.normpath(self.fill(DECLARED_AS.get(name, made), **kw))
+            if proof not in self.declared:
+                raise LenspipeError(
+                    f"this job reads the {name.replace('_', ' ')} at {self.fill(pattern, **kw)}, but its rule "
+                    f"does not declare {proof} as an input: add it to the rule's input"
+                )
         if not Path(self.fill(made, **kw)).exists():
             values = {"model": self.model, "corpus": self.corpus, "split": self.eval_split, **kw}
             raise LenspipeError(

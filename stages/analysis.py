@@ -7,7 +7,8 @@ from pipeline.logs import run_stage
 
 def main() -> None:
     p = snakemake.params
-    BY_RULE[snakemake.rule].run(p.artifacts, p.settings)
+    # the job reads only what its rule declares (Artifacts.need checks it)
+    BY_RULE[snakemake.rule].run(p.artifacts.declaring(snakemake.input), p.settings)
 
 
 run_stage(snakemake, main)

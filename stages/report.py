@@ -9,7 +9,8 @@ from pipeline.workflow import typed
 
 def main() -> None:
     p = snakemake.params
-    report(p.runs, p.kinds, Path(p.out_dir), typed(p.report).prompts, p.with_analyses)
+    runs = [run.declaring(snakemake.input) for run in p.runs]  # reads only what its rule declares
+    report(runs, p.kinds, Path(p.out_dir), typed(p.report).prompts, p.with_analyses)
 
 
 run_stage(snakemake, main)

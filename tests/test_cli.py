@@ -145,3 +145,28 @@ def test_the_cli_writes_what_the_workflow_would_so_it_has_nothing_left_to_do(tmp
     assert Path("fig.png").stat().st_size > 10_000
     with contextlib.suppress(FileNotFoundError):
         Path("fig.png").unlink()
+
+
+def test_a_workflow_job_reads_only_what_its_rule_declares(tmp_path):
+    """Artifacts.need in a job (``declaring(snakemake.input)``) refuses an input the rule
+    does not declare, naming the file to declare; the CLI's Artifacts check nothing."""
+    from pipeline import paths
+    from pipeline.errors import LenspipeError
+    from pipeline.paths import Artifacts
+
+    a = Artifacts(str(tmp_path), "m", "c")
+    marker = Path(a.fill(paths.MODEL_MARKER))
+    marker.parent.mkdir(parents=True)
+    marker.write_text("{}")
+    table = Path(a.fill(paths.LAYER_METRICS))
+    table.parent.mkdir(parents=True)
+    table.write_text("")
+    assert a.need("model_dir") == marker.parent  # no declared inputs: no check
+    job = a.declaring([table])
+    with pytest.raises(LenspipeError, match=r"does not declare .*lenspipe_model.json as an input"):
+        job.need("model_dir")
+    assert job.need("layer_metrics") == table
+    assert a.declaring([table, marker]).need("model_dir") == marker.parent
+    # the per-token table is declared by the layer_metrics table its evaluate job writes
+    Path(a.fill(paths.TOKEN_METRICS)).mkdir()
+    assert job.need("token_metrics") == Path(a.fill(paths.TOKEN_METRICS))
