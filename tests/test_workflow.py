@@ -194,29 +194,36 @@ def test_a_kind_registered_by_one_class_trains_evaluates_and_is_analysed_through
 
 # int8's stores differ from fp8's only in the decode, which test_store covers: its run
 # (~2 min on 2 cores) is a slow test.
-@pytest.mark.parametrize("dtype", ["fp8", pytest.param("int8", marks=pytest.mark.slow)])
-def test_the_whole_workflow_runs_on_an_8_bit_store(workdir, dtype):
-    """``extract.dtype: fp8`` (int8): every rule of the default target, the analyses and the
-    report included, from 8-bit stores; each extraction records its logits check."""
-    import pandas as pd
-
+def _check_8_bit_stores(workdir: Path, dtype: str) -> None:
+    """Every store of the tiny run is ``dtype``, and each extraction recorded its logits check."""
     from pipeline.store.reader import open_store
 
-    cfg = workdir / f"{dtype}.yaml"
-    cfg.write_text((REPO / ".test" / "config.yaml").read_text().replace("  dtype: float32", f"  dtype: {dtype}"))
-    proc = snakemake(workdir, "--configfile", str(cfg))
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     stores = workdir / "data" / "stores" / "tiny" / "tiny-txt"
     for split in ("train", "validation", "test"):
         assert open_store(stores / f"{split}.zarr").dtype == dtype
         summary = json.loads((stores / f"{split}.extract.json").read_text())
         assert summary["logits_max_err"] < 1e-3 and 0 < summary["stored_logits_kl"] < 1, summary
+
+
+@pytest.mark.slow  # fp8 runs in the default suite with the lenses inside the blocks (below)
+@pytest.mark.parametrize("dtype", ["fp8", "int8"])
+def test_the_whole_workflow_runs_on_an_8_bit_store(workdir, dtype):
+    """``extract.dtype: fp8`` (int8): every rule of the default target, the analyses and the
+    report included, from 8-bit stores; each extraction records its logits check."""
+    import pandas as pd
+
+    cfg = workdir / f"{dtype}.yaml"
+    cfg.write_text((REPO / ".test" / "config.yaml").read_text().replace("  dtype: float32", f"  dtype: {dtype}"))
+    proc = snakemake(workdir, "--configfile", str(cfg))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    _check_8_bit_stores(workdir, dtype)
     metrics = pd.read_parquet(workdir / "data" / "tables" / "tiny" / "tiny-txt" / "layer_metrics.parquet")
     assert metrics["kl"].notna().all() and (workdir / "data" / "report" / "report.html").is_file()
 
 
-def test_the_workflow_with_lenses_inside_the_blocks(workdir):
-    """config/inside-blocks.yaml merged over the tiny config: every store holds the attention
+def test_the_workflow_with_lenses_inside_the_blocks_on_an_fp8_store(workdir):
+    """config/inside-blocks.yaml merged over the tiny config, stored in fp8 (one workflow run
+    for both, to keep the default suite short): every store is fp8 and holds the attention
     position, every table its rows, and the attention/MLP split is measured and reported."""
     import pandas as pd
     import yaml
@@ -225,13 +232,14 @@ def test_the_workflow_with_lenses_inside_the_blocks(workdir):
 
     cfg = yaml.safe_load((REPO / ".test" / "config.yaml").read_text())
     inside = yaml.safe_load((REPO / "config" / "inside-blocks.yaml").read_text())
-    cfg["extract"].update(inside.pop("extract"))
+    cfg["extract"].update(inside.pop("extract"), dtype="fp8")
     assert inside == {"base": "config.yaml"}  # the file sets extract.positions only, over the default
     path = workdir / "inside.yaml"
     path.write_text(yaml.safe_dump(cfg))
     proc = snakemake(workdir, "--configfile", str(path))
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     data = workdir / "data"
+    _check_8_bit_stores(workdir, "fp8")
     for split in ("train", "validation", "test"):
         assert open_store(data / "stores" / "tiny" / "tiny-txt" / f"{split}.zarr").positions == ("block", "attention")
     metrics = pd.read_parquet(data / "tables" / "tiny" / "tiny-txt" / "layer_metrics.parquet")
