@@ -177,8 +177,8 @@ def run_doc_command(command: str, where: Path) -> subprocess.CompletedProcess:
             command = command.replace(real, tiny)
         command = command.replace("/elsewhere/", f"{where}/elsewhere/").replace("mine.yaml", "view.yaml")
         if re.search(r"lenspipe view\b", command):
-            command = command.replace("lenspipe view", "lenspipe view --config view.yaml", 1)
-            command = command.replace("--config view.yaml --config view.yaml", "--config view.yaml")
+            if "--config" not in command:
+                command += " --config view.yaml"
             from test_view import free_port
 
             command = f"timeout -s INT 20 {command} --port {free_port()}; test $? -eq 124 -o $? -eq 0 -o $? -eq 130"

@@ -267,6 +267,8 @@ def test_a_page_of_100k_tokens_holds_only_the_page():
     out = page(table, {"document": "b"}, sort="kl_tuned", desc=True, offset=49_950, limit=100)
     assert out["total"] == n // 2 and len(out["rows"]) == 50 and out["offset"] == 49_950
     assert out["rows"][0]["kl_tuned"] >= out["rows"][-1]["kl_tuned"]
+    first = page(table, {}, offset=0, limit=100)  # a page is the page, not the rest of the table
+    assert first["total"] == n and [r["index"] for r in first["rows"]] == list(range(100))
 
 
 def test_the_cli_binds_to_this_machine_by_default_and_names_the_missing_extra(monkeypatch):

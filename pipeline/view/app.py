@@ -210,7 +210,7 @@ def token(explorer: Explorer, request) -> dict:
         raise NotFound(f"token {index} is not in the store ({store.n_tokens} tokens)")
     run = explorer.lenses(model, corpus)
     out = stored_trajectory(run, store, index)
-    out["context"] = context(explorer.catalog.artifacts(model, corpus), index, run.tokenizer)
+    out["context"] = context(store, index, run.tokenizer)  # the store already open
     return out
 
 

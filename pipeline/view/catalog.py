@@ -13,6 +13,7 @@ from typing import Any
 
 from .. import paths
 from ..analyses import ANALYSES
+from ..errors import LenspipeError
 from ..paths import Artifacts
 from .errors import NotFound
 
@@ -84,15 +85,14 @@ class Catalog:
         import pandas as pd
 
         frames, missing = [], []
+        artifacts = Artifacts.of(self.cfg)
         for model in self.cfg.models:
             for train, corpus in self.cfg.evaluations():
-                a = Artifacts.of(self.cfg, model, corpus)
-                path = Path(a.fill(paths.layer_metrics_pattern(train, corpus), train_corpus=train))
-                if not path.is_file():
-                    flag = "" if train == corpus else f" --train-corpus {train}"
-                    missing.append(f"lenspipe evaluate --model {model} --corpus {corpus}{flag}")
+                try:
+                    df = pd.read_parquet(artifacts.layer_metrics(model, train, corpus))
+                except LenspipeError as e:  # its message names the command that makes it
+                    missing.append(str(e))
                     continue
-                df = pd.read_parquet(path)
                 cols = [c for c in (*KEYS, *METRICS) if c in df] + [
                     f"{m}_{e}" for m in METRICS for e in ("lo", "hi") if f"{m}_{e}" in df
                 ]

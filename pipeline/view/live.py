@@ -39,7 +39,7 @@ class RunLenses:
     lenses: dict[str, torch.nn.Module]
     n_layers: int
     separator: int | None
-    model: torch.nn.Module | None = None
+    model: torch.nn.Module
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property

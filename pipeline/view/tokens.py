@@ -150,11 +150,8 @@ def _number(key: str, value: str, kind):
         raise BadRequest(f"bad filter value: {key}={value!r} is not a number") from None
 
 
-def context(artifacts, index: int, tokenizer, before: int = 24, after: int = 8) -> dict[str, Any]:
+def context(store, index: int, tokenizer, before: int = 24, after: int = 8) -> dict[str, Any]:
     """The text around stored token ``index`` (within its sequence), decoded token by token."""
-    from ..store.reader import open_store
-
-    store = open_store(artifacts.need("store"))
     if not 0 <= index < store.n_tokens:
         raise NotFound(f"token {index} is not in the store ({store.n_tokens} tokens)")
     start = max(index // store.seq_len * store.seq_len, index - before)
